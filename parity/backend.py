@@ -1,0 +1,52 @@
+"""The backend interface: one small class per framework, in the manner of Polygraphy's runners.
+
+The harness only ever sees NumPy arrays in the canonical layout coming out of :meth:`Backend.forward`,
+plus two dictionaries describing what the backend actually built (its effective config) and where it
+ran (its environment). Everything framework-specific stays behind this line, in ``backends/``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+Taps = dict[str, np.ndarray]
+
+
+class Backend(abc.ABC):
+    """A model implementation the harness can drive.
+
+    Subclasses set ``name`` (the registry key) and ``precision`` ("float32" or "float64"), and are
+    constructed as ``cls(config, weights, device)``. ``config`` is a :class:`parity.config.ModelConfig`
+    for PtychoPINN backends; a third-party backend pair may use any config object both sides share.
+    Constructing a backend sets and verifies its precision and determinism controls.
+    """
+
+    name: ClassVar[str] = ""
+    precision: ClassVar[str] = "float32"
+
+    def __init__(self, config: Any, weights: Mapping[str, np.ndarray], device: str = "cpu") -> None:
+        self.config = config
+        self.device = device
+
+    @abc.abstractmethod
+    def forward(self, batch: Any) -> Taps:
+        """Run one forward pass and return every tap, in order of computation, as NumPy arrays.
+
+        Layout is (B, channels, H, W); complex taps stay complex.
+        """
+
+    @abc.abstractmethod
+    def effective_config(self) -> dict[str, Any]:
+        """The configuration the backend really built, read back from the built model where possible."""
+
+    @abc.abstractmethod
+    def environment(self) -> dict[str, Any]:
+        """Framework version, device, precision and determinism flags, as verified after setting them."""
+
+    @abc.abstractmethod
+    def export_weights(self) -> dict[str, np.ndarray]:
+        """The model's parameters in the canonical names and layout (a round trip must be bit-exact)."""

@@ -1,0 +1,107 @@
+"""Tap names, order and shapes (forward-model.md, section 6): the one place a tap is named.
+
+Every backend must return exactly these taps, in this order, in the canonical (B, C, H, W) layout.
+The harness checks a backend's output against this list, so a missing branch or a wrong shape is
+reported at its place in the order of computation instead of surfacing as a confusing mismatch later.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+from dataclasses import dataclass
+from functools import lru_cache
+
+from parity.config import ModelConfig
+
+HEADS = ("amp", "phase")
+
+
+@dataclass(frozen=True)
+class TapSpec:
+    name: str
+    shape: tuple[int, ...]
+    complex: bool = False
+
+
+def tap_specs(config: ModelConfig, batch_size: int) -> list[TapSpec]:
+    """All taps of one forward pass, in order of computation."""
+    B, C, N, M = batch_size, config.C, config.N, config.M
+    out = config.out_ch
+    specs = [
+        TapSpec("input.x", (B, C, N, N)),
+        TapSpec("input.offsets", (B, C, 1, 2)),
+        TapSpec("input.probe", (1, 1, N, N), complex=True),
+        TapSpec("input.scaled", (B, C, N, N)),
+    ]
+    size = N
+    for i, f in enumerate(config.encoder_filters):
+        specs += [
+            TapSpec(f"encoder.block{i}.conv0", (B, f, size, size)),
+            TapSpec(f"encoder.block{i}.conv1", (B, f, size, size)),
+            TapSpec(f"encoder.block{i}.pool", (B, f, size // 2, size // 2)),
+        ]
+        size //= 2
+    half, g = N // 2, config.head_up_filters
+    for h in HEADS:
+        size = N // 2 ** len(config.encoder_filters)
+        for i, f in enumerate(config.decoder_filters):
+            specs += [
+                TapSpec(f"{h}.decoder.block{i}.conv0", (B, f, size, size)),
+                TapSpec(f"{h}.decoder.block{i}.conv1", (B, f, size, size)),
+                TapSpec(f"{h}.decoder.block{i}.up", (B, f, 2 * size, 2 * size)),
+            ]
+            size *= 2
+        if config.pad_object:
+            specs += [
+                TapSpec(f"{h}.head.centre", (B, out, half, half)),
+                TapSpec(f"{h}.head.padded", (B, out, N, N)),
+            ]
+            if config.probe_big:
+                specs += [
+                    TapSpec(f"{h}.head.border.conv0", (B, g, half, half)),
+                    TapSpec(f"{h}.head.border.conv1", (B, g, half, half)),
+                    TapSpec(f"{h}.head.border.up", (B, g, N, N)),
+                    TapSpec(f"{h}.head.border.out", (B, out, N, N)),
+                    TapSpec(f"{h}.head.border.masked", (B, out, N, N)),
+                    TapSpec(f"{h}.head.sum", (B, out, N, N)),
+                ]
+        else:
+            specs += [
+                TapSpec(f"{h}.head.full.conv0", (B, g, half, half)),
+                TapSpec(f"{h}.head.full.conv1", (B, g, half, half)),
+                TapSpec(f"{h}.head.full.up", (B, g, N, N)),
+                TapSpec(f"{h}.head.full.out", (B, out, N, N)),
+            ]
+    specs += [
+        TapSpec("object.patches", (B, out, N, N), complex=True),
+        TapSpec("object.canvas", (B, 1, M, M), complex=True),
+        TapSpec("object.trimmed", (B, 1, N, N), complex=True),
+        TapSpec("object.reextracted", (B, C, N, N), complex=True),
+        TapSpec("physics.illuminated", (B, C, N, N), complex=True),
+        TapSpec("physics.diffraction", (B, C, N, N)),
+        TapSpec("output.amplitude", (B, C, N, N)),
+        TapSpec("output.intensity", (B, C, N, N)),
+        TapSpec("loss.poisson_nll", (B, 1, 1, 1)),
+        TapSpec("loss.mae", (B, 1, 1, 1)),
+    ]
+    return specs
+
+
+def tap_names(config: ModelConfig) -> list[str]:
+    return [s.name for s in tap_specs(config, 1)]
+
+
+@lru_cache(maxsize=1)
+def all_tap_names() -> frozenset[str]:
+    """Every tap name any valid configuration can produce (used to reject typos in tolerance files)."""
+    names: set[str] = set()
+    for N, pad, big in itertools.product((64, 128), (True, False), (True, False)):
+        names.update(tap_names(ModelConfig(N=N, pad_object=pad, probe_big=big)))
+    return frozenset(names)
+
+
+def matching_taps(pattern: str, names: frozenset[str] | list[str] | None = None) -> list[str]:
+    """Tap names matched by a shell-style pattern (``encoder.*``, ``*.head.border.*``)."""
+    pool = all_tap_names() if names is None else names
+    return sorted(n for n in pool if fnmatch.fnmatchcase(n, pattern))
