@@ -9,7 +9,7 @@ from parity.backend import Backend, Taps
 from parity.batch import CanonicalBatch
 from parity.config import ModelConfig
 from parity.errors import (
-    BackendUnavailable,
+    BackendUnavailableError,
     BaselineError,
     ConfigError,
     ConfigMismatchError,
@@ -22,7 +22,7 @@ from parity.taps import TapSpec, tap_specs
 
 __all__ = [
     "Backend",
-    "BackendUnavailable",
+    "BackendUnavailableError",
     "BaselineError",
     "CanonicalBatch",
     "ConfigError",

@@ -63,9 +63,7 @@ def _check_value(key: str, value: Any, spec: _Field, source: str) -> Any:
     else:
         ok = isinstance(value, spec.kind)
     if not ok:
-        raise ConfigError(
-            f"{where} has value {value!r} of type {type(value).__name__}; expected {spec.describe()}"
-        )
+        raise ConfigError(f"{where} has value {value!r} of type {type(value).__name__}; expected {spec.describe()}")
     if spec.kind is float:
         value = float(value)
         if not math.isfinite(value) or (spec.strictly_positive and value <= 0):
@@ -173,11 +171,7 @@ class ModelConfig:
     def short_id(self) -> str:
         """A stable, filesystem-safe id listing only keys that differ from the defaults."""
         default = ModelConfig()
-        parts = [
-            f"{k}={_fmt(v)}"
-            for k, v in self.to_dict().items()
-            if getattr(default, k) != v
-        ]
+        parts = [f"{k}={_fmt(v)}" for k, v in self.to_dict().items() if getattr(default, k) != v]
         return "-".join(parts) if parts else "default"
 
 

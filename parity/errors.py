@@ -35,7 +35,7 @@ class BaselineError(ParityInputError):
     """A stored baseline cannot be used (corrupt, or made from other inputs)."""
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailableError(RuntimeError):
     """A backend is registered but cannot be loaded; ``reason`` says why (usually the import error)."""
 
     def __init__(self, name: str, reason: str) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
 from parity.backend import Backend
-from parity.errors import BackendUnavailable
+from parity.errors import BackendUnavailableError
 
 GROUP = "ptycho_parity.backends"
 
@@ -55,12 +55,12 @@ def registered_names() -> list[str]:
 
 
 def load_backend(name: str) -> type[Backend]:
-    """The backend class registered as ``name``; raises :class:`BackendUnavailable` with the reason."""
+    """The backend class registered as ``name``; raises :class:`BackendUnavailableError` with the reason."""
     for ep in _entry_points():
         if ep.name == name:
             info = _load(ep)
             if info.backend is None:
-                raise BackendUnavailable(name, info.error or "unknown error")
+                raise BackendUnavailableError(name, info.error or "unknown error")
             return info.backend
     known = ", ".join(registered_names()) or "none"
-    raise BackendUnavailable(name, f"no backend of that name is registered (registered: {known})")
+    raise BackendUnavailableError(name, f"no backend of that name is registered (registered: {known})")

@@ -82,9 +82,7 @@ def generate_weights(config: ModelConfig, seed: int = DEFAULT_SEED) -> dict[str,
     return weights
 
 
-def validate_weights(
-    weights: Mapping[str, np.ndarray], config: ModelConfig, source: str = "weights"
-) -> None:
+def validate_weights(weights: Mapping[str, np.ndarray], config: ModelConfig, source: str = "weights") -> None:
     expected = parameter_shapes(config)
     missing = [n for n in expected if n not in weights]
     if missing:
@@ -118,9 +116,7 @@ def weights_sha256(weights: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def save_weights(
-    path: str | os.PathLike[str], weights: Mapping[str, np.ndarray], config: ModelConfig
-) -> str:
+def save_weights(path: str | os.PathLike[str], weights: Mapping[str, np.ndarray], config: ModelConfig) -> str:
     """Validate and write atomically; returns the content SHA-256, also stored in the file."""
     import h5py
 

@@ -1,0 +1,118 @@
+"""The float64 NumPy reference backend: the side that says which float32 backend is wrong."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from backends.reference.model import ReferenceModel
+from parity.backend import Backend, Taps
+from parity.batch import CanonicalBatch
+from parity.config import ModelConfig
+from parity.taps import tap_specs
+from parity.weights import validate_weights
+
+_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _blas_info() -> dict[str, Any]:
+    """Name and version of the BLAS NumPy was built against, from its build record (no probing)."""
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return {key: str(blas[key]) for key in ("name", "version") if key in blas}
+
+
+class ReferenceBackend(Backend):
+    """Canonical forward model in float64 / complex128 on the CPU.
+
+    Inputs arrive as the canonical float32 / complex64 batch, are echoed unchanged as the input taps,
+    and are widened to float64 before any arithmetic, so the reference itself adds no float32 error.
+    """
+
+    name: ClassVar[str] = "reference"
+    precision: ClassVar[str] = "float64"
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], device: str = "cpu") -> None:
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"reference backend: config must be a parity ModelConfig, got {type(config).__name__}")
+        validate_weights(weights, config)
+        if device != "cpu":
+            raise ValueError(
+                f"reference backend: device={device!r} is not supported; the NumPy reference runs on "
+                "device='cpu' only (it is the CPU arbiter whatever device the framework backends use)"
+            )
+        super().__init__(config, weights, device)
+        self.model = ReferenceModel(config, weights)
+
+    def forward(self, batch: CanonicalBatch) -> Taps:
+        batch.validate(self.config)
+        B, C, N = batch.size, self.config.C, self.config.N
+        taps: Taps = {
+            "input.x": batch.x.copy(),
+            "input.offsets": batch.offsets.reshape(B, C, 1, 2).copy(),
+            "input.probe": batch.probe.reshape(1, 1, N, N).copy(),
+        }
+        self.model.forward(
+            batch.x.astype(np.float64),
+            batch.offsets.astype(np.float64),
+            batch.probe.astype(np.complex128).reshape(1, 1, N, N),
+            taps,
+        )
+        self._check_taps(taps, B)
+        return {name: np.ascontiguousarray(value) for name, value in taps.items()}
+
+    def _check_taps(self, taps: Taps, batch_size: int) -> None:
+        """Fail loudly if the model's taps drift from the tap list: that is a bug here, not a divergence."""
+        specs = tap_specs(self.config, batch_size)
+        expected = [s.name for s in specs]
+        if list(taps) != expected:
+            raise RuntimeError(f"reference backend produced taps {list(taps)}; expected {expected}")
+        for spec in specs:
+            value = taps[spec.name]
+            if value.shape != spec.shape or np.iscomplexobj(value) != spec.complex:
+                raise RuntimeError(
+                    f"reference backend: tap {spec.name!r} has shape {value.shape} dtype {value.dtype}; "
+                    f"expected shape {spec.shape}, complex={spec.complex}"
+                )
+
+    def effective_config(self) -> dict[str, Any]:
+        """Structural keys read back from the built model; the rest checked against its canvas size.
+
+        offset and max_position_jitter only enter the model through the canvas size M, and
+        probe_scale and nphotons not at all (they shape the batch and the initial log_scale), so those
+        four come from the config, after checking that they give the canvas the model was built with.
+        """
+        built = self.model.built_config()
+        requested = self.config.to_dict()
+        canvas = built["N"] + (built["gridsize"] - 1) * requested["offset"] + requested["max_position_jitter"]
+        if canvas != self.model.M:
+            raise RuntimeError(f"reference backend: built canvas M={self.model.M}, config implies {canvas}")
+        return {key: built.get(key, value) for key, value in requested.items()}
+
+    def environment(self) -> dict[str, Any]:
+        dtypes = sorted({str(conv.kernel.dtype) for conv in self.model.convs()})
+        return {
+            "framework": "numpy",
+            "framework_version": np.__version__,
+            "numpy_version": np.__version__,
+            "device": self.device,
+            "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
+            "complex_dtype": "complex128",
+            "blas": _blas_info(),
+            "blas_threads": {var: os.environ.get(var, "default") for var in _THREAD_VARIABLES},
+            # NumPy has no reduced-precision matmul mode and no nondeterministic kernels to switch off.
+            "tf32": False,
+            "deterministic": True,
+        }
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        return self.model.export_weights()
+
+    def parameter_count(self) -> int:
+        """Convolution weights and biases of the built model (log_scale excluded)."""
+        return self.model.parameter_count()

@@ -1,0 +1,89 @@
+"""Network operations of the float64 reference, written out in plain NumPy.
+
+Every operation keeps the canonical (B, channels, H, W) layout at its boundary so a tap is the very
+array the next stage consumes. Convolutions go through im2col and one BLAS matrix product: the
+canonical kernel layout (kh, kw, in, out) is exactly the row order of a channels-last im2col matrix,
+so the kernel needs no reshuffling at all, only a reshape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+Array = np.ndarray
+Activation = Callable[[Array], Array]
+
+# Bound on the im2col matrix per BLAS call (elements, 64 MB): no slower than one big product here,
+# and larger harness batches then run in constant extra memory instead of growing with B.
+_IM2COL_MAX_ELEMENTS = 8_000_000
+
+
+def conv2d(x: Array, kernel: Array, bias: Array) -> Array:
+    """3x3 stride-1 cross-correlation with one pixel of zero padding on each side, plus bias."""
+    B, cin, H, W = x.shape
+    kh, kw, kin, cout = kernel.shape
+    if (kh, kw) != (3, 3) or kin != cin:
+        raise ValueError(f"conv2d: kernel {kernel.shape} does not fit input {x.shape}")
+    # Channels-last, zero-padded copy; its 3x3 windows flattened as (kh, kw, in) match the kernel rows.
+    padded = np.zeros((B, H + 2, W + 2, cin), dtype=np.float64)
+    padded[:, 1:-1, 1:-1, :] = x.transpose(0, 2, 3, 1)
+    windows = sliding_window_view(padded, (3, 3), axis=(1, 2))  # (B, H, W, in, kh, kw)
+    weights = kernel.reshape(9 * cin, cout)
+    out = np.empty((B, H, W, cout), dtype=np.float64)
+    step = max(1, _IM2COL_MAX_ELEMENTS // (H * W * 9 * cin))
+    for start in range(0, B, step):
+        cols = windows[start : start + step].transpose(0, 1, 2, 4, 5, 3).reshape(-1, 9 * cin)
+        out[start : start + step] = (cols @ weights + bias).reshape(-1, H, W, cout)
+    return out.transpose(0, 3, 1, 2)
+
+
+def max_pool2(x: Array) -> Array:
+    """2x2 max-pool with stride 2 (H and W are always even here)."""
+    B, C, H, W = x.shape
+    return np.asarray(x.reshape(B, C, H // 2, 2, W // 2, 2).max(axis=(3, 5)))
+
+
+def upsample2(x: Array) -> Array:
+    """Nearest-neighbour upsampling by 2 in both spatial directions."""
+    return x.repeat(2, axis=-2).repeat(2, axis=-1)
+
+
+def pad_spatial(x: Array, width: int) -> Array:
+    """Zero padding of ``width`` pixels on every side of the last two axes."""
+    pad = [(0, 0)] * (x.ndim - 2) + [(width, width), (width, width)]
+    return np.pad(x, pad)
+
+
+def relu(x: Array) -> Array:
+    return np.asarray(np.maximum(x, 0.0))
+
+
+def sigmoid(x: Array) -> Array:
+    # exp of a non-positive argument only, so large |x| neither overflows nor warns.
+    e = np.exp(-np.abs(x))
+    return np.asarray(np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)))
+
+
+def swish(x: Array) -> Array:
+    return np.asarray(x * sigmoid(x))
+
+
+def softplus(x: Array) -> Array:
+    # log(1 + exp(x)) without overflow for large x.
+    return np.asarray(np.logaddexp(0.0, x))
+
+
+def pi_tanh(x: Array) -> Array:
+    """The phase head activation: keeps the phase in (-pi, pi)."""
+    return np.asarray(np.pi * np.tanh(x))
+
+
+AMP_ACTIVATIONS: dict[str, Activation] = {
+    "sigmoid": sigmoid,
+    "swish": swish,
+    "softplus": softplus,
+    "relu": relu,
+}

@@ -1,0 +1,126 @@
+"""The physics layer of the forward model (forward-model.md, section 4) in float64 NumPy.
+
+These functions are public: the float32 backends' tests and the layer-local parity checks call them on
+plain arrays. Complex values are always handled as two real arrays put back together, because the
+spec defines translation, masking and the canvas division on the real and imaginary parts separately;
+NumPy's complex-by-real arithmetic would promote the real factor to complex first, which adds terms
+like ``imag * 0`` (NaN for an infinite part) that the spec does not have.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from backends.reference.ops import Array, pad_spatial
+
+# Added to the canvas denominator so pixels no central window covers divide by 0.001, not by 0.
+CANVAS_EPSILON = 0.001
+
+
+def complex_from_parts(real: Array, imag: Array) -> Array:
+    out = np.empty(np.broadcast_shapes(real.shape, imag.shape), dtype=np.complex128)
+    out.real = real
+    out.imag = imag
+    return out
+
+
+def scale_complex(z: Array, factor: Array) -> Array:
+    """``z`` times a real ``factor``, part by part."""
+    return complex_from_parts(z.real * factor, z.imag * factor)
+
+
+def divide_complex(z: Array, divisor: Array) -> Array:
+    """``z`` divided by a real ``divisor``, part by part."""
+    return complex_from_parts(z.real / divisor, z.imag / divisor)
+
+
+def centre_mask(N: int) -> Array:
+    """1 on rows and columns [N/4, 3N/4) of an N x N patch, 0 elsewhere."""
+    inside = np.zeros(N, dtype=bool)
+    inside[N // 4 : 3 * N // 4] = True
+    return (inside[:, None] & inside[None, :]).astype(np.float64)
+
+
+def border_mask(N: int) -> Array:
+    return 1.0 - centre_mask(N)
+
+
+def translate(images: Array, offsets: Array) -> Array:
+    """Bilinear translation: out[i, j] samples the zero-extended image at (x=j-dx, y=i-dy).
+
+    images: (..., H, W) real or complex; offsets: (..., 2) as [dx, dy], broadcast against the
+    leading axes of ``images``. A neighbour outside the image contributes 0 with its weight
+    unchanged. The coordinates are computed per output pixel in float64, where ``j - dx`` is exact
+    for float32 offsets, so an integer offset gives an exact shift.
+    """
+    images = np.asarray(images)
+    if np.iscomplexobj(images):
+        return complex_from_parts(translate(images.real, offsets), translate(images.imag, offsets))
+    offsets = np.asarray(offsets, dtype=np.float64)
+    H, W = images.shape[-2:]
+    lead = np.broadcast_shapes(images.shape[:-2], offsets.shape[:-1])
+    img = np.broadcast_to(np.asarray(images, dtype=np.float64), (*lead, H, W)).reshape(-1, H, W)
+    off = np.broadcast_to(offsets, (*lead, 2)).reshape(-1, 2)
+
+    x = np.arange(W, dtype=np.float64)[None, None, :] - off[:, 0, None, None]  # (K, 1, W)
+    y = np.arange(H, dtype=np.float64)[None, :, None] - off[:, 1, None, None]  # (K, H, 1)
+    x_floor, y_floor = np.floor(x), np.floor(y)
+    fx, fy = x - x_floor, y - y_floor
+    x0, y0 = x_floor.astype(np.intp), y_floor.astype(np.intp)
+    k = np.arange(img.shape[0])[:, None, None]
+
+    out = np.zeros(img.shape, dtype=np.float64)
+    for yi, wy in ((y0, 1.0 - fy), (y0 + 1, fy)):
+        for xi, wx in ((x0, 1.0 - fx), (x0 + 1, fx)):
+            inside = (yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)
+            values = img[k, np.clip(yi, 0, H - 1), np.clip(xi, 0, W - 1)]
+            out += (wy * wx) * np.where(inside, values, 0.0)
+    return out.reshape(*lead, H, W)
+
+
+def centre_crop(images: Array, size: int) -> Array:
+    """Rows and columns [(M - size)/2, (M - size)/2 + size) of the last two axes."""
+    start = (images.shape[-1] - size) // 2
+    return images[..., start : start + size, start : start + size]
+
+
+def merge(patches: Array, offsets: Array, M: int) -> Array:
+    """Patches (B, C, N, N) at offsets (B, C, 2) averaged onto one (B, 1, M, M) canvas per group.
+
+    Each patch is padded to M and moved by -(d - d̄), d̄ being the mean over the whole batch. The
+    numerator sums full patches while the denominator counts only their central windows, as the
+    original does, so outside every central window the canvas is about 1000x the patch values.
+    """
+    N = patches.shape[-1]
+    pad = (M - N) // 2
+    d = np.asarray(offsets, dtype=np.float64)
+    shift = -(d - d.reshape(-1, 2).mean(axis=0))
+    numerator = translate(pad_spatial(patches, pad), shift).sum(axis=1, keepdims=True)
+    coverage = translate(pad_spatial(centre_mask(N), pad), shift).sum(axis=1, keepdims=True)
+    return divide_complex(numerator, coverage + CANVAS_EPSILON)
+
+
+def pad_to_canvas(patch: Array, M: int) -> Array:
+    """The object_big=false canvas: the single patch of each group zero-padded to M x M."""
+    return pad_spatial(patch, (M - patch.shape[-1]) // 2)
+
+
+def reextract(canvas: Array, offsets: Array, N: int) -> Array:
+    """Canvas (B, 1, M, M) moved by each raw offset (B, C, 2), centre N x N kept: (B, C, N, N)."""
+    return centre_crop(translate(canvas, offsets), N)
+
+
+def illuminate(patches: Array, probe: Array, mask: Array | None = None) -> Array:
+    """psi = probe * patch, optionally times a real mask (the hard disk when probe_mask is set)."""
+    psi = probe * patches
+    return psi if mask is None else scale_complex(psi, mask)
+
+
+def diffract(field: Array) -> Array:
+    """Far-field amplitude: sqrt(fftshift(|fft2(field)|^2 / N^2)), shifted over H and W only."""
+    N = field.shape[-1]
+    if field.shape[-2] != N:
+        raise ValueError(f"diffract: expected square fields, got {field.shape}")
+    spectrum = np.fft.fft2(field, axes=(-2, -1))
+    intensity = (spectrum.real**2 + spectrum.imag**2) / N**2
+    return np.asarray(np.sqrt(np.fft.fftshift(intensity, axes=(-2, -1))))

@@ -1,0 +1,502 @@
+"""The canonical PtychoPINN forward model in Keras 3 / TensorFlow, and the harness adapter for it.
+
+The network runs channels-last (Keras's native layout, so the canonical (kh, kw, in, out) kernels
+load without any permutation); the physics runs in the canonical (B, C, H, W) layout of
+``physics.py``. Every stage is its own method taking and returning TensorFlow tensors, so a stage can
+later be fed the reference's input to that stage (layer-local parity). Network stages take and
+return channels-last tensors; their taps are transposed to (B, C, H, W) only when collected.
+
+The whole forward runs inside one ``tf.function`` (no XLA). Eager, graph and XLA execution of the
+same Keras model differ by up to ~1e-5, as much as TF differs from PyTorch, so the mode is fixed here
+and reported in ``environment()`` rather than left to whoever calls the model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from backends.tensorflow import physics
+from parity.backend import Backend, Taps
+from parity.batch import CanonicalBatch, disk_mask
+from parity.config import ModelConfig
+from parity.taps import HEADS, tap_specs
+from parity.weights import parameter_shapes, validate_weights
+
+Tensor = Any  # tf.Tensor; TensorFlow ships no type stubs
+Activation = Callable[[Tensor], Tensor]
+
+EXECUTION = "tf.function"
+SEED = 0
+
+
+def _sigmoid(x: Tensor) -> Tensor:
+    return tf.sigmoid(x)
+
+
+def _swish(x: Tensor) -> Tensor:
+    # Written out rather than tf.nn.silu so the formula is the spec's x·sigmoid(x) by construction.
+    return x * tf.sigmoid(x)
+
+
+def _softplus(x: Tensor) -> Tensor:
+    return tf.nn.softplus(x)
+
+
+def _relu(x: Tensor) -> Tensor:
+    return tf.nn.relu(x)
+
+
+def _pi_tanh(x: Tensor) -> Tensor:
+    return np.float32(math.pi) * tf.tanh(x)
+
+
+AMP_ACTIVATIONS: dict[str, Activation] = {
+    "sigmoid": _sigmoid,
+    "swish": _swish,
+    "softplus": _softplus,
+    "relu": _relu,
+}
+
+
+def _conv(name: str, cin: int, cout: int, size: int, relu: bool) -> Any:
+    """A built 3x3 'same' conv with bias; zero-initialised because weights are always loaded."""
+    layer = keras.layers.Conv2D(
+        cout,
+        3,
+        strides=1,
+        padding="same",
+        data_format="channels_last",
+        activation="relu" if relu else None,
+        use_bias=True,
+        kernel_initializer="zeros",
+        bias_initializer="zeros",
+        name=name,
+    )
+    layer.build((None, size, size, cin))
+    return layer
+
+
+def _nchw(t: Tensor) -> Tensor:
+    return tf.transpose(t, [0, 3, 1, 2])
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    return tf.transpose(t, [0, 2, 3, 1])
+
+
+class ConvBlock:
+    """Two ReLU convs then a resampling layer: a down block (max-pool) or an up block (upsample)."""
+
+    def __init__(self, prefix: str, cin: int, filters: int, size: int, down: bool) -> None:
+        self.prefix = prefix
+        self.conv0 = _conv(f"{prefix}.conv0", cin, filters, size, relu=True)
+        self.conv1 = _conv(f"{prefix}.conv1", filters, filters, size, relu=True)
+        if down:
+            self.resample = keras.layers.MaxPooling2D(2, strides=2, padding="valid", name=f"{prefix}.pool")
+            self.resample_tap = "pool"
+        else:
+            self.resample = keras.layers.UpSampling2D(2, interpolation="nearest", name=f"{prefix}.up")
+            self.resample_tap = "up"
+
+    def convs(self) -> dict[str, Any]:
+        return {self.conv0.name: self.conv0, self.conv1.name: self.conv1}
+
+    def __call__(self, h: Tensor, taps: dict[str, Tensor]) -> Tensor:
+        h = self.conv0(h)
+        taps[f"{self.prefix}.conv0"] = h
+        h = self.conv1(h)
+        taps[f"{self.prefix}.conv1"] = h
+        h = self.resample(h)
+        taps[f"{self.prefix}.{self.resample_tap}"] = h
+        return h
+
+
+class Head:
+    """One output branch (amplitude or phase): its decoder and its head, with separate weights."""
+
+    def __init__(self, name: str, config: ModelConfig, activation: Activation) -> None:
+        self.name = name
+        self.activation = activation
+        N, F, g, out = config.N, config.F, config.head_up_filters, config.out_ch
+        size = N // 2 ** len(config.encoder_filters)
+        cin = config.encoder_filters[-1]
+        self.decoder: list[ConvBlock] = []
+        for i, f in enumerate(config.decoder_filters):
+            self.decoder.append(ConvBlock(f"{name}.decoder.block{i}", cin, f, size, down=False))
+            cin, size = f, size * 2
+        half = N // 2
+        self.centre: Any = None
+        self.border: ConvBlock | None = None
+        self.border_out: Any = None
+        self.full: ConvBlock | None = None
+        self.full_out: Any = None
+        if config.pad_object:
+            self.centre = _conv(f"{name}.head.centre", F - 4, out, half, relu=False)
+            if config.probe_big:
+                self.border = ConvBlock(f"{name}.head.border", 4, g, half, down=False)
+                self.border_out = _conv(f"{name}.head.border.out", g, out, N, relu=False)
+        else:
+            self.full = ConvBlock(f"{name}.head.full", F, g, half, down=False)
+            self.full_out = _conv(f"{name}.head.full.out", g, out, N, relu=False)
+        self.N = N
+        self.border_mask = tf.constant((1.0 - physics.centre_mask(N))[None, :, :, None])
+
+    def convs(self) -> dict[str, Any]:
+        """This head's convs in canonical parameter order (decoder, centre, border or full branch)."""
+        layers: dict[str, Any] = {}
+        for block in self.decoder:
+            layers.update(block.convs())
+        if self.centre is not None:
+            layers[self.centre.name] = self.centre
+        if self.border is not None:
+            layers.update(self.border.convs())
+            layers[self.border_out.name] = self.border_out
+        if self.full is not None:
+            layers.update(self.full.convs())
+            layers[self.full_out.name] = self.full_out
+        return layers
+
+    # Stages (channels-last in and out) ----------------------------------------------------------
+
+    def decode(self, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Bottleneck (B, n, n, c) → features (B, N/2, N/2, F)."""
+        taps: dict[str, Tensor] = {}
+        h = z
+        for block in self.decoder:
+            h = block(h, taps)
+        return h, taps
+
+    def head(self, features: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Features (B, N/2, N/2, F) → this head's final map (B, N, N, out_ch)."""
+        if self.full is not None:
+            return self.head_full(features)
+        return self.head_padded(features)
+
+    def head_padded(self, features: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """pad_object=true: centre conv on channels [0, F-4), padded; plus the border branch."""
+        taps: dict[str, Tensor] = {}
+        F = int(features.shape[-1])
+        centre = self.activation(self.centre(features[..., : F - 4]))
+        taps[f"{self.name}.head.centre"] = centre
+        q = self.N // 4
+        padded = tf.pad(centre, [[0, 0], [q, q], [q, q], [0, 0]])
+        taps[f"{self.name}.head.padded"] = padded
+        if self.border is None:
+            return padded, taps
+        h = self.border(features[..., F - 4 :], taps)
+        out = _swish(self.border_out(h))
+        taps[f"{self.name}.head.border.out"] = out
+        masked = out * self.border_mask
+        taps[f"{self.name}.head.border.masked"] = masked
+        total = padded + masked
+        taps[f"{self.name}.head.sum"] = total
+        return total, taps
+
+    def head_full(self, features: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """pad_object=false: an up block on all F channels, conv, head activation."""
+        assert self.full is not None
+        taps: dict[str, Tensor] = {}
+        h = self.full(features, taps)
+        out = self.activation(self.full_out(h))
+        taps[f"{self.name}.head.full.out"] = out
+        return out, taps
+
+
+class PtychoModel:
+    """The canonical model built for one configuration; weights are loaded separately."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        N, C = config.N, config.C
+        self.N, self.M, self.C = N, config.M, C
+        self.object_big = config.object_big
+        self._probe_big = config.probe_big  # read back only where no border branch can show it
+        self.log_scale = tf.Variable(0.0, dtype=tf.float32, trainable=True, name="log_scale")
+        self.encoder: list[ConvBlock] = []
+        cin, size = C, N
+        for i, f in enumerate(config.encoder_filters):
+            self.encoder.append(ConvBlock(f"encoder.block{i}", cin, f, size, down=True))
+            cin, size = f, size // 2
+        self.heads = {
+            "amp": Head("amp", config, AMP_ACTIVATIONS[config.amp_activation]),
+            "phase": Head("phase", config, _pi_tanh),
+        }
+        self.probe_mask = tf.constant(disk_mask(N).astype(np.float32)) if config.probe_mask else None
+        self.input_spec = (
+            tf.TensorSpec([None, C, N, N], tf.float32, name="x"),
+            tf.TensorSpec([None, C, 2], tf.float32, name="offsets"),
+            tf.TensorSpec([N, N], tf.complex64, name="probe"),
+        )
+
+    # Parameters -----------------------------------------------------------------------------------
+
+    def conv_layers(self) -> dict[str, Any]:
+        """Every Keras Conv2D, keyed by its canonical parameter prefix, in parameter order."""
+        layers: dict[str, Any] = {}
+        for block in self.encoder:
+            layers.update(block.convs())
+        for h in HEADS:
+            layers.update(self.heads[h].convs())
+        return layers
+
+    def count_conv_params(self) -> int:
+        return sum(int(layer.count_params()) for layer in self.conv_layers().values())
+
+    def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Assign canonical weights; (kh, kw, in, out) is Keras's own kernel layout, so no permute."""
+        self.log_scale.assign(np.asarray(weights["log_scale"], dtype=np.float32))
+        for prefix, layer in self.conv_layers().items():
+            layer.kernel.assign(np.asarray(weights[f"{prefix}.kernel"], dtype=np.float32))
+            layer.bias.assign(np.asarray(weights[f"{prefix}.bias"], dtype=np.float32))
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {"log_scale": np.asarray(self.log_scale.numpy(), dtype=np.float32)}
+        for prefix, layer in self.conv_layers().items():
+            out[f"{prefix}.kernel"] = np.asarray(layer.kernel.numpy(), dtype=np.float32)
+            out[f"{prefix}.bias"] = np.asarray(layer.bias.numpy(), dtype=np.float32)
+        return out
+
+    # Stages -----------------------------------------------------------------------------------------
+
+    def scale_input(self, x: Tensor) -> Tensor:
+        """x (B, C, N, N) / exp(log_scale)."""
+        return x / tf.exp(self.log_scale)
+
+    def encode(self, h: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scaled input (B, N, N, C), channels-last → bottleneck."""
+        taps: dict[str, Tensor] = {}
+        for block in self.encoder:
+            h = block(h, taps)
+        return h, taps
+
+    def decode(self, head: str, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.heads[head].decode(z)
+
+    def head(self, head: str, features: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.heads[head].head(features)
+
+    def combine(self, amplitude: Tensor, phase: Tensor) -> Tensor:
+        """Object patches A·exp(iφ) (B, out_ch, N, N) from the two heads' channels-last maps."""
+        A, phi = _nchw(amplitude), _nchw(phase)
+        return tf.complex(A * tf.cos(phi), A * tf.sin(phi))
+
+    def merge(self, patches: Tensor, offsets: Tensor) -> Tensor:
+        if self.object_big:
+            return physics.merge_tf(patches, offsets, self.M)
+        return physics.pad_canvas_tf(patches, self.M)
+
+    def trim(self, canvas: Tensor) -> Tensor:
+        return physics.trim_tf(canvas, self.N)
+
+    def reextract(self, canvas: Tensor, offsets: Tensor) -> Tensor:
+        return physics.reextract_tf(canvas, offsets, self.N)
+
+    def illuminate(self, patches: Tensor, probe: Tensor) -> Tensor:
+        return physics.illuminate_tf(patches, probe, self.probe_mask)
+
+    def diffract(self, field: Tensor) -> Tensor:
+        return physics.diffract_tf(field)
+
+    def outputs(self, diffraction: Tensor) -> tuple[Tensor, Tensor]:
+        """Predicted amplitude (diffraction · exp(log_scale)) and intensity (its square)."""
+        amplitude = diffraction * tf.exp(self.log_scale)
+        return amplitude, tf.square(amplitude)
+
+    def losses(self, intensity: Tensor, amplitude: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        return physics.poisson_nll_tf(intensity, x), physics.mae_tf(amplitude, x)
+
+    def forward(self, x: Tensor, offsets: Tensor, probe: Tensor) -> dict[str, Tensor]:
+        """All taps except the three input taps, each in the canonical (B, C, H, W) layout."""
+        taps: dict[str, Tensor] = {}
+        scaled = self.scale_input(x)
+        taps["input.scaled"] = scaled
+        network: dict[str, Tensor] = {}
+        z, t = self.encode(_nhwc(scaled))
+        network.update(t)
+        final: dict[str, Tensor] = {}
+        for h in HEADS:
+            features, t = self.decode(h, z)
+            network.update(t)
+            final[h], t = self.head(h, features)
+            network.update(t)
+        taps.update({name: _nchw(value) for name, value in network.items()})
+        patches = self.combine(final["amp"], final["phase"])
+        taps["object.patches"] = patches
+        canvas = self.merge(patches, offsets)
+        taps["object.canvas"] = canvas
+        taps["object.trimmed"] = self.trim(canvas)
+        reextracted = self.reextract(canvas, offsets)
+        taps["object.reextracted"] = reextracted
+        psi = self.illuminate(reextracted, probe)
+        taps["physics.illuminated"] = psi
+        diffraction = self.diffract(psi)
+        taps["physics.diffraction"] = diffraction
+        amplitude, intensity = self.outputs(diffraction)
+        taps["output.amplitude"] = amplitude
+        taps["output.intensity"] = intensity
+        taps["loss.poisson_nll"], taps["loss.mae"] = self.losses(intensity, amplitude, x)
+        return taps
+
+
+def set_precision_controls() -> None:
+    """TF32 off, deterministic ops on, fixed seeds: process-wide, so set on every construction."""
+    tf.config.experimental.enable_op_determinism()
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    keras.utils.set_random_seed(SEED)
+
+
+def _op_determinism_enabled() -> bool | None:
+    fn = getattr(tf.config.experimental, "is_op_determinism_enabled", None)
+    if fn is None:  # not public in TF 2.21; the internal module has had it since 2.8
+        try:
+            from tensorflow.python.framework import config as tf_config
+        except ImportError:
+            return None
+        fn = getattr(tf_config, "is_op_determinism_enabled", None)
+    return None if fn is None else bool(fn())
+
+
+def _onednn_enabled() -> bool | None:
+    """Whether oneDNN kernels are really in use (the env var alone does not say what 'default' means)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+class TensorFlowBackend(Backend):
+    """PtychoPINN forward model in TensorFlow / Keras 3, float32, one tf.function per instance."""
+
+    name: ClassVar[str] = "tensorflow"
+    precision: ClassVar[str] = "float32"
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], device: str = "cpu") -> None:
+        validate_weights(weights, config)
+        super().__init__(config, weights, device)
+        self._tf_device = physics.tf_device(device)
+        set_precision_controls()
+        with tf.device(self._tf_device):
+            self.model = PtychoModel(config)
+            self.model.load_weights(weights)
+        # A fixed signature with a free batch size: one trace per instance, whatever the batch.
+        self._graph = tf.function(
+            self.model.forward,
+            input_signature=self.model.input_spec,
+            jit_compile=False,
+            autograph=False,
+        )
+        self._concrete: Any = None
+
+    def _traced(self) -> Any:
+        """The forward graph, traced on first use (keeps construction fast for builds never run).
+
+        Calling the concrete function directly also keeps TensorFlow from warning about
+        "frequent retracing" when a process builds several backends, each traced exactly once.
+        """
+        if self._concrete is None:
+            with tf.device(self._tf_device):
+                self._concrete = self._graph.get_concrete_function(*self.model.input_spec)
+        return self._concrete
+
+    def forward(self, batch: CanonicalBatch) -> Taps:
+        batch.validate(self.config)
+        with tf.device(self._tf_device):
+            computed = self._traced()(tf.constant(batch.x), tf.constant(batch.offsets), tf.constant(batch.probe))
+        B, C, N = batch.size, self.config.C, self.config.N
+        inputs = {
+            "input.x": np.array(batch.x, copy=True),
+            "input.offsets": np.array(batch.offsets, copy=True).reshape(B, C, 1, 2),
+            "input.probe": np.array(batch.probe, copy=True).reshape(1, 1, N, N),
+        }
+        specs = tap_specs(self.config, B)
+        unexpected = sorted(set(computed) - {s.name for s in specs})
+        if unexpected:
+            raise RuntimeError(f"tensorflow backend produced taps not in the spec: {unexpected}")
+        taps: Taps = {}
+        for spec in specs:
+            if spec.name in inputs:
+                taps[spec.name] = inputs[spec.name]
+                continue
+            if spec.name not in computed:
+                raise RuntimeError(f"tensorflow backend did not produce tap {spec.name!r}")
+            value = np.asarray(computed[spec.name].numpy())
+            dtype = np.complex64 if spec.complex else np.float32
+            if value.shape != spec.shape or value.dtype != dtype:
+                raise RuntimeError(
+                    f"tensorflow backend tap {spec.name!r} has shape {value.shape} dtype {value.dtype}; "
+                    f"expected {spec.shape} {np.dtype(dtype)}"
+                )
+            taps[spec.name] = value
+        return taps
+
+    def tracing_count(self) -> int:
+        """How often the forward graph was traced (1 after any number of calls, if all is well)."""
+        return int(self._graph.experimental_get_tracing_count())
+
+    def count_conv_params(self) -> int:
+        """Convolution weights and biases as Keras counts them (log_scale excluded)."""
+        return self.model.count_conv_params()
+
+    def effective_config(self) -> dict[str, Any]:
+        m = self.model
+        amp = m.heads["amp"]
+        first = m.encoder[0].conv0
+        N = int(m.input_spec[0].shape[-1])
+        gridsize = math.isqrt(int(first.kernel.shape[2]))
+        pad_object = amp.centre is not None
+        activation = next(k for k, fn in AMP_ACTIVATIONS.items() if fn is amp.activation)
+        offset = self.config.offset  # only enters through M, together with the jitter margin
+        return {
+            "N": N,
+            "gridsize": gridsize,
+            "n_filters_scale": int(amp.decoder[-1].conv1.filters) // 32,
+            "amp_activation": activation,
+            "object_big": m.object_big,
+            "probe_big": amp.border is not None if pad_object else m._probe_big,
+            "probe_mask": m.probe_mask is not None,
+            "pad_object": pad_object,
+            "probe_scale": self.config.probe_scale,  # used by batch preparation, not by the model
+            "nphotons": self.config.nphotons,  # only sets the initial log_scale, which is loaded
+            "offset": offset,
+            "max_position_jitter": m.M - N - (gridsize - 1) * offset,
+        }
+
+    def environment(self) -> dict[str, Any]:
+        threads_inter = tf.config.threading.get_inter_op_parallelism_threads()
+        threads_intra = tf.config.threading.get_intra_op_parallelism_threads()
+        return {
+            "framework": "tensorflow",
+            "framework_version": tf.__version__,
+            "keras_version": keras.__version__,
+            "numpy_version": np.__version__,
+            "python_version": platform.python_version(),
+            "device": self.device,
+            "tf_device": self._tf_device,
+            "gpus_visible": [d.name for d in tf.config.list_physical_devices("GPU")],
+            "dtype": "float32",
+            "execution": EXECUTION,
+            "jit_compile": False,
+            "data_format": "channels_last",
+            "tf32_enabled": bool(tf.config.experimental.tensor_float_32_execution_enabled()),
+            "op_determinism": _op_determinism_enabled(),
+            "seed": SEED,
+            "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+            "onednn_enabled": _onednn_enabled(),
+            "inter_op_threads": threads_inter,  # 0 means TensorFlow chooses
+            "intra_op_threads": threads_intra,
+            "cpu_count": os.cpu_count(),
+        }
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        exported = self.model.export_weights()
+        # Same names and order as the canonical file, so a mismatch shows as a missing name.
+        return {name: exported[name] for name in parameter_shapes(self.config)}

@@ -1,0 +1,163 @@
+"""The PyTorch adapter: builds the canonical model, sets the precision controls, returns NumPy taps."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from backends.torch.model import (
+    ACTIVATION_NAMES,
+    PtychoPINN,
+    export_canonical_weights,
+    load_canonical_weights,
+)
+from parity.backend import Backend, Taps
+from parity.batch import CanonicalBatch
+from parity.config import ModelConfig
+from parity.errors import ParityInputError
+from parity.taps import tap_specs
+from parity.weights import parameter_shapes, validate_weights
+
+SEED = 0
+# cuBLAS refuses deterministic mode without a fixed workspace; it must be set before CUDA starts.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:<n>'; a GPU that is asked for but absent is an error, never a CPU run."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"torch backend: device {device!r} was requested but torch.cuda.is_available() is False "
+                f"(torch {torch.__version__}, built with CUDA {torch.version.cuda or 'none'}); "
+                "install a CUDA build of torch on a machine with a GPU, or use device 'cpu'"
+            )
+        return torch.device(device)
+    raise ParityInputError(f"torch backend: device {device!r} is not supported; use 'cpu' or 'cuda'")
+
+
+def set_precision_controls(device: torch.device) -> None:
+    """Process-wide: TF32 off, deterministic kernels, no autotuning, fixed seed (harness.md)."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.manual_seed(SEED)
+
+
+class TorchBackend(Backend):
+    """PtychoPINN in PyTorch, float32 / complex64, on CPU or one CUDA device."""
+
+    name: ClassVar[str] = "torch"
+    precision: ClassVar[str] = "float32"
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], device: str = "cpu") -> None:
+        validate_weights(weights, config)
+        super().__init__(config, weights, device)
+        self.torch_device = resolve_device(device)
+        set_precision_controls(self.torch_device)
+        model = PtychoPINN(config)
+        load_canonical_weights(model, weights)
+        self.model = model.to(self.torch_device).eval()
+
+    def forward(self, batch: CanonicalBatch) -> Taps:
+        batch.validate(self.config)
+        dev = self.torch_device
+        B, C, N = batch.size, self.config.C, self.config.N
+        with torch.inference_mode():
+            # torch.tensor copies, so the taps never alias the caller's arrays.
+            x = torch.tensor(batch.x, device=dev)
+            offsets = torch.tensor(batch.offsets, device=dev)
+            probe = torch.tensor(batch.probe, device=dev)
+            computed = self.model(x, offsets, probe)
+            tensors = {
+                "input.x": x,
+                "input.offsets": offsets.reshape(B, C, 1, 2),
+                "input.probe": probe.reshape(1, 1, N, N),
+                **computed,
+            }
+            taps = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in tensors.items()}
+        return self._in_spec_order(taps, B)
+
+    def _in_spec_order(self, taps: dict[str, np.ndarray], B: int) -> Taps:
+        """Order taps as tap_specs lists them. Shapes, dtypes and missing or extra taps are the
+        harness's to judge (it reports them at their place in the order), so nothing is checked here."""
+        order = [s.name for s in tap_specs(self.config, B)]
+        out: Taps = {name: taps[name] for name in order if name in taps}
+        out.update({name: arr for name, arr in taps.items() if name not in out})
+        return out
+
+    def effective_config(self) -> dict[str, Any]:
+        m = self.model
+        N = m.patch_size
+        first = m.encoder.blocks()[0]
+        assert isinstance(first, nn.Module)
+        conv0 = first.conv0
+        assert isinstance(conv0, nn.Conv2d)
+        gridsize = math.isqrt(conv0.in_channels)
+        base = 32 if N == 64 else 16
+        amp_head = m.amp.head
+        pad_object = amp_head.centre is not None
+        probe_big = amp_head.border is not None if pad_object else m.probe_big_requested
+        offset = self.config.offset
+        return {
+            "N": N,
+            "gridsize": gridsize,
+            "n_filters_scale": conv0.out_channels // base,
+            "amp_activation": ACTIVATION_NAMES[type(amp_head.activation)],
+            "object_big": m.object_big,
+            "probe_big": probe_big,
+            "probe_mask": m.disk is not None,
+            "pad_object": pad_object,
+            # Not used by the model (the harness normalises the probe and scales the input).
+            "probe_scale": self.config.probe_scale,
+            "nphotons": self.config.nphotons,
+            # Only M = N + (gridsize - 1)·offset + jitter shapes the model; jitter is read back from M.
+            "offset": offset,
+            "max_position_jitter": m.canvas_size - N - (gridsize - 1) * offset,
+        }
+
+    def environment(self) -> dict[str, Any]:
+        dev = self.torch_device
+        cuda: Any = torch.cuda  # some of torch.cuda / torch.backends.cudnn is untyped
+        cudnn: Any = torch.backends.cudnn
+        mkldnn: Any = torch.backends.mkldnn
+        env: dict[str, Any] = {
+            "framework": "torch",
+            "framework_version": torch.__version__,
+            "device": str(dev),
+            "device_name": cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "dtype": "float32",
+            "numpy_version": np.__version__,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "seed": int(torch.initial_seed()),
+            "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(),
+            "mkldnn_enabled": bool(torch.backends.mkldnn.enabled),
+            "mkldnn_available": bool(mkldnn.is_available()),
+            "cuda_version": torch.version.cuda,
+            "cudnn_version": cudnn.version() if cudnn.is_available() else None,
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        }
+        return env
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        return export_canonical_weights(self.model, list(parameter_shapes(self.config)))

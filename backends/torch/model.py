@@ -1,0 +1,370 @@
+"""The canonical PtychoPINN forward model as a torch.nn.Module tree (forward-model.md, sections 3-4).
+
+The module tree mirrors the canonical parameter names: the canonical ``amp.head.border.conv0.kernel``
+is the torch parameter ``amp.head.border.conv0.weight``. That way the framework counts the parameters
+itself, loading and exporting is a rename plus a layout transpose, and a misplaced weight cannot hide
+behind a hand-written mapping table.
+
+Every stage is its own method taking and returning tensors, so a layer-local parity run can feed any
+stage the reference's input to it. Stages return their output plus the taps they produced, keyed by
+canonical tap name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as fn
+from torch import nn
+
+from backends.torch import physics
+from parity.config import ModelConfig
+from parity.taps import HEADS
+
+Tensor = torch.Tensor
+TensorTaps = dict[str, Tensor]
+
+# Canonical parameter suffix -> torch parameter suffix.
+_SUFFIX = {"kernel": "weight", "bias": "bias"}
+
+
+class Swish(nn.Module):
+    """x·sigmoid(x), written out rather than ``silu`` so the formula is the spec's own."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(x)
+
+
+class PiTanh(nn.Module):
+    """The phase head activation π·tanh, bounding the predicted phase to (-π, π)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return math.pi * torch.tanh(x)
+
+
+# Module class -> amp_activation name, read back by effective_config().
+ACTIVATION_NAMES: dict[type[nn.Module], str] = {
+    nn.Sigmoid: "sigmoid",
+    Swish: "swish",
+    nn.Softplus: "softplus",
+    nn.ReLU: "relu",
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    if name == "swish":
+        return Swish()
+    if name == "softplus":
+        # log(1 + exp(x)); torch switches to the identity above x = 20, where log1p(exp(x)) already
+        # rounds to x in float32, so the threshold changes no value.
+        return nn.Softplus()
+    if name == "relu":
+        return nn.ReLU()
+    raise ValueError(f"amp_activation {name!r} is not one of {', '.join(ACTIVATION_NAMES.values())}")
+
+
+def conv3x3(cin: int, cout: int) -> nn.Conv2d:
+    """3x3, stride 1, one pixel of zero padding, with bias: the only convolution the model uses."""
+    return nn.Conv2d(cin, cout, kernel_size=3, stride=1, padding=1, bias=True)
+
+
+class DownBlock(nn.Module):
+    """conv → ReLU → conv → ReLU → max-pool 2x2."""
+
+    def __init__(self, cin: int, f: int) -> None:
+        super().__init__()
+        self.conv0 = conv3x3(cin, f)
+        self.conv1 = conv3x3(f, f)
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x: Tensor, prefix: str) -> tuple[Tensor, TensorTaps]:
+        a = fn.relu(self.conv0(x))
+        b = fn.relu(self.conv1(a))
+        p = self.pool(b)
+        return p, {f"{prefix}.conv0": a, f"{prefix}.conv1": b, f"{prefix}.pool": p}
+
+
+class UpBlock(nn.Module):
+    """conv → ReLU → conv → ReLU → nearest upsample x2 (also the first half of border/full heads)."""
+
+    def __init__(self, cin: int, f: int) -> None:
+        super().__init__()
+        self.conv0 = conv3x3(cin, f)
+        self.conv1 = conv3x3(f, f)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x: Tensor, prefix: str) -> tuple[Tensor, TensorTaps]:
+        a = fn.relu(self.conv0(x))
+        b = fn.relu(self.conv1(a))
+        u = self.up(b)
+        return u, {f"{prefix}.conv0": a, f"{prefix}.conv1": b, f"{prefix}.up": u}
+
+
+class UpHead(UpBlock):
+    """An up block followed by the output conv: the border branch and the pad_object=false head."""
+
+    def __init__(self, cin: int, f: int, cout: int) -> None:
+        super().__init__(cin, f)
+        self.out = conv3x3(f, cout)
+
+
+class Blocks(nn.Module):
+    """Numbered blocks registered as ``block0``, ``block1``... so parameter paths match the canonical
+    names (``encoder.block0.conv0``) instead of ModuleList's ``blocks.0.conv0``."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        for i, block in enumerate(blocks):
+            self.add_module(f"block{i}", block)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.children())
+
+
+class Head(nn.Module):
+    """Final layers of one branch: centre conv (+ border branch), or the full up-head."""
+
+    def __init__(self, config: ModelConfig, activation: nn.Module) -> None:
+        super().__init__()
+        F_, g, out = config.F, config.head_up_filters, config.out_ch
+        self.activation = activation
+        self.centre: nn.Conv2d | None = None
+        self.border: UpHead | None = None
+        self.full: UpHead | None = None
+        if config.pad_object:
+            self.centre = conv3x3(F_ - 4, out)
+            if config.probe_big:
+                self.border = UpHead(4, g, out)
+                self.border_activation = Swish()
+        else:
+            self.full = UpHead(F_, g, out)
+
+
+class Branch(nn.Module):
+    """One decoder plus its head; amplitude and phase each have one, with separate weights."""
+
+    def __init__(self, config: ModelConfig, activation: nn.Module, bottleneck: int) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        cin = bottleneck
+        for f in config.decoder_filters:
+            blocks.append(UpBlock(cin, f))
+            cin = f
+        self.decoder = Blocks(blocks)
+        self.head = Head(config, activation)
+
+
+class PtychoPINN(nn.Module):
+    """The whole forward model; ``forward`` returns every tap in order of computation."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        N, M, C = config.N, config.M, config.C
+        self.log_scale = nn.Parameter(torch.tensor(math.log(config.input_scale), dtype=torch.float32))
+        blocks: list[nn.Module] = []
+        cin = C
+        for f in config.encoder_filters:
+            blocks.append(DownBlock(cin, f))
+            cin = f
+        self.encoder = Blocks(blocks)
+        self.amp = Branch(config, make_activation(config.amp_activation), cin)
+        self.phase = Branch(config, PiTanh(), cin)
+        # The merge branches on this flag; effective_config() reads it back from here.
+        self.object_big = config.object_big
+        # Recorded for pad_object=false, where the flag builds nothing and so cannot be read back.
+        self.probe_big_requested = config.probe_big
+        self.register_buffer("centre_mask", physics.centre_mask(N))
+        self.register_buffer("border_mask", 1.0 - physics.centre_mask(N))
+        self.canvas_size = M
+        self.register_buffer("probe_disk", physics.disk_mask(N) if config.probe_mask else None)
+
+    @property
+    def patch_size(self) -> int:
+        """N, read from the mask buffer the model was built with."""
+        mask = self.centre_mask
+        assert isinstance(mask, Tensor)
+        return int(mask.shape[-1])
+
+    @property
+    def disk(self) -> Tensor | None:
+        """The hard disk multiplied into the field when probe_mask is on, else None."""
+        disk = self.probe_disk
+        assert disk is None or isinstance(disk, Tensor)
+        return disk
+
+    def branch(self, h: str) -> Branch:
+        b = getattr(self, h)
+        assert isinstance(b, Branch)
+        return b
+
+    # --- stages -----------------------------------------------------------------------------------
+
+    def scale_input(self, x: Tensor) -> Tensor:
+        return x / torch.exp(self.log_scale)
+
+    def encode(self, scaled: Tensor) -> tuple[Tensor, TensorTaps]:
+        taps: TensorTaps = {}
+        y = scaled
+        for i, block in enumerate(self.encoder.blocks()):
+            y, t = block(y, f"encoder.block{i}")
+            taps.update(t)
+        return y, taps
+
+    def decode(self, h: str, features: Tensor) -> tuple[Tensor, TensorTaps]:
+        taps: TensorTaps = {}
+        y = features
+        for i, block in enumerate(self.branch(h).decoder.blocks()):
+            y, t = block(y, f"{h}.decoder.block{i}")
+            taps.update(t)
+        return y, taps
+
+    def head(self, h: str, decoded: Tensor) -> tuple[Tensor, TensorTaps]:
+        """The head's final output (amplitude or phase of the patches) and its taps."""
+        head = self.branch(h).head
+        N = self.patch_size
+        taps: TensorTaps = {}
+        if head.centre is not None:
+            F_ = decoded.shape[1]
+            centre = head.activation(head.centre(decoded[:, : F_ - 4]))
+            q = N // 4
+            padded = fn.pad(centre, (q, q, q, q))
+            taps[f"{h}.head.centre"] = centre
+            taps[f"{h}.head.padded"] = padded
+            if head.border is None:
+                return padded, taps
+            up, t = head.border(decoded[:, F_ - 4 :], f"{h}.head.border")
+            taps.update(t)
+            out = head.border_activation(head.border.out(up))
+            masked = out * self.border_mask
+            total = padded + masked
+            taps[f"{h}.head.border.out"] = out
+            taps[f"{h}.head.border.masked"] = masked
+            taps[f"{h}.head.sum"] = total
+            return total, taps
+        assert head.full is not None
+        up, t = head.full(decoded, f"{h}.head.full")
+        taps.update(t)
+        out = head.activation(head.full.out(up))
+        taps[f"{h}.head.full.out"] = out
+        return out, taps
+
+    @staticmethod
+    def object_patches(amplitude: Tensor, phase: Tensor) -> Tensor:
+        """O = A·exp(iφ) as A·cos φ + i·A·sin φ; A may be negative in the border, so no polar()."""
+        return torch.complex(amplitude * torch.cos(phase), amplitude * torch.sin(phase))
+
+    def merge(self, patches: Tensor, offsets: Tensor) -> Tensor:
+        M = self.canvas_size
+        if self.object_big:
+            return physics.merge(patches, offsets, M)
+        return physics.pad_to(patches, M)
+
+    def trim(self, canvas: Tensor) -> Tensor:
+        return physics.crop_centre(canvas, self.patch_size)
+
+    def reextract(self, canvas: Tensor, offsets: Tensor) -> Tensor:
+        return physics.reextract(canvas, offsets, self.patch_size)
+
+    def illuminate(self, patches: Tensor, probe: Tensor) -> Tensor:
+        return physics.illuminate(patches, probe, self.disk)
+
+    @staticmethod
+    def diffract(field: Tensor) -> Tensor:
+        return physics.diffract(field)
+
+    def outputs(self, diffraction: Tensor) -> tuple[Tensor, Tensor]:
+        amplitude = diffraction * torch.exp(self.log_scale)
+        return amplitude, amplitude.square()
+
+    @staticmethod
+    def losses(amplitude: Tensor, intensity: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-group Poisson NLL (clamped log, the project's choice) and MAE, shape (B, 1, 1, 1)."""
+        dims = (1, 2, 3)
+        nll = (intensity - x.square() * torch.log(intensity.clamp_min(1e-12))).mean(dim=dims, keepdim=True)
+        mae = (amplitude - x).abs().mean(dim=dims, keepdim=True)
+        return nll, mae
+
+    # --- whole pass ---------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, offsets: Tensor, probe: Tensor) -> TensorTaps:
+        """x (B, C, N, N) float32, offsets (B, C, 2) float32, probe (N, N) complex64 → every tap
+        after the input taps, in order of computation."""
+        taps: TensorTaps = {}
+        scaled = self.scale_input(x)
+        taps["input.scaled"] = scaled
+        features, t = self.encode(scaled)
+        taps.update(t)
+        final: dict[str, Tensor] = {}
+        for h in HEADS:
+            decoded, t = self.decode(h, features)
+            taps.update(t)
+            final[h], t = self.head(h, decoded)
+            taps.update(t)
+        patches = self.object_patches(final["amp"], final["phase"])
+        canvas = self.merge(patches, offsets)
+        trimmed = self.trim(canvas)
+        reextracted = self.reextract(canvas, offsets)
+        illuminated = self.illuminate(reextracted, probe.reshape(1, 1, *probe.shape[-2:]))
+        diffraction = self.diffract(illuminated)
+        amplitude, intensity = self.outputs(diffraction)
+        nll, mae = self.losses(amplitude, intensity, x)
+        taps.update(
+            {
+                "object.patches": patches,
+                "object.canvas": canvas,
+                "object.trimmed": trimmed,
+                "object.reextracted": reextracted,
+                "physics.illuminated": illuminated,
+                "physics.diffraction": diffraction,
+                "output.amplitude": amplitude,
+                "output.intensity": intensity,
+                "loss.poisson_nll": nll,
+                "loss.mae": mae,
+            }
+        )
+        return taps
+
+
+# --- weights: canonical (kh, kw, in, out) <-> torch (out, in, kh, kw) ------------------------------
+
+
+def torch_parameter_name(canonical: str) -> str:
+    if canonical == "log_scale":
+        return canonical
+    path, _, suffix = canonical.rpartition(".")
+    return f"{path}.{_SUFFIX[suffix]}"
+
+
+def load_canonical_weights(model: PtychoPINN, weights: Mapping[str, np.ndarray]) -> None:
+    """Copy canonical arrays into the model; every model parameter must be set exactly once."""
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    with torch.no_grad():
+        for name, value in weights.items():
+            target = torch_parameter_name(name)
+            if target not in params:
+                raise KeyError(f"canonical parameter {name!r} has no torch parameter {target!r}")
+            arr = np.asarray(value, dtype=np.float32)
+            if arr.ndim == 4:
+                arr = arr.transpose(3, 2, 0, 1)
+            params[target].copy_(torch.from_numpy(np.array(arr, dtype=np.float32, order="C")))
+            seen.add(target)
+    unset = sorted(set(params) - seen)
+    if unset:
+        raise KeyError(f"torch parameters not set from the canonical weights: {', '.join(unset)}")
+
+
+def export_canonical_weights(model: PtychoPINN, names: list[str]) -> dict[str, np.ndarray]:
+    params = dict(model.named_parameters())
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        arr = params[torch_parameter_name(name)].detach().cpu().numpy()
+        if arr.ndim == 4:
+            arr = arr.transpose(2, 3, 1, 0)
+        out[name] = np.array(arr, dtype=np.float32, order="C")
+    return out

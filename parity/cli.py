@@ -1,0 +1,265 @@
+"""The ``ptycho-parity`` command: runs outside pytest, baselines, fixtures, weights, environment.
+
+Exit codes: 0 when everything compared passes, 1 when parity fails (including backends whose effective
+configs differ), 2 on bad input or usage (a bad option, file, key or value; a required backend missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from parity.config import ModelConfig
+from parity.errors import BackendUnavailableError, ConfigError, ParityInputError
+
+EXIT_PASS, EXIT_FAIL, EXIT_INPUT = 0, 1, 2
+
+
+def _literal(text: str) -> Any:
+    """Parse a --set value as a TOML literal, falling back to a bare string (``sigmoid``)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | None, overrides: Sequence[str]) -> ModelConfig:
+    values: dict[str, Any] = {}
+    source = "config"
+    if path:
+        p = Path(path)
+        source = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read config file ({exc.strerror})") from exc
+        try:
+            values = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'} ({exc})") from exc
+        if isinstance(values, dict) and "model" in values and isinstance(values["model"], dict):
+            values = values["model"]
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"option --set: expected KEY=VALUE, got {item!r}")
+        key, _, raw = item.partition("=")
+        values[key.strip()] = _literal(raw.strip())
+        source = "config (--set)" if not path else f"{path} with --set"
+    return ModelConfig.from_mapping(values, source=source)
+
+
+def _progress(items: Iterable[Any]) -> Iterable[Any]:
+    from tqdm import tqdm
+
+    return tqdm(items, desc="parity", unit="batch", file=sys.stderr, disable=None)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from parity.report import write_reports
+    from parity.session import RunSpec, run
+
+    config = load_config(args.config, args.set)
+    spec = RunSpec(
+        config=config,
+        fixture=args.fixture,
+        backends=[b.strip() for b in args.backends.split(",") if b.strip()],
+        reference=args.reference or None,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_groups=args.max_groups or None,
+        weights=args.weights,
+        weights_seed=args.seed,
+        tolerances=args.tolerances,
+        require=args.require_backends,
+    )
+    result = run(spec, progress=_progress)
+    paths = write_reports(result, args.report, html=not args.no_html, all_taps=args.all_taps)
+    for n, r in result.backends.items():
+        if not r.available:
+            print(f"backend {n} unavailable: {r.reason}", file=sys.stderr)
+    print(f"verdict: {result.verdict}")
+    if not result.passed:
+        print(result.describe_failure())
+    print(f"report: {paths['json']}")
+    return EXIT_PASS if result.passed else EXIT_FAIL
+
+
+def cmd_regen_baselines(args: argparse.Namespace) -> int:
+    """Regenerate through pytest-regressions (the only writer of baselines), then verify."""
+    import pytest
+
+    flag = "--regen-all" if args.all else "--force-regen"
+    base = ["-m", "parity", "-p", "no:cacheprovider", *args.pytest_args]
+    pytest.main([*base, flag, "-q"])
+    return int(pytest.main([*base, "-q"]))
+
+
+def cmd_make_fixtures(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from parity.fixture import bundled_fixtures_dir
+    from parity.simulate import compare_bundled, write_bundled_fixtures
+
+    if args.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_bundled_fixtures(tmp)
+            problems = compare_bundled(bundled_fixtures_dir(), tmp)
+        for p in problems:
+            print(p, file=sys.stderr)
+        print("fixtures reproduce bit for bit" if not problems else f"{len(problems)} differences")
+        return EXIT_FAIL if problems else EXIT_PASS
+    out = Path(args.out) if args.out else bundled_fixtures_dir()
+    for name, digest in write_bundled_fixtures(out).items():
+        print(f"{digest}  {out / name}")
+    return EXIT_PASS
+
+
+def cmd_import_npz(args: argparse.Namespace) -> int:
+    from parity.npz_import import import_npz
+
+    print(import_npz(args.npz, args.out, args.gridsize))
+    return EXIT_PASS
+
+
+def cmd_make_weights(args: argparse.Namespace) -> int:
+    from parity.weights import generate_weights, save_weights
+
+    config = load_config(args.config, args.set)
+    digest = save_weights(args.out, generate_weights(config, args.seed), config)
+    print(f"{args.out} sha256(content)={digest}")
+    return EXIT_PASS
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    from parity.registry import discover
+
+    for name, info in discover().items():
+        state = "available" if info.available else f"unavailable: {info.error}"
+        print(f"{name:12s} {info.target:45s} {state}")
+    return EXIT_PASS
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from parity.session import instantiate
+    from parity.weights import generate_weights
+
+    config = ModelConfig()
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    built, missing = instantiate(names, config, generate_weights(config), args.device, require=False)
+    env: dict[str, Any] = {"python": sys.version.split()[0]}
+    env.update({n: be.environment() for n, be in built.items()})
+    env.update({n: {"available": False, "reason": r} for n, r in missing.items()})
+    print(json.dumps(env, indent=2, default=str))
+    return EXIT_PASS
+
+
+def cmd_check_device(args: argparse.Namespace) -> int:
+    """Fail fast (exit 2) when the requested device is not there, before any test can 'pass'."""
+    if args.device == "cpu":
+        return EXIT_PASS
+    problems = []
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(f"torch {torch.__version__} sees no CUDA device")
+    except ImportError as exc:
+        problems.append(f"torch cannot be imported ({exc})")
+    try:
+        import tensorflow as tf
+
+        if not tf.config.list_physical_devices("GPU"):
+            problems.append(f"tensorflow {tf.__version__} sees no GPU")
+    except ImportError as exc:
+        problems.append(f"tensorflow cannot be imported ({exc})")
+    if problems:
+        print("no usable GPU: " + "; ".join(problems), file=sys.stderr)
+        return EXIT_INPUT
+    print("GPU visible to torch and tensorflow")
+    return EXIT_PASS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptycho-parity", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def config_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="model config file (TOML or JSON; keys at top level or under [model])")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+    r = sub.add_parser("run", help="compare backends on one fixture and config, write reports")
+    config_opts(r)
+    r.add_argument("--fixture", help="fixture file or bundled fixture name (default: the bundled one for N, gridsize)")
+    r.add_argument("--backends", default="reference,torch,tensorflow")
+    r.add_argument("--reference", default="reference", help="float64 arbiter backend ('' for none)")
+    r.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    r.add_argument("--batch-size", type=int, default=4)
+    r.add_argument("--max-groups", type=int, default=8, help="groups of the fixture to run (0: all)")
+    r.add_argument("--weights", help="canonical weights file (default: generated from --seed)")
+    r.add_argument("--seed", type=int, default=None, help="weights seed (default: the canonical seed)")
+    r.add_argument("--tolerances", help="tolerance TOML file (default: the bundled one)")
+    r.add_argument("--report", default="parity-report", help="report folder (default: %(default)s)")
+    r.add_argument("--all-taps", action="store_true", help="pictures for every tap in the HTML report")
+    r.add_argument("--no-html", action="store_true")
+    r.add_argument("--require-backends", action="store_true", help="an unavailable backend is an error")
+    r.set_defaults(func=cmd_run)
+
+    g = sub.add_parser("regen-baselines", help="rewrite the stored baselines (pytest -m parity --force-regen)")
+    g.add_argument("--all", action="store_true", help="--regen-all: rewrite every baseline, not only changed ones")
+    g.add_argument("pytest_args", nargs="*", help="extra pytest arguments (paths, -k ...)")
+    g.set_defaults(func=cmd_regen_baselines)
+
+    f = sub.add_parser("make-fixtures", help="regenerate the bundled fixtures from their seeds")
+    f.add_argument("--out", help="folder (default: the bundled fixtures folder)")
+    f.add_argument("--check", action="store_true", help="regenerate into a temp folder and compare, exit 1 on change")
+    f.set_defaults(func=cmd_make_fixtures)
+
+    n = sub.add_parser("import-npz", help="turn an original PtychoPINN NPZ into a fixture")
+    n.add_argument("npz")
+    n.add_argument("out")
+    n.add_argument("--gridsize", type=int, default=2, choices=(1, 2))
+    n.set_defaults(func=cmd_import_npz)
+
+    w = sub.add_parser("make-weights", help="write a canonical weights file generated from a seed")
+    config_opts(w)
+    w.add_argument("out")
+    w.add_argument("--seed", type=int, default=None)
+    w.set_defaults(func=cmd_make_weights)
+
+    b = sub.add_parser("backends", help="list registered backends and why any is unavailable")
+    b.set_defaults(func=cmd_backends)
+
+    e = sub.add_parser("env", help="print each backend's environment (versions, device, precision flags)")
+    e.add_argument("--backends", default="reference,torch,tensorflow")
+    e.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    e.set_defaults(func=cmd_env)
+
+    c = sub.add_parser("check-device", help="exit 2 unless the device is usable by both frameworks")
+    c.add_argument("device", choices=("cpu", "cuda"))
+    c.set_defaults(func=cmd_check_device)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from parity.weights import DEFAULT_SEED
+
+    args = build_parser().parse_args(argv)
+    if getattr(args, "seed", 0) is None:
+        args.seed = DEFAULT_SEED
+    try:
+        return int(args.func(args))
+    except (ParityInputError, BackendUnavailableError) as exc:
+        print(f"ptycho-parity: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("ptycho-parity: interrupted; files already written are intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Elementwise comparison of two tensors under the one tolerance rule, streamed over batches.
+
+The rule, everywhere: an element passes when |a - b| <= atol + rtol * |b|, b being the reference side.
+|a - b| is the complex modulus for complex taps. NaN and Inf must sit at the same positions on both
+sides (same sign for Inf); a non-finite value on one side only fails and is never zeroed away. The
+numbers kept are the ones ``torch.testing.assert_close`` users look for: mismatch count and share, the
+greatest absolute and relative difference and where it is, plus the smallest atol that would pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+RULE = "|a - b| <= atol + rtol * |b|  (b: reference side; complex: modulus of the difference)"
+
+# Error histogram bins for reports: log10 |a - b| from 1e-16 to 1e8; exact zeros and non-finite
+# mismatches are counted separately.
+HIST_EDGES = np.logspace(-16, 8, 49)
+
+
+@dataclass
+class ComparisonResult:
+    """One comparison of one tap between two sides; JSON-ready through :meth:`to_dict`."""
+
+    kind: str  # "vs_reference" | "backend_vs_backend" | "vs_baseline"
+    tap: str
+    a: str
+    b: str
+    atol: float
+    rtol: float
+    passed: bool
+    max_abs: float = 0.0
+    mean_abs: float = 0.0
+    max_rel: float = 0.0
+    worst_index: list[int] | None = None
+    worst_a: Any = None
+    worst_b: Any = None
+    mismatched: int = 0
+    numel: int = 0
+    mismatch_fraction: float = 0.0
+    min_atol_to_pass: float = 0.0
+    nonfinite_mismatch: int = 0
+    reason: str | None = None  # set when the tap could not be compared element by element
+    histogram: list[int] = field(default_factory=list)
+    statistic: str | None = None  # for vs_baseline comparisons
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: _jsonable(v) for k, v in self.__dict__.items() if k != "histogram"}
+        return d
+
+    def summary(self) -> str:
+        """One line in the manner of torch.testing.assert_close."""
+        side = f"{self.a} vs {self.b}"
+        if self.reason:
+            return f"{self.tap} [{self.kind}: {side}]: {self.reason}"
+        what = f"{self.tap}" + (f" / {self.statistic}" if self.statistic else "")
+        return (
+            f"{what} [{self.kind}: {side}]: {'ok' if self.passed else 'MISMATCH'} "
+            f"{self.mismatched} / {self.numel} elements ({100 * self.mismatch_fraction:.3g}%) out of "
+            f"tolerance (atol={self.atol:g}, rtol={self.rtol:g}); greatest abs difference "
+            f"{self.max_abs:.3g} at index {tuple(self.worst_index or ())} "
+            f"({self.a}={_fmt(self.worst_a)}, {self.b}={_fmt(self.worst_b)}); greatest rel difference "
+            f"{self.max_rel:.3g}; smallest passing atol {self.min_atol_to_pass:.3g}"
+            + (f"; {self.nonfinite_mismatch} NaN/Inf position mismatches" if self.nonfinite_mismatch else "")
+        )
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "?"
+    if isinstance(v, complex):
+        return f"{v.real:.6g}{v.imag:+.6g}j"
+    return f"{v:.6g}"
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/Inf; keep them readable rather than invalid
+    if isinstance(v, complex):
+        return {"real": _jsonable(v.real), "imag": _jsonable(v.imag)}
+    if isinstance(v, np.generic):
+        return _jsonable(v.item())
+    return v
+
+
+class ElementwiseComparison:
+    """Accumulates one (tap, a, b) comparison over batches; batches are stacked along axis 0."""
+
+    def __init__(self, kind: str, tap: str, a: str, b: str, atol: float, rtol: float) -> None:
+        self.result = ComparisonResult(kind, tap, a, b, atol, rtol, passed=True)
+        self._sum_abs = 0.0
+        self._finite_numel = 0
+        self._rows = 0
+        self._hist = np.zeros(len(HIST_EDGES) + 1, dtype=np.int64)
+
+    def fail(self, reason: str) -> None:
+        """Mark the comparison as impossible (missing tap, shape mismatch); it then stays failed."""
+        r = self.result
+        r.passed = False
+        if r.reason is None:
+            r.reason = reason
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        r = self.result
+        if r.reason is not None:
+            return
+        if a.shape != b.shape:
+            self.fail(f"shape mismatch: {r.a} has {a.shape}, {r.b} has {b.shape}")
+            return
+        a64 = a.astype(np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(b) else np.float64)
+        b64 = b.astype(a64.dtype)
+        with np.errstate(invalid="ignore", over="ignore"):
+            err = np.abs(a64 - b64)
+        mag_b = np.abs(b64)
+        fin_a, fin_b = np.isfinite(a64), np.isfinite(b64)
+        both = fin_a & fin_b
+        # Non-finite values agree only when both sides hold the same NaN/Inf at the same place.
+        same_nonfinite = (~fin_a & ~fin_b) & ((np.isnan(a64) & np.isnan(b64)) | (a64 == b64))
+        bad_nonfinite = ~both & ~same_nonfinite
+        err = np.where(both, err, 0.0)
+        limit = r.atol + r.rtol * np.where(both, mag_b, 0.0)
+        out = (err > limit) | bad_nonfinite
+        n_bad_nonfinite = int(bad_nonfinite.sum())
+
+        r.numel += err.size
+        r.mismatched += int(out.sum())
+        r.nonfinite_mismatch += n_bad_nonfinite
+        self._sum_abs += float(err.sum())
+        self._finite_numel += int(both.sum())
+        if err.size:
+            flat_worst = int(np.argmax(np.where(bad_nonfinite, np.inf, err)))
+            worst = float(np.inf) if n_bad_nonfinite else float(err.flat[flat_worst])
+            if r.worst_index is None or worst > r.max_abs:
+                idx = list(np.unravel_index(flat_worst, err.shape))
+                idx[0] += self._rows
+                r.worst_index = [int(i) for i in idx]
+                r.worst_a = a64.flat[flat_worst].item()
+                r.worst_b = b64.flat[flat_worst].item()
+                r.max_abs = worst
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel = np.where(both & (mag_b > 0), err / np.where(mag_b > 0, mag_b, 1.0), 0.0)
+            r.max_rel = max(r.max_rel, float(rel.max()))
+            need = float(np.max(err - r.rtol * np.where(both, mag_b, 0.0)))
+            r.min_atol_to_pass = max(r.min_atol_to_pass, need, 0.0)
+            if n_bad_nonfinite:
+                r.min_atol_to_pass = float("inf")
+            nz = err[both & (err > 0)]
+            if nz.size:
+                self._hist += np.bincount(np.searchsorted(HIST_EDGES, nz), minlength=self._hist.size)
+        self._rows += a.shape[0] if a.ndim else 1
+
+    def finish(self) -> ComparisonResult:
+        r = self.result
+        if r.reason is None:
+            r.mean_abs = self._sum_abs / self._finite_numel if self._finite_numel else 0.0
+            r.mismatch_fraction = r.mismatched / r.numel if r.numel else 0.0
+            r.passed = r.mismatched == 0
+        r.histogram = [int(v) for v in self._hist]
+        return r
+
+
+def compare_arrays(
+    a: np.ndarray,
+    b: np.ndarray,
+    atol: float,
+    rtol: float,
+    *,
+    tap: str = "",
+    kind: str = "",
+    names: tuple[str, str] = ("a", "b"),
+) -> ComparisonResult:
+    """Compare two whole arrays at once (b is the reference side)."""
+    acc = ElementwiseComparison(kind, tap, names[0], names[1], atol, rtol)
+    acc.add(np.asarray(a), np.asarray(b))
+    return acc.finish()

@@ -1,0 +1,556 @@
+"""Fixture files: the fixed diffraction data every parity run starts from (schema in docs/fixtures.md).
+
+A fixture is the root of every comparison: baselines record its SHA-256, and every backend receives
+batches built from it. So the loader trusts nothing. It checks every attribute, dataset, dtype, shape
+and value, and re-hashes every dataset against the hash recorded at write time. Any violation raises
+:class:`~parity.errors.FixtureError` naming the file, the dataset or attribute, and what is wrong, so a
+damaged or hand-edited fixture is caught where it is read, not as a baffling parity failure later.
+
+Writes are atomic and byte-deterministic (no HDF5 timestamps, a pinned file-format range, a fixed
+attribute order), so regenerating a fixture from its seed reproduces the committed file bit for bit
+and a file hash alone identifies its content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parity.atomic import atomic_path
+from parity.batch import CanonicalBatch, disk_mask, normalise_probe
+from parity.config import ModelConfig
+from parity.errors import FixtureError, ParityInputError
+
+SCHEMA_VERSION = 1
+
+#: Dataset name -> stored dtype, in the order they are written. Little-endian explicitly, so the
+#: recorded hashes (of the stored bytes) do not depend on the machine that wrote or reads them.
+DATASET_DTYPES: dict[str, np.dtype[Any]] = {
+    "diffraction": np.dtype("<f4"),
+    "xcoords": np.dtype("<f8"),
+    "ycoords": np.dtype("<f8"),
+    "probe": np.dtype("<c8"),
+    "groups": np.dtype("<i8"),
+    "object": np.dtype("<c8"),
+}
+REQUIRED_DATASETS = ("diffraction", "xcoords", "ycoords", "probe", "groups")
+OPTIONAL_DATASETS = ("object",)
+ROOT_ATTRIBUTES = ("schema_version", "N", "gridsize", "kind", "seed", "params", "source", "sha256")
+#: "lines" and "grf" are simulated by parity.simulate, "npz" came from parity.npz_import, "custom" is
+#: anything else a user wrote with write_fixture.
+KINDS = ("lines", "grf", "npz", "custom")
+
+# Old-style (earliest) object headers carry no modification times, and pinning the newest format
+# keeps a future HDF5 library from choosing a different layout for the same content.
+_LIBVER = ("earliest", "v110")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FixtureData:
+    """The content of a fixture, before it has a file.
+
+    diffraction: (n, N, N) float32 measured amplitudes, centred (fftshifted) like the model output.
+    xcoords, ycoords: (n,) float64 scan positions in object pixels (x = column, y = row).
+    probe: (N, N) complex64, raw (normalised only when a batch is built).
+    groups: (n_groups, C) int64 position indices; a group's patches are fed in this order.
+    object: (H, W) complex64 ground truth, when known.
+    """
+
+    diffraction: np.ndarray
+    xcoords: np.ndarray
+    ycoords: np.ndarray
+    probe: np.ndarray
+    groups: np.ndarray
+    N: int
+    gridsize: int
+    kind: str
+    seed: int
+    params: dict[str, Any]
+    source: str
+    object: np.ndarray | None = None
+
+    @property
+    def C(self) -> int:
+        return self.gridsize * self.gridsize
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.diffraction.shape[0])
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.groups.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every dataset present, in schema order."""
+        names = REQUIRED_DATASETS + tuple(n for n in OPTIONAL_DATASETS if getattr(self, n) is not None)
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fixture(FixtureData):
+    """A validated fixture read from ``path``; its arrays are read-only.
+
+    ``sha256`` is the hash of the file's bytes (what baselines record); ``dataset_sha256`` the
+    per-dataset hashes recorded in, and verified against, the file.
+    """
+
+    path: Path
+    sha256: str
+    dataset_sha256: dict[str, str] = field(default_factory=dict)
+
+
+def dataset_sha256(name: str, array: np.ndarray) -> str:
+    """SHA-256 of the dataset's C-contiguous bytes in its stored (little-endian) dtype."""
+    data = np.ascontiguousarray(array, dtype=DATASET_DTYPES[name])
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _first_index(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def _check_structure(arrays: Mapping[str, np.ndarray], N: int, gridsize: int, where: str) -> None:
+    """Names, dtypes and shapes; kept apart from the value checks so both writer and loader share it."""
+    for name in REQUIRED_DATASETS:
+        if name not in arrays:
+            raise FixtureError(
+                f"{where}: dataset {name!r} is missing (required: {', '.join(REQUIRED_DATASETS)})"
+            )
+    for name in arrays:
+        if name not in DATASET_DTYPES:
+            raise FixtureError(
+                f"{where}: dataset {name!r} is not part of fixture schema version {SCHEMA_VERSION} "
+                f"(known: {', '.join(DATASET_DTYPES)})"
+            )
+    for name, arr in arrays.items():
+        if arr.dtype != DATASET_DTYPES[name]:
+            raise FixtureError(
+                f"{where}: dataset {name!r} has dtype {arr.dtype}; expected {DATASET_DTYPES[name].name}"
+            )
+    diff = arrays["diffraction"]
+    if diff.ndim != 3 or diff.shape[1:] != (N, N) or diff.shape[0] < 1:
+        raise FixtureError(
+            f"{where}: dataset 'diffraction' has shape {diff.shape}; expected (n, {N}, {N}) with n >= 1 "
+            f"(N={N} from the attribute 'N')"
+        )
+    n = diff.shape[0]
+    for name in ("xcoords", "ycoords"):
+        if arrays[name].shape != (n,):
+            raise FixtureError(
+                f"{where}: dataset {name!r} has shape {arrays[name].shape}; expected ({n},), one position "
+                f"per diffraction pattern"
+            )
+    if arrays["probe"].shape != (N, N):
+        raise FixtureError(f"{where}: dataset 'probe' has shape {arrays['probe'].shape}; expected ({N}, {N})")
+    C = gridsize * gridsize
+    groups = arrays["groups"]
+    if groups.ndim != 2 or groups.shape[1] != C or groups.shape[0] < 1:
+        raise FixtureError(
+            f"{where}: dataset 'groups' has shape {groups.shape}; expected (n_groups, {C}) with "
+            f"n_groups >= 1 (C = gridsize² = {C} from the attribute 'gridsize')"
+        )
+    obj = arrays.get("object")
+    if obj is not None and (obj.ndim != 2 or obj.size == 0):
+        raise FixtureError(f"{where}: dataset 'object' has shape {obj.shape}; expected a non-empty (H, W)")
+
+
+def _check_values(arrays: Mapping[str, np.ndarray], where: str) -> None:
+    for name, arr in arrays.items():
+        if arr.dtype.kind in "fc":
+            bad = ~np.isfinite(arr)
+            if bad.any():
+                idx = _first_index(bad)
+                raise FixtureError(
+                    f"{where}: dataset {name!r} contains {int(bad.sum())} non-finite values (NaN or Inf); "
+                    f"first {arr[idx]} at index {idx}"
+                )
+    diff = arrays["diffraction"]
+    neg = diff < 0
+    if neg.any():
+        idx = _first_index(neg)
+        raise FixtureError(
+            f"{where}: dataset 'diffraction' has {int(neg.sum())} negative amplitudes; first {diff[idx]} at "
+            f"index {idx} (amplitudes are square roots of counts)"
+        )
+    groups, n = arrays["groups"], diff.shape[0]
+    out = (groups < 0) | (groups >= n)
+    if out.any():
+        idx = _first_index(out)
+        raise FixtureError(
+            f"{where}: dataset 'groups' holds position index {groups[idx]} at {idx}, outside [0, {n}) "
+            f"({n} diffraction patterns)"
+        )
+    probe = arrays["probe"]
+    if not np.mean(np.abs(disk_mask(probe.shape[-1]) * probe)) > 0:
+        raise FixtureError(
+            f"{where}: dataset 'probe' is zero inside the disk mask (radius N/4), so it cannot be normalised"
+        )
+
+
+def validate_fixture_data(data: FixtureData, where: str) -> None:
+    """Everything the loader checks except hashes, so a bad fixture can never be written either."""
+    for key in ("N", "gridsize", "seed"):
+        value = getattr(data, key)
+        if not isinstance(value, int | np.integer) or isinstance(value, bool):
+            raise FixtureError(f"{where}: attribute {key!r} is {value!r}; expected an integer")
+    if data.N < 2 or data.N % 2:
+        raise FixtureError(f"{where}: attribute 'N' is {data.N}; expected a positive even integer")
+    if data.gridsize < 1:
+        raise FixtureError(f"{where}: attribute 'gridsize' is {data.gridsize}; expected an integer >= 1")
+    if data.kind not in KINDS:
+        raise FixtureError(f"{where}: attribute 'kind' is {data.kind!r}; expected one of {', '.join(KINDS)}")
+    if not isinstance(data.params, dict):
+        raise FixtureError(
+            f"{where}: attribute 'params' is {type(data.params).__name__}; expected a JSON object"
+        )
+    if not isinstance(data.source, str):
+        raise FixtureError(f"{where}: attribute 'source' is {data.source!r}; expected a string")
+    arrays = data.arrays()
+    _check_structure(arrays, int(data.N), int(data.gridsize), where)
+    _check_values(arrays, where)
+
+
+def _params_json(params: Mapping[str, Any], where: str) -> str:
+    try:
+        return json.dumps(params, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise FixtureError(f"{where}: attribute 'params' cannot be stored as JSON ({exc})") from exc
+
+
+def write_fixture(path: str | os.PathLike[str], data: FixtureData) -> Path:
+    """Validate ``data`` and write it atomically; the same content always gives the same bytes."""
+    import h5py
+
+    target = Path(path)
+    validate_fixture_data(data, str(target))
+    arrays = data.arrays()
+    params = _params_json(data.params, str(target))
+    hashes = {name: dataset_sha256(name, arr) for name, arr in arrays.items()}
+    with atomic_path(target) as tmp:
+        with h5py.File(tmp, "w", libver=_LIBVER) as fh:
+            attrs = {
+                "schema_version": np.int64(SCHEMA_VERSION),
+                "N": np.int64(data.N),
+                "gridsize": np.int64(data.gridsize),
+                "kind": data.kind,
+                "seed": np.int64(data.seed),
+                "params": params,
+                "source": data.source,
+                "sha256": json.dumps(hashes, sort_keys=True),
+            }
+            for key in ROOT_ATTRIBUTES:
+                fh.attrs[key] = attrs[key]
+            for name, arr in arrays.items():
+                fh.create_dataset(
+                    name, data=np.ascontiguousarray(arr, dtype=DATASET_DTYPES[name]), track_times=False
+                )
+    return target
+
+
+def _int_attr(attrs: Mapping[str, Any], key: str, where: str) -> int:
+    value = attrs[key]
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if not isinstance(value, int | np.integer) or isinstance(value, bool | np.bool_):
+        shown = value.item() if isinstance(value, np.generic) else value
+        raise FixtureError(
+            f"{where}: attribute {key!r} is {shown!r} ({type(value).__name__}); expected an integer"
+        )
+    return int(value)
+
+
+def _str_attr(attrs: Mapping[str, Any], key: str, where: str) -> str:
+    value = attrs[key]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        shown = value.item() if isinstance(value, np.generic) else value
+        raise FixtureError(
+            f"{where}: attribute {key!r} is {shown!r} ({type(value).__name__}); expected a string"
+        )
+    return value
+
+
+def _json_object_attr(attrs: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    text = _str_attr(attrs, key, where)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FixtureError(f"{where}: attribute {key!r} is not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise FixtureError(f"{where}: attribute {key!r} is JSON {type(value).__name__}; expected an object")
+    return value
+
+
+def _read_attributes(attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
+    if "schema_version" not in attrs:
+        raise FixtureError(f"{where}: attribute 'schema_version' is missing (not a ptycho-parity fixture?)")
+    version = _int_attr(attrs, "schema_version", where)
+    if version != SCHEMA_VERSION:
+        raise FixtureError(
+            f"{where}: attribute 'schema_version' is {version}; "
+            f"this ptycho-parity reads version {SCHEMA_VERSION}"
+        )
+    for key in ROOT_ATTRIBUTES:
+        if key not in attrs:
+            raise FixtureError(f"{where}: attribute {key!r} is missing")
+    for key in attrs:
+        if key not in ROOT_ATTRIBUTES:
+            raise FixtureError(
+                f"{where}: attribute {key!r} is not part of fixture schema version {SCHEMA_VERSION} "
+                f"(known: {', '.join(ROOT_ATTRIBUTES)})"
+            )
+    out: dict[str, Any] = {
+        "N": _int_attr(attrs, "N", where),
+        "gridsize": _int_attr(attrs, "gridsize", where),
+        "seed": _int_attr(attrs, "seed", where),
+        "kind": _str_attr(attrs, "kind", where),
+        "source": _str_attr(attrs, "source", where),
+        "params": _json_object_attr(attrs, "params", where),
+    }
+    hashes = _json_object_attr(attrs, "sha256", where)
+    for name, digest in hashes.items():
+        if not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
+            raise FixtureError(
+                f"{where}: attribute 'sha256' records {digest!r} for dataset {name!r}; expected 64 hex digits"
+            )
+    out["sha256"] = hashes
+    return out
+
+
+def _check_config(N: int, gridsize: int, config: ModelConfig, where: str) -> None:
+    if N != config.N:
+        raise FixtureError(f"{where}: attribute 'N' is {N} but the config has N={config.N}")
+    if gridsize != config.gridsize:
+        raise FixtureError(
+            f"{where}: attribute 'gridsize' is {gridsize} but the config has gridsize={config.gridsize}"
+        )
+
+
+def _read_datasets(fh: Any, where: str) -> dict[str, np.ndarray]:
+    import h5py
+
+    arrays: dict[str, np.ndarray] = {}
+    for name in fh:
+        # Links, external storage and virtual datasets would pull data from other files, which
+        # neither the file hash nor the per-dataset hashes would then vouch for.
+        link = fh.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise FixtureError(f"{where}: {name!r} is a {type(link).__name__}; a fixture holds no links")
+        node = fh[name]
+        if not isinstance(node, h5py.Dataset):
+            raise FixtureError(f"{where}: {name!r} is a {type(node).__name__}, not a dataset")
+        if node.is_virtual or node.external:
+            raise FixtureError(f"{where}: dataset {name!r} is stored outside the file (virtual or external)")
+        if name not in DATASET_DTYPES:
+            continue  # reported by the structure check, after missing datasets
+        try:
+            arrays[name] = np.asarray(node[()])
+        except (OSError, RuntimeError, ValueError, TypeError) as exc:
+            raise FixtureError(
+                f"{where}: dataset {name!r} cannot be read (corrupt or truncated? {exc})"
+            ) from exc
+    unknown = [name for name in fh if name not in DATASET_DTYPES]
+    for name in REQUIRED_DATASETS:
+        if name not in arrays:
+            raise FixtureError(
+                f"{where}: dataset {name!r} is missing (required: {', '.join(REQUIRED_DATASETS)})"
+            )
+    if unknown:
+        raise FixtureError(
+            f"{where}: dataset {unknown[0]!r} is not part of fixture schema version {SCHEMA_VERSION} "
+            f"(known: {', '.join(DATASET_DTYPES)})"
+        )
+    return arrays
+
+
+def load_fixture(path: str | os.PathLike[str], config: ModelConfig | None = None) -> Fixture:
+    """Read and fully validate a fixture, optionally against the ``config`` it will be run with.
+
+    The file is read once into memory and parsed from there, so ``Fixture.sha256`` is the hash of
+    exactly the bytes that were validated, and the file is never opened for writing.
+    """
+    import h5py
+
+    p = Path(path)
+    where = str(p)
+    if not p.exists():
+        raise FixtureError(f"{where}: fixture file does not exist")
+    if not p.is_file():
+        raise FixtureError(f"{where}: fixture path is not a regular file")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise FixtureError(f"{where}: fixture file cannot be read ({exc})") from exc
+    try:
+        fh = h5py.File(io.BytesIO(raw), "r")
+    except (OSError, ValueError) as exc:
+        raise FixtureError(f"{where}: not a readable HDF5 file, truncated or corrupt ({exc})") from exc
+    try:
+        with fh:
+            try:
+                attrs = dict(fh.attrs)
+            except (OSError, RuntimeError, KeyError) as exc:
+                raise FixtureError(f"{where}: root attributes cannot be read (corrupt? {exc})") from exc
+            meta = _read_attributes(attrs, where)
+            if config is not None:
+                _check_config(meta["N"], meta["gridsize"], config, where)
+            arrays = _read_datasets(fh, where)
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise FixtureError(f"{where}: HDF5 structure cannot be read (corrupt? {exc})") from exc
+    data_kwargs = {k: meta[k] for k in ("N", "gridsize", "kind", "seed", "params", "source")}
+    data = FixtureData(**arrays, **data_kwargs)  # type: ignore[arg-type]
+    validate_fixture_data(data, where)
+
+    recorded: dict[str, str] = meta["sha256"]
+    for name in arrays:
+        if name not in recorded:
+            raise FixtureError(f"{where}: attribute 'sha256' records no hash for dataset {name!r}")
+    for name in recorded:
+        if name not in arrays:
+            raise FixtureError(
+                f"{where}: attribute 'sha256' records a hash for dataset {name!r}, which is not in the file"
+            )
+    actual = {name: dataset_sha256(name, arr) for name, arr in arrays.items()}
+    for name, digest in actual.items():
+        if digest != recorded[name]:
+            raise FixtureError(
+                f"{where}: dataset {name!r} does not match its SHA-256 recorded in attribute 'sha256' "
+                f"(recorded {recorded[name][:12]}..., actual {digest[:12]}...): modified or corrupt"
+            )
+    for arr in arrays.values():
+        arr.setflags(write=False)
+    return Fixture(
+        **arrays,  # type: ignore[arg-type]
+        **data_kwargs,
+        path=p,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        dataset_sha256=actual,
+    )
+
+
+def normalised_input_scale(fixture: FixtureData, config: ModelConfig) -> float:
+    """The factor taking stored amplitudes to the model input x = X·s (forward-model.md, section 2).
+
+    X is the amplitude scaled so that the mean over ALL patterns of the fixture of Σ_xy X² is (N/2)²,
+    whatever subset of groups is run, so a batch's values do not depend on ``max_groups``.
+    """
+    diff = np.asarray(fixture.diffraction, dtype=np.float64)
+    mean_energy = float(np.mean(np.sum(diff * diff, axis=(-2, -1))))
+    if not mean_energy > 0:
+        raise FixtureError(
+            f"{getattr(fixture, 'path', '<unsaved fixture>')}: dataset 'diffraction' is all zero; "
+            "it cannot be normalised"
+        )
+    return (config.N / 2) / math.sqrt(mean_energy) * config.input_scale
+
+
+def iter_batches(
+    fixture: FixtureData, config: ModelConfig, batch_size: int, max_groups: int | None = None
+) -> Iterator[CanonicalBatch]:
+    """Canonical batches of the fixture's groups, in group order; the last one may be smaller.
+
+    ``max_groups`` keeps the first groups only (all of them when it is larger than their number).
+    """
+    where = str(getattr(fixture, "path", "<unsaved fixture>"))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ParityInputError(f"batch_size is {batch_size!r}; expected an integer >= 1")
+    if max_groups is not None and (
+        isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1
+    ):
+        raise ParityInputError(f"max_groups is {max_groups!r}; expected None or an integer >= 1")
+    _check_config(int(fixture.N), int(fixture.gridsize), config, where)
+    factor = normalised_input_scale(fixture, config)
+    probe = normalise_probe(fixture.probe, config.probe_scale)
+    diff = fixture.diffraction
+    positions = np.stack(
+        [np.asarray(fixture.xcoords, np.float64), np.asarray(fixture.ycoords, np.float64)], axis=-1
+    )
+    total = fixture.n_groups if max_groups is None else min(max_groups, fixture.n_groups)
+    for start in range(0, total, batch_size):
+        idx = np.arange(start, min(start + batch_size, total), dtype=np.int64)
+        members = np.asarray(fixture.groups[idx], dtype=np.int64)  # (B, C)
+        x = (np.asarray(diff[members], dtype=np.float64) * factor).astype(np.float32)
+        pos = positions[members]  # (B, C, 2) as [x, y]
+        offsets = (-(pos - pos.mean(axis=1, keepdims=True))).astype(np.float32)
+        batch = CanonicalBatch(x=x, offsets=offsets, probe=probe.copy(), groups=idx)
+        batch.validate(config)
+        yield batch
+
+
+def _repo_fixtures_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def bundled_fixtures_dir() -> Path:
+    """Where the fixtures shipped with ptycho-parity live.
+
+    A wheel carries them inside the package (``parity/_bundled_fixtures``); a source checkout or an
+    editable install uses the repository's ``fixtures/``. The wheel location wins, and the checkout
+    folder must contain ``make_fixtures.py``, so an unrelated top-level ``fixtures`` package next to
+    an installed ``parity`` is never mistaken for ours.
+    """
+    packaged = importlib.resources.files("parity") / "_bundled_fixtures"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    repo = _repo_fixtures_dir()
+    if (repo / "make_fixtures.py").is_file():
+        return repo
+    raise FixtureError(f"no bundled fixtures found (looked in {packaged} and {repo})")
+
+
+def available_fixtures() -> list[str]:
+    """Names of the bundled fixtures (file names without ``.h5``), sorted."""
+    return sorted(p.stem for p in bundled_fixtures_dir().glob("*.h5"))
+
+
+def bundled_fixture(name: str) -> Path:
+    """Path of the bundled fixture ``name`` (with or without ``.h5``)."""
+    stem = name[:-3] if name.endswith(".h5") else name
+    names = available_fixtures()
+    if stem not in names or "/" in stem or "\\" in stem:
+        raise FixtureError(
+            f"bundled fixture {name!r} does not exist; available: {', '.join(names) or 'none'}"
+        )
+    return bundled_fixtures_dir() / f"{stem}.h5"
+
+
+def format_sha256sums(hashes: Mapping[str, str]) -> str:
+    """``sha256sum`` format (two spaces, sorted by file name), so ``sha256sum -c`` can check it."""
+    return "".join(f"{hashes[name]}  {name}\n" for name in sorted(hashes))
+
+
+def read_sha256sums(path: str | os.PathLike[str]) -> dict[str, str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FixtureError(f"{p}: checksum file does not exist")
+    out: dict[str, str] = {}
+    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"([0-9a-f]{64}) [ *](\S.*)", line)
+        if m is None:
+            raise FixtureError(f"{p}:{lineno}: not a sha256sum line: {line!r}")
+        out[m.group(2)] = m.group(1)
+    return out

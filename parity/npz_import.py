@@ -1,0 +1,167 @@
+"""Import a data set in the original PtychoPINN NPZ layout as a fixture.
+
+Users who already have PtychoPINN data (simulated or measured) should be able to run the parity
+suite on it without writing converters. The NPZ keys are read strictly: a missing key, a wrong shape,
+a non-finite value or a negative amplitude is an error naming the file and the key, because a
+silently reshaped or clipped array would make every later comparison meaningless. Keys other than
+the ones listed below (PtychoPINN files carry many) are ignored.
+
+Keys: ``diff3d`` or ``diffraction`` (n, N, N) amplitudes, ``xcoords`` and ``ycoords`` (n,) positions in
+object pixels, ``probeGuess`` (N, N), optional ``objectGuess`` (H, W).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parity.batch import disk_mask
+from parity.errors import FixtureError
+from parity.fixture import FixtureData, write_fixture
+from parity.simulate import nearest_neighbour_groups
+
+DIFFRACTION_KEYS = ("diff3d", "diffraction")
+
+
+def _numeric(arr: np.ndarray, key: str, where: str, allow_complex: bool) -> None:
+    kinds = "biufc" if allow_complex else "biuf"
+    if arr.dtype.kind not in kinds or arr.dtype.kind == "b":
+        what = "real or complex numbers" if allow_complex else "real numbers"
+        raise FixtureError(f"{where}: key {key!r} has dtype {arr.dtype}; expected {what}")
+
+
+def _finite(arr: np.ndarray, key: str, where: str) -> None:
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise FixtureError(
+            f"{where}: key {key!r} contains {int(bad.sum())} non-finite values (NaN or Inf); "
+            f"first {arr[idx]} at index {idx}"
+        )
+
+
+def _read(npz: Any, key: str, where: str) -> np.ndarray:
+    try:
+        return np.asarray(npz[key])
+    except ValueError as exc:  # object arrays need pickle, which is never enabled for data files
+        raise FixtureError(f"{where}: key {key!r} cannot be read without pickle ({exc})") from exc
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise FixtureError(f"{where}: key {key!r} cannot be read (corrupt? {exc})") from exc
+
+
+def _diffraction(npz: Any, keys: list[str], where: str) -> tuple[str, np.ndarray]:
+    present = [k for k in DIFFRACTION_KEYS if k in keys]
+    if not present:
+        raise FixtureError(
+            f"{where}: key 'diff3d' (or 'diffraction') is missing; keys present: {', '.join(keys) or 'none'}"
+        )
+    key = present[0]
+    diff = _read(npz, key, where)
+    if len(present) == 2 and not np.array_equal(diff, _read(npz, "diffraction", where)):
+        raise FixtureError(f"{where}: keys 'diff3d' and 'diffraction' are both present and differ; keep one")
+    _numeric(diff, key, where, allow_complex=False)
+    if diff.ndim != 3 or diff.shape[1] != diff.shape[2] or diff.shape[0] < 1 or diff.shape[1] < 2:
+        raise FixtureError(f"{where}: key {key!r} has shape {diff.shape}; expected (n, N, N) amplitudes")
+    if diff.shape[1] % 2:
+        raise FixtureError(f"{where}: key {key!r} has shape {diff.shape}; N must be even")
+    _finite(diff, key, where)
+    neg = diff < 0
+    if neg.any():
+        idx = tuple(int(i) for i in np.argwhere(neg)[0])
+        raise FixtureError(
+            f"{where}: key {key!r} has {int(neg.sum())} negative values; first {diff[idx]} at index {idx} "
+            "(expected amplitudes, the square roots of counts)"
+        )
+    big = diff > np.finfo(np.float32).max
+    if big.any():
+        idx = tuple(int(i) for i in np.argwhere(big)[0])
+        raise FixtureError(
+            f"{where}: key {key!r} has {int(big.sum())} values beyond float32's range; first {diff[idx]} "
+            f"at index {idx}"
+        )
+    return key, diff.astype(np.float32)
+
+
+def import_npz(npz_path: str | os.PathLike[str], out_path: str | os.PathLike[str], gridsize: int) -> Path:
+    """Validate a PtychoPINN NPZ, group its positions (C = gridsize² nearest) and write a fixture."""
+    p = Path(npz_path)
+    where = str(p)
+    if isinstance(gridsize, bool) or not isinstance(gridsize, int) or gridsize < 1:
+        raise FixtureError(f"{where}: gridsize {gridsize!r} is not an integer >= 1")
+    if not p.is_file():
+        raise FixtureError(f"{where}: NPZ file does not exist")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise FixtureError(f"{where}: NPZ file cannot be read ({exc})") from exc
+    try:
+        npz = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise FixtureError(f"{where}: not a readable NPZ archive ({exc})") from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise FixtureError(f"{where}: holds a single array, not an NPZ archive of named arrays")
+    with npz:
+        keys = list(npz.files)
+        key, diffraction = _diffraction(npz, keys, where)
+        n, N = diffraction.shape[0], diffraction.shape[1]
+        coords: dict[str, np.ndarray] = {}
+        for name in ("xcoords", "ycoords"):
+            if name not in keys:
+                raise FixtureError(f"{where}: key {name!r} is missing; keys present: {', '.join(keys)}")
+            arr = _read(npz, name, where)
+            _numeric(arr, name, where, allow_complex=False)
+            if arr.shape != (n,):
+                raise FixtureError(
+                    f"{where}: key {name!r} has shape {arr.shape}; expected ({n},), one position per "
+                    f"pattern of {key!r}"
+                )
+            _finite(arr, name, where)
+            coords[name] = arr.astype(np.float64)
+        if "probeGuess" not in keys:
+            raise FixtureError(f"{where}: key 'probeGuess' is missing; keys present: {', '.join(keys)}")
+        probe = _read(npz, "probeGuess", where)
+        _numeric(probe, "probeGuess", where, allow_complex=True)
+        if probe.shape != (N, N):
+            raise FixtureError(
+                f"{where}: key 'probeGuess' has shape {probe.shape}; expected ({N}, {N}) to match {key!r}"
+            )
+        _finite(probe, "probeGuess", where)
+        probe64 = probe.astype(np.complex64)
+        if not np.mean(np.abs(disk_mask(N) * probe64)) > 0:
+            raise FixtureError(f"{where}: key 'probeGuess' is zero inside the disk mask (radius N/4)")
+        obj: np.ndarray | None = None
+        if "objectGuess" in keys:
+            arr = _read(npz, "objectGuess", where)
+            _numeric(arr, "objectGuess", where, allow_complex=True)
+            if arr.ndim != 2 or arr.size == 0:
+                raise FixtureError(f"{where}: key 'objectGuess' has shape {arr.shape}; expected (H, W)")
+            _finite(arr, "objectGuess", where)
+            obj = arr.astype(np.complex64)
+    C = gridsize * gridsize
+    if n < C:
+        raise FixtureError(
+            f"{where}: key {key!r} has {n} patterns; groups of gridsize² = {C} need at least {C}"
+        )
+    groups = nearest_neighbour_groups(coords["xcoords"], coords["ycoords"], C)
+    used = [key, "xcoords", "ycoords", "probeGuess"] + (["objectGuess"] if obj is not None else [])
+    data = FixtureData(
+        diffraction=diffraction,
+        xcoords=coords["xcoords"],
+        ycoords=coords["ycoords"],
+        probe=probe64,
+        groups=groups,
+        object=obj,
+        N=N,
+        gridsize=gridsize,
+        kind="npz",
+        seed=-1,
+        params={"diffraction_key": key, "keys_used": used, "grouping": "nearest_neighbours"},
+        source=f"npz:{p.name} sha256:{hashlib.sha256(raw).hexdigest()}",
+    )
+    return write_fixture(out_path, data)

@@ -1,0 +1,221 @@
+"""Reports of a parity run: JSON (versioned schema, for machines), Markdown (for a pull request),
+HTML (pictures, see :mod:`parity.report_html`) and the full per-patch statistics as ``statistics.npz``.
+
+The JSON schema is documented in docs/report-schema.md; bump ``SCHEMA_VERSION`` on any change that
+removes or renames a field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import parity
+from parity.atomic import atomic_path, write_text
+from parity.compare import ComparisonResult, _jsonable
+from parity.runner import ParityResult, TapResult, statistics_summary
+
+SCHEMA_VERSION = 1
+JSON_NAME, MARKDOWN_NAME, HTML_NAME, STATS_NAME = "report.json", "report.md", "report.html", "statistics.npz"
+SIDE_BY_SIDE = ("mean", "std", "var_zero_mean", "min", "max", "l2")
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, (np.generic, complex)):
+        return _jsonable(obj)
+    return obj
+
+
+def _tap_baseline(result: ParityResult, tap: str) -> list[ComparisonResult]:
+    return [c for c in result.baseline if c.tap == tap]
+
+
+def to_json_dict(result: ParityResult) -> dict[str, Any]:
+    taps = []
+    for t in result.taps:
+        base = _tap_baseline(result, t.name)
+        taps.append(
+            {
+                "name": t.name,
+                "shape": t.expected_shape or next((s for s in t.shapes.values() if s), None),
+                "shapes": t.shapes,
+                "complex": t.complex,
+                "passed": t.passed and all(c.passed for c in base),
+                "comparisons": [c.to_dict() for c in t.comparisons],
+                "baseline": [c.to_dict() for c in base],
+                "statistics": statistics_summary(result, t.name),
+            }
+        )
+    return _clean(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "tool": {"name": "ptycho-parity", "version": parity.__version__},
+            "verdict": result.verdict,
+            "passed": result.passed,
+            "rule": result.rule,
+            "tolerances": {"source": result.tolerance_source, "profile": result.tolerance_profile},
+            "first_divergence": result.first_divergence,
+            "reference": result.reference,
+            "config": result.config,
+            "config_diff": result.config_diff,
+            "backends": {
+                n: {
+                    "available": r.available,
+                    "reason": r.reason,
+                    "precision": r.precision,
+                    "environment": r.environment,
+                    "effective_config": r.effective_config,
+                }
+                for n, r in result.backends.items()
+            },
+            "fixture": result.fixture,
+            "weights_sha256": result.weights_sha256,
+            "batches": result.batches,
+            "groups": result.groups,
+            "taps": taps,
+            "baseline_notes": result.baseline_notes,
+            "files": {"statistics": STATS_NAME, "markdown": MARKDOWN_NAME, "html": HTML_NAME},
+        }
+    )
+
+
+def _g(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _comparison_cell(c: ComparisonResult) -> str:
+    mark = "✅" if c.passed else "❌"
+    if c.reason:
+        return f"{mark} {c.reason}"
+    return f"{mark} max_abs {_g(c.max_abs)}, min_atol {_g(c.min_atol_to_pass)} (atol {_g(c.atol)})"
+
+
+def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
+    lines = [f"# ptycho-parity report: **{result.verdict.upper()}**", ""]
+    fd = result.first_divergence
+    if result.verdict == "config_mismatch":
+        lines += ["Effective configs differ between backends; no forward pass was run.", ""]
+        lines += ["| key | " + " | ".join(result.backends) + " |", "|---|" + "---|" * len(result.backends)]
+        for key, vals in result.config_diff.items():
+            lines.append(f"| `{key}` | " + " | ".join(f"`{vals.get(b, '')!r}`" for b in result.backends) + " |")
+        lines.append("")
+    elif fd:
+        blamed = ", ".join(fd["blamed"]) or "undetermined"
+        lines += [
+            f"**First diverging tap:** `{fd['tap']}` (backends: {', '.join(fd['backends'])}; "
+            f"off the float64 reference: **{blamed}**)",
+            "",
+        ]
+        lines += [f"- {s}" for s in fd["comparisons"]] + [""]
+    else:
+        lines += ["All taps agree within tolerance.", ""]
+    lines += [
+        f"Rule: `{result.rule}`; tolerances: `{result.tolerance_source}` (profile {result.tolerance_profile})",
+        "",
+    ]
+    if result.fixture:
+        lines.append(f"Fixture: `{result.fixture.get('path')}` sha256 `{result.fixture.get('sha256')}`")
+    if result.weights_sha256:
+        lines.append(f"Weights sha256 `{result.weights_sha256}`")
+    lines += [f"Batches: {result.batches}, groups: {result.groups}", "", "## Backends", ""]
+    lines += [
+        "| backend | available | precision | version | device | controls |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, r in result.backends.items():
+        env = r.environment
+        ctrl = ", ".join(
+            f"{k}={env[k]}" for k in sorted(env) if any(w in k for w in ("tf32", "determin", "onednn", "thread"))
+        )
+        lines.append(
+            f"| {n} | {'yes' if r.available else 'no: ' + str(r.reason)} | {r.precision or ''} | "
+            f"{env.get('framework_version', '')} | {env.get('device', '')} | {ctrl} |"
+        )
+    lines += ["", "## Taps", ""]
+    pairs = []
+    for t in result.taps:
+        for c in t.comparisons:
+            key = (c.kind, c.a, c.b)
+            if c.kind != "structure" and key not in pairs:
+                pairs.append(key)
+    lines.append("| tap | shape | " + " | ".join(f"{a} vs {b}" for _, a, b in pairs) + " | baseline |")
+    lines.append("|---|---|" + "---|" * (len(pairs) + 1))
+    shown = result.taps if max_rows is None else result.taps[:max_rows]
+    for t in shown:
+        cells = []
+        for kind, a, b in pairs:
+            c = next((c for c in t.comparisons if (c.kind, c.a, c.b) == (kind, a, b)), None)
+            cells.append(_comparison_cell(c) if c else "")
+        struct = [c for c in t.comparisons if c.kind == "structure"]
+        base = _tap_baseline(result, t.name)
+        bad_base = [c for c in base if not c.passed]
+        bcell = "" if not base else ("✅" if not bad_base else f"❌ {len(bad_base)} statistics changed")
+        name = f"`{t.name}`" + (" ❌ " + "; ".join(c.reason or "" for c in struct) if struct else "")
+        shape = "×".join(map(str, t.expected_shape or next((s for s in t.shapes.values() if s), [])))
+        lines.append(f"| {name} | {shape} | " + " | ".join(cells) + f" | {bcell} |")
+    lines += ["", "## Patch statistics, side by side", ""]
+    lines.append("Mean over patches of each per-patch statistic (full arrays in `statistics.npz`).")
+    lines.append("")
+    for t in shown:
+        summ = statistics_summary(result, t.name)
+        if not summ:
+            continue
+        stats = [s for s in next(iter(summ.values())) if s.split(".")[-1] in SIDE_BY_SIDE]
+        lines += [f"<details><summary><code>{t.name}</code></summary>", ""]
+        lines.append("| statistic | " + " | ".join(summ) + " |")
+        lines.append("|---|" + "---|" * len(summ))
+        for s in stats:
+            lines.append(
+                f"| {s} | " + " | ".join(f"{summ[b][s]['mean']:.6g}" if s in summ[b] else "" for b in summ) + " |"
+            )
+        lines += ["", "</details>", ""]
+    if result.baseline_notes:
+        lines += ["## Baselines", ""] + [f"- {n}" for n in result.baseline_notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_statistics(result: ParityResult, path: Path) -> None:
+    arrays = {
+        f"{backend}|{tap}|{stat}": values
+        for backend, per_tap in result.statistics.items()
+        for tap, per_stat in per_tap.items()
+        for stat, values in per_stat.items()
+    }
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+
+def write_reports(
+    result: ParityResult, folder: str | Path, *, html: bool = True, all_taps: bool = False
+) -> dict[str, Path]:
+    """Write every report format into ``folder`` (atomically, file by file); returns their paths."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / JSON_NAME, "markdown": out / MARKDOWN_NAME, "statistics": out / STATS_NAME}
+    write_statistics(result, paths["statistics"])
+    write_text(paths["markdown"], to_markdown(result))
+    if html:
+        from parity.report_html import to_html
+
+        paths["html"] = out / HTML_NAME
+        write_text(paths["html"], to_html(result, all_taps=all_taps))
+    write_text(paths["json"], json.dumps(to_json_dict(result), indent=2) + "\n")
+    return paths
+
+
+def failing_taps(result: ParityResult) -> Sequence[TapResult]:
+    return [t for t in result.taps if not t.passed or any(not c.passed for c in _tap_baseline(result, t.name))]

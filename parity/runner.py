@@ -1,0 +1,283 @@
+"""The parity run: identical batches through every backend, taps compared as they stream past.
+
+This module knows nothing about frameworks: it drives :class:`parity.Backend` objects and compares
+the NumPy arrays they return. Effective configurations are diffed before any forward pass; tap
+presence and shapes are checked against the expected tap list, so a missing branch is reported where
+it goes missing; every tap is compared backend vs reference and backend vs backend; statistics are
+accumulated per backend. Only statistics and a few sample patches from the first batch are kept, so
+memory does not grow with the number of batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from parity.backend import Backend
+from parity.compare import RULE, ComparisonResult, ElementwiseComparison
+from parity.config import ModelConfig, config_diff
+from parity.stats import StatsAccumulator, summarise
+from parity.taps import TapSpec
+from parity.tolerances import Tolerances
+
+_MISSING = "tap missing from "
+SAMPLES_KEPT = 2  # groups of the first batch kept per tap for the HTML report's patch grids
+
+
+@dataclass
+class BackendRecord:
+    name: str
+    available: bool
+    reason: str | None = None
+    precision: str | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+    effective_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TapResult:
+    name: str
+    shapes: dict[str, list[int] | None]
+    expected_shape: list[int] | None
+    complex: bool
+    comparisons: list[ComparisonResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+
+@dataclass
+class ParityResult:
+    """Everything a report needs; the JSON/Markdown/HTML writers read only this."""
+
+    verdict: str  # "pass" | "fail" | "config_mismatch"
+    backends: dict[str, BackendRecord]
+    reference: str | None
+    config: dict[str, Any] | None
+    config_diff: dict[str, dict[str, Any]]
+    taps: list[TapResult] = field(default_factory=list)
+    first_divergence: dict[str, Any] | None = None
+    fixture: dict[str, Any] | None = None
+    weights_sha256: str | None = None
+    tolerance_source: str = ""
+    tolerance_profile: str = ""
+    rule: str = RULE
+    batches: int = 0
+    groups: int = 0
+    statistics: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
+    samples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    baseline: list[ComparisonResult] = field(default_factory=list)
+    baseline_notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    def failures(self) -> list[ComparisonResult]:
+        out = [c for t in self.taps for c in t.comparisons if not c.passed]
+        return out + [c for c in self.baseline if not c.passed]
+
+    def describe_failure(self, limit: int = 8) -> str:
+        """Human-readable summary for assertion messages and the CLI."""
+        if self.verdict == "config_mismatch":
+            lines = ["effective configs differ between backends (no forward pass was run):"]
+            lines += [
+                f"  {k}: " + ", ".join(f"{b}={v!r}" for b, v in vals.items()) for k, vals in self.config_diff.items()
+            ]
+            return "\n".join(lines)
+        fd = self.first_divergence
+        lines = []
+        if fd:
+            blamed = ", ".join(fd["blamed"]) or "undetermined (no reference to arbitrate)"
+            lines.append(
+                f"first diverging tap: {fd['tap']} (backends: {', '.join(fd['backends'])}; off the reference: {blamed})"
+            )
+        fails = self.failures()
+        lines += ["  " + c.summary() for c in fails[:limit]]
+        if len(fails) > limit:
+            lines.append(f"  ... and {len(fails) - limit} more failing comparisons (see the report)")
+        lines += ["  " + n for n in self.baseline_notes]
+        return "\n".join(lines)
+
+
+def _tap_order(
+    expected: Sequence[TapSpec] | None, outputs: Mapping[str, Mapping[str, np.ndarray]], ref: str | None
+) -> list[str]:
+    order: list[str] = [s.name for s in expected] if expected is not None else []
+    sources = ([ref] if ref in outputs else []) + [n for n in outputs if n != ref]
+    for name in sources:
+        for tap in outputs[name]:
+            if tap not in order:
+                order.append(tap)
+    return order
+
+
+def run_parity(
+    backends: Mapping[str, Backend],
+    batches: Iterable[Any],
+    tolerances: Tolerances,
+    *,
+    config: ModelConfig | None = None,
+    expected: Callable[[int], Sequence[TapSpec]] | None = None,
+    reference: str | None = "reference",
+    unavailable: Mapping[str, str] | None = None,
+    fixture: Mapping[str, Any] | None = None,
+    weights_sha256: str | None = None,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+) -> ParityResult:
+    """Run every batch through every backend and compare; see the module docstring.
+
+    ``expected(batch_size)`` gives the tap list every backend must produce (PtychoPINN:
+    ``lambda b: tap_specs(config, b)``); ``reference`` names the float64 arbiter, if any.
+    """
+    records: dict[str, BackendRecord] = {
+        name: BackendRecord(name, False, reason) for name, reason in (unavailable or {}).items()
+    }
+    for name, be in backends.items():
+        records[name] = BackendRecord(name, True, None, be.precision, be.environment(), be.effective_config())
+    ref = reference if reference in backends else None
+    result = ParityResult(
+        verdict="pass",
+        backends=records,
+        reference=ref,
+        config=config.to_dict() if config is not None else None,
+        config_diff=config_diff({n: r.effective_config for n, r in records.items() if r.available}),
+        fixture=dict(fixture) if fixture else None,
+        weights_sha256=weights_sha256,
+        tolerance_source=tolerances.source,
+        tolerance_profile=tolerances.profile,
+    )
+    if result.config_diff:
+        result.verdict = "config_mismatch"
+        return result
+
+    others = [n for n in backends if n != ref]
+    pairs = list(itertools.combinations(others, 2))
+    comps: dict[tuple[str, str, str], ElementwiseComparison] = {}
+    structure: dict[tuple[str, str], ElementwiseComparison] = {}
+    stats = {n: StatsAccumulator() for n in backends}
+    order: list[str] = []
+    spec_by_name: dict[str, TapSpec] = {}
+    shapes: dict[str, dict[str, list[int] | None]] = {}
+    rows = 0
+
+    def comparison(kind: str, tap: str, a: str, b: str) -> ElementwiseComparison:
+        key = (tap, a, b)
+        if key not in comps:
+            atol, rtol = tolerances.elementwise(tap, config, pair=kind == "backend_vs_backend")
+            comps[key] = ElementwiseComparison(kind, tap, a, b, atol, rtol)
+        return comps[key]
+
+    iterator = progress(batches) if progress else batches
+    for batch_index, batch in enumerate(iterator):
+        outputs = {name: be.forward(batch) for name, be in backends.items()}
+        size = next(iter(next(iter(outputs.values())).values())).shape[0] if outputs else 0
+        specs = list(expected(size)) if expected else None
+        spec_by_name = {s.name: s for s in specs} if specs else {}
+        for tap in _tap_order(specs, outputs, ref):
+            if tap not in order:
+                order.append(tap)
+            shapes.setdefault(tap, {n: None for n in backends})
+            for name, taps in outputs.items():
+                arr = taps.get(tap)
+                if arr is None:
+                    msg = f"{_MISSING}{name}"
+                    structure.setdefault((tap, name), ElementwiseComparison("structure", tap, name, "spec", 0, 0)).fail(
+                        msg
+                    )
+                    continue
+                shapes[tap][name] = list(arr.shape)
+                spec = spec_by_name.get(tap)
+                if spec is not None:
+                    want = spec.shape
+                    if tuple(arr.shape) != want or np.iscomplexobj(arr) != spec.complex:
+                        got = f"shape {tuple(arr.shape)}{' complex' if np.iscomplexobj(arr) else ''}"
+                        wanted = f"shape {want}{' complex' if spec.complex else ''}"
+                        structure.setdefault(
+                            (tap, name), ElementwiseComparison("structure", tap, name, "spec", 0, 0)
+                        ).fail(f"{name} gives {got}; expected {wanted}")
+                elif specs is not None:
+                    structure.setdefault((tap, name), ElementwiseComparison("structure", tap, name, "spec", 0, 0)).fail(
+                        f"{name} gives tap {tap!r}, which is not in the expected tap list"
+                    )
+            present = {n: outputs[n][tap] for n in outputs if tap in outputs[n]}
+            sides = [(o, ref, "vs_reference") for o in others if ref is not None] + [
+                (b, a, "backend_vs_backend") for a, b in pairs
+            ]
+            for a, b, kind in sides:
+                assert b is not None
+                acc = comparison(kind, tap, a, b)
+                if a not in present or b not in present:
+                    missing = a if a not in present else b
+                    acc.fail(f"{_MISSING}{missing}")
+                else:
+                    acc.add(present[a], present[b])
+            if batch_index == 0:
+                for n, arr in present.items():
+                    result.samples.setdefault(n, {})[tap] = np.array(arr[:SAMPLES_KEPT])
+        for name, taps in outputs.items():
+            stats[name].add(taps)
+        rows += size
+        result.batches += 1
+    result.groups = rows
+
+    for tap in order:
+        spec = spec_by_name.get(tap)
+        tap_comps = [c.finish() for (t, _), c in structure.items() if t == tap]
+        tap_comps += [c.finish() for (t, _, _), c in comps.items() if t == tap]
+        result.taps.append(
+            TapResult(
+                name=tap,
+                shapes=shapes.get(tap, {}),
+                expected_shape=list(spec.shape) if spec else None,
+                complex=bool(spec.complex)
+                if spec
+                else any(np.iscomplexobj(s.get(tap)) for s in result.samples.values() if tap in s),
+                comparisons=tap_comps,
+            )
+        )
+    result.statistics = {n: acc.result() for n, acc in stats.items()}
+    result.first_divergence = _first_divergence(result.taps, ref)
+    result.verdict = "pass" if result.first_divergence is None else "fail"
+    return result
+
+
+def _first_divergence(taps: Sequence[TapResult], ref: str | None) -> dict[str, Any] | None:
+    for tap in taps:
+        failed = [c for c in tap.comparisons if not c.passed]
+        if not failed:
+            continue
+        involved: list[str] = []
+        blamed: list[str] = []
+        for c in failed:
+            for side in (c.a, c.b):
+                if side != "spec" and side not in involved:
+                    involved.append(side)
+            culprit = None
+            if c.reason and c.reason.startswith(_MISSING):
+                culprit = c.reason[len(_MISSING) :]
+            elif c.kind in ("vs_reference", "structure"):
+                culprit = c.a
+            if culprit is not None and culprit not in blamed:
+                blamed.append(culprit)
+        return {
+            "tap": tap.name,
+            "backends": involved,
+            "blamed": blamed,
+            "comparisons": [c.summary() for c in failed],
+        }
+    return None
+
+
+def statistics_summary(result: ParityResult, tap: str) -> dict[str, dict[str, dict[str, float]]]:
+    """{backend: {statistic: {mean, min, max over patches}}} for one tap, for side-by-side tables."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for backend, per_tap in result.statistics.items():
+        if tap in per_tap:
+            out[backend] = {s: summarise(v) for s, v in per_tap[tap].items()}
+    return out

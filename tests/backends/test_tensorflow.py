@@ -1,0 +1,442 @@
+"""Tests of the TensorFlow backend on its own: structure, physics, weights, controls.
+
+Comparisons against the other backends live with the harness; everything here checks the TF model
+against the spec directly (exact properties, or small NumPy float64 computations).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed")
+
+from numpy.lib.stride_tricks import sliding_window_view  # noqa: E402
+
+from backends.tensorflow import TensorFlowBackend, diffract, intensity, merge, reextract, translate  # noqa: E402
+from parity.batch import CanonicalBatch, random_batch  # noqa: E402
+from parity.config import ModelConfig  # noqa: E402
+from parity.errors import ParityInputError, WeightsError  # noqa: E402
+from parity.taps import tap_specs  # noqa: E402
+from parity.weights import count_conv_parameters, generate_weights, parameter_shapes  # noqa: E402
+
+_BACKENDS: dict[ModelConfig, TensorFlowBackend] = {}
+
+
+def backend_for(**changes: Any) -> TensorFlowBackend:
+    """Backends are cached per config: tracing the graph is the slow part of a first forward."""
+    config = ModelConfig().replace(**changes)
+    if config not in _BACKENDS:
+        _BACKENDS[config] = TensorFlowBackend(config, generate_weights(config, seed=11))
+    return _BACKENDS[config]
+
+
+FORWARD_VARIANTS: list[dict[str, Any]] = [
+    {},
+    {"gridsize": 1},
+    {"object_big": False},
+    {"probe_big": False},
+    {"pad_object": False},
+    {"probe_mask": True},
+    {"amp_activation": "swish"},
+    {"amp_activation": "softplus"},
+    {"amp_activation": "relu"},
+]
+
+
+def _id(changes: dict[str, Any]) -> str:
+    return ModelConfig().replace(**changes).short_id()
+
+
+# 1. Parameter counts --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, 2_340_208),
+        ({"probe_big": False}, 2_257_000),
+        ({"N": 128}, 4_667_056),
+        ({"gridsize": 1}, 2_331_772),
+        ({"pad_object": False}, 2_405_000),
+        ({"N": 128, "pad_object": False}, 4_697_288),
+        ({"object_big": False}, 2_333_500),
+    ],
+    ids=lambda v: _id(v) if isinstance(v, dict) else str(v),
+)
+def test_conv_parameter_count_matches_spec(changes: dict[str, Any], expected: int) -> None:
+    config = ModelConfig().replace(**changes)
+    model = TensorFlowBackend(config, generate_weights(config)).model
+    keras_count = sum(layer.count_params() for layer in model.conv_layers().values())
+    assert keras_count == expected == count_conv_parameters(config)
+    kernels = [name.removesuffix(".kernel") for name in parameter_shapes(config) if name.endswith(".kernel")]
+    assert list(model.conv_layers()) == kernels
+    # log_scale is one more weight, outside the conv count.
+    assert model.log_scale.shape == ()
+
+
+# 2. Forward: taps, shapes, inputs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes", FORWARD_VARIANTS, ids=_id)
+def test_forward_returns_every_tap_in_order(changes: dict[str, Any]) -> None:
+    be = backend_for(**changes)
+    B = 2
+    batch = random_batch(be.config, B, seed=1)
+    taps = be.forward(batch)
+    specs = tap_specs(be.config, B)
+    assert list(taps) == [s.name for s in specs]
+    for spec in specs:
+        value = taps[spec.name]
+        assert value.shape == spec.shape, spec.name
+        assert value.dtype == (np.complex64 if spec.complex else np.float32), spec.name
+        assert np.all(np.isfinite(value)), spec.name
+    C, N = be.config.C, be.config.N
+    for name, expected in [
+        ("input.x", batch.x),
+        ("input.offsets", batch.offsets.reshape(B, C, 1, 2)),
+        ("input.probe", batch.probe.reshape(1, 1, N, N)),
+    ]:
+        assert taps[name].dtype == expected.dtype
+        assert taps[name].tobytes() == expected.tobytes(), name
+
+
+def _conv3x3(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Float64 'same' cross-correlation on (B, C, H, W) with a (3, 3, in, out) kernel."""
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    win = sliding_window_view(xp, (3, 3), axis=(2, 3))  # B, C, H, W, 3, 3
+    out = np.einsum("bchwij,ijco->bohw", win, kernel.astype(np.float64), optimize=True)
+    return np.asarray(out + bias.astype(np.float64)[None, :, None, None])
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.asarray(1.0 / (1.0 + np.exp(-x)))
+
+
+def _swish(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x * _sigmoid(x))
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    return np.asarray(np.log1p(np.exp(x)))
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.asarray(np.maximum(x, 0.0))
+
+
+def _pi_tanh(x: np.ndarray) -> np.ndarray:
+    return np.asarray(np.pi * np.tanh(x))
+
+
+_ACTIVATIONS = {"sigmoid": _sigmoid, "swish": _swish, "softplus": _softplus, "relu": _relu}
+
+
+@pytest.mark.parametrize("changes", [v for v in FORWARD_VARIANTS if "amp_activation" in v] + [{}], ids=_id)
+def test_heads_take_the_right_channels_and_activations(changes: dict[str, Any]) -> None:
+    """Centre conv sees channels [0, F-4), the border branch the last 4; activations as specified."""
+    be = backend_for(**changes)
+    w = be.export_weights()
+    taps = be.forward(random_batch(be.config, 1, seed=2))
+    F = be.config.F
+    last = len(be.config.decoder_filters) - 1
+    for h, act in (("amp", _ACTIVATIONS[be.config.amp_activation]), ("phase", _pi_tanh)):
+        features = taps[f"{h}.decoder.block{last}.up"]
+        centre = act(_conv3x3(features[:, : F - 4], w[f"{h}.head.centre.kernel"], w[f"{h}.head.centre.bias"]))
+        np.testing.assert_allclose(taps[f"{h}.head.centre"], centre, rtol=1e-5, atol=1e-6)
+        border0 = np.maximum(
+            _conv3x3(features[:, F - 4 :], w[f"{h}.head.border.conv0.kernel"], w[f"{h}.head.border.conv0.bias"]), 0
+        )
+        np.testing.assert_allclose(taps[f"{h}.head.border.conv0"], border0, rtol=1e-5, atol=1e-6)
+        up = taps[f"{h}.head.border.up"]
+        out = _conv3x3(up, w[f"{h}.head.border.out.kernel"], w[f"{h}.head.border.out.bias"])
+        np.testing.assert_allclose(taps[f"{h}.head.border.out"], _swish(out), rtol=1e-5, atol=1e-6)
+
+
+def test_full_head_activation() -> None:
+    be = backend_for(pad_object=False, amp_activation="softplus")
+    w = be.export_weights()
+    taps = be.forward(random_batch(be.config, 1, seed=2))
+    for h, act in (("amp", _ACTIVATIONS["softplus"]), ("phase", _pi_tanh)):
+        out = act(_conv3x3(taps[f"{h}.head.full.up"], w[f"{h}.head.full.out.kernel"], w[f"{h}.head.full.out.bias"]))
+        np.testing.assert_allclose(taps[f"{h}.head.full.out"], out, rtol=1e-5, atol=1e-6)
+
+
+def test_one_trace_for_all_batch_sizes_and_bitwise_repeatable() -> None:
+    be = backend_for(n_filters_scale=1)
+    batch = random_batch(be.config, 2, seed=3)
+    first = be.forward(batch)
+    second = be.forward(batch)
+    be.forward(random_batch(be.config, 3, seed=4))
+    assert be.tracing_count() == 1
+    for name in first:
+        assert np.array_equal(first[name], second[name]), name
+
+
+def test_forward_rejects_a_malformed_batch() -> None:
+    be = backend_for()
+    batch = random_batch(be.config, 1)
+    bad = CanonicalBatch(x=batch.x.astype(np.float64), offsets=batch.offsets, probe=batch.probe)
+    with pytest.raises(ParityInputError, match="'x'"):
+        be.forward(bad)
+
+
+# 3. Physics -------------------------------------------------------------------------------------------
+
+
+def _shift_zero_fill(img: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """np.roll with the wrapped-around rows and columns zeroed: content moves by +[dx, dy]."""
+    out = np.roll(img, (dy, dx), axis=(-2, -1))
+    H, W = img.shape[-2:]
+    if dy > 0:
+        out[..., :dy, :] = 0
+    elif dy < 0:
+        out[..., H + dy :, :] = 0
+    if dx > 0:
+        out[..., :, :dx] = 0
+    elif dx < 0:
+        out[..., :, W + dx :] = 0
+    return out
+
+
+def test_integer_offsets_shift_exactly() -> None:
+    rng = np.random.default_rng(0)
+    shifts = [(0, 0), (3, -2), (-5, 7), (1, 0), (0, -1), (-11, -13), (20, 4)]
+    img = rng.normal(size=(len(shifts), 24, 20)).astype(np.float32)
+    offsets = np.array(shifts, dtype=np.float32)
+    out = translate(img, offsets)
+    expected = np.stack([_shift_zero_fill(img[k], dx, dy) for k, (dx, dy) in enumerate(shifts)])
+    assert np.array_equal(out, expected)
+    cimg = (img + 1j * rng.normal(size=img.shape)).astype(np.complex64)
+    cout = translate(cimg, offsets)
+    assert cout.dtype == np.complex64
+    assert np.array_equal(cout, np.stack([_shift_zero_fill(cimg[k], dx, dy) for k, (dx, dy) in enumerate(shifts)]))
+
+
+def _translate_spec(img: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    """The spec's bilinear rule, written per pixel with float32 coordinates."""
+    H, W = img.shape
+    out = np.zeros((H, W), np.float64)
+    for i in range(H):
+        for j in range(W):
+            x = np.float32(j) - np.float32(dx)
+            y = np.float32(i) - np.float32(dy)
+            x0, y0 = np.floor(x), np.floor(y)
+            fx, fy = float(x - x0), float(y - y0)
+            for yy, wy in ((int(y0), 1 - fy), (int(y0) + 1, fy)):
+                for xx, wx in ((int(x0), 1 - fx), (int(x0) + 1, fx)):
+                    if 0 <= yy < H and 0 <= xx < W:
+                        out[i, j] += wy * wx * img[yy, xx]
+    return out
+
+
+def test_subpixel_translation_follows_the_spec_rule() -> None:
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(3, 9, 11)).astype(np.float32)
+    offsets = np.array([[0.3, -0.7], [-2.25, 1.5], [10.6, -3.1]], dtype=np.float32)
+    out = translate(img, offsets)
+    for k in range(3):
+        np.testing.assert_allclose(out[k], _translate_spec(img[k], *offsets[k]), rtol=1e-5, atol=1e-6)
+
+
+def test_outside_neighbours_contribute_zero_without_renormalising() -> None:
+    ones = np.ones((2, 4, 4), np.float32)
+    out = translate(ones, np.array([[0.25, 0.0], [-0.25, 0.0]], np.float32))
+    # Column 0 samples x = -0.25: the left neighbour is outside, the right one keeps weight 0.75.
+    assert np.all(out[0][:, 0] == 0.75) and np.all(out[0][:, 1:] == 1.0)
+    assert np.all(out[1][:, 3] == 0.75) and np.all(out[1][:, :3] == 1.0)
+    assert np.all(translate(ones, np.array([[4.0, 0.0], [1e9, -1e9]], np.float32)) == 0.0)
+
+
+def test_non_finite_offsets_give_nan_not_an_error() -> None:
+    """A NaN must reach the comparison (where positions are checked), not crash the gather."""
+    out = translate(np.ones((2, 4, 4), np.float32), np.array([[np.nan, 0.0], [np.inf, 0.0]], np.float32))
+    assert np.all(np.isnan(out[0]))
+    assert np.all(np.isnan(out[1]))  # weights (x0 + 1) - x are inf - inf
+
+
+def test_translation_is_bitwise_tensorflows_own_bilinear_transform() -> None:
+    """The gather equals ImageProjectiveTransformV3 (the op the original model used) bit for bit."""
+    rng = np.random.default_rng(2)
+    K, H, W = 16, 30, 26
+    img = rng.normal(size=(K, H, W)).astype(np.float32)
+    offsets = rng.uniform(-8, 8, size=(K, 2)).astype(np.float32)
+    transforms = np.zeros((K, 8), np.float32)
+    transforms[:, 0] = transforms[:, 4] = 1.0
+    transforms[:, 2], transforms[:, 5] = -offsets[:, 0], -offsets[:, 1]
+    with tf.device("/CPU:0"):
+        theirs = tf.raw_ops.ImageProjectiveTransformV3(
+            images=img[..., None],
+            transforms=transforms,
+            output_shape=[H, W],
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="CONSTANT",
+        ).numpy()[..., 0]
+    assert np.array_equal(translate(img, offsets), theirs)
+
+
+def _random_field(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+
+
+def test_fftshift_touches_only_the_spatial_axes() -> None:
+    field = _random_field((3, 2, 16, 16), seed=3)
+    field[1] *= 5.0  # samples differ, so a shift over the batch axis would show
+    field[2, 1] = 0.0
+    amp = diffract(field)
+    assert amp.shape == field.shape and amp.dtype == np.float32
+    for b in range(3):
+        assert np.array_equal(amp[b], diffract(field[b : b + 1])[0])
+    assert np.array_equal(amp, np.sqrt(np.fft.fftshift(intensity(field), axes=(-2, -1))))
+    f64 = field.astype(np.complex128)
+    expected = np.sqrt(np.fft.fftshift(np.abs(np.fft.fft2(f64)) ** 2 / 16**2, axes=(-2, -1)))
+    np.testing.assert_allclose(amp, expected, rtol=1e-5, atol=1e-5 * expected.max())
+
+
+def test_diffraction_conserves_energy() -> None:
+    field = _random_field((2, 4, 64, 64), seed=4)
+    amp = diffract(field).astype(np.float64)
+    energy_in = np.sum(np.abs(field.astype(np.complex128)) ** 2, axis=(-2, -1))
+    np.testing.assert_allclose(np.sum(amp**2, axis=(-2, -1)), energy_in, rtol=1e-5)
+
+
+def _coverage(offsets: np.ndarray, N: int, M: int, window: slice) -> np.ndarray:
+    """How many of a group's patches (restricted to ``window`` of each) cover each canvas pixel."""
+    p = (M - N) // 2
+    counts = np.zeros((M, M))
+    for dx, dy in offsets.astype(int):
+        top, left = p - dy, p - dx
+        counts[top + window.start : top + window.stop, left + window.start : left + window.stop] += 1
+    return counts
+
+
+@pytest.mark.parametrize("centre_only", [False, True], ids=["full-patches", "centre-patches"])
+def test_merge_then_reextract_recovers_patches(centre_only: bool) -> None:
+    """Patches cut from one object at integer offsets come back after merge and re-extraction."""
+    config = ModelConfig()
+    N, M, C = config.N, config.M, config.C
+    p, q = (M - N) // 2, N // 4
+    obj = _random_field((M, M), seed=5)
+    offsets = np.array([[[-2, -1], [2, -1], [-2, 1], [2, 1]], [[3, 0], [-1, -3], [-1, 2], [-1, 1]]], dtype=np.float32)
+    window = np.zeros((N, N), np.float32)
+    window[q : 3 * q, q : 3 * q] = 1
+    patches = np.zeros((2, C, N, N), np.complex64)
+    for b in range(2):
+        for c, (dx, dy) in enumerate(offsets[b].astype(int)):
+            patches[b, c] = obj[p - dy : p - dy + N, p - dx : p - dx + N]
+            if centre_only:
+                patches[b, c] *= window
+    canvas = merge(patches, offsets, M)
+    assert canvas.shape == (2, 1, M, M) and canvas.dtype == np.complex64
+    back = reextract(canvas, offsets, N)
+    assert back.shape == (2, C, N, N)
+    for b in range(2):
+        centres = _coverage(offsets[b], N, M, slice(q, 3 * q))
+        covered = centres if centre_only else _coverage(offsets[b], N, M, slice(0, N))
+        # Numerator counts full (or centre-only) patches, denominator the centre windows + 0.001.
+        expected = obj * covered / (centres + 0.001)
+        np.testing.assert_allclose(canvas[b, 0], expected, rtol=2e-6, atol=0)
+        for c in range(C):
+            np.testing.assert_allclose(back[b, c], expected[_patch_window(offsets[b, c], p, N)], rtol=2e-6)
+    if centre_only:
+        # Where patches agree and only centres are merged, a patch's centre returns up to 0.001/count.
+        np.testing.assert_allclose(back[..., q : 3 * q, q : 3 * q], patches[..., q : 3 * q, q : 3 * q], rtol=1e-3)
+
+
+def _patch_window(offset: np.ndarray, p: int, N: int) -> tuple[slice, slice]:
+    dx, dy = offset.astype(int)
+    return slice(p - dy, p - dy + N), slice(p - dx, p - dx + N)
+
+
+def test_merge_centres_offsets_on_the_batch_mean() -> None:
+    """A common shift of every offset in the batch leaves the canvas unchanged (d̄ is subtracted)."""
+    rng = np.random.default_rng(6)
+    patches = _random_field((2, 4, 64, 64), seed=6)
+    offsets = rng.integers(-4, 5, size=(2, 4, 2)).astype(np.float32)
+    assert np.array_equal(merge(patches, offsets, 78), merge(patches, offsets + np.float32(3.0), 78))
+
+
+# 4. Weights --------------------------------------------------------------------------------------------
+
+
+def test_export_round_trip_is_bit_exact() -> None:
+    config = ModelConfig()
+    weights = generate_weights(config, seed=7)
+    exported = TensorFlowBackend(config, weights).export_weights()
+    assert list(exported) == list(weights)
+    for name, value in weights.items():
+        assert exported[name].dtype == value.dtype == np.float32, name
+        assert exported[name].shape == value.shape, name
+        assert np.array_equal(exported[name], value), name
+
+
+@pytest.mark.parametrize("corruption", ["missing", "extra", "shape", "dtype"])
+def test_invalid_weights_are_rejected_by_name(corruption: str) -> None:
+    config = ModelConfig()
+    weights = generate_weights(config)
+    target = "phase.head.border.conv1.bias"
+    if corruption == "missing":
+        del weights[target]
+    elif corruption == "extra":
+        target = "amp.head.full.out.kernel"
+        weights[target] = np.zeros((3, 3, 64, 4), np.float32)
+    elif corruption == "shape":
+        weights[target] = np.zeros((7,), np.float32)
+    else:
+        weights[target] = weights[target].astype(np.float64)
+    with pytest.raises(WeightsError, match=target.replace(".", r"\.")):
+        TensorFlowBackend(config, weights)
+
+
+# 5. Environment and effective configuration ------------------------------------------------------------
+
+
+def test_environment_reports_the_controls_as_set() -> None:
+    env = backend_for().environment()
+    json.dumps(env)
+    assert env["framework"] == "tensorflow"
+    assert env["framework_version"] == tf.__version__
+    assert env["device"] == "cpu" and env["tf_device"] == "/CPU:0"
+    assert env["dtype"] == "float32"
+    assert env["execution"] == "tf.function" and env["jit_compile"] is False
+    assert env["tf32_enabled"] is False
+    assert env["op_determinism"] is True
+    assert env["onednn_opts"] == os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")
+    assert env["numpy_version"] == np.__version__
+    assert isinstance(env["intra_op_threads"], int) and isinstance(env["inter_op_threads"], int)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"N": 128, "gridsize": 1, "n_filters_scale": 1},
+        {"object_big": False, "probe_mask": True, "amp_activation": "relu", "max_position_jitter": 6},
+        {"pad_object": False, "probe_big": False, "offset": 6, "probe_scale": 10.0, "nphotons": 1e6},
+        {"pad_object": False, "amp_activation": "softplus"},
+        {"probe_big": False, "amp_activation": "swish", "n_filters_scale": 1, "nphotons": 1e10},
+    ],
+    ids=_id,
+)
+def test_effective_config_matches_the_built_model(changes: dict[str, Any]) -> None:
+    config = ModelConfig().replace(**changes)
+    effective = TensorFlowBackend(config, generate_weights(config)).effective_config()
+    assert effective == config.to_dict()
+    assert ModelConfig.from_mapping(effective) == config
+
+
+def test_unknown_device_and_missing_gpu_fail_clearly() -> None:
+    config = ModelConfig()
+    weights = generate_weights(config)
+    with pytest.raises(ValueError, match="'tpu'"):
+        TensorFlowBackend(config, weights, device="tpu")
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is visible; the missing-GPU error cannot be exercised")
+    with pytest.raises(RuntimeError, match="no GPU"):
+        TensorFlowBackend(config, weights, device="cuda")

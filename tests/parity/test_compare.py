@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from parity.compare import ElementwiseComparison, compare_arrays
+
+
+def test_identical_arrays_pass_with_zero_error():
+    a = np.arange(12.0).reshape(1, 3, 2, 2)
+    r = compare_arrays(a, a.copy(), 0.0, 0.0)
+    assert r.passed and r.max_abs == 0 and r.mismatched == 0 and r.min_atol_to_pass == 0
+
+
+def test_rule_is_atol_plus_rtol_times_reference():
+    b = np.array([[10.0, 0.0]])
+    # |a-b| = 0.2 at b=10 passes with rtol 0.02 (limit 0.2 + atol 0); at b=0 only atol counts.
+    assert compare_arrays(np.array([[10.2, 0.0]]), b, 0.0, 0.0201).passed
+    assert not compare_arrays(np.array([[10.0, 1e-6]]), b, 0.0, 0.5).passed
+    assert compare_arrays(np.array([[10.0, 1e-6]]), b, 1e-6, 0.0).passed
+
+
+def test_reports_worst_element_and_min_atol():
+    b = np.zeros((2, 1, 3, 3))
+    a = b.copy()
+    a[1, 0, 2, 1] = 0.5
+    a[0, 0, 0, 0] = 0.1
+    r = compare_arrays(a, b, 0.01, 0.0, tap="t", names=("torch", "reference"))
+    assert not r.passed
+    assert r.worst_index == [1, 0, 2, 1]
+    assert r.max_abs == pytest.approx(0.5)
+    assert r.mismatched == 2 and r.mismatch_fraction == pytest.approx(2 / 18)
+    assert r.min_atol_to_pass == pytest.approx(0.5)
+    assert compare_arrays(a, b, r.min_atol_to_pass, 0.0).passed
+    assert "2 / 18 elements" in r.summary() and "index (1, 0, 2, 1)" in r.summary()
+
+
+def test_min_atol_accounts_for_rtol():
+    b = np.array([[100.0, 1.0]])
+    a = np.array([[101.0, 1.5]])
+    r = compare_arrays(a, b, 0.0, 0.01)
+    # element 0 needs 1 - 0.01*100 = 0; element 1 needs 0.5 - 0.01 = 0.49
+    assert r.min_atol_to_pass == pytest.approx(0.49)
+    assert compare_arrays(a, b, 0.49 + 1e-12, 0.01).passed
+
+
+def test_complex_difference_is_modulus():
+    a = np.array([[3 + 4j]], dtype=np.complex64)
+    b = np.array([[0 + 0j]], dtype=np.complex128)
+    r = compare_arrays(a, b, 4.99, 0.0)
+    assert r.max_abs == pytest.approx(5.0) and not r.passed
+    assert compare_arrays(a, b, 5.01, 0.0).passed
+
+
+def test_nan_on_one_side_fails_even_with_huge_tolerance():
+    a = np.array([[1.0, np.nan]])
+    b = np.array([[1.0, 2.0]])
+    r = compare_arrays(a, b, 1e30, 1e30)
+    assert not r.passed and r.nonfinite_mismatch == 1 and r.worst_index == [0, 1]
+    assert r.min_atol_to_pass == float("inf")
+    assert not compare_arrays(b, a, 1e30, 1e30).passed
+
+
+def test_matching_nan_and_inf_positions_pass():
+    a = np.array([[np.nan, np.inf, -np.inf, 1.0]])
+    assert compare_arrays(a, a.copy(), 0.0, 0.0).passed
+    b = np.array([[np.nan, -np.inf, -np.inf, 1.0]])
+    assert not compare_arrays(a, b, 1.0, 1.0).passed  # opposite infinities differ
+
+
+def test_streaming_equals_one_shot_and_indexes_across_batches():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 2, 4, 4))
+    b = a + rng.normal(scale=1e-3, size=a.shape)
+    whole = compare_arrays(a, b, 1e-3, 1e-3)
+    acc = ElementwiseComparison("k", "t", "a", "b", 1e-3, 1e-3)
+    for i in range(0, 6, 2):
+        acc.add(a[i : i + 2], b[i : i + 2])
+    part = acc.finish()
+    for key in ("max_abs", "max_rel", "mismatched", "min_atol_to_pass", "worst_index"):
+        assert getattr(part, key) == getattr(whole, key), key
+    assert part.mean_abs == pytest.approx(whole.mean_abs)
+
+
+def test_shape_mismatch_fails_with_reason():
+    r = compare_arrays(np.zeros((1, 2, 3, 3)), np.zeros((1, 2, 3, 4)), 1.0, 1.0, names=("tf", "torch"))
+    assert not r.passed and "shape mismatch: tf has (1, 2, 3, 3), torch has (1, 2, 3, 4)" in r.reason

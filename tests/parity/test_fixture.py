@@ -1,0 +1,432 @@
+import dataclasses
+import importlib.util
+import json
+import shutil
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from parity.batch import normalise_probe
+from parity.config import ModelConfig
+from parity.errors import FixtureError, ParityInputError
+from parity.fixture import (
+    FixtureData,
+    bundled_fixture,
+    bundled_fixtures_dir,
+    dataset_sha256,
+    file_sha256,
+    iter_batches,
+    load_fixture,
+    read_sha256sums,
+    write_fixture,
+)
+from parity.simulate import (
+    BUNDLED_FIXTURES,
+    SimulationParams,
+    compare_bundled,
+    simulate,
+    write_bundled_fixtures,
+)
+
+CONFIGS = {
+    "n64_g2_lines": ModelConfig(N=64, gridsize=2),
+    "n64_g1_grf": ModelConfig(N=64, gridsize=1),
+    "n128_g2_lines": ModelConfig(N=128, gridsize=2),
+}
+
+
+@pytest.fixture(scope="module")
+def small():
+    return simulate(SimulationParams(kind="grf", N=64, gridsize=2, seed=11, scan_shape=(3, 4), nphotons=1e6))
+
+
+@pytest.fixture
+def copy(tmp_path):
+    """A private copy of the small bundled fixture, safe to damage."""
+    dst = tmp_path / "fixture.h5"
+    shutil.copyfile(bundled_fixture("n64_g2_lines"), dst)
+    return dst
+
+
+# --- bundled fixtures -------------------------------------------------------------------------------
+
+
+def test_bundled_fixtures_exist_and_match_sha256sums():
+    d = bundled_fixtures_dir()
+    sums = read_sha256sums(d / "SHA256SUMS")
+    assert set(sums) == {f"{name}.h5" for name in BUNDLED_FIXTURES}
+    assert set(sums) >= {"n64_g2_lines.h5", "n64_g1_grf.h5", "n128_g2_lines.h5"}
+    total = 0
+    for fname, digest in sums.items():
+        assert file_sha256(d / fname) == digest, fname
+        total += (d / fname).stat().st_size
+    assert total < 8e6
+
+
+def test_regenerating_reproduces_the_committed_fixtures_bit_for_bit(tmp_path):
+    hashes = write_bundled_fixtures(tmp_path)
+    committed = bundled_fixtures_dir()
+    assert compare_bundled(committed, tmp_path) == []
+    assert hashes == read_sha256sums(committed / "SHA256SUMS")
+    assert (tmp_path / "SHA256SUMS").read_bytes() == (committed / "SHA256SUMS").read_bytes()
+    for fname in hashes:
+        assert load_fixture(tmp_path / fname).dataset_sha256 == load_fixture(committed / fname).dataset_sha256
+
+
+def test_compare_bundled_names_the_changed_dataset(tmp_path):
+    write_bundled_fixtures(tmp_path)
+    with h5py.File(tmp_path / "n64_g1_grf.h5", "r+") as fh:
+        fh["xcoords"][0] += 0.25
+        hashes = json.loads(fh.attrs["sha256"])
+        hashes["xcoords"] = dataset_sha256("xcoords", fh["xcoords"][()])
+        fh.attrs["sha256"] = json.dumps(hashes, sort_keys=True)
+    problems = compare_bundled(bundled_fixtures_dir(), tmp_path)
+    assert any("n64_g1_grf.h5" in p and "'xcoords'" in p for p in problems)
+    assert any("SHA256SUMS" in p for p in problems)
+
+
+def test_bundled_fixtures_dir_prefers_the_wheel_location(tmp_path, monkeypatch):
+    import parity.fixture as fixture_module
+
+    (tmp_path / "_bundled_fixtures").mkdir()
+    monkeypatch.setattr(fixture_module.importlib.resources, "files", lambda package: tmp_path)
+    assert bundled_fixtures_dir() == tmp_path / "_bundled_fixtures"
+    (tmp_path / "_bundled_fixtures").rmdir()
+    assert bundled_fixtures_dir() == fixture_module._repo_fixtures_dir()
+    # A foreign top-level ``fixtures`` folder (no make_fixtures.py) is not taken for ours.
+    monkeypatch.setattr(fixture_module, "_repo_fixtures_dir", lambda: tmp_path)
+    with pytest.raises(FixtureError, match="no bundled fixtures found"):
+        bundled_fixtures_dir()
+
+
+def test_make_fixtures_script_checks_and_fails_on_a_difference(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # no __pycache__ inside fixtures/
+    path = bundled_fixtures_dir() / "make_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_fixtures", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--check"]) == 0
+    assert script.main(["--out", str(tmp_path)]) == 0
+    assert script.main(["--check", "--out", str(tmp_path)]) == 0
+    sums = (tmp_path / "SHA256SUMS").read_text()
+    (tmp_path / "SHA256SUMS").write_text(sums.replace(sums[:8], "00000000", 1))
+    assert script.main(["--check", "--out", str(tmp_path)]) == 1
+    assert "MISMATCH" in capsys.readouterr().err
+
+
+def test_bundled_fixture_lookup_and_unknown_name():
+    assert bundled_fixture("n64_g1_grf") == bundled_fixture("n64_g1_grf.h5")
+    with pytest.raises(FixtureError, match="available: n128_g2_lines, n64_g1_grf, n64_g2_lines"):
+        bundled_fixture("n32_g2_lines")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_bundled_fixture_loads_with_metadata(name):
+    fx = load_fixture(bundled_fixture(name), CONFIGS[name])
+    params = BUNDLED_FIXTURES[name]
+    assert (fx.N, fx.gridsize, fx.kind, fx.seed) == (params.N, params.gridsize, params.kind, params.seed)
+    assert fx.params == json.loads(json.dumps(params.to_dict()))
+    assert fx.sha256 == file_sha256(fx.path)
+    assert fx.object is not None and not fx.diffraction.flags.writeable
+    assert fx.n_groups == fx.n_positions == params.scan_shape[0] * params.scan_shape[1]
+
+
+# --- writer -----------------------------------------------------------------------------------------
+
+
+def test_writer_is_byte_deterministic_and_round_trips(tmp_path, small):
+    a = write_fixture(tmp_path / "a.h5", small)
+    b = write_fixture(tmp_path / "b.h5", small)
+    assert a.read_bytes() == b.read_bytes()
+    fx = load_fixture(a)
+    for name, arr in small.arrays().items():
+        assert getattr(fx, name).tobytes() == arr.tobytes(), name
+        assert fx.dataset_sha256[name] == dataset_sha256(name, arr)
+    without_object = write_fixture(tmp_path / "c.h5", dataclasses.replace(small, object=None))
+    assert load_fixture(without_object).object is None
+
+
+def test_writer_refuses_invalid_data_and_leaves_nothing_behind(tmp_path, small):
+    bad = small.diffraction.copy()
+    bad[1, 2, 3] = np.nan
+    target = tmp_path / "bad.h5"
+    with pytest.raises(FixtureError, match=r"bad\.h5: dataset 'diffraction' contains 1 non-finite"):
+        write_fixture(target, dataclasses.replace(small, diffraction=bad))
+    with pytest.raises(FixtureError, match="dataset 'diffraction' has dtype float64"):
+        write_fixture(target, dataclasses.replace(small, diffraction=small.diffraction.astype(np.float64)))
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- loader: every violation is a FixtureError naming file and dataset, and the file is untouched ----
+
+
+def _set_dataset(path, name, value, rehash=False):
+    with h5py.File(path, "r+") as fh:
+        del fh[name]
+        fh.create_dataset(name, data=value, track_times=False)
+        if rehash:
+            hashes = json.loads(fh.attrs["sha256"])
+            hashes[name] = dataset_sha256(name, value)
+            fh.attrs["sha256"] = json.dumps(hashes)
+
+
+def _edit(path, fn):
+    with h5py.File(path, "r+") as fh:
+        fn(fh)
+
+
+def _poke(name, index, value):
+    def fn(fh):
+        arr = fh[name][()]
+        arr[index] = value
+        fh[name][...] = arr
+
+    return fn
+
+
+def _set_attr(key, value):
+    def fn(fh):
+        fh.attrs[key] = value
+
+    return fn
+
+
+def _del(name, attr=False):
+    def fn(fh):
+        if attr:
+            del fh.attrs[name]
+        else:
+            del fh[name]
+
+    return fn
+
+
+VIOLATIONS = {
+    "schema_version": (_set_attr("schema_version", np.int64(2)), r"attribute 'schema_version' is 2"),
+    "no_schema_version": (_del("schema_version", attr=True), r"attribute 'schema_version' is missing"),
+    "missing_attribute": (_del("source", attr=True), r"attribute 'source' is missing"),
+    "unknown_attribute": (_set_attr("comment", "hi"), r"attribute 'comment' is not part of"),
+    "bad_params_json": (_set_attr("params", "{not json"), r"attribute 'params' is not valid JSON"),
+    "float_N": (_set_attr("N", 64.0), r"attribute 'N' is 64.0 .*expected an integer"),
+    "unknown_kind": (
+        _set_attr("kind", "spiral"),
+        r"attribute 'kind' is 'spiral'; expected one of lines, grf, npz, custom",
+    ),
+    "missing_dataset": (_del("probe"), r"dataset 'probe' is missing"),
+    "unknown_dataset": (
+        lambda fh: fh.create_dataset("extra", data=np.zeros(3)),
+        r"dataset 'extra' is not part of",
+    ),
+    "group_not_dataset": (lambda fh: fh.create_group("object2"), r"'object2' is a Group, not a dataset"),
+    "soft_link": (lambda fh: fh.__setitem__("alias", h5py.SoftLink("/probe")), r"'alias' is a SoftLink"),
+    "external_link": (
+        lambda fh: fh.__setitem__("alias", h5py.ExternalLink("other.h5", "/object")),
+        r"'alias' is a ExternalLink",
+    ),
+    "nan": (_poke("diffraction", (3, 10, 20), np.nan), r"dataset 'diffraction' contains 1 non-finite .*NaN"),
+    "inf_probe": (_poke("probe", (1, 1), np.inf), r"dataset 'probe' contains 1 non-finite"),
+    "negative": (_poke("diffraction", (0, 0, 1), -2.0), r"dataset 'diffraction' has 1 negative amplitudes"),
+    "group_index": (_poke("groups", (5, 2), 81), r"dataset 'groups' holds position index 81 at \(5, 2\)"),
+    "negative_group_index": (_poke("groups", (0, 0), -1), r"dataset 'groups' holds position index -1"),
+    "hash_mismatch": (
+        _poke("diffraction", (2, 32, 32), 1.0),
+        r"dataset 'diffraction' does not match its SHA-256 recorded",
+    ),
+    "hash_mismatch_coords": (_poke("ycoords", 4, 40.0), r"dataset 'ycoords' does not match its SHA-256"),
+    "hash_missing": (
+        _set_attr("sha256", json.dumps({"diffraction": "0" * 64})),
+        r"attribute 'sha256' records no hash for dataset",
+    ),
+    "hash_not_hex": (_set_attr("sha256", json.dumps({"probe": "xyz"})), r"attribute 'sha256' records 'xyz'"),
+}
+
+
+def _reshape_violation(name, value, rehash=True):
+    return lambda path: _set_dataset(path, name, value, rehash=rehash)
+
+
+SHAPE_AND_DTYPE = {
+    "wrong_shape_coords": (
+        _reshape_violation("xcoords", np.zeros(80)),
+        r"dataset 'xcoords' has shape \(80,\); expected \(81,\)",
+    ),
+    "wrong_shape_diffraction": (
+        _reshape_violation("diffraction", np.zeros((81, 64, 32), np.float32)),
+        r"dataset 'diffraction' has shape \(81, 64, 32\); expected \(n, 64, 64\)",
+    ),
+    "wrong_shape_probe": (
+        _reshape_violation("probe", np.ones((32, 32), np.complex64)),
+        r"dataset 'probe' has shape \(32, 32\); expected \(64, 64\)",
+    ),
+    "wrong_shape_groups": (
+        _reshape_violation("groups", np.zeros((81, 3), np.int64)),
+        r"dataset 'groups' has shape \(81, 3\); expected \(n_groups, 4\)",
+    ),
+    "wrong_dtype_diffraction": (
+        _reshape_violation("diffraction", np.ones((81, 64, 64), np.float64)),
+        r"dataset 'diffraction' has dtype float64; expected float32",
+    ),
+    "wrong_dtype_probe": (
+        _reshape_violation("probe", np.ones((64, 64), np.complex128)),
+        r"dataset 'probe' has dtype complex128; expected complex64",
+    ),
+    "wrong_dtype_groups": (
+        _reshape_violation("groups", np.zeros((81, 4), np.int32)),
+        r"dataset 'groups' has dtype int32; expected int64",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VIOLATIONS))
+def test_loader_rejects_violation_naming_file_and_item_without_touching_it(copy, case):
+    edit, pattern = VIOLATIONS[case]
+    _edit(copy, edit)
+    before = file_sha256(copy)
+    with pytest.raises(FixtureError, match=pattern) as info:
+        load_fixture(copy)
+    assert str(info.value).startswith(f"{copy}: ")
+    assert file_sha256(copy) == before
+
+
+@pytest.mark.parametrize("case", sorted(SHAPE_AND_DTYPE))
+def test_loader_rejects_wrong_shape_and_dtype(copy, case):
+    edit, pattern = SHAPE_AND_DTYPE[case]
+    edit(copy)
+    before = file_sha256(copy)
+    with pytest.raises(FixtureError, match=pattern) as info:
+        load_fixture(copy)
+    assert str(info.value).startswith(f"{copy}: ")
+    assert file_sha256(copy) == before
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "pattern"),
+    [
+        ("n128_g2_lines", ModelConfig(N=64), r"attribute 'N' is 128 but the config has N=64"),
+        ("n64_g2_lines", ModelConfig(gridsize=1), r"attribute 'gridsize' is 2 but the config has gridsize=1"),
+        ("n64_g1_grf", ModelConfig(N=128, gridsize=1), r"attribute 'N' is 64 but the config has N=128"),
+    ],
+)
+def test_loader_rejects_config_mismatch(name, config, pattern):
+    path = bundled_fixture(name)
+    before = file_sha256(path)
+    with pytest.raises(FixtureError, match=pattern) as info:
+        load_fixture(path, config)
+    assert str(info.value).startswith(f"{path}: ")
+    assert file_sha256(path) == before
+
+
+def test_loader_rejects_truncated_corrupt_missing_and_foreign_files(tmp_path, copy):
+    raw = copy.read_bytes()
+    cases = {
+        "truncated.h5": raw[: len(raw) // 2],
+        "empty.h5": b"",
+        "header.h5": b"\x00" * 64 + raw[64:],
+        "text.h5": b"diffraction, xcoords, ycoords\n",
+    }
+    for fname, content in cases.items():
+        p = tmp_path / fname
+        p.write_bytes(content)
+        with pytest.raises(FixtureError, match="not a readable HDF5 file") as info:
+            load_fixture(p)
+        assert str(info.value).startswith(f"{p}: ")
+        assert p.read_bytes() == content
+    with pytest.raises(FixtureError, match=r"missing\.h5: fixture file does not exist"):
+        load_fixture(tmp_path / "missing.h5")
+    with pytest.raises(FixtureError, match="not a regular file"):
+        load_fixture(tmp_path)
+    # Damage inside the data: the bytes still parse as HDF5, the recorded hash catches it.
+    pos = raw.rfind(np.ascontiguousarray(load_fixture(copy).xcoords).tobytes()[:16])
+    assert pos > 0
+    flipped = bytearray(raw)
+    flipped[pos + 3] ^= 0x01
+    p = tmp_path / "bitflip.h5"
+    p.write_bytes(bytes(flipped))
+    with pytest.raises(FixtureError, match=r"dataset 'xcoords' does not match its SHA-256"):
+        load_fixture(p)
+
+
+def test_loader_accepts_a_file_whose_hashes_were_rewritten_consistently(copy):
+    """The hash check is about accidental change; a deliberate, re-hashed edit is a new fixture."""
+    _set_dataset(copy, "xcoords", load_fixture(copy).xcoords + 0.5, rehash=True)
+    assert load_fixture(copy).xcoords[0] == load_fixture(bundled_fixture("n64_g2_lines")).xcoords[0] + 0.5
+
+
+# --- canonical batches ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_batches_follow_forward_model_section_2(name):
+    cfg = CONFIGS[name]
+    fx = load_fixture(bundled_fixture(name), cfg)
+    batches = list(iter_batches(fx, cfg, batch_size=8))
+    sizes = [b.size for b in batches]
+    assert sum(sizes) == fx.n_groups and all(s == 8 for s in sizes[:-1]) and 1 <= sizes[-1] <= 8
+    N, C = cfg.N, cfg.C
+    s = cfg.input_scale
+    # The normalisation factor, from its definition over the whole data set.
+    diff = fx.diffraction.astype(np.float64)
+    norm = (N / 2) / np.sqrt(np.mean(np.sum(diff**2, axis=(1, 2))))
+    assert np.mean(np.sum((diff * norm) ** 2, axis=(1, 2))) == pytest.approx((N / 2) ** 2, rel=1e-12)
+    probe = normalise_probe(fx.probe, cfg.probe_scale)
+    start = 0
+    for b in batches:
+        b.validate(cfg)
+        B = b.size
+        assert b.x.shape == (B, C, N, N) and b.x.dtype == np.float32
+        assert b.offsets.shape == (B, C, 2) and b.offsets.dtype == np.float32
+        assert b.probe.dtype == np.complex64 and b.probe.tobytes() == probe.tobytes()
+        np.testing.assert_array_equal(b.groups, np.arange(start, start + B))
+        members = fx.groups[b.groups]
+        # Patches in the group's order, scaled by norm · s.
+        np.testing.assert_allclose(b.x, (diff[members] * norm * s).astype(np.float32), rtol=1e-6)
+        # Offsets: −(position − group mean), [dx, dy] = [x, y].
+        pos = np.stack([fx.xcoords, fx.ycoords], axis=-1)[members]
+        np.testing.assert_allclose(b.offsets, -(pos - pos.mean(axis=1, keepdims=True)), atol=1e-5)
+        np.testing.assert_allclose(b.offsets.astype(np.float64).sum(axis=1), 0.0, atol=1e-5)
+        start += B
+    if cfg.gridsize == 1:
+        # Every position appears once: the data-set mean of Σ X² over the batches is (N/2)².
+        X = np.concatenate([b.x[:, 0] for b in batches]).astype(np.float64) / s
+        assert np.mean(np.sum(X**2, axis=(1, 2))) == pytest.approx((N / 2) ** 2, rel=1e-5)
+        assert np.all(np.concatenate([b.offsets for b in batches]) == 0)
+    else:
+        assert np.abs(np.concatenate([b.offsets for b in batches])).max() > 0.5
+
+
+def test_batches_are_identical_on_repeated_calls_and_max_groups_takes_a_prefix():
+    cfg = CONFIGS["n64_g2_lines"]
+    fx = load_fixture(bundled_fixture("n64_g2_lines"), cfg)
+    first = list(iter_batches(fx, cfg, 5, max_groups=12))
+    second = list(iter_batches(load_fixture(bundled_fixture("n64_g2_lines")), cfg, 5, max_groups=12))
+    assert [b.size for b in first] == [5, 5, 2]
+    for a, b in zip(first, second, strict=True):
+        for key in ("x", "offsets", "probe", "groups"):
+            assert getattr(a, key).tobytes() == getattr(b, key).tobytes(), key
+    full = list(iter_batches(fx, cfg, 12))
+    # The normalisation uses the whole data set, so a prefix run sees the same numbers.
+    assert np.concatenate([b.x for b in first]).tobytes() == full[0].x.tobytes()
+    assert sum(b.size for b in iter_batches(fx, cfg, 50, max_groups=10_000)) == fx.n_groups
+
+
+def test_batches_reject_bad_arguments_and_mismatched_config(small):
+    cfg = ModelConfig(N=64, gridsize=2)
+    with pytest.raises(ParityInputError, match="batch_size"):
+        next(iter_batches(small, cfg, 0))
+    with pytest.raises(ParityInputError, match="max_groups"):
+        next(iter_batches(small, cfg, 2, max_groups=0))
+    with pytest.raises(FixtureError, match="attribute 'gridsize' is 2 but the config has gridsize=1"):
+        next(iter_batches(small, ModelConfig(gridsize=1), 2))
+    zero = dataclasses.replace(small, diffraction=np.zeros_like(small.diffraction))
+    with pytest.raises(FixtureError, match="all zero"):
+        next(iter_batches(zero, cfg, 2))
+
+
+def test_fixture_data_works_without_a_file(small):
+    """Simulated data can be batched directly, the same way as a loaded fixture."""
+    cfg = ModelConfig()
+    assert isinstance(small, FixtureData)
+    batches = list(iter_batches(small, cfg, 4))
+    assert sum(b.size for b in batches) == small.n_groups == 12

@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pytest
+
+from parity.report import SCHEMA_VERSION, to_markdown, write_reports
+from parity.runner import run_parity
+
+from .test_runner import TAPS, TOL_TEXT, W, Toy, Toy32, WrongScale, _batches, _expected  # noqa: F401
+
+
+@pytest.fixture
+def tol(tmp_path):
+    from parity.tolerances import load_tolerances
+
+    p = tmp_path / "t.toml"
+    p.write_text(TOL_TEXT)
+    return load_tolerances(p, known_taps=TAPS)
+
+
+def _result(tol, bad=True):
+    backends = {"reference": Toy(None, W), "torch": (WrongScale if bad else Toy32)(None, W), "tf": Toy32(None, W)}
+    return run_parity(
+        backends,
+        _batches(),
+        tol,
+        expected=_expected,
+        fixture={"path": "fixtures/x.h5", "sha256": "ab" * 32},
+        weights_sha256="cd" * 32,
+    )
+
+
+def test_json_report_has_the_documented_fields(tol, tmp_path):
+    paths = write_reports(_result(tol), tmp_path / "rep")
+    data = json.loads(paths["json"].read_text())
+    assert data["schema_version"] == SCHEMA_VERSION
+    assert data["verdict"] == "fail" and data["passed"] is False
+    assert data["first_divergence"]["tap"] == "toy.out"
+    assert data["first_divergence"]["blamed"] == ["torch"]
+    assert set(data["first_divergence"]["backends"]) == {"torch", "reference", "tf"}
+    assert data["fixture"] == {"path": "fixtures/x.h5", "sha256": "ab" * 32}
+    assert data["weights_sha256"] == "cd" * 32
+    assert data["backends"]["torch"]["available"] is True
+    assert data["backends"]["torch"]["environment"] == {"framework": "numpy", "device": "cpu"}
+    assert data["backends"]["torch"]["effective_config"] == {"scale": 2.0}
+    tap = data["taps"][2]
+    assert tap["name"] == "toy.out" and tap["shape"] == [2, 5, 4, 4]
+    for c in tap["comparisons"]:
+        for key in ("max_abs", "mean_abs", "max_rel", "mismatch_fraction", "min_atol_to_pass", "passed", "worst_index"):
+            assert key in c
+    assert set(tap["statistics"]) == {"reference", "torch", "tf"}
+    assert set(tap["statistics"]["torch"]["var_zero_mean"]) == {"mean", "min", "max"}
+
+
+def test_statistics_npz_holds_every_patch(tol, tmp_path):
+    res = _result(tol)
+    paths = write_reports(res, tmp_path)
+    with np.load(paths["statistics"]) as npz:
+        np.testing.assert_array_equal(npz["torch|toy.out|mean"], res.statistics["torch"]["toy.out"]["mean"])
+
+
+def test_markdown_names_first_divergence_and_shows_stats_side_by_side(tol):
+    md = to_markdown(_result(tol))
+    assert "**FAIL**" in md
+    assert "**First diverging tap:** `toy.out`" in md and "**torch**" in md
+    assert "| statistic | reference | torch | tf |" in md
+    assert "❌" in md and "✅" in md
+
+
+def test_html_has_pictures_for_failing_taps_only_unless_asked(tol, tmp_path):
+    res = _result(tol)
+    html = write_reports(res, tmp_path / "a")["html"].read_text()
+    assert html.count("<h3>") == 1 and "<h3><code>toy.out</code></h3>" in html
+    assert html.count("data:image/png;base64,") == 2  # patch grid + histogram
+    html_all = write_reports(res, tmp_path / "b", all_taps=True)["html"].read_text()
+    assert html_all.count("<h3>") == 3
+
+
+def test_passing_run_report(tol, tmp_path):
+    data = json.loads(write_reports(_result(tol, bad=False), tmp_path)["json"].read_text())
+    assert data["verdict"] == "pass" and data["first_divergence"] is None

@@ -1,0 +1,173 @@
+"""The run loop on small NumPy backends: no framework needed to show each check catching a divergence."""
+
+import numpy as np
+import pytest
+
+from parity.backend import Backend
+from parity.runner import run_parity
+from parity.taps import TapSpec
+from parity.tolerances import load_tolerances
+
+TAPS = ["toy.in", "toy.hidden", "toy.out"]
+TOL_TEXT = """
+schema_version = 1
+[elementwise]
+atol = 1e-5
+rtol = 1e-5
+[statistics]
+atol = 0
+rtol = 0
+"""
+
+
+class Toy(Backend):
+    """out = tanh(relu(x·w)·2); float64 when precision says so."""
+
+    name = "toy"
+    precision = "float64"
+    scale = 2.0
+
+    def __init__(self, config, weights, device="cpu"):
+        super().__init__(config, weights, device)
+        self.w = np.asarray(weights["w"], dtype=self.precision)
+
+    def forward(self, batch):
+        x = np.asarray(batch, dtype=self.precision)
+        h = np.maximum(np.einsum("bchw,cd->bdhw", x, self.w), 0)
+        return {"toy.in": x, "toy.hidden": h, "toy.out": np.tanh(h * self.scale)}
+
+    def effective_config(self):
+        return {"scale": self.scale}
+
+    def environment(self):
+        return {"framework": "numpy", "device": self.device}
+
+    def export_weights(self):
+        return {"w": self.w.astype(np.float32)}
+
+
+class Toy32(Toy):
+    precision = "float32"
+
+
+class WrongScale(Toy32):
+    def forward(self, batch):
+        taps = super().forward(batch)
+        taps["toy.out"] = np.tanh(taps["toy.hidden"] * 2.01)
+        return taps
+
+
+class MissingHidden(Toy32):
+    def forward(self, batch):
+        taps = super().forward(batch)
+        del taps["toy.hidden"]
+        return taps
+
+
+class ConfigDrift(Toy32):
+    scale = 3.0
+
+
+@pytest.fixture
+def tol(tmp_path):
+    p = tmp_path / "t.toml"
+    p.write_text(TOL_TEXT)
+    return load_tolerances(p, known_taps=TAPS)
+
+
+def _batches(n=3, b=2):
+    rng = np.random.default_rng(0)
+    return [rng.normal(size=(b, 3, 4, 4)).astype(np.float32) for _ in range(n)]
+
+
+def _expected(b):
+    return [TapSpec("toy.in", (b, 3, 4, 4)), TapSpec("toy.hidden", (b, 5, 4, 4)), TapSpec("toy.out", (b, 5, 4, 4))]
+
+
+W = {"w": np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)}
+
+
+def _run(tol, **others):
+    backends = {"reference": Toy(None, W)}
+    backends.update({n: cls(None, W) for n, cls in others.items()})
+    return run_parity(backends, _batches(), tol, expected=_expected, reference="reference")
+
+
+def test_clean_run_passes_with_all_comparisons(tol):
+    res = _run(tol, a=Toy32, b=Toy32)
+    assert res.passed and res.first_divergence is None
+    assert res.batches == 3 and res.groups == 6
+    kinds = {(c.kind, c.a, c.b) for t in res.taps for c in t.comparisons}
+    assert kinds == {("vs_reference", "a", "reference"), ("vs_reference", "b", "reference"), ("backend_vs_backend", "b", "a")}
+    assert [t.name for t in res.taps] == TAPS
+    assert res.statistics["a"]["toy.out"]["mean"].shape == (6 * 5,)
+
+
+def test_divergence_is_localised_and_blamed(tol):
+    res = _run(tol, good=Toy32, bad=WrongScale)
+    assert not res.passed
+    fd = res.first_divergence
+    assert fd["tap"] == "toy.out" and fd["blamed"] == ["bad"]
+    assert set(fd["backends"]) == {"bad", "reference", "good"}
+    bad = next(c for c in res.taps[2].comparisons if c.a == "bad" and c.kind == "vs_reference")
+    assert not bad.passed and bad.mismatch_fraction > 0 and bad.worst_index is not None
+    assert "first diverging tap: toy.out" in res.describe_failure()
+
+
+def test_missing_tap_reported_where_it_goes_missing(tol):
+    res = _run(tol, good=Toy32, bad=MissingHidden)
+    assert res.first_divergence["tap"] == "toy.hidden"
+    assert res.first_divergence["blamed"] == ["bad"]
+    reasons = [c.reason for c in res.taps[1].comparisons if not c.passed]
+    assert "tap missing from bad" in reasons
+
+
+def test_wrong_shape_against_expected_list(tol):
+    class Flat(Toy32):
+        def forward(self, batch):
+            taps = super().forward(batch)
+            taps["toy.hidden"] = taps["toy.hidden"].reshape(taps["toy.hidden"].shape[0], -1)
+            return taps
+
+    res = _run(tol, flat=Flat)
+    assert res.first_divergence["tap"] == "toy.hidden"
+    assert any("expected shape (2, 5, 4, 4)" in (c.reason or "") for c in res.taps[1].comparisons)
+
+
+def test_nan_in_one_backend_fails_even_when_stats_would_hide_it(tol):
+    class OneNan(Toy32):
+        def forward(self, batch):
+            taps = super().forward(batch)
+            taps["toy.out"] = taps["toy.out"].copy()
+            taps["toy.out"][0, 0, 0, 0] = np.nan
+            return taps
+
+    res = _run(tol, n=OneNan)
+    assert res.first_divergence["tap"] == "toy.out"
+    c = next(c for c in res.taps[2].comparisons if c.a == "n")
+    assert c.nonfinite_mismatch == 3  # one per batch
+
+
+def test_config_mismatch_stops_before_any_forward(tol):
+    calls = []
+
+    class Spy(ConfigDrift):
+        def forward(self, batch):
+            calls.append(1)
+            return super().forward(batch)
+
+    res = _run(tol, drift=Spy)
+    assert res.verdict == "config_mismatch" and not calls and not res.taps
+    assert res.config_diff == {"scale": {"reference": 2.0, "drift": 3.0}}
+    assert "scale: reference=2.0, drift=3.0" in res.describe_failure()
+
+
+def test_without_reference_pairs_still_compare(tol):
+    res = run_parity({"a": Toy32(None, W), "b": WrongScale(None, W)}, _batches(), tol, reference=None)
+    assert res.first_divergence["tap"] == "toy.out" and res.first_divergence["blamed"] == []
+
+
+def test_samples_kept_only_from_first_batch(tol):
+    res = _run(tol, a=Toy32)
+    assert res.samples["a"]["toy.out"].shape[0] == 2
+    np.testing.assert_array_equal(res.samples["reference"]["toy.in"], _batches()[0][:2])

@@ -1,0 +1,121 @@
+import h5py
+import numpy as np
+import pytest
+
+from parity.config import ModelConfig
+from parity.errors import WeightsError
+from parity.weights import (
+    count_conv_parameters,
+    generate_weights,
+    load_weights,
+    parameter_shapes,
+    save_weights,
+    weights_sha256,
+)
+
+
+@pytest.mark.parametrize(
+    ("changes", "count"),
+    [
+        ({}, 2_340_208),
+        ({"probe_big": False}, 2_257_000),
+        ({"N": 128}, 4_667_056),
+        ({"gridsize": 1}, 2_331_772),
+        ({"pad_object": False}, 2_405_000),
+        ({"N": 128, "pad_object": False}, 4_697_288),
+        ({"object_big": False}, 2_333_500),
+    ],
+)
+def test_parameter_counts_match_the_spec_table(changes, count):
+    assert count_conv_parameters(ModelConfig(**changes)) == count
+
+
+def test_generated_weights_are_seeded_glorot_with_nonzero_biases():
+    cfg = ModelConfig()
+    w = generate_weights(cfg, seed=1)
+    assert weights_sha256(w) == weights_sha256(generate_weights(cfg, seed=1))
+    assert weights_sha256(w) != weights_sha256(generate_weights(cfg, seed=2))
+    k = w["encoder.block1.conv0.kernel"]
+    limit = np.sqrt(6 / (9 * 64 + 9 * 128))
+    assert k.shape == (3, 3, 64, 128) and np.abs(k).max() <= limit and np.abs(k).max() > 0.9 * limit
+    for name, arr in w.items():
+        assert arr.dtype == np.float32
+        if name.endswith(".bias"):
+            assert np.all(np.abs(arr) >= 0.005) and np.all(np.abs(arr) < 0.05)
+    assert float(w["log_scale"]) == pytest.approx(np.log(np.sqrt(1e9) / 32), rel=1e-6)
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    cfg = ModelConfig(gridsize=1, probe_big=False)
+    w = generate_weights(cfg)
+    path = tmp_path / "w.h5"
+    digest = save_weights(path, w, cfg)
+    back = load_weights(path, cfg)
+    assert digest == weights_sha256(back)
+    assert list(back) == list(parameter_shapes(cfg))
+    for k in w:
+        assert back[k].dtype == w[k].dtype and np.array_equal(back[k], w[k])
+
+
+def _tamper(path, fn):
+    with h5py.File(path, "a") as fh:
+        fn(fh)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda fh: fh.__delitem__("phase.head.centre.bias"), r"missing parameter 'phase.head.centre.bias'"),
+        (lambda fh: fh.create_dataset("amp.head.extra.bias", data=np.zeros(3, np.float32)), r"unexpected parameter 'amp.head.extra.bias'"),
+        (
+            lambda fh: (fh.__delitem__("encoder.block0.conv0.kernel"), fh.create_dataset("encoder.block0.conv0.kernel", data=np.zeros((3, 3, 1, 64), np.float32))),
+            r"parameter 'encoder.block0.conv0.kernel' has shape \(3, 3, 1, 64\); expected \(3, 3, 4, 64\)",
+        ),
+    ],
+)
+def test_bad_weights_files_name_the_parameter(tmp_path, tamper, message):
+    cfg = ModelConfig()
+    path = tmp_path / "w.h5"
+    save_weights(path, generate_weights(cfg), cfg)
+    _tamper(path, tamper)
+    with pytest.raises(WeightsError, match=message) as info:
+        load_weights(path, cfg)
+    assert str(path) in str(info.value)
+
+
+def test_weights_for_another_config_rejected(tmp_path):
+    path = tmp_path / "w.h5"
+    save_weights(path, generate_weights(ModelConfig(probe_big=False)), ModelConfig(probe_big=False))
+    with pytest.raises(WeightsError, match="missing parameter 'amp.head.border.conv0.kernel'"):
+        load_weights(path, ModelConfig())
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_weights(tmp_path / "none.h5", ModelConfig())
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(WeightsError, match="not a readable HDF5 weights file"):
+        load_weights(bad, ModelConfig())
+
+
+def test_modified_values_detected_by_hash(tmp_path):
+    cfg = ModelConfig()
+    path = tmp_path / "w.h5"
+    save_weights(path, generate_weights(cfg), cfg)
+    _tamper(path, lambda fh: fh["log_scale"].write_direct(np.asarray(1.0, np.float32)))
+    with pytest.raises(WeightsError, match="do not match the SHA-256"):
+        load_weights(path, cfg)
+
+
+def test_failed_save_leaves_existing_file_intact(tmp_path):
+    cfg = ModelConfig()
+    path = tmp_path / "w.h5"
+    save_weights(path, generate_weights(cfg), cfg)
+    before = path.read_bytes()
+    broken = generate_weights(cfg)
+    broken["log_scale"] = np.asarray(np.nan, np.float32)
+    with pytest.raises(WeightsError, match="'log_scale' contains NaN"):
+        save_weights(path, broken, cfg)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["w.h5"]
