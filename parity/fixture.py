@@ -134,9 +134,7 @@ def _check_structure(arrays: Mapping[str, np.ndarray], N: int, gridsize: int, wh
     """Names, dtypes and shapes; kept apart from the value checks so both writer and loader share it."""
     for name in REQUIRED_DATASETS:
         if name not in arrays:
-            raise FixtureError(
-                f"{where}: dataset {name!r} is missing (required: {', '.join(REQUIRED_DATASETS)})"
-            )
+            raise FixtureError(f"{where}: dataset {name!r} is missing (required: {', '.join(REQUIRED_DATASETS)})")
     for name in arrays:
         if name not in DATASET_DTYPES:
             raise FixtureError(
@@ -145,9 +143,7 @@ def _check_structure(arrays: Mapping[str, np.ndarray], N: int, gridsize: int, wh
             )
     for name, arr in arrays.items():
         if arr.dtype != DATASET_DTYPES[name]:
-            raise FixtureError(
-                f"{where}: dataset {name!r} has dtype {arr.dtype}; expected {DATASET_DTYPES[name].name}"
-            )
+            raise FixtureError(f"{where}: dataset {name!r} has dtype {arr.dtype}; expected {DATASET_DTYPES[name].name}")
     diff = arrays["diffraction"]
     if diff.ndim != 3 or diff.shape[1:] != (N, N) or diff.shape[0] < 1:
         raise FixtureError(
@@ -221,9 +217,7 @@ def validate_fixture_data(data: FixtureData, where: str) -> None:
     if data.kind not in KINDS:
         raise FixtureError(f"{where}: attribute 'kind' is {data.kind!r}; expected one of {', '.join(KINDS)}")
     if not isinstance(data.params, dict):
-        raise FixtureError(
-            f"{where}: attribute 'params' is {type(data.params).__name__}; expected a JSON object"
-        )
+        raise FixtureError(f"{where}: attribute 'params' is {type(data.params).__name__}; expected a JSON object")
     if not isinstance(data.source, str):
         raise FixtureError(f"{where}: attribute 'source' is {data.source!r}; expected a string")
     arrays = data.arrays()
@@ -262,9 +256,7 @@ def write_fixture(path: str | os.PathLike[str], data: FixtureData) -> Path:
             for key in ROOT_ATTRIBUTES:
                 fh.attrs[key] = attrs[key]
             for name, arr in arrays.items():
-                fh.create_dataset(
-                    name, data=np.ascontiguousarray(arr, dtype=DATASET_DTYPES[name]), track_times=False
-                )
+                fh.create_dataset(name, data=np.ascontiguousarray(arr, dtype=DATASET_DTYPES[name]), track_times=False)
     return target
 
 
@@ -274,9 +266,7 @@ def _int_attr(attrs: Mapping[str, Any], key: str, where: str) -> int:
         value = value[()]
     if not isinstance(value, int | np.integer) or isinstance(value, bool | np.bool_):
         shown = value.item() if isinstance(value, np.generic) else value
-        raise FixtureError(
-            f"{where}: attribute {key!r} is {shown!r} ({type(value).__name__}); expected an integer"
-        )
+        raise FixtureError(f"{where}: attribute {key!r} is {shown!r} ({type(value).__name__}); expected an integer")
     return int(value)
 
 
@@ -286,9 +276,7 @@ def _str_attr(attrs: Mapping[str, Any], key: str, where: str) -> str:
         value = value.decode("utf-8", errors="replace")
     if not isinstance(value, str):
         shown = value.item() if isinstance(value, np.generic) else value
-        raise FixtureError(
-            f"{where}: attribute {key!r} is {shown!r} ({type(value).__name__}); expected a string"
-        )
+        raise FixtureError(f"{where}: attribute {key!r} is {shown!r} ({type(value).__name__}); expected a string")
     return value
 
 
@@ -309,8 +297,7 @@ def _read_attributes(attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
     version = _int_attr(attrs, "schema_version", where)
     if version != SCHEMA_VERSION:
         raise FixtureError(
-            f"{where}: attribute 'schema_version' is {version}; "
-            f"this ptycho-parity reads version {SCHEMA_VERSION}"
+            f"{where}: attribute 'schema_version' is {version}; this ptycho-parity reads version {SCHEMA_VERSION}"
         )
     for key in ROOT_ATTRIBUTES:
         if key not in attrs:
@@ -343,9 +330,7 @@ def _check_config(N: int, gridsize: int, config: ModelConfig, where: str) -> Non
     if N != config.N:
         raise FixtureError(f"{where}: attribute 'N' is {N} but the config has N={config.N}")
     if gridsize != config.gridsize:
-        raise FixtureError(
-            f"{where}: attribute 'gridsize' is {gridsize} but the config has gridsize={config.gridsize}"
-        )
+        raise FixtureError(f"{where}: attribute 'gridsize' is {gridsize} but the config has gridsize={config.gridsize}")
 
 
 def _read_datasets(fh: Any, where: str) -> dict[str, np.ndarray]:
@@ -368,15 +353,11 @@ def _read_datasets(fh: Any, where: str) -> dict[str, np.ndarray]:
         try:
             arrays[name] = np.asarray(node[()])
         except (OSError, RuntimeError, ValueError, TypeError) as exc:
-            raise FixtureError(
-                f"{where}: dataset {name!r} cannot be read (corrupt or truncated? {exc})"
-            ) from exc
+            raise FixtureError(f"{where}: dataset {name!r} cannot be read (corrupt or truncated? {exc})") from exc
     unknown = [name for name in fh if name not in DATASET_DTYPES]
     for name in REQUIRED_DATASETS:
         if name not in arrays:
-            raise FixtureError(
-                f"{where}: dataset {name!r} is missing (required: {', '.join(REQUIRED_DATASETS)})"
-            )
+            raise FixtureError(f"{where}: dataset {name!r} is missing (required: {', '.join(REQUIRED_DATASETS)})")
     if unknown:
         raise FixtureError(
             f"{where}: dataset {unknown[0]!r} is not part of fixture schema version {SCHEMA_VERSION} "
@@ -476,17 +457,13 @@ def iter_batches(
     where = str(getattr(fixture, "path", "<unsaved fixture>"))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ParityInputError(f"batch_size is {batch_size!r}; expected an integer >= 1")
-    if max_groups is not None and (
-        isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1
-    ):
+    if max_groups is not None and (isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1):
         raise ParityInputError(f"max_groups is {max_groups!r}; expected None or an integer >= 1")
     _check_config(int(fixture.N), int(fixture.gridsize), config, where)
     factor = normalised_input_scale(fixture, config)
     probe = normalise_probe(fixture.probe, config.probe_scale)
     diff = fixture.diffraction
-    positions = np.stack(
-        [np.asarray(fixture.xcoords, np.float64), np.asarray(fixture.ycoords, np.float64)], axis=-1
-    )
+    positions = np.stack([np.asarray(fixture.xcoords, np.float64), np.asarray(fixture.ycoords, np.float64)], axis=-1)
     total = fixture.n_groups if max_groups is None else min(max_groups, fixture.n_groups)
     for start in range(0, total, batch_size):
         idx = np.arange(start, min(start + batch_size, total), dtype=np.int64)
@@ -530,9 +507,7 @@ def bundled_fixture(name: str) -> Path:
     stem = name[:-3] if name.endswith(".h5") else name
     names = available_fixtures()
     if stem not in names or "/" in stem or "\\" in stem:
-        raise FixtureError(
-            f"bundled fixture {name!r} does not exist; available: {', '.join(names) or 'none'}"
-        )
+        raise FixtureError(f"bundled fixture {name!r} does not exist; available: {', '.join(names) or 'none'}")
     return bundled_fixtures_dir() / f"{stem}.h5"
 
 

@@ -82,8 +82,7 @@ def _diffraction(npz: Any, keys: list[str], where: str) -> tuple[str, np.ndarray
     if big.any():
         idx = tuple(int(i) for i in np.argwhere(big)[0])
         raise FixtureError(
-            f"{where}: key {key!r} has {int(big.sum())} values beyond float32's range; first {diff[idx]} "
-            f"at index {idx}"
+            f"{where}: key {key!r} has {int(big.sum())} values beyond float32's range; first {diff[idx]} at index {idx}"
         )
     return key, diff.astype(np.float32)
 
@@ -118,8 +117,7 @@ def import_npz(npz_path: str | os.PathLike[str], out_path: str | os.PathLike[str
             _numeric(arr, name, where, allow_complex=False)
             if arr.shape != (n,):
                 raise FixtureError(
-                    f"{where}: key {name!r} has shape {arr.shape}; expected ({n},), one position per "
-                    f"pattern of {key!r}"
+                    f"{where}: key {name!r} has shape {arr.shape}; expected ({n},), one position per pattern of {key!r}"
                 )
             _finite(arr, name, where)
             coords[name] = arr.astype(np.float64)
@@ -145,9 +143,7 @@ def import_npz(npz_path: str | os.PathLike[str], out_path: str | os.PathLike[str
             obj = arr.astype(np.complex64)
     C = gridsize * gridsize
     if n < C:
-        raise FixtureError(
-            f"{where}: key {key!r} has {n} patterns; groups of gridsize² = {C} need at least {C}"
-        )
+        raise FixtureError(f"{where}: key {key!r} has {n} patterns; groups of gridsize² = {C} need at least {C}")
     groups = nearest_neighbour_groups(coords["xcoords"], coords["ycoords"], C)
     used = [key, "xcoords", "ycoords", "probeGuess"] + (["objectGuess"] if obj is not None else [])
     data = FixtureData(

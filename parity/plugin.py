@@ -181,7 +181,7 @@ class BaselineChecker:
 
         __tracebackhide__ = True
         fixture = self.request.getfixturevalue("ndarrays_regression")
-        base = basename or re.sub(r"[\W]", "_", self.request.node.name)
+        base = basename or re.sub(r"\W+", "_", self.request.node.name).strip("_")
         problems = []
         try:
             check_with_regressions(fixture, self.request.config, result, base, self.tolerances)

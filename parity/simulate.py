@@ -247,9 +247,7 @@ def extract_patches(obj: np.ndarray, xcoords: np.ndarray, ycoords: np.ndarray, N
             )
         fx, fy = sx - c0, sy - r0
         w = o[r0 : r0 + N + 1, c0 : c0 + N + 1]
-        out[k] = (1 - fy) * ((1 - fx) * w[:-1, :-1] + fx * w[:-1, 1:]) + fy * (
-            (1 - fx) * w[1:, :-1] + fx * w[1:, 1:]
-        )
+        out[k] = (1 - fy) * ((1 - fx) * w[:-1, :-1] + fx * w[:-1, 1:]) + fy * ((1 - fx) * w[1:, :-1] + fx * w[1:, 1:])
     return out
 
 
