@@ -116,23 +116,29 @@ class ElementwiseComparison:
         with np.errstate(invalid="ignore", over="ignore"):
             err = np.abs(a64 - b64)
         mag_b = np.abs(b64)
-        fin_a, fin_b = np.isfinite(a64), np.isfinite(b64)
-        both = fin_a & fin_b
-        # Non-finite values agree only when both sides hold the same NaN/Inf at the same place.
-        same_nonfinite = (~fin_a & ~fin_b) & ((np.isnan(a64) & np.isnan(b64)) | (a64 == b64))
-        bad_nonfinite = ~both & ~same_nonfinite
-        err = np.where(both, err, 0.0)
-        limit = r.atol + r.rtol * np.where(both, mag_b, 0.0)
-        out = (err > limit) | bad_nonfinite
-        n_bad_nonfinite = int(bad_nonfinite.sum())
+        both: np.ndarray | None = None  # None: every element finite on both sides (the usual case)
+        n_bad_nonfinite = 0
+        if not np.isfinite(err).all():
+            fin_a, fin_b = np.isfinite(a64), np.isfinite(b64)
+            both = fin_a & fin_b
+            # Non-finite values agree only when both sides hold the same NaN/Inf at the same place.
+            same_nonfinite = (~fin_a & ~fin_b) & ((np.isnan(a64) & np.isnan(b64)) | (a64 == b64))
+            bad_nonfinite = ~both & ~same_nonfinite
+            n_bad_nonfinite = int(bad_nonfinite.sum())
+            err[~both] = 0.0
+            mag_b[~both] = 0.0
+        excess = err - r.rtol * mag_b  # the element passes when excess <= atol
+        out = excess > r.atol
+        if both is not None:
+            out |= bad_nonfinite
 
         r.numel += err.size
         r.mismatched += int(out.sum())
         r.nonfinite_mismatch += n_bad_nonfinite
         self._sum_abs += float(err.sum())
-        self._finite_numel += int(both.sum())
+        self._finite_numel += err.size if both is None else int(both.sum())
         if err.size:
-            flat_worst = int(np.argmax(np.where(bad_nonfinite, np.inf, err)))
+            flat_worst = int(np.argmax(err)) if not n_bad_nonfinite else int(np.argmax(bad_nonfinite))
             worst = float(np.inf) if n_bad_nonfinite else float(err.flat[flat_worst])
             if r.worst_index is None or worst > r.max_abs:
                 idx = list(np.unravel_index(flat_worst, err.shape))
@@ -141,14 +147,12 @@ class ElementwiseComparison:
                 r.worst_a = a64.flat[flat_worst].item()
                 r.worst_b = b64.flat[flat_worst].item()
                 r.max_abs = worst
-            with np.errstate(divide="ignore", invalid="ignore"):
-                rel = np.where(both & (mag_b > 0), err / np.where(mag_b > 0, mag_b, 1.0), 0.0)
+            rel = np.divide(err, mag_b, out=np.zeros_like(err), where=mag_b > 0)
             r.max_rel = max(r.max_rel, float(rel.max()))
-            need = float(np.max(err - r.rtol * np.where(both, mag_b, 0.0)))
-            r.min_atol_to_pass = max(r.min_atol_to_pass, need, 0.0)
+            r.min_atol_to_pass = max(r.min_atol_to_pass, float(excess.max()), 0.0)
             if n_bad_nonfinite:
                 r.min_atol_to_pass = float("inf")
-            nz = err[both & (err > 0)]
+            nz = err[err > 0]
             if nz.size:
                 self._hist += np.bincount(np.searchsorted(HIST_EDGES, nz), minlength=self._hist.size)
         self._rows += a.shape[0] if a.ndim else 1

@@ -41,7 +41,7 @@ def _tap_baseline(result: ParityResult, tap: str) -> list[ComparisonResult]:
     return [c for c in result.baseline if c.tap == tap]
 
 
-def to_json_dict(result: ParityResult) -> dict[str, Any]:
+def to_json_dict(result: ParityResult) -> Any:
     taps = []
     for t in result.taps:
         base = _tap_baseline(result, t.name)
@@ -145,20 +145,20 @@ def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
             f"{env.get('framework_version', '')} | {env.get('device', '')} | {ctrl} |"
         )
     lines += ["", "## Taps", ""]
-    pairs = []
+    pairs: list[tuple[str, str, str]] = []
     for t in result.taps:
         for c in t.comparisons:
-            key = (c.kind, c.a, c.b)
-            if c.kind != "structure" and key not in pairs:
-                pairs.append(key)
+            pair = (c.kind, c.a, c.b)
+            if c.kind != "structure" and pair not in pairs:
+                pairs.append(pair)
     lines.append("| tap | shape | " + " | ".join(f"{a} vs {b}" for _, a, b in pairs) + " | baseline |")
     lines.append("|---|---|" + "---|" * (len(pairs) + 1))
     shown = result.taps if max_rows is None else result.taps[:max_rows]
     for t in shown:
         cells = []
         for kind, a, b in pairs:
-            c = next((c for c in t.comparisons if (c.kind, c.a, c.b) == (kind, a, b)), None)
-            cells.append(_comparison_cell(c) if c else "")
+            found = next((c for c in t.comparisons if (c.kind, c.a, c.b) == (kind, a, b)), None)
+            cells.append(_comparison_cell(found) if found else "")
         struct = [c for c in t.comparisons if c.kind == "structure"]
         base = _tap_baseline(result, t.name)
         bad_base = [c for c in base if not c.passed]
@@ -196,7 +196,7 @@ def write_statistics(result: ParityResult, path: Path) -> None:
     }
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+            np.savez_compressed(fh, allow_pickle=False, **arrays)
 
 
 def write_reports(

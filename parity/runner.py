@@ -109,7 +109,7 @@ def _tap_order(
     expected: Sequence[TapSpec] | None, outputs: Mapping[str, Mapping[str, np.ndarray]], ref: str | None
 ) -> list[str]:
     order: list[str] = [s.name for s in expected] if expected is not None else []
-    sources = ([ref] if ref in outputs else []) + [n for n in outputs if n != ref]
+    sources = ([ref] if ref is not None and ref in outputs else []) + [n for n in outputs if n != ref]
     for name in sources:
         for tap in outputs[name]:
             if tap not in order:
@@ -237,7 +237,7 @@ def run_parity(
                 expected_shape=list(spec.shape) if spec else None,
                 complex=bool(spec.complex)
                 if spec
-                else any(np.iscomplexobj(s.get(tap)) for s in result.samples.values() if tap in s),
+                else any(np.iscomplexobj(s[tap]) for s in result.samples.values() if tap in s),
                 comparisons=tap_comps,
             )
         )

@@ -21,7 +21,7 @@ from parity.session import RunSpec, run
 from parity.tolerances import Section, Tolerances
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_parity_matrix import MATRIX, OTHER_OPTIONS  # noqa: E402
+from test_parity_matrix import MATRIX, OTHER_OPTIONS
 
 
 def main() -> None:
@@ -29,26 +29,34 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--rtol", type=float, default=1e-5)
     ap.add_argument("--out", default="docs/tolerance-measurements.json")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = ap.parse_args()
-    loose = Tolerances(Section(1e30, args.rtol, (), 1.0), Section(1e30, 0.0), "measurement (atol=1e30)", "cpu")
+    loose = Tolerances(Section(1e30, args.rtol, (), 1.0), Section(1e30, 0.0), "measurement (atol=1e30)", args.device)
     configs = list(MATRIX) + [ModelConfig(**c) for c in OTHER_OPTIONS]
     out: dict[str, dict[str, dict[str, float]]] = {}
     stats_out: dict[str, dict[str, dict[str, float]]] = {}
     for cfg in configs:
         t = time.perf_counter()
-        res = run(RunSpec(config=cfg, batch_size=4, max_groups=args.groups), tolerances=loose)
+        res = run(RunSpec(config=cfg, batch_size=4, max_groups=args.groups, device=args.device), tolerances=loose)
         out[cfg.short_id()] = {
             t.name: {f"{c.kind}:{c.a}:{c.b}": c.min_atol_to_pass for c in t.comparisons} for t in res.taps
         }
         # Float32 noise on statistics, for the baseline tolerances: torch vs tensorflow per statistic.
         a, b = res.statistics["torch"], res.statistics["tensorflow"]
         stats_out[cfg.short_id()] = {
-            tap: {s: compare_arrays(a[tap][s], b[tap][s], 0.0, args.rtol).min_atol_to_pass for s in a[tap]}
-            for tap in a
+            tap: {s: compare_arrays(a[tap][s], b[tap][s], 0.0, args.rtol).min_atol_to_pass for s in a[tap]} for tap in a
         }
         print(f"{cfg.short_id()}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    meta = {"rtol": args.rtol, "groups": args.groups, "configs": {c.short_id(): c.to_dict() for c in configs}}
-    Path(args.out).write_text(json.dumps({"meta": meta, "min_atol_to_pass": out, "statistics_torch_vs_tensorflow": stats_out}, indent=1) + "\n")
+    meta = {
+        "rtol": args.rtol,
+        "groups": args.groups,
+        "device": args.device,
+        "configs": {c.short_id(): c.to_dict() for c in configs},
+    }
+    Path(args.out).write_text(
+        json.dumps({"meta": meta, "min_atol_to_pass": out, "statistics_torch_vs_tensorflow": stats_out}, indent=1)
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

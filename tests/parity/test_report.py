@@ -6,7 +6,7 @@ import pytest
 from parity.report import SCHEMA_VERSION, to_markdown, write_reports
 from parity.runner import run_parity
 
-from .test_runner import TAPS, TOL_TEXT, W, Toy, Toy32, WrongScale, _batches, _expected  # noqa: F401
+from .test_runner import TAPS, TOL_TEXT, Toy, Toy32, W, WrongScale, _batches, _expected
 
 
 @pytest.fixture

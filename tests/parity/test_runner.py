@@ -98,7 +98,11 @@ def test_clean_run_passes_with_all_comparisons(tol):
     assert res.passed and res.first_divergence is None
     assert res.batches == 3 and res.groups == 6
     kinds = {(c.kind, c.a, c.b) for t in res.taps for c in t.comparisons}
-    assert kinds == {("vs_reference", "a", "reference"), ("vs_reference", "b", "reference"), ("backend_vs_backend", "b", "a")}
+    assert kinds == {
+        ("vs_reference", "a", "reference"),
+        ("vs_reference", "b", "reference"),
+        ("backend_vs_backend", "b", "a"),
+    }
     assert [t.name for t in res.taps] == TAPS
     assert res.statistics["a"]["toy.out"]["mean"].shape == (6 * 5,)
 

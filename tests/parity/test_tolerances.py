@@ -100,7 +100,10 @@ rtol = 0.0
     ("extra", "message"),
     [
         ('[[elementwise.tap]]\npattern = "encodr.*"\natol = 1\nrtol = 1\n', r"pattern 'encodr\.\*' matches no tap"),
-        ('[[elementwise.tap]]\npattern = "encoder.*"\natol = -1\nrtol = 1\n', r"key 'atol' must be a finite number >= 0"),
+        (
+            '[[elementwise.tap]]\npattern = "encoder.*"\natol = -1\nrtol = 1\n',
+            r"key 'atol' must be a finite number >= 0",
+        ),
         ('[[elementwise.tap]]\npattern = "encoder.*"\natol = "x"\nrtol = 1\n', r"key 'atol' must be a number"),
         ('[[elementwise.tap]]\npattern = "encoder.*"\nrtol = 1\n', r"missing required key 'atol'"),
         ('[[elementwise.tap]]\npattern = "encoder.*"\natol = 1\nrtol = 1\nrtoll = 2\n', r"unknown key 'rtoll'"),
@@ -110,7 +113,10 @@ rtol = 0.0
             r"'when' names unknown config key 'gridsze'",
         ),
         ("[profiles.tpu.elementwise]\natol = 1\n", r"unknown profile 'tpu'"),
-        ('[profiles.cuda.elementwise]\n[[profiles.cuda.elementwise.tap]]\npattern = "nope"\natol = 1\nrtol = 1\n', "matches no tap"),
+        (
+            '[profiles.cuda.elementwise]\n[[profiles.cuda.elementwise.tap]]\npattern = "nope"\natol = 1\nrtol = 1\n',
+            "matches no tap",
+        ),
     ],
 )
 def test_bad_files_rejected_with_location(tmp_path, extra, message):

@@ -1,0 +1,56 @@
+"""Forward time of each backend at batch 16 for the default config (not a test: timings vary).
+
+    python benchmarks/bench_forward.py [--batch 16] [--repeats 7] [--backends reference,torch,tensorflow]
+
+Prints one line per backend: median and best wall time of `forward` over the repeats, after one
+warm-up call (which includes TensorFlow's tracing), on a random canonical batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from parity.batch import random_batch
+from parity.config import ModelConfig
+from parity.registry import load_backend
+from parity.weights import generate_weights
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--backends", default="reference,torch,tensorflow")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    from parity.cli import load_config
+
+    config = load_config(None, args.set) if args.set else ModelConfig()
+    weights = generate_weights(config)
+    batch = random_batch(config, args.batch, seed=1)
+    print(f"config {config.short_id()}, batch {args.batch}, {os.cpu_count()} CPUs")
+    for name in args.backends.split(","):
+        t0 = time.perf_counter()
+        be = load_backend(name)(config, weights, "cpu")
+        build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        be.forward(batch)
+        warm = time.perf_counter() - t0
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            be.forward(batch)
+            times.append(time.perf_counter() - t0)
+        print(
+            f"{name:12s} build {build:6.2f} s  first {warm:6.2f} s  "
+            f"median {statistics.median(times):6.3f} s  best {min(times):6.3f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()

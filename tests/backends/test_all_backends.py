@@ -1,0 +1,77 @@
+"""What every registered PtychoPINN backend must do the same way: inputs, weights files, controls."""
+
+import numpy as np
+import pytest
+
+from parity.config import ModelConfig
+from parity.fixture import bundled_fixture, iter_batches, load_fixture
+from parity.registry import load_backend
+from parity.session import RunSpec, run
+from parity.weights import generate_weights, load_weights, save_weights
+
+BACKENDS = ("reference", "torch", "tensorflow")
+
+
+@pytest.fixture(scope="module")
+def built():
+    cfg = ModelConfig()
+    weights = generate_weights(cfg)
+    return cfg, weights, {n: load_backend(n)(cfg, weights, "cpu") for n in BACKENDS}
+
+
+def test_input_taps_are_byte_identical_to_the_fixture_batch(built):
+    cfg, _, backends = built
+    fixture = load_fixture(bundled_fixture("n64_g2_lines"), cfg)
+    batch = next(iter_batches(fixture, cfg, batch_size=2))
+    for name, be in backends.items():
+        taps = be.forward(batch)
+        assert taps["input.x"].dtype == np.float32 and taps["input.x"].tobytes() == batch.x.tobytes(), name
+        assert taps["input.offsets"].tobytes() == batch.offsets.tobytes(), name
+        assert taps["input.offsets"].shape == (2, 4, 1, 2)
+        assert taps["input.probe"].dtype == np.complex64, name
+        assert taps["input.probe"].tobytes() == batch.probe.tobytes(), name
+
+
+def test_weights_exported_to_the_canonical_file_are_bit_exact(built, tmp_path):
+    cfg, weights, backends = built
+    for name, be in backends.items():
+        path = tmp_path / f"{name}.h5"
+        save_weights(path, be.export_weights(), cfg)
+        back = load_weights(path, cfg)
+        assert list(back) == list(weights)
+        for key, arr in weights.items():
+            assert back[key].dtype == arr.dtype and np.array_equal(back[key], arr), (name, key)
+
+
+def test_precision_and_determinism_controls_are_set_and_reported(built):
+    _, _, backends = built
+    torch_env = backends["torch"].environment()
+    assert torch_env["deterministic_algorithms"] is True
+    assert torch_env["cudnn_allow_tf32"] is False and torch_env["cuda_matmul_allow_tf32"] is False
+    tf_env = backends["tensorflow"].environment()
+    assert tf_env["tf32_enabled"] is False and tf_env["op_determinism"] is True
+    assert "onednn" in " ".join(tf_env).lower()
+    ref_env = backends["reference"].environment()
+    assert ref_env["dtype"] == "float64"
+    for env in (torch_env, tf_env, ref_env):
+        assert env["framework_version"] and env["device"]
+
+
+def test_effective_configs_agree_for_every_option(built):
+    for changes in ({}, {"gridsize": 1, "probe_big": False}, {"pad_object": False, "amp_activation": "relu"}):
+        cfg = ModelConfig(**changes)
+        weights = generate_weights(cfg)
+        configs = [load_backend(n)(cfg, weights, "cpu").effective_config() for n in BACKENDS]
+        assert configs[0] == configs[1] == configs[2] == cfg.to_dict()
+
+
+@pytest.mark.parity
+def test_two_runs_give_bitwise_identical_statistics():
+    spec = RunSpec(config=ModelConfig(), batch_size=2, max_groups=2)
+    first, second = run(spec), run(spec)
+    assert first.passed and second.passed
+    for backend, per_tap in first.statistics.items():
+        for tap, per_stat in per_tap.items():
+            for stat, values in per_stat.items():
+                other = second.statistics[backend][tap][stat]
+                assert values.tobytes() == other.tobytes(), (backend, tap, stat)
