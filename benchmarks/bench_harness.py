@@ -51,10 +51,14 @@ def main() -> None:
                     be.forward(b)
             bare.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            run_parity(backends, batches, tol, config=config, expected=lambda k: tap_specs(config, k))
+            run_parity(
+                backends, batches, tol, config=config, expected=lambda k: tap_specs(config, k), reference="reference"
+            )
             full.append(time.perf_counter() - t0)
         tracemalloc.start()
-        run_parity(backends, iter(batches), tol, config=config, expected=lambda k: tap_specs(config, k))
+        run_parity(
+            backends, iter(batches), tol, config=config, expected=lambda k: tap_specs(config, k), reference="reference"
+        )
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         a, b = statistics.median(bare), statistics.median(full)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -25,8 +25,8 @@ class Backend(abc.ABC):
     Constructing a backend sets and verifies its precision and determinism controls.
     """
 
-    name: ClassVar[str] = ""
-    precision: ClassVar[str] = "float32"
+    name: str = ""
+    precision: str = "float32"
 
     def __init__(self, config: Any, weights: Mapping[str, np.ndarray], device: str = "cpu") -> None:
         self.config = config

@@ -56,14 +56,25 @@ def load_config(path: str | None, overrides: Sequence[str]) -> ModelConfig:
 def _progress(items: Iterable[Any]) -> Iterable[Any]:
     from tqdm import tqdm
 
-    return tqdm(items, desc="parity", unit="batch", file=sys.stderr, disable=None)
+    bar: Iterable[Any] = tqdm(items, desc="parity", unit="batch", file=sys.stderr, disable=None)
+    return bar
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from parity.registry import registered_names
     from parity.report import write_reports
     from parity.session import RunSpec, run
 
     config = load_config(args.config, args.set)
+    known = registered_names()
+    for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        if name not in known:  # a typo, not a framework that is missing: never a silent pass
+            raise ParityInputError(
+                f"option --backends: {name!r} is not a registered backend; registered: {', '.join(known) or 'none'}"
+            )
+    report = Path(args.report)
+    if report.exists() and not report.is_dir():
+        raise ParityInputError(f"option --report: {report} exists and is not a folder")
     spec = RunSpec(
         config=config,
         fixture=args.fixture,
@@ -78,7 +89,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         require=args.require_backends,
     )
     result = run(spec, progress=_progress)
-    paths = write_reports(result, args.report, html=not args.no_html, all_taps=args.all_taps)
+    try:
+        paths = write_reports(result, report, html=not args.no_html, all_taps=args.all_taps)
+    except OSError as exc:
+        raise ParityInputError(f"option --report: cannot write the report into {report} ({exc})") from exc
     for n, r in result.backends.items():
         if not r.available:
             print(f"backend {n} unavailable: {r.reason}", file=sys.stderr)

@@ -92,12 +92,25 @@ def _options(config: pytest.Config) -> ParityOptions:
     )
 
 
+def _load_tolerances(options: ParityOptions) -> Tolerances:
+    try:
+        return load_tolerances(options.tolerances, profile=options.device)
+    except ParityInputError as exc:
+        raise pytest.UsageError(f"--parity-tolerances: {exc}") from exc
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "parity: forward-parity tests comparing backends (select with -m parity)")
-    config.stash[_OPTIONS] = _options(config)
+    options = _options(config)
+    config.stash[_OPTIONS] = options
+    if options.tolerances is not None:
+        # Read now, not when the first test asks for it: a bad file is a usage error of the session
+        # (exit code 4, one message) rather than a setup error repeated for every parity test.
+        config.stash[_TOLERANCES] = _load_tolerances(options)
 
 
 _OPTIONS = pytest.StashKey[ParityOptions]()
+_TOLERANCES = pytest.StashKey[Tolerances]()
 
 
 @pytest.fixture(scope="session")
@@ -106,11 +119,10 @@ def parity_options(pytestconfig: pytest.Config) -> ParityOptions:
 
 
 @pytest.fixture(scope="session")
-def parity_tolerances(parity_options: ParityOptions) -> Tolerances:
-    try:
-        return load_tolerances(parity_options.tolerances, profile=parity_options.device)
-    except ParityInputError as exc:
-        raise pytest.UsageError(f"--parity-tolerances: {exc}") from exc
+def parity_tolerances(pytestconfig: pytest.Config, parity_options: ParityOptions) -> Tolerances:
+    if _TOLERANCES in pytestconfig.stash:
+        return pytestconfig.stash[_TOLERANCES]
+    return _load_tolerances(parity_options)
 
 
 def _report_folder(options: ParityOptions, nodeid: str) -> Path:

@@ -196,7 +196,8 @@ def write_statistics(result: ParityResult, path: Path) -> None:
     }
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, allow_pickle=False, **arrays)
+            members: dict[str, Any] = dict(arrays)
+            np.savez_compressed(fh, **members)
 
 
 def write_reports(

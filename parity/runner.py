@@ -10,8 +10,9 @@ memory does not grow with the number of batches.
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +20,11 @@ import numpy as np
 
 from parity.backend import Backend
 from parity.compare import RULE, ComparisonResult, ElementwiseComparison
-from parity.config import ModelConfig, config_diff
+from parity.config import config_diff
+from parity.errors import ParityInputError
 from parity.stats import StatsAccumulator, summarise
 from parity.taps import TapSpec
-from parity.tolerances import Tolerances
+from parity.tolerances import ConfigLike, Tolerances, config_values
 
 _MISSING = "tap missing from "
 SAMPLES_KEPT = 2  # groups of the first batch kept per tap for the HTML report's patch grids
@@ -122,10 +124,11 @@ def run_parity(
     batches: Iterable[Any],
     tolerances: Tolerances,
     *,
-    config: ModelConfig | None = None,
+    config: ConfigLike = None,
     expected: Callable[[int], Sequence[TapSpec]] | None = None,
-    reference: str | None = "reference",
+    reference: str | None = None,
     unavailable: Mapping[str, str] | None = None,
+    taps: Collection[str] | None = None,
     fixture: Mapping[str, Any] | None = None,
     weights_sha256: str | None = None,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
@@ -133,8 +136,14 @@ def run_parity(
     """Run every batch through every backend and compare; see the module docstring.
 
     ``expected(batch_size)`` gives the tap list every backend must produce (PtychoPINN:
-    ``lambda b: tap_specs(config, b)``); ``reference`` names the float64 arbiter, if any.
+    ``lambda b: tap_specs(config, b)``); ``reference`` names the float64 arbiter, if any; ``taps``
+    (shell-style patterns) restricts the comparison to matching taps, e.g. when a wrapped original
+    exposes only some of them.
     """
+    if reference is not None and reference not in backends and reference not in (unavailable or {}):
+        raise ParityInputError(
+            f"reference backend {reference!r} is not among the backends ({', '.join(backends) or 'none'})"
+        )
     records: dict[str, BackendRecord] = {
         name: BackendRecord(name, False, reason) for name, reason in (unavailable or {}).items()
     }
@@ -145,7 +154,7 @@ def run_parity(
         verdict="pass",
         backends=records,
         reference=ref,
-        config=config.to_dict() if config is not None else None,
+        config=dict(config_values(config)) if config is not None else None,
         config_diff=config_diff({n: r.effective_config for n, r in records.items() if r.available}),
         fixture=dict(fixture) if fixture else None,
         weights_sha256=weights_sha256,
@@ -174,10 +183,14 @@ def run_parity(
         return comps[key]
 
     iterator = progress(batches) if progress else batches
+
+    def selected(name: str) -> bool:
+        return taps is None or any(fnmatch.fnmatchcase(name, p) for p in taps)
+
     for batch_index, batch in enumerate(iterator):
-        outputs = {name: be.forward(batch) for name, be in backends.items()}
+        outputs = {name: {t: v for t, v in be.forward(batch).items() if selected(t)} for name, be in backends.items()}
         size = next(iter(next(iter(outputs.values())).values())).shape[0] if outputs else 0
-        specs = list(expected(size)) if expected else None
+        specs = [s for s in expected(size) if selected(s.name)] if expected else None
         spec_by_name = {s.name: s for s in specs} if specs else {}
         for tap in _tap_order(specs, outputs, ref):
             if tap not in order:

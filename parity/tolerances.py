@@ -52,6 +52,16 @@ SCHEMA_VERSION = 1
 PROFILES = ("cpu", "cuda")
 _ALL_STATS = frozenset(stat_names(False) + stat_names(True))
 _CONFIG_KEYS = frozenset(ModelConfig().to_dict())
+# A ModelConfig, a third-party backend pair's own config object with to_dict(), or a plain mapping.
+ConfigLike = Any
+
+
+def config_values(config: ConfigLike) -> Mapping[str, Any]:
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        return config
+    return dict(config.to_dict())
 
 
 def default_tolerance_file() -> Path:
@@ -67,7 +77,7 @@ class Rule:
     backend: str | None = None
     when: Mapping[str, Any] = field(default_factory=dict)
 
-    def applies(self, tap: str, config: ModelConfig | None, statistic: str = "*", backend: str | None = None) -> bool:
+    def applies(self, tap: str, config: ConfigLike, statistic: str = "*", backend: str | None = None) -> bool:
         if not fnmatch.fnmatchcase(tap, self.pattern):
             return False
         if self.statistic != "*" and not fnmatch.fnmatchcase(statistic, self.statistic):
@@ -77,7 +87,7 @@ class Rule:
         if self.when:
             if config is None:
                 return False
-            values = config.to_dict()
+            values = config_values(config)
             return all(values.get(k) == v for k, v in self.when.items())
         return True
 
@@ -90,7 +100,7 @@ class Section:
     pair_factor: float = 1.0
 
     def lookup(
-        self, tap: str, config: ModelConfig | None, statistic: str = "*", backend: str | None = None
+        self, tap: str, config: ConfigLike, statistic: str = "*", backend: str | None = None
     ) -> tuple[float, float]:
         atol, rtol = self.atol, self.rtol
         for rule in self.rules:
@@ -108,7 +118,7 @@ class Tolerances:
     source: str
     profile: str
 
-    def elementwise(self, tap: str, config: ModelConfig | None, pair: bool = False) -> tuple[float, float]:
+    def elementwise(self, tap: str, config: ConfigLike, pair: bool = False) -> tuple[float, float]:
         """(atol, rtol) for comparing a tap; ``pair`` for backend vs backend instead of vs reference."""
         atol, rtol = self.elementwise_section.lookup(tap, config)
         if pair:
@@ -116,7 +126,7 @@ class Tolerances:
             return atol * f, rtol * f
         return atol, rtol
 
-    def statistic(self, tap: str, statistic: str, backend: str, config: ModelConfig | None) -> tuple[float, float]:
+    def statistic(self, tap: str, statistic: str, backend: str, config: ConfigLike) -> tuple[float, float]:
         return self.statistics_section.lookup(tap, config, statistic, backend)
 
 
@@ -136,7 +146,12 @@ def _check_keys(table: Mapping[str, Any], allowed: Collection[str], where: str) 
 
 
 def _parse_section(
-    table: Any, where: str, known_taps: Collection[str], is_stats: bool, base: Section | None
+    table: Any,
+    where: str,
+    known_taps: Collection[str],
+    is_stats: bool,
+    base: Section | None,
+    config_keys: Collection[str] = _CONFIG_KEYS,
 ) -> Section:
     if not isinstance(table, Mapping):
         raise ToleranceError(f"{where}: must be a table")
@@ -179,9 +194,9 @@ def _parse_section(
         if not isinstance(when, Mapping):
             raise ToleranceError(f"{w}: key 'when' must be a table of config keys")
         for k in when:
-            if k not in _CONFIG_KEYS:
+            if k not in config_keys:
                 raise ToleranceError(
-                    f"{w}: 'when' names unknown config key {k!r}; allowed: {', '.join(sorted(_CONFIG_KEYS))}"
+                    f"{w}: 'when' names unknown config key {k!r}; allowed: {', '.join(sorted(config_keys))}"
                 )
         if "measured" in entry:
             _number(entry["measured"], w, "measured")
@@ -202,8 +217,14 @@ def load_tolerances(
     path: str | os.PathLike[str] | None = None,
     profile: str = "cpu",
     known_taps: Collection[str] | None = None,
+    config_keys: Collection[str] | None = None,
 ) -> Tolerances:
-    """Parse and validate a tolerance file; ``known_taps`` defaults to every PtychoPINN tap name."""
+    """Parse and validate a tolerance file.
+
+    ``known_taps`` (patterns must match one) and ``config_keys`` (allowed in ``when``) default to the
+    PtychoPINN model's; a third-party backend pair passes its own.
+    """
+    keys = frozenset(config_keys) if config_keys is not None else _CONFIG_KEYS
     p = Path(path) if path is not None else default_tolerance_file()
     if profile not in PROFILES:
         raise ToleranceError(f"tolerance profile {profile!r} is unknown; allowed: {', '.join(PROFILES)}")
@@ -223,8 +244,8 @@ def load_tolerances(
     for key in ("elementwise", "statistics"):
         if key not in data:
             raise ToleranceError(f"{where}: missing required table [{key}]")
-    elem = _parse_section(data["elementwise"], f"{where}: [elementwise]", taps, False, None)
-    stats = _parse_section(data["statistics"], f"{where}: [statistics]", taps, True, None)
+    elem = _parse_section(data["elementwise"], f"{where}: [elementwise]", taps, False, None, keys)
+    stats = _parse_section(data["statistics"], f"{where}: [statistics]", taps, True, None, keys)
     profiles = data.get("profiles", {})
     if not isinstance(profiles, Mapping):
         raise ToleranceError(f"{where}: [profiles] must be a table")
@@ -237,8 +258,8 @@ def load_tolerances(
             raise ToleranceError(f"{w}: must be a table")
         _check_keys(prof, {"elementwise", "statistics"}, w)
         # Parse every profile, not just the selected one, so a broken cuda section fails on CPU too.
-        p_elem = _parse_section(prof.get("elementwise", {}), f"{w}.elementwise", taps, False, base_elem)
-        p_stats = _parse_section(prof.get("statistics", {}), f"{w}.statistics", taps, True, base_stats)
+        p_elem = _parse_section(prof.get("elementwise", {}), f"{w}.elementwise", taps, False, base_elem, keys)
+        p_stats = _parse_section(prof.get("statistics", {}), f"{w}.statistics", taps, True, base_stats, keys)
         if name == profile:
             elem, stats = p_elem, p_stats
     return Tolerances(elem, stats, where, profile)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -34,8 +34,8 @@ class ReferenceBackend(Backend):
     and are widened to float64 before any arithmetic, so the reference itself adds no float32 error.
     """
 
-    name: ClassVar[str] = "reference"
-    precision: ClassVar[str] = "float64"
+    name: str = "reference"
+    precision: str = "float64"
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], device: str = "cpu") -> None:
         if not isinstance(config, ModelConfig):

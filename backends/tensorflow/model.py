@@ -17,7 +17,7 @@ import math
 import os
 import platform
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import keras
 import numpy as np
@@ -376,8 +376,8 @@ def _onednn_enabled() -> bool | None:
 class TensorFlowBackend(Backend):
     """PtychoPINN forward model in TensorFlow / Keras 3, float32, one tf.function per instance."""
 
-    name: ClassVar[str] = "tensorflow"
-    precision: ClassVar[str] = "float32"
+    name: str = "tensorflow"
+    precision: str = "float32"
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], device: str = "cpu") -> None:
         validate_weights(weights, config)

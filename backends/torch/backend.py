@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,8 +60,8 @@ def set_precision_controls(device: torch.device) -> None:
 class TorchBackend(Backend):
     """PtychoPINN in PyTorch, float32 / complex64, on CPU or one CUDA device."""
 
-    name: ClassVar[str] = "torch"
-    precision: ClassVar[str] = "float32"
+    name: str = "torch"
+    precision: str = "float32"
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], device: str = "cpu") -> None:
         validate_weights(weights, config)

@@ -25,6 +25,7 @@ def _result(tol, bad=True):
         _batches(),
         tol,
         expected=_expected,
+        reference="reference",
         fixture={"path": "fixtures/x.h5", "sha256": "ab" * 32},
         weights_sha256="cd" * 32,
     )

@@ -1,0 +1,386 @@
+"""Baselines through the pytest plugin, in inner pytest sessions, as a user of ``pytest -m parity`` meets them.
+
+The inner sessions run in-process (``pytester.runpytest``): importing TensorFlow and PyTorch again in a
+subprocess per session would cost seconds each. pytester drops every module an inner session imports,
+and TensorFlow cannot be imported twice in one process, so :func:`warm` runs the same small config once
+in this process first.
+"""
+
+import io
+import json
+import os
+import time
+import zipfile
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from parity.baseline import (
+    STAT_NAMES_KEY,
+    meta_path,
+    read_arrays,
+    read_metadata,
+    stale_reasons,
+    write_arrays,
+)
+from parity.config import ModelConfig
+from parity.errors import BaselineError
+from parity.fixture import bundled_fixture, file_sha256
+from parity.report import write_reports
+from parity.session import RunSpec, run
+from parity.tolerances import load_tolerances
+from parity.weights import generate_weights, weights_sha256
+
+pytest_plugins = ["pytester"]
+
+CONFIG = ModelConfig(gridsize=1, probe_big=False)
+BACKENDS = ("reference", "torch", "tensorflow")
+INNER_TEST = """
+import pytest
+
+from parity.config import ModelConfig
+
+
+@pytest.mark.parity
+def test_small(parity_run, parity_baseline):
+    result = parity_run(ModelConfig(gridsize=1, probe_big=False), batch_size=1, max_groups=1)
+    parity_baseline.check(result)
+"""
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """Import every framework and lazily loaded module before pytester takes its snapshot of sys.modules."""
+    result = run(RunSpec(config=CONFIG, batch_size=1, max_groups=1))
+    write_reports(result, tmp_path_factory.mktemp("warm"))
+    assert result.passed, result.describe_failure()
+
+
+@pytest.fixture
+def inner(warm, pytester):
+    pytester.makepyfile(test_baselines=INNER_TEST)
+    return pytester
+
+
+def _run(pytester, *args):
+    return pytester.runpytest("-p", "no:cacheprovider", "--parity-report-dir", "rep", *args)
+
+
+def _npz(pytester, backend):
+    return pytester.path / "test_baselines" / f"test_small-{backend}.npz"
+
+
+def _files(pytester):
+    return sorted(p.name for p in (pytester.path / "test_baselines").iterdir())
+
+
+def _stamp(path):
+    """Changes whenever the file is rewritten (atomic writes give it a new inode), even with equal bytes."""
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, path.read_bytes()
+
+
+def _stamps(pytester):
+    paths = [p for b in BACKENDS for p in (_npz(pytester, b), meta_path(_npz(pytester, b)))]
+    return {p.name: _stamp(p) for p in paths}
+
+
+def _report(pytester):
+    (path,) = (pytester.path / "rep").glob("*/report.json")
+    return json.loads(path.read_text())
+
+
+def _load(path):
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _rows(arrays, tap):
+    """{statistic: values} of one tap of a baseline file."""
+    arr = arrays[tap]
+    return dict(zip(arrays[f"{STAT_NAMES_KEY}{arr.shape[0]}"].tolist(), arr, strict=True))
+
+
+def _set_row(arrays, tap, statistic, values):
+    arr = arrays[tap].copy()
+    names = arrays[f"{STAT_NAMES_KEY}{arr.shape[0]}"].tolist()
+    arr[names.index(statistic)] = values
+    arrays[tap] = arr
+
+
+def _within_loosest_only(arrays, backend):
+    """(tap, statistic, changed values): a change that only that statistic's own tolerance catches.
+
+    pytest-regressions compares each tap with the loosest tolerance of its statistics; the harness then
+    applies each statistic's own tolerance. This finds a statistic far tighter than its tap's loosest.
+    """
+    tols = load_tolerances()
+    for tap in arrays:
+        if tap.startswith(STAT_NAMES_KEY):
+            continue
+        rows = _rows(arrays, tap)
+        per = {s: tols.statistic(tap, s, backend, CONFIG) for s in rows}
+        loose_atol, loose_rtol = max(a for a, _ in per.values()), max(r for _, r in per.values())
+        for stat, (atol, rtol) in per.items():
+            v = np.asarray(rows[stat], dtype=np.float64)
+            tight = atol + rtol * np.abs(v)
+            loose = loose_atol + loose_rtol * np.abs(v)
+            if np.all(loose > 1000 * tight) and np.all(tight > 100 * np.spacing(np.abs(v).astype(rows[stat].dtype))):
+                return tap, stat, (v + np.sqrt(tight * loose)).astype(rows[stat].dtype)
+    raise AssertionError(f"no statistic of {backend} is much tighter than its tap's loosest tolerance")
+
+
+def test_baseline_lifecycle_create_compare_change_regenerate(inner, monkeypatch):
+    # Zip members carry the time they were written; frozen, rewriting unchanged statistics gives the
+    # same bytes (as it does for anyone who regenerates within the same two seconds).
+    monkeypatch.setattr(zipfile, "time", SimpleNamespace(time=lambda: 1.7e9, localtime=time.localtime))
+    weights = generate_weights(CONFIG)
+
+    # First run: every backend's baseline is created, and the test fails saying so.
+    res = _run(inner)
+    res.assert_outcomes(failed=1)
+    out = res.stdout.str()
+    for b in BACKENDS:
+        assert f"test_small-{b}: File not found in data directory, created" in out
+        meta = read_metadata(meta_path(_npz(inner, b)))
+        assert meta["backend"] == b
+        assert meta["fixture_sha256"] == file_sha256(bundled_fixture("n64_g1_grf"))
+        assert meta["fixture_name"] == "n64_g1_grf.h5"
+        assert meta["weights_sha256"] == weights_sha256(weights)
+        assert meta["config"] == CONFIG.to_dict()
+        assert meta["groups"] == 1
+        assert meta["environment"]["device"] == "cpu"
+    assert _files(inner) == sorted(f"test_small-{b}{ext}" for b in BACKENDS for ext in (".meta.json", ".npz"))
+    original = {b: _load(_npz(inner, b)) for b in BACKENDS}
+    # The baseline holds the statistics of the run, float32 for float32 backends.
+    with np.load(next((inner.path / "rep").glob("*/statistics.npz"))) as stats:
+        for b in BACKENDS:
+            for stat, values in _rows(original[b], "physics.diffraction").items():
+                np.testing.assert_allclose(values, stats[f"{b}|physics.diffraction|{stat}"], rtol=1e-6)
+    assert original["reference"]["physics.diffraction"].dtype == np.float64
+    assert original["torch"]["physics.diffraction"].dtype == np.float32
+
+    # Second run: compared and passing; nothing is rewritten.
+    before = _stamps(inner)
+    _run(inner).assert_outcomes(passed=1)
+    assert _stamps(inner) == before
+    report = _report(inner)
+    assert report["verdict"] == "pass" and report["baseline_notes"] == []
+    compared = {(c["a"], c["tap"]) for t in report["taps"] for c in t["baseline"]}
+    assert {a for a, _ in compared} == set(BACKENDS)
+    assert ("torch", "object.canvas") in compared
+
+    # Stored statistics changed: torch at two taps (the first in order of computation must be named,
+    # not the first in alphabetical order), tensorflow by a small amount that only the per-statistic
+    # tolerance catches.
+    torch_arrays = dict(original["torch"])
+    for tap in ("loss.mae", "output.amplitude"):
+        torch_arrays[tap] = torch_arrays[tap] * np.float32(1.5) + np.float32(1)
+    np.savez_compressed(_npz(inner, "torch"), **torch_arrays)
+    tf_arrays = dict(original["tensorflow"])
+    tf_tap, tf_stat, tf_values = _within_loosest_only(tf_arrays, "tensorflow")
+    _set_row(tf_arrays, tf_tap, tf_stat, tf_values)
+    np.savez_compressed(_npz(inner, "tensorflow"), **tf_arrays)
+    before = _stamps(inner)
+    res = _run(inner)
+    res.assert_outcomes(failed=1)
+    out = res.stdout.str()
+    assert "test_small-torch: Values are not sufficiently close" in out
+    assert "test_small-tensorflow: statistics changed beyond their tolerance:" in out
+    assert f"{tf_tap} / {tf_stat} [vs_baseline: tensorflow vs baseline]: MISMATCH 1 / " in out
+    assert _stamps(inner) == before  # a failing comparison rewrites nothing
+    report = _report(inner)
+    assert report["verdict"] == "fail" and report["passed"] is False
+    assert report["baseline_notes"] == [
+        "torch: first tap changed since its baseline: output.amplitude (mean)",
+        f"tensorflow: first tap changed since its baseline: {tf_tap} ({tf_stat})",
+    ]
+    failed = {(c["a"], c["tap"]) for t in report["taps"] for c in t["baseline"] if not c["passed"]}
+    assert failed == {("torch", "output.amplitude"), ("torch", "loss.mae"), ("tensorflow", tf_tap)}
+    taps = {t["name"]: t for t in report["taps"]}
+    assert taps["output.amplitude"]["passed"] is False
+    assert taps["output.intensity"]["passed"] is True
+    bad = [c for c in taps["output.amplitude"]["baseline"] if c["a"] == "torch" and not c["passed"]]
+    assert bad and all(c["kind"] == "vs_baseline" and c["mismatched"] > 0 for c in bad)
+
+    # --force-regen rewrites the two changed baselines (and fails, as pytest-regressions does), the
+    # unchanged one stays; the next run passes.
+    res = _run(inner, "--force-regen")
+    res.assert_outcomes(failed=1)
+    out = res.stdout.str()
+    assert "test_small-torch: Files differ and --force-regen set, regenerating file at" in out
+    assert f"regenerated by --force-regen: {_npz(inner, 'tensorflow')}" in out
+    after = _stamps(inner)
+    assert after["test_small-reference.npz"] == before["test_small-reference.npz"]
+    assert after["test_small-torch.npz"] != before["test_small-torch.npz"]
+    assert after["test_small-tensorflow.npz"] != before["test_small-tensorflow.npz"]
+    for b in BACKENDS:
+        regenerated = _load(_npz(inner, b))
+        assert regenerated.keys() == original[b].keys()
+        for k, v in original[b].items():
+            np.testing.assert_array_equal(regenerated[k], v, err_msg=f"{b} {k}")
+    _run(inner).assert_outcomes(passed=1)
+
+    # --regen-all rewrites every baseline and its metadata, without comparing (so a stale one too),
+    # and passes. With the zip timestamps frozen the unchanged statistics give the same bytes: the
+    # metadata must be rewritten all the same.
+    meta = read_metadata(meta_path(_npz(inner, "torch")))
+    meta["weights_sha256"] = "0" * 64
+    meta_path(_npz(inner, "torch")).write_text(json.dumps(meta))
+    before = _stamps(inner)
+    _run(inner, "--regen-all").assert_outcomes(passed=1)
+    after = _stamps(inner)
+    for name, stamp in before.items():
+        assert after[name][:2] != stamp[:2], f"{name} was not rewritten by --regen-all"
+        if name.endswith(".npz"):
+            assert after[name][2] == stamp[2]
+    assert read_metadata(meta_path(_npz(inner, "torch")))["weights_sha256"] == weights_sha256(weights)
+    assert _files(inner) == sorted(before)
+
+
+def test_stale_and_corrupt_baselines_are_reported_not_compared(inner):
+    _run(inner).assert_outcomes(failed=1)  # creates the baselines
+    original = {b: _load(_npz(inner, b)) for b in BACKENDS}
+
+    # torch: made from another fixture, and its values changed too (they must not be compared).
+    meta = read_metadata(meta_path(_npz(inner, "torch")))
+    meta["fixture_sha256"] = "0" * 64
+    meta_path(_npz(inner, "torch")).write_text(json.dumps(meta))
+    doubled = {k: v * 2 if v.dtype.kind == "f" else v for k, v in original["torch"].items()}
+    np.savez_compressed(_npz(inner, "torch"), **doubled)
+    # tensorflow: metadata is garbage. reference: the baseline file is garbage.
+    meta_path(_npz(inner, "tensorflow")).write_bytes(b"\x00\xffnot json")
+    _npz(inner, "reference").write_bytes(b"PK\x03\x04garbage" * 10)
+    before = _stamps(inner)
+    res = _run(inner)
+    res.assert_outcomes(failed=1)
+    out = res.stdout.str()
+    assert f"{_npz(inner, 'torch')}: baseline made from other inputs or unreadable, not compared" in out
+    assert "fixture differs (baseline: '" + "0" * 64 + "'" in out
+    assert "regenerate with --force-regen" in out
+    assert f"{meta_path(_npz(inner, 'tensorflow'))}: baseline metadata is not valid JSON" in out
+    assert f"{_npz(inner, 'reference')}: baseline file is corrupt" in out
+    assert _stamps(inner) == before  # nothing is rewritten without --force-regen
+    report = _report(inner)
+    assert report["verdict"] == "fail"
+    assert [c for t in report["taps"] for c in t["baseline"]] == []  # none of the three was compared
+    sep = ": baseline made from other inputs or unreadable, not compared: "
+    notes = [n.partition(sep) for n in report["baseline_notes"]]
+    assert [(n[0], n[1]) for n in notes] == [(str(_npz(inner, b)), sep) for b in BACKENDS]
+
+    # --force-regen rewrites all three (and fails, saying so); the next run passes.
+    res = _run(inner, "--force-regen")
+    res.assert_outcomes(failed=1)
+    assert res.stdout.str().count("(regenerated by --force-regen)") == 3
+    for b in BACKENDS:
+        assert read_metadata(meta_path(_npz(inner, b)))["fixture_sha256"] == file_sha256(bundled_fixture("n64_g1_grf"))
+        regenerated = _load(_npz(inner, b))
+        for k, v in original[b].items():
+            np.testing.assert_array_equal(regenerated[k], v, err_msg=f"{b} {k}")
+    _run(inner).assert_outcomes(passed=1)
+    assert _files(inner) == sorted(f"test_small-{b}{ext}" for b in BACKENDS for ext in (".meta.json", ".npz"))
+
+
+def test_stale_reasons_name_each_input_that_differs():
+    meta = {"fixture_sha256": "a", "weights_sha256": "b", "config": {"N": 64}, "groups": 1, "backend": "torch"}
+    assert stale_reasons(meta, dict(meta)) == []
+    reasons = stale_reasons(meta, {**meta, "weights_sha256": "c", "groups": 2})
+    assert reasons == [
+        "weights differs (baseline: 'b', now: 'c')",
+        "number of groups differs (baseline: 1, now: 2)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "baseline metadata is missing"),
+        (b"{not json", "baseline metadata is not valid JSON"),
+        (b"\xff\xfe\x00", "baseline metadata is not valid JSON"),
+        (b'{"schema_version": 99}', "key 'schema_version' is 99; expected 1"),
+        (b"[1, 2]", "key 'schema_version' is None; expected 1"),
+    ],
+)
+def test_unusable_metadata_is_an_error_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "x.meta.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(BaselineError) as info:
+        read_metadata(path)
+    assert str(info.value).startswith(f"{path}: {message}")
+
+
+def _npy_bytes():
+    buf = io.BytesIO()
+    np.save(buf, np.arange(3.0))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "baseline file does not exist"),
+        (b"garbage bytes, not a zip archive", "baseline file is corrupt"),
+        (b"", "baseline file is corrupt"),
+        (_npy_bytes(), "baseline file is corrupt (ValueError: a single .npy array, not an .npz archive)"),
+    ],
+)
+def test_unusable_baseline_file_is_an_error_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "x.npz"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(BaselineError) as info:
+        read_arrays(path)
+    assert str(info.value).startswith(f"{path}: {message}")
+    assert str(info.value).endswith("regenerate with --force-regen") or content is None
+
+
+def test_any_damaged_byte_is_reported_as_corrupt_or_harmless(tmp_path):
+    """Flip each byte of a small baseline in turn: reading either raises BaselineError naming the file
+    (zip, zlib, CRC or .npy header damage alike) or gives the same values (a zip timestamp, say)."""
+    path = tmp_path / "x.npz"
+    arrays = {"tap": np.linspace(0, 1, 40).reshape(4, 10), f"{STAT_NAMES_KEY}4": np.array(["a", "b", "c", "d"])}
+    write_arrays(path, arrays)
+    good = path.read_bytes()
+    outcomes = set()
+    for i in range(len(good)):
+        path.write_bytes(good[:i] + bytes([good[i] ^ 0xFF]) + good[i + 1 :])
+        try:
+            got = read_arrays(path)
+        except BaselineError as exc:
+            assert str(exc).startswith(f"{path}: baseline file is corrupt ("), i
+            outcomes.add("corrupt")
+        else:
+            # A damaged member name only renames a key, which the comparison reports by name.
+            for key in got.keys() & arrays.keys():
+                np.testing.assert_array_equal(got[key], arrays[key], err_msg=f"byte {i}")
+            outcomes.add("harmless")
+    assert outcomes == {"corrupt", "harmless"}
+
+
+@pytest.mark.parametrize("interruption", [OSError("No space left on device"), KeyboardInterrupt()])
+@pytest.mark.parametrize("existing", [True, False])
+def test_interrupted_write_leaves_no_torn_baseline(tmp_path, monkeypatch, interruption, existing):
+    path = tmp_path / "test_x-torch.npz"
+    if existing:
+        write_arrays(path, {"tap": np.arange(6.0).reshape(2, 3)})
+        old = path.read_bytes()
+    real = np.savez_compressed
+
+    def torn(file, *args, **kwds):
+        real(file, *args, **kwds)  # the whole archive, then truncated: an interrupted write
+        file.truncate(file.tell() // 2)
+        raise interruption
+
+    monkeypatch.setattr(np, "savez_compressed", torn)
+    with pytest.raises(type(interruption)):
+        write_arrays(path, {"tap": np.ones((2, 3)), "other": np.zeros(5)})
+    assert sorted(os.listdir(tmp_path)) == ([path.name] if existing else [])
+    if existing:
+        assert path.read_bytes() == old
+        np.testing.assert_array_equal(read_arrays(path)["tap"], np.arange(6.0).reshape(2, 3))
+    monkeypatch.setattr(np, "savez_compressed", real)
+    write_arrays(path, {"tap": np.ones((2, 3))})
+    np.testing.assert_array_equal(read_arrays(path)["tap"], np.ones((2, 3)))
+    assert os.listdir(tmp_path) == [path.name]

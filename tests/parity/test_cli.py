@@ -1,0 +1,287 @@
+"""The ``ptycho-parity`` command, called in-process: exit codes 0 / 1 / 2, its files and its messages."""
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from parity.cli import main
+from parity.config import ModelConfig
+from parity.fixture import bundled_fixture, bundled_fixtures_dir, file_sha256
+from parity.simulate import SimulationParams, simulate
+from parity.tolerances import default_tolerance_file
+from parity.weights import DEFAULT_SEED, generate_weights, load_weights, save_weights, weights_sha256
+
+SMALL = ["--set", "gridsize=1", "--set", "probe_big=false", "--batch-size", "1", "--max-groups", "1"]
+BACKENDS = ("reference", "torch", "tensorflow")
+REPORT_FILES = {"report.json", "report.md", "report.html", "statistics.npz"}
+
+
+@pytest.fixture(scope="module")
+def good_report(tmp_path_factory):
+    """One passing run of the three backends: (exit code, stdout, report folder)."""
+    folder = tmp_path_factory.mktemp("good") / "report"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["run", *SMALL, "--backends", ",".join(BACKENDS), "--report", str(folder)])
+    return code, out.getvalue(), folder
+
+
+def _contents(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_run_passes_exits_0_and_writes_every_report(good_report):
+    code, out, folder = good_report
+    assert code == 0, out
+    assert "verdict: pass" in out
+    assert f"report: {folder / 'report.json'}" in out
+    assert {p.name for p in folder.iterdir()} == REPORT_FILES
+    data = json.loads((folder / "report.json").read_text())
+    assert data["verdict"] == "pass" and data["passed"] is True and data["first_divergence"] is None
+    assert {n: b["available"] for n, b in data["backends"].items()} == dict.fromkeys(BACKENDS, True)
+    assert data["config"] == ModelConfig(gridsize=1, probe_big=False).to_dict()
+    assert data["fixture"]["sha256"] == file_sha256(bundled_fixture("n64_g1_grf"))
+    assert data["groups"] == 1
+    assert "**PASS**" in (folder / "report.md").read_text()
+    assert (folder / "report.html").read_text().lstrip().lower().startswith("<!doctype html")
+
+
+def test_diverging_run_exits_1_and_names_the_first_diverging_tap(tmp_path, capsys):
+    # Exact equality for the encoder: float32 backends cannot meet it against the float64 reference.
+    strict = '[[elementwise.tap]]\npattern = "encoder.*"\natol = 0\nrtol = 0\n\n'
+    text = default_tolerance_file().read_text()
+    tolerances = tmp_path / "strict.toml"
+    tolerances.write_text(text.replace("\n[statistics]\n", "\n" + strict + "[statistics]\n", 1))
+    report = tmp_path / "report"
+    code = main(["run", *SMALL, "--tolerances", str(tolerances), "--report", str(report), "--no-html"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "verdict: fail" in out
+    assert "first diverging tap: encoder.block0.conv0 (backends: " in out
+    data = json.loads((report / "report.json").read_text())
+    assert data["verdict"] == "fail"
+    assert data["tolerances"]["source"] == str(tolerances)
+    assert data["first_divergence"]["tap"] == "encoder.block0.conv0"
+    assert sorted(data["first_divergence"]["blamed"]) == ["tensorflow", "torch"]
+    taps = {t["name"]: t for t in data["taps"]}
+    assert taps["input.scaled"]["passed"] is True  # taps before it still pass at the bundled tolerances
+
+
+def _weights_of_gridsize_2(tmp_path):
+    path = tmp_path / "weights-gridsize2.h5"
+    config = ModelConfig(gridsize=2, probe_big=False)
+    save_weights(path, generate_weights(config), config)
+    return path
+
+
+def _garbage(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + b"not really" * 20)
+    return path
+
+
+def _typo_tolerances(tmp_path):
+    path = tmp_path / "typo.toml"
+    path.write_text(
+        "schema_version = 1\n[elementwise]\natol = 1e-5\nrtol = 1e-5\n"
+        '[[elementwise.tap]]\npattern = "encodr.*"\natol = 1\nrtol = 1\n'
+        "[statistics]\natol = 1e-5\nrtol = 1e-5\n"
+    )
+    return path
+
+
+# (arguments added to a small run, built in tmp_path; what stderr must say, {path} being the file made)
+BAD_INPUT = {
+    "unknown-config-key": (lambda t: ["--set", "nosuchkey=1"], "config (--set): unknown key 'nosuchkey'"),
+    "value-out-of-range": (lambda t: ["--set", "gridsize=3"], "config (--set): key 'gridsize' has value 3; allowed"),
+    "value-of-wrong-type": (
+        lambda t: ["--set", "probe_big=maybe"],
+        "config (--set): key 'probe_big' has value 'maybe' of type str",
+    ),
+    "set-without-value": (lambda t: ["--set", "gridsize"], "option --set: expected KEY=VALUE, got 'gridsize'"),
+    "missing-config-file": (lambda t: ["--config", str(t / "nope.toml")], "{path}: cannot read config file"),
+    "missing-fixture-file": (lambda t: ["--fixture", str(t / "nope.h5")], "{path}: fixture file does not exist"),
+    "unknown-bundled-fixture": (lambda t: ["--fixture", "n64_g9"], "bundled fixture 'n64_g9' does not exist"),
+    "corrupt-fixture": (lambda t: ["--fixture", str(_garbage(t, "bad.h5"))], "{path}: not a readable HDF5 file"),
+    "fixture-of-other-config": (
+        lambda t: ["--fixture", "n64_g2_lines"],
+        "n64_g2_lines.h5: attribute 'gridsize' is 2 but the config has gridsize=1",
+    ),
+    "bad-tolerance-file": (
+        lambda t: ["--tolerances", str(_typo_tolerances(t))],
+        "{path}: [elementwise].tap[0]: pattern 'encodr.*' matches no tap",
+    ),
+    "missing-tolerance-file": (
+        lambda t: ["--tolerances", str(t / "nope.toml")],
+        "{path}: tolerance file does not exist",
+    ),
+    "unknown-backend-required": (
+        lambda t: ["--backends", "reference,nope", "--require-backends"],
+        "'nope' is not a registered backend; registered: reference, tensorflow, torch",
+    ),
+    "unknown-backend": (
+        lambda t: ["--backends", "reference,tensorflw"],
+        "'tensorflw' is not a registered backend; registered: reference, tensorflow, torch",
+    ),
+    "weights-of-other-config": (
+        lambda t: ["--weights", str(_weights_of_gridsize_2(t))],
+        "{path}: parameter 'encoder.block0.conv0.kernel' has shape (3, 3, 4, 64); expected (3, 3, 1, 64)",
+    ),
+    "missing-weights": (lambda t: ["--weights", str(t / "nope.h5")], "{path}: weights file does not exist"),
+    "batch-size-0": (lambda t: ["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_exits_2_naming_it_and_leaves_the_report_alone(good_report, tmp_path, capsys, case):
+    make_args, message = BAD_INPUT[case]
+    report = tmp_path / "report"
+    shutil.copytree(good_report[2], report)
+    before = _contents(report)
+    args = make_args(tmp_path)
+    code = main(["run", *SMALL, *args, "--report", str(report)])
+    captured = capsys.readouterr()
+    assert code == 2
+    path = next((a for a in args if a.startswith(str(tmp_path))), None)
+    assert captured.err.startswith("ptycho-parity: error: ")
+    assert message.format(path=path) in captured.err
+    assert "Traceback" not in captured.err
+    assert "verdict" not in captured.out
+    assert _contents(report) == before
+
+
+def test_unwritable_report_folder_is_bad_input(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    path.write_text("{}")
+    code = main(["run", *SMALL, "--backends", "reference", "--report", str(path)])
+    assert code == 2
+    assert f"option --report: {path} exists and is not a folder" in capsys.readouterr().err
+    assert path.read_text() == "{}"
+
+    folder = tmp_path / "report"
+    (folder / "report.json").mkdir(parents=True)  # where the JSON report must go
+    code = main(["run", *SMALL, "--backends", "reference", "--report", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"ptycho-parity: error: option --report: cannot write the report into {folder} (")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (["run", "--batch-size", "two"], "argument --batch-size: invalid int value: 'two'"),
+        ([], "the following arguments are required: command"),
+        (["check-device", "gpu"], "invalid choice: 'gpu'"),
+    ],
+)
+def test_usage_errors_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_backends_lists_the_three_available(capsys):
+    assert main(["backends"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert set(lines) >= set(BACKENDS)
+    for name, target in [
+        ("reference", "backends.reference:ReferenceBackend"),
+        ("torch", "backends.torch:TorchBackend"),
+        ("tensorflow", "backends.tensorflow:TensorFlowBackend"),
+    ]:
+        assert lines[name].split()[1:] == [target, "available"]
+
+
+def test_make_weights_writes_a_file_that_loads_and_runs(tmp_path, capsys):
+    config = ModelConfig(gridsize=1, probe_big=False)
+    expected = generate_weights(config, DEFAULT_SEED)
+    out = tmp_path / "w.h5"
+    assert main(["make-weights", "--set", "gridsize=1", "--set", "probe_big=false", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"{out} sha256(content)={weights_sha256(expected)}"
+    loaded = load_weights(out, config)
+    assert loaded.keys() == expected.keys()
+    for name, arr in expected.items():
+        np.testing.assert_array_equal(loaded[name], arr, err_msg=name)
+
+    seeded = tmp_path / "w7.h5"
+    assert main(["make-weights", "--set", "gridsize=1", "--set", "probe_big=false", "--seed", "7", str(seeded)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"={weights_sha256(generate_weights(config, 7))}")
+
+    report = tmp_path / "report"
+    code = main(["run", *SMALL, "--backends", "reference", "--weights", str(out), "--report", str(report), "--no-html"])
+    assert code == 0, capsys.readouterr()
+    assert json.loads((report / "report.json").read_text())["weights_sha256"] == weights_sha256(expected)
+
+
+def test_check_device_cpu_passes_and_cuda_without_gpu_exits_2(monkeypatch, capsys):
+    import tensorflow as tf
+    import torch
+
+    assert main(["check-device", "cpu"]) == 0
+    have_gpu = torch.cuda.is_available() and bool(tf.config.list_physical_devices("GPU"))
+    code = main(["check-device", "cuda"])
+    captured = capsys.readouterr()
+    if have_gpu:
+        assert code == 0 and "GPU visible to torch and tensorflow" in captured.out
+    else:
+        assert code == 2 and captured.err.startswith("no usable GPU: ")
+    # Neither framework sees a GPU, as on a CPU machine: exit 2 naming both, never a silent pass.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    assert main(["check-device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert f"torch {torch.__version__} sees no CUDA device" in err
+    assert f"tensorflow {tf.__version__} sees no GPU" in err
+
+
+def test_make_fixtures_check_reproduces_the_bundled_fixtures_untouched(capsys):
+    def digests():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(bundled_fixtures_dir().iterdir())}
+
+    before = digests()
+    assert main(["make-fixtures", "--check"]) == 0
+    assert "fixtures reproduce bit for bit" in capsys.readouterr().out
+    assert digests() == before
+
+
+def test_import_npz_gives_a_fixture_that_run_accepts(tmp_path, capsys):
+    sim = simulate(SimulationParams(kind="grf", N=64, gridsize=1, seed=77, scan_shape=(2, 3), nphotons=1e6))
+    npz = tmp_path / "ptychopinn.npz"
+    np.savez(
+        npz,
+        diff3d=sim.diffraction.astype(np.float64),
+        xcoords=sim.xcoords,
+        ycoords=sim.ycoords,
+        probeGuess=sim.probe.astype(np.complex128),
+        objectGuess=sim.object,
+    )
+    out = tmp_path / "imported.h5"
+    assert main(["import-npz", str(npz), str(out), "--gridsize", "1"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+
+    config = tmp_path / "config.toml"
+    config.write_text("[model]\ngridsize = 1\n")
+    report = tmp_path / "report"
+    args = ["--config", str(config), "--fixture", str(out), "--max-groups", "1", "--batch-size", "1"]
+    code = main(["run", *args, "--report", str(report), "--no-html"])
+    assert code == 0, capsys.readouterr()
+    data = json.loads((report / "report.json").read_text())
+    assert data["fixture"] == {"path": str(out), "sha256": file_sha256(out)}
+    assert data["config"] == ModelConfig(gridsize=1).to_dict()
+    assert data["groups"] == 1 and data["verdict"] == "pass"
+
+
+def test_import_npz_of_a_bad_file_exits_2_naming_it(tmp_path, capsys):
+    npz = tmp_path / "broken.npz"
+    np.savez(npz, xcoords=np.zeros(3), ycoords=np.zeros(3))
+    assert main(["import-npz", str(npz), str(tmp_path / "out.h5"), "--gridsize", "1"]) == 2
+    assert f"{npz}: key 'diff3d' (or 'diffraction') is missing" in capsys.readouterr().err
+    assert not (tmp_path / "out.h5").exists()

@@ -1,0 +1,219 @@
+"""The pytest plugin in inner pytest sessions: marker, options, backend availability, reports.
+
+Inner sessions run in-process (``pytester.runpytest``) on the reference backend alone, so no framework
+is imported; :func:`warm` first imports what a run imports lazily, because pytester drops every module
+an inner session imported.
+"""
+
+import json
+import shutil
+
+import pytest
+
+from parity.config import ModelConfig
+from parity.report import write_reports
+from parity.session import REQUIRE_ENV, RunSpec, run
+from parity.tolerances import default_tolerance_file
+
+pytest_plugins = ["pytester"]
+
+SMALL = "ModelConfig(gridsize=1, probe_big=False)"
+REPORT_FILES = {"report.json", "report.md", "report.html", "statistics.npz"}
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    config = ModelConfig(gridsize=1, probe_big=False)
+    result = run(RunSpec(config=config, backends=["reference"], batch_size=1, max_groups=1))
+    write_reports(result, tmp_path_factory.mktemp("warm"))
+
+
+@pytest.fixture
+def inner(warm, pytester, monkeypatch):
+    monkeypatch.delenv(REQUIRE_ENV, raising=False)  # CI sets it for the outer run
+    return pytester
+
+
+def _run(pytester, *args):
+    return pytester.runpytest("-p", "no:cacheprovider", *args)
+
+
+def test_marker_selects_parity_tests_and_each_writes_its_report(inner):
+    inner.makepyfile(
+        test_sel="""
+        import pytest
+
+        from parity.config import ModelConfig
+
+
+        @pytest.mark.parity
+        @pytest.mark.parametrize("probe_big", [True, False])
+        def test_forward(parity_run, parity_options, probe_big):
+            assert parity_options.backends == ("reference",)
+            result = parity_run(ModelConfig(gridsize=1, probe_big=probe_big), batch_size=1, max_groups=1)
+            assert result.passed
+
+
+        def test_not_parity():
+            raise AssertionError("must be deselected by -m parity")
+        """
+    )
+    tolerances = shutil.copy(default_tolerance_file(), inner.path / "my-tolerances.toml")
+    res = _run(
+        inner,
+        "-m",
+        "parity",
+        "--strict-markers",
+        "--parity-backends",
+        "reference",
+        "--parity-report-dir",
+        "out/reports",
+        "--parity-tolerances",
+        str(tolerances),
+    )
+    res.assert_outcomes(passed=2, deselected=1)
+    folders = {p.name: p for p in (inner.path / "out" / "reports").iterdir()}
+    assert set(folders) == {"test_sel.py_test_forward_True", "test_sel.py_test_forward_False"}
+    for name, folder in folders.items():
+        assert {p.name for p in folder.iterdir()} == REPORT_FILES
+        data = json.loads((folder / "report.json").read_text())
+        assert data["verdict"] == "pass"
+        assert data["config"] == ModelConfig(gridsize=1, probe_big=name.endswith("True")).to_dict()
+        assert list(data["backends"]) == ["reference"]
+        assert data["tolerances"] == {"source": str(tolerances), "profile": "cpu"}
+        assert data["groups"] == 1
+        assert "# ptycho-parity report: **PASS**" in (folder / "report.md").read_text()
+
+
+def test_strict_markers_know_parity_only_through_the_plugin(inner):
+    inner.makepyfile(
+        """
+        import pytest
+
+
+        @pytest.mark.parity
+        def test_marked():
+            pass
+        """
+    )
+    # In subprocesses: pytest caches known marker names process-wide, so in-process the outer session's
+    # registration would leak into an inner session without the plugin.
+    inner.runpytest_subprocess("--strict-markers", "-m", "parity").assert_outcomes(passed=1)
+    res = inner.runpytest_subprocess("--strict-markers", "-p", "no:parity")
+    assert res.ret == pytest.ExitCode.INTERRUPTED
+    res.stdout.fnmatch_lines(["*'parity' not found in `markers` configuration option*"])
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("reference,nope", "--parity-backends: 'nope' is not a registered backend; registered: *reference*"),
+        (" , ", "--parity-backends: no backend named"),
+    ],
+    ids=["unknown", "empty"],
+)
+def test_unknown_backend_is_a_usage_error_naming_it(inner, value, message):
+    inner.makepyfile("def test_nothing():\n    pass\n")
+    res = _run(inner, "--parity-backends", value)
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    res.stderr.fnmatch_lines([f"ERROR: {message}"])
+    res.stdout.no_fnmatch_line("*passed*")
+
+
+BASE_TOLERANCES = """schema_version = 1
+[elementwise]
+atol = 1e-5
+rtol = 1e-5
+[statistics]
+atol = 1e-5
+rtol = 1e-5
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            BASE_TOLERANCES + '[[statistics.tap]]\npattern = "amp.decodr.*"\natol = 0\nrtol = 0\n',
+            "[[]statistics].tap[[]0]: pattern 'amp.decodr.*' matches no tap; a typo here would silently disable*",
+        ),
+        (
+            BASE_TOLERANCES + '[[elementwise.tap]]\npattern = "encoder.*"\natoll = 0\natol = 0\nrtol = 0\n',
+            "[[]elementwise].tap[[]0]: unknown key 'atoll'*",
+        ),
+        (BASE_TOLERANCES.replace("rtol = 1e-5\n[statistics]", "rtol = -1\n[statistics]"), "*key 'rtol' must be*"),
+        ("schema_version = 1\n[elementwise\n", "not valid TOML*"),
+        (None, "tolerance file does not exist"),
+    ],
+    ids=["pattern-typo", "unknown-key", "negative-rtol", "not-toml", "missing"],
+)
+def test_bad_tolerance_file_is_a_usage_error_naming_file_and_key(inner, text, message):
+    inner.makepyfile(
+        """
+        import pytest
+
+
+        @pytest.mark.parity
+        def test_one(parity_tolerances):
+            pass
+
+
+        @pytest.mark.parity
+        def test_two(parity_tolerances):
+            pass
+        """
+    )
+    path = inner.path / "tol.toml"
+    if text is not None:
+        path.write_text(text)
+    res = _run(inner, "--parity-tolerances", str(path))
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    res.stderr.fnmatch_lines([f"ERROR: --parity-tolerances: {path}*{message}"])
+    res.stdout.no_fnmatch_line("*ERROR at setup*")  # reported once for the session, not per test
+    res.stdout.no_fnmatch_line("*passed*")
+
+
+@pytest.fixture
+def broken_backend(inner, monkeypatch):
+    """A third-party backend registered through the entry point group whose import fails."""
+    site = inner.mkdir("site")
+    (site / "broken_backend.py").write_text('raise ImportError("libbroken.so.1: cannot open shared object file")\n')
+    info = site / "broken_backend-0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-backend\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text("[ptycho_parity.backends]\nbroken = broken_backend:BrokenBackend\n")
+    monkeypatch.syspath_prepend(site)
+    inner.makepyfile(
+        test_broken=f"""
+        import pytest
+
+        from parity.config import ModelConfig
+
+
+        @pytest.mark.parity
+        def test_with_broken(parity_run):
+            parity_run({SMALL}, batch_size=1, max_groups=1)
+        """
+    )
+    return inner
+
+
+REASON = "ImportError: libbroken.so.1: cannot open shared object file"
+
+
+def test_unloadable_backend_skips_the_test_with_the_import_error(broken_backend):
+    res = _run(broken_backend, "-rs", "--parity-backends", "reference,broken", "--parity-report-dir", "rep")
+    res.assert_outcomes(skipped=1)
+    res.stdout.fnmatch_lines([f"SKIPPED *backend unavailable: broken: {REASON}"])
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_unloadable_backend_fails_the_test_when_backends_are_required(broken_backend, monkeypatch, how):
+    args = ["--parity-backends", "reference,broken", "--parity-report-dir", "rep"]
+    if how == "option":
+        args.append("--parity-require-backends")
+    else:
+        monkeypatch.setenv(REQUIRE_ENV, "1")
+    res = _run(broken_backend, *args)
+    res.assert_outcomes(failed=1)
+    res.stdout.fnmatch_lines([f"*required backend unavailable: backend 'broken' is unavailable: {REASON}*"])
