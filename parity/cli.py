@@ -87,6 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         weights_seed=args.seed,
         tolerances=args.tolerances,
         require=args.require_backends,
+        taps=[t.strip() for t in args.taps.split(",") if t.strip()] if args.taps else None,
     )
     result = run(spec, progress=_progress)
     try:
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--all-taps", action="store_true", help="pictures for every tap in the HTML report")
     r.add_argument("--no-html", action="store_true")
     r.add_argument("--require-backends", action="store_true", help="an unavailable backend is an error")
+    r.add_argument("--taps", help="compare only taps matching these comma-separated patterns (e.g. 'encoder.*')")
     r.set_defaults(func=cmd_run)
 
     g = sub.add_parser("regen-baselines", help="rewrite the stored baselines (pytest -m parity --force-regen)")

@@ -188,8 +188,15 @@ def run_parity(
         return taps is None or any(fnmatch.fnmatchcase(name, p) for p in taps)
 
     for batch_index, batch in enumerate(iterator):
-        outputs = {name: {t: v for t, v in be.forward(batch).items() if selected(t)} for name, be in backends.items()}
-        size = next(iter(next(iter(outputs.values())).values())).shape[0] if outputs else 0
+        raw = {name: be.forward(batch) for name, be in backends.items()}
+        if taps is not None and batch_index == 0:
+            produced = {t for out in raw.values() for t in out}
+            for pattern in taps:
+                if not any(fnmatch.fnmatchcase(t, pattern) for t in produced):
+                    raise ParityInputError(f"option taps: pattern {pattern!r} matches no tap the backends produce")
+        size = next((int(a.shape[0]) for out in raw.values() for a in out.values() if np.ndim(a)), 0)
+        outputs = {name: {t: v for t, v in out.items() if selected(t)} for name, out in raw.items()}
+        del raw
         specs = [s for s in expected(size) if selected(s.name)] if expected else None
         spec_by_name = {s.name: s for s in specs} if specs else {}
         for tap in _tap_order(specs, outputs, ref):

@@ -70,6 +70,7 @@ class RunSpec:
     weights_seed: int = DEFAULT_SEED
     tolerances: str | os.PathLike[str] | None = None
     require: bool = False
+    taps: Sequence[str] | None = None  # shell-style patterns: compare only matching taps
 
 
 def resolve_weights(spec: RunSpec) -> dict[str, np.ndarray]:
@@ -138,4 +139,5 @@ def run(
         fixture={"path": str(fixture_path), "sha256": fixture.sha256},
         weights_sha256=weights_sha256(weights),
         progress=progress,
+        taps=spec.taps,
     )

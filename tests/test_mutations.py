@@ -311,3 +311,25 @@ def test_unmutated_torch_backend_passes() -> None:
     assert {m.first_tap for m in MUTATIONS.values()} <= set(names)
     for t in result.taps:
         assert {c.a for c in t.comparisons if c.kind == "vs_reference"} == {"torch", "tensorflow"}, t.name
+
+
+def test_default_that_differs_stops_the_run_with_the_differing_key(tmp_path: Path) -> None:
+    """A port whose default for object_big differs: reported as a config difference, before any forward."""
+    spec = _spec()
+    drifted = ModelConfig(object_big=False)
+    torch_be = TorchBackend(drifted, resolve_weights(RunSpec(config=drifted)), spec.device)
+    calls = []
+    original = torch_be.forward
+    torch_be.forward = lambda batch: calls.append(1) or original(batch)  # type: ignore[method-assign]
+
+    result = run(spec, backend_overrides={"torch": torch_be})
+
+    assert result.verdict == "config_mismatch" and not result.passed
+    assert result.config_diff == {"object_big": {"reference": True, "torch": False, "tensorflow": True}}
+    assert not calls and not result.taps
+    assert "object_big: reference=True, torch=False, tensorflow=True" in result.describe_failure()
+    paths = write_reports(result, tmp_path, html=True)
+    report = json.loads(paths["json"].read_text(encoding="utf-8"))
+    assert report["verdict"] == "config_mismatch"
+    assert report["config_diff"]["object_big"]["torch"] is False
+    assert "| `object_big` |" in paths["markdown"].read_text(encoding="utf-8")

@@ -175,3 +175,25 @@ def test_samples_kept_only_from_first_batch(tol):
     res = _run(tol, a=Toy32)
     assert res.samples["a"]["toy.out"].shape[0] == 2
     np.testing.assert_array_equal(res.samples["reference"]["toy.in"], _batches()[0][:2])
+
+
+def test_tap_selection_compares_only_matching_taps(tol):
+    backends = {"reference": Toy(None, W), "bad": WrongScale(None, W)}
+    res = run_parity(backends, _batches(), tol, expected=_expected, reference="reference", taps=["toy.in", "toy.h*"])
+    assert [t.name for t in res.taps] == ["toy.in", "toy.hidden"] and res.passed
+    full = run_parity(backends, _batches(), tol, expected=_expected, reference="reference")
+    assert full.first_divergence["tap"] == "toy.out"
+
+
+def test_tap_pattern_matching_nothing_is_an_error(tol):
+    from parity.errors import ParityInputError
+
+    with pytest.raises(ParityInputError, match=r"option taps: pattern 'toy\.outt' matches no tap"):
+        run_parity({"reference": Toy(None, W)}, _batches(), tol, reference="reference", taps=["toy.outt"])
+
+
+def test_named_reference_must_exist(tol):
+    from parity.errors import ParityInputError
+
+    with pytest.raises(ParityInputError, match="reference backend 'ref64' is not among the backends"):
+        run_parity({"a": Toy32(None, W)}, _batches(), tol, reference="ref64")
