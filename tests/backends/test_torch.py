@@ -258,9 +258,7 @@ def test_diffraction_conserves_energy() -> None:
     t = _backend(DEFAULT).forward(batch)
     psi = t["physics.illuminated"].astype(np.complex128)
     amp = t["physics.diffraction"].astype(np.float64)
-    np.testing.assert_allclose(
-        np.sum(amp**2, axis=(-2, -1)), np.sum(np.abs(psi) ** 2, axis=(-2, -1)), rtol=1e-5
-    )
+    np.testing.assert_allclose(np.sum(amp**2, axis=(-2, -1)), np.sum(np.abs(psi) ** 2, axis=(-2, -1)), rtol=1e-5)
 
 
 def test_merge_then_reextract_recovers_patch_centres() -> None:
@@ -269,12 +267,8 @@ def test_merge_then_reextract_recovers_patch_centres() -> None:
     scaled by m / (m + 0.001), m the number of central windows covering the pixel."""
     rng = np.random.default_rng(4)
     N, M, B, C, q = 16, 32, 2, 4, 4
-    obj = (rng.uniform(0.5, 1.0, (B, 48, 48)) * np.exp(1j * rng.uniform(-1, 1, (B, 48, 48)))).astype(
-        np.complex64
-    )
-    offsets = np.array(
-        [[[2, 1], [-3, 2], [0, -4], [1, 1]], [[-1, -1], [4, 0], [-2, 3], [-1, -2]]], dtype=np.float32
-    )
+    obj = (rng.uniform(0.5, 1.0, (B, 48, 48)) * np.exp(1j * rng.uniform(-1, 1, (B, 48, 48)))).astype(np.complex64)
+    offsets = np.array([[[2, 1], [-3, 2], [0, -4], [1, 1]], [[-1, -1], [4, 0], [-2, 3], [-1, -2]]], dtype=np.float32)
     assert not np.any(offsets.sum(axis=1))
     centre = np.zeros((N, N), dtype=np.float32)
     centre[q : 3 * q, q : 3 * q] = 1
