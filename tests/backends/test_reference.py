@@ -89,19 +89,8 @@ def translate_naive(img: np.ndarray, dx: float, dy: float) -> np.ndarray:
 # ---- 1. parameter counts ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("changes", "expected"),
-    [
-        ({}, 2_340_208),
-        ({"probe_big": False}, 2_257_000),
-        ({"N": 128}, 4_667_056),
-        ({"gridsize": 1}, 2_331_772),
-        ({"pad_object": False}, 2_405_000),
-        ({"N": 128, "pad_object": False}, 4_697_288),
-        ({"object_big": False}, 2_333_500),
-    ],
-)
-def test_conv_parameter_count(changes: dict[str, Any], expected: int) -> None:
+def test_conv_parameter_count(spec_parameter_count: tuple[dict[str, Any], int]) -> None:
+    changes, expected = spec_parameter_count
     config = DEFAULT.replace(**changes)
     backend = build(config)
     assert backend.parameter_count() == count_conv_parameters(config) == expected

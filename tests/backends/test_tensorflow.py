@@ -55,20 +55,8 @@ def _id(changes: dict[str, Any]) -> str:
 # 1. Parameter counts --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("changes", "expected"),
-    [
-        ({}, 2_340_208),
-        ({"probe_big": False}, 2_257_000),
-        ({"N": 128}, 4_667_056),
-        ({"gridsize": 1}, 2_331_772),
-        ({"pad_object": False}, 2_405_000),
-        ({"N": 128, "pad_object": False}, 4_697_288),
-        ({"object_big": False}, 2_333_500),
-    ],
-    ids=lambda v: _id(v) if isinstance(v, dict) else str(v),
-)
-def test_conv_parameter_count_matches_spec(changes: dict[str, Any], expected: int) -> None:
+def test_conv_parameter_count_matches_spec(spec_parameter_count: tuple[dict[str, Any], int]) -> None:
+    changes, expected = spec_parameter_count
     config = ModelConfig().replace(**changes)
     model = TensorFlowBackend(config, generate_weights(config)).model
     keras_count = sum(layer.count_params() for layer in model.conv_layers().values())

@@ -58,19 +58,8 @@ def _framework_conv_count(model: PtychoPINN) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if name != "log_scale")
 
 
-@pytest.mark.parametrize(
-    ("changes", "expected"),
-    [
-        ({}, 2_340_208),
-        ({"probe_big": False}, 2_257_000),
-        ({"N": 128}, 4_667_056),
-        ({"gridsize": 1}, 2_331_772),
-        ({"pad_object": False}, 2_405_000),
-        ({"N": 128, "pad_object": False}, 4_697_288),
-        ({"object_big": False}, 2_333_500),
-    ],
-)
-def test_conv_parameter_count_matches_spec_table(changes: dict[str, object], expected: int) -> None:
+def test_conv_parameter_count_matches_spec_table(spec_parameter_count: tuple[dict[str, object], int]) -> None:
+    changes, expected = spec_parameter_count
     config = DEFAULT.replace(**changes)
     assert _framework_conv_count(PtychoPINN(config)) == count_conv_parameters(config) == expected
 

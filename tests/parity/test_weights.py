@@ -14,19 +14,8 @@ from parity.weights import (
 )
 
 
-@pytest.mark.parametrize(
-    ("changes", "count"),
-    [
-        ({}, 2_340_208),
-        ({"probe_big": False}, 2_257_000),
-        ({"N": 128}, 4_667_056),
-        ({"gridsize": 1}, 2_331_772),
-        ({"pad_object": False}, 2_405_000),
-        ({"N": 128, "pad_object": False}, 4_697_288),
-        ({"object_big": False}, 2_333_500),
-    ],
-)
-def test_parameter_counts_match_the_spec_table(changes, count):
+def test_parameter_counts_match_the_spec_table(spec_parameter_count):
+    changes, count = spec_parameter_count
     assert count_conv_parameters(ModelConfig(**changes)) == count
 
 
