@@ -285,3 +285,34 @@ def test_import_npz_of_a_bad_file_exits_2_naming_it(tmp_path, capsys):
     assert main(["import-npz", str(npz), str(tmp_path / "out.h5"), "--gridsize", "1"]) == 2
     assert f"{npz}: key 'diff3d' (or 'diffraction') is missing" in capsys.readouterr().err
     assert not (tmp_path / "out.h5").exists()
+
+
+INNER_SUITE = """
+import pytest
+from parity.config import ModelConfig
+
+
+@pytest.mark.parity
+def test_small(parity_run, parity_baseline):
+    result = parity_run(ModelConfig(gridsize=1, probe_big=False), batch_size=1, max_groups=1)
+    parity_baseline.check(result)
+"""
+
+
+def test_regen_baselines_rewrites_then_verifies(tmp_path, monkeypatch, capsys):
+    (tmp_path / "test_inner.py").write_text(INNER_SUITE)
+    monkeypatch.chdir(tmp_path)
+    inner = ["--", "test_inner.py", "-p", "no:cacheprovider", "--parity-report-dir", str(tmp_path / "rep")]
+    assert main(["regen-baselines", *inner]) == 0  # created by the first pass, verified by the second
+    baselines = tmp_path / "test_inner"
+    npz = baselines / "test_small-torch.npz"
+    assert npz.is_file() and (baselines / "test_small-torch.meta.json").is_file()
+
+    # Change a stored statistic: the suite now fails; regen-baselines rewrites it and verifies.
+    with np.load(npz) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["output.amplitude"] = arrays["output.amplitude"] * 1.5
+    np.savez_compressed(npz, **arrays)
+    assert main(["regen-baselines", "--", "test_inner.py", "-p", "no:cacheprovider"]) == 0
+    with np.load(npz) as data:
+        assert not np.array_equal(data["output.amplitude"], arrays["output.amplitude"])
