@@ -9,7 +9,8 @@ import os
 # TensorFlow logs INFO lines on import; keep them out of test and CLI output unless asked for.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from backends.tensorflow.model import PtychoModel, TensorFlowBackend
+from backends.tensorflow.backend import TensorFlowBackend
+from backends.tensorflow.model import PtychoModel
 from backends.tensorflow.physics import diffract, intensity, merge, reextract, translate
 
 __all__ = [

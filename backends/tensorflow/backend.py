@@ -1,0 +1,177 @@
+"""The harness adapter for the TensorFlow model: precision controls, taps as NumPy, environment."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from backends.tensorflow import physics
+from backends.tensorflow.model import AMP_ACTIVATIONS, EXECUTION, SEED, PtychoModel
+from parity.backend import Backend, Taps
+from parity.batch import CanonicalBatch
+from parity.config import ModelConfig
+from parity.taps import tap_specs
+from parity.weights import parameter_shapes, validate_weights
+
+
+def set_precision_controls() -> None:
+    """TF32 off, deterministic ops on, fixed seeds: process-wide, so set on every construction."""
+    tf.config.experimental.enable_op_determinism()
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    keras.utils.set_random_seed(SEED)
+
+
+def _op_determinism_enabled() -> bool | None:
+    fn = getattr(tf.config.experimental, "is_op_determinism_enabled", None)
+    if fn is None:  # not public in TF 2.21; the internal module has had it since 2.8
+        try:
+            from tensorflow.python.framework import config as tf_config
+        except ImportError:
+            return None
+        fn = getattr(tf_config, "is_op_determinism_enabled", None)
+    return None if fn is None else bool(fn())
+
+
+def _onednn_enabled() -> bool | None:
+    """Whether oneDNN kernels are really in use (the env var alone does not say what 'default' means)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+class TensorFlowBackend(Backend):
+    """PtychoPINN forward model in TensorFlow / Keras 3, float32, one tf.function per instance."""
+
+    name: str = "tensorflow"
+    precision: str = "float32"
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], device: str = "cpu") -> None:
+        validate_weights(weights, config)
+        super().__init__(config, weights, device)
+        self._tf_device = physics.tf_device(device)
+        set_precision_controls()
+        with tf.device(self._tf_device):
+            self.model = PtychoModel(config)
+            self.model.load_weights(weights)
+        # A fixed signature with a free batch size: one trace per instance, whatever the batch.
+        self._graph = tf.function(
+            self.model.forward,
+            input_signature=self.model.input_spec,
+            jit_compile=False,
+            autograph=False,
+        )
+        self._concrete: Any = None
+
+    def _traced(self) -> Any:
+        """The forward graph, traced on first use (keeps construction fast for builds never run).
+
+        Calling the concrete function directly also keeps TensorFlow from warning about
+        "frequent retracing" when a process builds several backends, each traced exactly once.
+        """
+        if self._concrete is None:
+            with tf.device(self._tf_device):
+                self._concrete = self._graph.get_concrete_function(*self.model.input_spec)
+        return self._concrete
+
+    def forward(self, batch: CanonicalBatch) -> Taps:
+        batch.validate(self.config)
+        with tf.device(self._tf_device):
+            computed = self._traced()(tf.constant(batch.x), tf.constant(batch.offsets), tf.constant(batch.probe))
+        B, C, N = batch.size, self.config.C, self.config.N
+        inputs = {
+            "input.x": np.array(batch.x, copy=True),
+            "input.offsets": np.array(batch.offsets, copy=True).reshape(B, C, 1, 2),
+            "input.probe": np.array(batch.probe, copy=True).reshape(1, 1, N, N),
+        }
+        specs = tap_specs(self.config, B)
+        unexpected = sorted(set(computed) - {s.name for s in specs})
+        if unexpected:
+            raise RuntimeError(f"tensorflow backend produced taps not in the spec: {unexpected}")
+        taps: Taps = {}
+        for spec in specs:
+            if spec.name in inputs:
+                taps[spec.name] = inputs[spec.name]
+                continue
+            if spec.name not in computed:
+                raise RuntimeError(f"tensorflow backend did not produce tap {spec.name!r}")
+            value = np.asarray(computed[spec.name].numpy())
+            dtype = np.complex64 if spec.complex else np.float32
+            if value.shape != spec.shape or value.dtype != dtype:
+                raise RuntimeError(
+                    f"tensorflow backend tap {spec.name!r} has shape {value.shape} dtype {value.dtype}; "
+                    f"expected {spec.shape} {np.dtype(dtype)}"
+                )
+            taps[spec.name] = value
+        return taps
+
+    def tracing_count(self) -> int:
+        """How often the forward graph was traced (1 after any number of calls, if all is well)."""
+        return int(self._graph.experimental_get_tracing_count())
+
+    def count_conv_params(self) -> int:
+        """Convolution weights and biases as Keras counts them (log_scale excluded)."""
+        return self.model.count_conv_params()
+
+    def effective_config(self) -> dict[str, Any]:
+        m = self.model
+        amp = m.heads["amp"]
+        first = m.encoder[0].conv0
+        N = int(m.input_spec[0].shape[-1])
+        gridsize = math.isqrt(int(first.kernel.shape[2]))
+        pad_object = amp.centre is not None
+        activation = next(k for k, fn in AMP_ACTIVATIONS.items() if fn is amp.activation)
+        offset = self.config.offset  # only enters through M, together with the jitter margin
+        return {
+            "N": N,
+            "gridsize": gridsize,
+            "n_filters_scale": int(amp.decoder[-1].conv1.filters) // 32,
+            "amp_activation": activation,
+            "object_big": m.object_big,
+            "probe_big": amp.border is not None if pad_object else m._probe_big,
+            "probe_mask": m.probe_mask is not None,
+            "pad_object": pad_object,
+            "probe_scale": self.config.probe_scale,  # used by batch preparation, not by the model
+            "nphotons": self.config.nphotons,  # only sets the initial log_scale, which is loaded
+            "offset": offset,
+            "max_position_jitter": m.M - N - (gridsize - 1) * offset,
+        }
+
+    def environment(self) -> dict[str, Any]:
+        threads_inter = tf.config.threading.get_inter_op_parallelism_threads()
+        threads_intra = tf.config.threading.get_intra_op_parallelism_threads()
+        return {
+            "framework": "tensorflow",
+            "framework_version": tf.__version__,
+            "keras_version": keras.__version__,
+            "numpy_version": np.__version__,
+            "python_version": platform.python_version(),
+            "device": self.device,
+            "tf_device": self._tf_device,
+            "gpus_visible": [d.name for d in tf.config.list_physical_devices("GPU")],
+            "dtype": "float32",
+            "execution": EXECUTION,
+            "jit_compile": False,
+            "data_format": "channels_last",
+            "tf32_enabled": bool(tf.config.experimental.tensor_float_32_execution_enabled()),
+            "op_determinism": _op_determinism_enabled(),
+            "seed": SEED,
+            "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+            "onednn_enabled": _onednn_enabled(),
+            "inter_op_threads": threads_inter,  # 0 means TensorFlow chooses
+            "intra_op_threads": threads_intra,
+            "cpu_count": os.cpu_count(),
+        }
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        exported = self.model.export_weights()
+        # Same names and order as the canonical file, so a mismatch shows as a missing name.
+        return {name: exported[name] for name in parameter_shapes(self.config)}
