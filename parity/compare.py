@@ -17,9 +17,11 @@ import numpy as np
 
 RULE = "|a - b| <= atol + rtol * |b|  (b: reference side; complex: modulus of the difference)"
 
-# Error histogram bins for reports: log10 |a - b| from 1e-16 to 1e8; exact zeros and non-finite
-# mismatches are counted separately.
-HIST_EDGES = np.logspace(-16, 8, 49)
+# Error histogram for reports: bin k counts |a - b| in [2**(k - 1 + HIST_MIN_EXP), 2**(k + HIST_MIN_EXP)),
+# read straight from the float exponent (np.frexp), far cheaper than a search over bin edges. The
+# first and last bins also hold everything below and above; exact zeros are not counted.
+HIST_MIN_EXP, HIST_MAX_EXP = -54, 28
+HIST_EDGES = 2.0 ** np.arange(HIST_MIN_EXP, HIST_MAX_EXP + 1, dtype=np.float64)
 
 
 @dataclass
@@ -95,7 +97,7 @@ class ElementwiseComparison:
         self._sum_abs = 0.0
         self._finite_numel = 0
         self._rows = 0
-        self._hist = np.zeros(len(HIST_EDGES) + 1, dtype=np.int64)
+        self._hist = np.zeros(len(HIST_EDGES), dtype=np.int64)
 
     def fail(self, reason: str) -> None:
         """Mark the comparison as impossible (missing tap, shape mismatch); it then stays failed."""
@@ -111,10 +113,13 @@ class ElementwiseComparison:
         if a.shape != b.shape:
             self.fail(f"shape mismatch: {r.a} has {a.shape}, {r.b} has {b.shape}")
             return
-        a64 = a.astype(np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(b) else np.float64)
-        b64 = b.astype(a64.dtype)
+        dtype = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(b) else np.float64
+        # No upcast copies: subtract and abs promote to float64/complex128 themselves.
+        a64 = np.asarray(a, dtype=dtype)  # a view when already wide (the reference side usually is)
+        b64 = np.asarray(b, dtype=dtype)
         with np.errstate(invalid="ignore", over="ignore"):
-            err = np.abs(a64 - b64)
+            diff = np.subtract(a64, b64)
+            err = np.abs(diff, out=diff) if dtype == np.float64 else np.abs(diff)
         mag_b = np.abs(b64)
         both: np.ndarray | None = None  # None: every element finite on both sides (the usual case)
         n_bad_nonfinite = 0
@@ -124,19 +129,15 @@ class ElementwiseComparison:
             # Non-finite values agree only when both sides hold the same NaN/Inf at the same place.
             same_nonfinite = (~fin_a & ~fin_b) & ((np.isnan(a64) & np.isnan(b64)) | (a64 == b64))
             bad_nonfinite = ~both & ~same_nonfinite
-            n_bad_nonfinite = int(bad_nonfinite.sum())
+            n_bad_nonfinite = int(np.count_nonzero(bad_nonfinite))
             err[~both] = 0.0
             mag_b[~both] = 0.0
-        excess = err - r.rtol * mag_b  # the element passes when excess <= atol
-        out = excess > r.atol
-        if both is not None:
-            out |= bad_nonfinite
+        del a64, b64
 
         r.numel += err.size
-        r.mismatched += int(out.sum())
         r.nonfinite_mismatch += n_bad_nonfinite
         self._sum_abs += float(err.sum())
-        self._finite_numel += err.size if both is None else int(both.sum())
+        self._finite_numel += err.size if both is None else int(np.count_nonzero(both))
         if err.size:
             flat_worst = int(np.argmax(err)) if not n_bad_nonfinite else int(np.argmax(bad_nonfinite))
             worst = float(np.inf) if n_bad_nonfinite else float(err.flat[flat_worst])
@@ -144,17 +145,26 @@ class ElementwiseComparison:
                 idx = list(np.unravel_index(flat_worst, err.shape))
                 idx[0] += self._rows
                 r.worst_index = [int(i) for i in idx]
-                r.worst_a = a64.flat[flat_worst].item()
-                r.worst_b = b64.flat[flat_worst].item()
+                r.worst_a = a.flat[flat_worst].item()
+                r.worst_b = b.flat[flat_worst].item()
                 r.max_abs = worst
-            rel = np.divide(err, mag_b, out=np.zeros_like(err), where=mag_b > 0)
+            positive = mag_b > 0
+            rel = np.divide(err, mag_b, out=np.zeros_like(err), where=positive)
             r.max_rel = max(r.max_rel, float(rel.max()))
+            del rel, positive
+            # excess = err - rtol·|b|, computed in mag_b's buffer: the element passes when excess <= atol.
+            excess = np.subtract(err, np.multiply(mag_b, r.rtol, out=mag_b), out=mag_b)
+            out = excess > r.atol
+            if both is not None:
+                out |= bad_nonfinite
+            r.mismatched += int(np.count_nonzero(out))
             r.min_atol_to_pass = max(r.min_atol_to_pass, float(excess.max()), 0.0)
             if n_bad_nonfinite:
                 r.min_atol_to_pass = float("inf")
             nz = err[err > 0]
             if nz.size:
-                self._hist += np.bincount(np.searchsorted(HIST_EDGES, nz), minlength=self._hist.size)
+                bins = np.clip(np.frexp(nz)[1] - HIST_MIN_EXP, 0, self._hist.size - 1)
+                self._hist += np.bincount(bins, minlength=self._hist.size)
         self._rows += a.shape[0] if a.ndim else 1
 
     def finish(self) -> ComparisonResult:

@@ -82,7 +82,7 @@ def _histogram(tap: TapResult) -> str | None:
     if not comps:
         return None
     fig, ax = plt.subplots(figsize=(6, 2.6))
-    centres = np.concatenate([[HIST_EDGES[0] / 10], HIST_EDGES])
+    centres = HIST_EDGES / 2  # left edge of each bin
     for c in comps:
         ax.step(centres, c.histogram, where="post", label=f"{c.a} vs {c.b}")
         ax.axvline(c.atol if c.atol > 0 else HIST_EDGES[0], linestyle=":", linewidth=0.8)

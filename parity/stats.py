@@ -15,10 +15,14 @@ STATISTICS = ("mean", "std", "var_zero_mean", "min", "max", "mean_abs", "l2", "n
 
 
 def _real_patch_stats(flat: np.ndarray) -> dict[str, np.ndarray]:
-    """Statistics of (P, K) real float64 data, one row per patch."""
+    """Statistics of (P, K) real float64 data, one row per patch (einsum: no squared temporaries)."""
+    n = flat.shape[1]
     mean = flat.mean(axis=1)
     dev = flat - mean[:, None]
-    var = np.mean(dev * dev, axis=1)
+    var = np.einsum("ij,ij->i", dev, dev) / n
+    del dev
+    finite = bool(np.isfinite(flat).all())
+    zeros = np.zeros(flat.shape[0])
     return {
         "mean": mean,
         "std": np.sqrt(var),
@@ -28,9 +32,9 @@ def _real_patch_stats(flat: np.ndarray) -> dict[str, np.ndarray]:
         "min": flat.min(axis=1),
         "max": flat.max(axis=1),
         "mean_abs": np.abs(flat).mean(axis=1),
-        "l2": np.sqrt(np.sum(flat * flat, axis=1)),
-        "nan_count": np.isnan(flat).sum(axis=1).astype(np.float64),
-        "inf_count": np.isinf(flat).sum(axis=1).astype(np.float64),
+        "l2": np.sqrt(np.einsum("ij,ij->i", flat, flat)),
+        "nan_count": zeros if finite else np.count_nonzero(np.isnan(flat), axis=1).astype(np.float64),
+        "inf_count": zeros.copy() if finite else np.count_nonzero(np.isinf(flat), axis=1).astype(np.float64),
     }
 
 
@@ -45,13 +49,15 @@ def patch_statistics(tap: np.ndarray) -> dict[str, np.ndarray]:
     arr = np.asarray(tap)
     if arr.ndim < 2:
         arr = arr.reshape(1, -1)
-    patches = arr.reshape(-1, arr.shape[-2] * arr.shape[-1])
+    # One C-ordered float64 (complex128) copy; the reshape is then free even for transposed taps.
+    wide = np.complex128 if np.iscomplexobj(arr) else np.float64
+    patches = np.asarray(arr, dtype=wide, order="C").reshape(-1, arr.shape[-2] * arr.shape[-1])
     if np.iscomplexobj(patches):
-        z = patches.astype(np.complex128)
+        z = patches
         out = {f"amplitude.{k}": v for k, v in _real_patch_stats(np.abs(z)).items()}
         out.update({f"phase.{k}": v for k, v in _real_patch_stats(np.angle(z)).items()})
         return out
-    return _real_patch_stats(patches.astype(np.float64))
+    return _real_patch_stats(patches)
 
 
 class StatsAccumulator:
