@@ -99,14 +99,36 @@ def _load_tolerances(options: ParityOptions) -> Tolerances:
         raise pytest.UsageError(f"--parity-tolerances: {exc}") from exc
 
 
+# Whether backends are required, per pytest session (a stack: pytester runs sessions inside sessions);
+# pushed at configure, popped at unconfigure, read when test modules are imported.
+_REQUIRE: list[bool] = []
+
+
+def import_framework(module: str) -> Any:
+    """Import a framework for a test module: skip the module with the import error as the reason,
+    unless backends are required (--parity-require-backends, PTYCHO_PARITY_REQUIRE_BACKENDS=1), in
+    which case the ImportError propagates and the run fails. Use instead of pytest.importorskip."""
+    import importlib
+
+    if (_REQUIRE and _REQUIRE[-1]) or require_from_env():
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} cannot be imported (backend unavailable)")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "parity: forward-parity tests comparing backends (select with -m parity)")
     options = _options(config)
     config.stash[_OPTIONS] = options
+    _REQUIRE.append(options.require)
     if options.tolerances is not None:
         # Read now, not when the first test asks for it: a bad file is a usage error of the session
         # (exit code 4, one message) rather than a setup error repeated for every parity test.
         config.stash[_TOLERANCES] = _load_tolerances(options)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _OPTIONS in config.stash and _REQUIRE:
+        _REQUIRE.pop()
 
 
 _OPTIONS = pytest.StashKey[ParityOptions]()

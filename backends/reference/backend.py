@@ -12,6 +12,7 @@ from backends.reference.model import ReferenceModel
 from parity.backend import Backend, Taps
 from parity.batch import CanonicalBatch
 from parity.config import ModelConfig
+from parity.errors import ParityInputError
 from parity.taps import tap_specs
 from parity.weights import validate_weights
 
@@ -42,7 +43,7 @@ class ReferenceBackend(Backend):
             raise TypeError(f"reference backend: config must be a parity ModelConfig, got {type(config).__name__}")
         validate_weights(weights, config)
         if device != "cpu":
-            raise ValueError(
+            raise ParityInputError(
                 f"reference backend: device={device!r} is not supported; the NumPy reference runs on "
                 "device='cpu' only (it is the CPU arbiter whatever device the framework backends use)"
             )

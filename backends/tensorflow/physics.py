@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from parity.errors import ParityInputError
+
 Tensor = Any  # tf.Tensor; TensorFlow ships no type stubs
 
 MERGE_EPSILON = 0.001  # added to the merge denominator (spec, section 4)
@@ -173,7 +175,7 @@ _DEVICES = {"cpu": "/CPU:0", "cuda": "/GPU:0"}
 def tf_device(device: str) -> str:
     """TensorFlow device string for the harness's device option; fails loudly, never falls back."""
     if device not in _DEVICES:
-        raise ValueError(f"device {device!r} is not supported by the tensorflow backend; use 'cpu' or 'cuda'")
+        raise ParityInputError(f"device {device!r} is not supported by the tensorflow backend; use 'cpu' or 'cuda'")
     if device == "cuda" and not tf.config.list_physical_devices("GPU"):
         raise RuntimeError(
             "device 'cuda' was requested but TensorFlow sees no GPU "

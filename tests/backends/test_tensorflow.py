@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed")
+from parity.plugin import import_framework
+
+tf = import_framework("tensorflow")
 
 from numpy.lib.stride_tricks import sliding_window_view  # noqa: E402
 
@@ -422,9 +424,10 @@ def test_effective_config_matches_the_built_model(changes: dict[str, Any]) -> No
 def test_unknown_device_and_missing_gpu_fail_clearly() -> None:
     config = ModelConfig()
     weights = generate_weights(config)
-    with pytest.raises(ValueError, match="'tpu'"):
+    with pytest.raises(ParityInputError, match="'tpu'"):
         TensorFlowBackend(config, weights, device="tpu")
-    if tf.config.list_physical_devices("GPU"):
-        pytest.skip("a GPU is visible; the missing-GPU error cannot be exercised")
+    if tf.config.list_physical_devices("GPU"):  # a GPU machine: cuda must build and run there
+        assert "GPU" in TensorFlowBackend(config, weights, device="cuda").environment()["device"].upper()
+        return
     with pytest.raises(RuntimeError, match="no GPU"):
         TensorFlowBackend(config, weights, device="cuda")

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from parity.plugin import import_framework
+
+torch = import_framework("torch")
 
 import backends.torch as bt  # noqa: E402
 from backends.torch import TorchBackend  # noqa: E402

@@ -217,3 +217,20 @@ def test_unloadable_backend_fails_the_test_when_backends_are_required(broken_bac
     res = _run(broken_backend, *args)
     res.assert_outcomes(failed=1)
     res.stdout.fnmatch_lines([f"*required backend unavailable: backend 'broken' is unavailable: {REASON}*"])
+
+
+def test_import_framework_skips_unless_backends_are_required(monkeypatch):
+    from parity import plugin
+
+    monkeypatch.setattr(plugin, "_REQUIRE", [])
+    monkeypatch.delenv("PTYCHO_PARITY_REQUIRE_BACKENDS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no_such_framework_xyz cannot be imported"):
+        plugin.import_framework("no_such_framework_xyz")
+    monkeypatch.setenv("PTYCHO_PARITY_REQUIRE_BACKENDS", "1")
+    with pytest.raises(ModuleNotFoundError, match="no_such_framework_xyz"):
+        plugin.import_framework("no_such_framework_xyz")
+    monkeypatch.delenv("PTYCHO_PARITY_REQUIRE_BACKENDS")
+    monkeypatch.setattr(plugin, "_REQUIRE", [False, True])
+    with pytest.raises(ModuleNotFoundError):
+        plugin.import_framework("no_such_framework_xyz")
+    assert plugin.import_framework("json").__name__ == "json"
