@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np
 import pytest
 
 # forward-model.md section 5: convolution weights and biases per configuration (log_scale excluded).
@@ -25,3 +26,29 @@ SPEC_PARAMETER_COUNTS = [
 def spec_parameter_count(request: pytest.FixtureRequest) -> tuple[dict[str, object], int]:
     """(config changes, expected count) for each row of the spec's parameter-count table."""
     return request.param
+
+
+def _spec_translate(img: np.ndarray, dx: float, dy: float, coords: type = np.float64) -> np.ndarray:
+    """forward-model.md's bilinear translation, written per pixel: the slow, obvious oracle.
+
+    ``coords`` is the precision the sampling coordinate is computed in (float32 for the float32
+    backends, as the original does; float64 for the reference). Neighbours outside contribute 0.
+    """
+    H, W = img.shape
+    out = np.zeros((H, W), dtype=np.complex128 if np.iscomplexobj(img) else np.float64)
+    for i in range(H):
+        for j in range(W):
+            x, y = coords(j) - coords(dx), coords(i) - coords(dy)
+            x0, y0 = int(np.floor(x)), int(np.floor(y))
+            fx, fy = float(x - x0), float(y - y0)
+            for yy, wy in ((y0, 1 - fy), (y0 + 1, fy)):
+                for xx, wx in ((x0, 1 - fx), (x0 + 1, fx)):
+                    if 0 <= yy < H and 0 <= xx < W:
+                        out[i, j] += wy * wx * img[yy, xx]
+    return out
+
+
+@pytest.fixture
+def spec_translate():
+    """The per-pixel translation oracle shared by every backend's tests."""
+    return _spec_translate
