@@ -50,3 +50,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def export_weights(self) -> dict[str, np.ndarray]:
         """The model's parameters in the canonical names and layout (a round trip must be bit-exact)."""
+
+    def error_scales(self, batch: Any, taps: Taps) -> Taps:
+        """Per-element scales of the rounding error a float32 implementation makes at each tap.
+
+        Only an arbiter (a float64 backend) can offer them: for the batch it just ran, and its own
+        ``taps`` of that batch, it returns {tap: S} with S broadcastable to the tap, such that a
+        faithful float32 computation is expected to be within about u·S of the exact value
+        (u = 2⁻²⁴). The harness turns them into tolerances (``parity.tolerances``). The default,
+        {}, makes the harness fall back to the magnitude of the values compared, patch by patch.
+        """
+        return {}

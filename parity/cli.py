@@ -173,6 +173,105 @@ def cmd_env(args: argparse.Namespace) -> int:
     return EXIT_PASS
 
 
+def cmd_measure_tolerances(args: argparse.Namespace) -> int:
+    """Measure the factors of the tolerance model and write a tolerance file (see parity.measure)."""
+    from parity import measure
+    from parity.emulation import SETTINGS, runnable
+    from parity.tolerances import load_tolerances
+
+    template = load_tolerances(args.template)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    if args.safety < 1:
+        raise ParityInputError(f"option --safety must be >= 1, got {args.safety}")
+    if args.emulate is not None:
+        settings = args.emulate or list(SETTINGS)
+        unknown = [s for s in settings if s not in SETTINGS]
+        if unknown:
+            raise ParityInputError(f"option --emulate: unknown setting {unknown[0]!r}; known: {', '.join(SETTINGS)}")
+        child = ["--cases", str(args.cases), "--seed", str(args.seed), "--template", str(template.source)]
+        child += ["--matrix"] if args.matrix else []
+        child += ["--backends", args.backends] if args.backends else []
+        settings = runnable(settings)
+        measurement = measure.measure_emulated(settings, child)
+    else:
+        settings = []
+        measurement = measure.measure_cases(template, args.cases, args.seed, args.matrix, backends, args.label)
+    if args.json:
+        from parity.atomic import write_text
+
+        write_text(Path(args.json), json.dumps(measurement.to_dict(), indent=1) + "\n")
+    for fam in template.families:
+        need = measurement.needed.get(fam.pattern)
+        where = measurement.where.get(fam.pattern, "")
+        print(f"{fam.pattern:24s} needed {need if need is not None else float('nan'):8.3g}   {where}")
+    measure.check_sane(measurement, template)
+    if args.out:
+        from parity.atomic import write_text
+
+        command = "ptycho-parity " + " ".join(args.argv)
+        header = measure.header_lines(command, measurement, args.safety, settings)
+        cuda = load_tolerances(args.template, profile="cuda").device_factor
+        write_text(Path(args.out), measure.render(template, measurement, args.safety, args.minimum, header, cuda))
+        load_tolerances(args.out)  # what was written must load
+        print(f"wrote {args.out}")
+    return EXIT_PASS
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    """Run a command once per emulated machine; fail if it fails under any."""
+    from parity.emulation import SETTINGS, run_under
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ParityInputError(
+            "emulate: give the command to run after --, e.g. `ptycho-parity emulate -- pytest -m parity`"
+        )
+    settings = args.settings.split(",") if args.settings else list(SETTINGS)
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        raise ParityInputError(f"option --settings: unknown setting {unknown[0]!r}; known: {', '.join(SETTINGS)}")
+    codes = run_under(settings, command)
+    if not codes:
+        raise ParityInputError("emulate: this CPU can run none of the settings asked for")
+    width = max(len(s) for s in codes)
+    for name, code in codes.items():
+        print(f"{name:{width}s}  {'pass' if code == 0 else f'FAIL (exit {code})'}")
+    return EXIT_PASS if all(c == 0 for c in codes.values()) else EXIT_FAIL
+
+
+def cmd_make_fixture(args: argparse.Namespace) -> int:
+    """Simulate one fixture like your experiment (parity.simulate) and write it."""
+    from parity.fixture import write_fixture
+    from parity.simulate import SimulationParams, simulate
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ParityInputError(f"make-fixture: {out} exists; pass --force to replace it")
+    if out.parent and not out.parent.is_dir():
+        raise ParityInputError(f"make-fixture: folder {out.parent} does not exist")
+    rows, _, cols = args.scan.partition("x")
+    if not (rows.isdigit() and cols.isdigit()):
+        raise ParityInputError(f"option --scan: expected ROWSxCOLS such as 9x9, got {args.scan!r}")
+    params = SimulationParams(
+        kind=args.kind,
+        N=args.N,
+        gridsize=args.gridsize,
+        seed=args.seed,
+        scan_shape=(int(rows), int(cols)),
+        step=args.step,
+        jitter=args.jitter,
+        nphotons=args.nphotons,
+        probe_phase=args.probe_phase,
+    )
+    path = write_fixture(out, simulate(params))
+    from parity.fixture import file_sha256
+
+    print(f"{file_sha256(path)}  {path}")
+    return EXIT_PASS
+
+
 def cmd_check_device(args: argparse.Namespace) -> int:
     """Fail fast (exit 2) when the requested device is not there, before any test can 'pass'."""
     if args.device == "cpu":
@@ -255,6 +354,53 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     e.set_defaults(func=cmd_env)
 
+    m = sub.add_parser(
+        "measure-tolerances",
+        help="measure the tolerance model's factors over the matrix, random cases and emulated machines",
+    )
+    m.add_argument("--template", help="tolerance file whose model and families to measure (default: the bundled one)")
+    m.add_argument("--out", help="write the measured tolerance file here")
+    m.add_argument("--json", help="write the raw measurement (JSON) here")
+    m.add_argument("--cases", type=int, default=20, help="random cases of the sweep (default: %(default)s)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the random cases (default: %(default)s)")
+    m.add_argument("--matrix", action="store_true", help="also the parity suite's configs on the bundled fixtures")
+    m.add_argument("--backends", help="backends to run (default: reference,torch,tensorflow)")
+    m.add_argument("--safety", type=float, default=2.5, help="factor = safety x measured (default: %(default)s)")
+    m.add_argument("--minimum", type=float, default=2.0, help="smallest factor written (default: %(default)s)")
+    m.add_argument(
+        "--emulate",
+        nargs="*",
+        metavar="SETTING",
+        help="measure in a child process per emulated machine (all settings when none named)",
+    )
+    m.add_argument("--label", default="native", help=argparse.SUPPRESS)
+    m.set_defaults(func=cmd_measure_tolerances)
+
+    em = sub.add_parser("emulate", help="run a command once per emulated machine (threads, oneDNN, ISA caps)")
+    em.add_argument("--settings", help="comma-separated settings (default: all; see parity/emulation.py)")
+    em.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- pytest -m parity")
+    em.set_defaults(func=cmd_emulate)
+
+    mf = sub.add_parser("make-fixture", help="simulate a fixture like your experiment (kind, size, scan, photons)")
+    mf.add_argument("out", help="HDF5 file to write")
+    mf.add_argument(
+        "--kind", default="lines", choices=("lines", "grf"), help="object: lines or a Gaussian random field"
+    )
+    mf.add_argument("--N", type=int, default=64, choices=(64, 128), help="patch size (default: %(default)s)")
+    mf.add_argument("--gridsize", type=int, default=2, choices=(1, 2), help="default: %(default)s")
+    mf.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    mf.add_argument("--scan", default="9x9", help="scan grid ROWSxCOLS (default: %(default)s)")
+    mf.add_argument("--step", type=float, default=4.0, help="pixels between scan points (default: %(default)s)")
+    mf.add_argument(
+        "--jitter", type=float, default=0.5, help="random position jitter, pixels, < 1 (default: %(default)s)"
+    )
+    mf.add_argument("--nphotons", type=float, default=1e9, help="mean counts per pattern (default: %(default)g)")
+    mf.add_argument(
+        "--probe-phase", type=float, default=0.5, help="probe's quadratic phase, radians (default: %(default)s)"
+    )
+    mf.add_argument("--force", action="store_true", help="replace an existing file")
+    mf.set_defaults(func=cmd_make_fixture)
+
     c = sub.add_parser("check-device", help="exit 2 unless the device is usable by both frameworks")
     c.add_argument("device", choices=("cpu", "cuda"))
     c.set_defaults(func=cmd_check_device)
@@ -265,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from parity.weights import DEFAULT_SEED
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "seed", 0) is None:
         args.seed = DEFAULT_SEED
     try:

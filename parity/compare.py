@@ -1,10 +1,13 @@
 """Elementwise comparison of two tensors under the one tolerance rule, streamed over batches.
 
-The rule, everywhere: an element passes when |a - b| <= atol + rtol * |b|, b being the reference side.
-|a - b| is the complex modulus for complex taps. NaN and Inf must sit at the same positions on both
-sides (same sign for Inf); a non-finite value on one side only fails and is never zeroed away. The
-numbers kept are the ones ``torch.testing.assert_close`` users look for: mismatch count and share, the
-greatest absolute and relative difference and where it is, plus the smallest atol that would pass.
+The rule, everywhere: an element passes when |a - b| <= atol_i + rtol * |b_i|, b being the reference
+side; atol may differ element by element (the tolerance model gives each element its own, see
+``parity.tolerances``). |a - b| is the complex modulus for complex taps. NaN and Inf must sit at the
+same positions on both sides (same sign for Inf); a non-finite value on one side only fails and is
+never zeroed away. The numbers kept are the ones ``torch.testing.assert_close`` users look for:
+mismatch count and share, the greatest absolute and relative difference and where it is, plus the
+margin (the worst element's |a - b| over its tolerance: 1 is on the edge), the smallest uniform atol
+and the smallest model factor that would have passed.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-RULE = "|a - b| <= atol + rtol * |b|  (b: reference side; complex: modulus of the difference)"
+RULE = "|a - b| <= atol_i + rtol * |b_i|  (b: reference side; complex: modulus of the difference)"
 
 # Error histogram for reports: bin k counts |a - b| in [2**(k - 1 + HIST_MIN_EXP), 2**(k + HIST_MIN_EXP)),
 # read straight from the float exponent (np.frexp), far cheaper than a search over bin edges. The
@@ -28,13 +31,17 @@ HIST_EDGES = 2.0 ** np.arange(HIST_MIN_EXP, HIST_MAX_EXP + 1, dtype=np.float64)
 class ComparisonResult:
     """One comparison of one tap between two sides; JSON-ready through :meth:`to_dict`."""
 
-    kind: str  # "vs_reference" | "backend_vs_backend" | "vs_baseline"
+    kind: str  # "vs_reference" | "backend_vs_backend" | "vs_baseline" | "structure"
     tap: str
     a: str
     b: str
-    atol: float
+    atol: float  # at the element with the largest margin (atol may vary element by element)
     rtol: float
     passed: bool
+    margin: float = 0.0  # max over elements of |a - b| / (atol_i + rtol·|b_i|): 1 is on the edge
+    margin_index: list[int] | None = None
+    factor: float | None = None  # the tolerance model's factor for this tap, when it has one
+    min_factor_to_pass: float | None = None  # the smallest factor that would have passed (model only)
     max_abs: float = 0.0
     mean_abs: float = 0.0
     max_rel: float = 0.0
@@ -60,10 +67,12 @@ class ComparisonResult:
         if self.reason:
             return f"{self.tap} [{self.kind}: {side}]: {self.reason}"
         what = f"{self.tap}" + (f" / {self.statistic}" if self.statistic else "")
+        factor = f", factor {self.factor:g}" if self.factor is not None else ""
         return (
             f"{what} [{self.kind}: {side}]: {'ok' if self.passed else 'MISMATCH'} "
             f"{self.mismatched} / {self.numel} elements ({100 * self.mismatch_fraction:.3g}%) out of "
-            f"tolerance (atol={self.atol:g}, rtol={self.rtol:g}); greatest abs difference "
+            f"tolerance; margin {self.margin:.3g} at index {tuple(self.margin_index or ())} "
+            f"(atol={self.atol:.3g} there, rtol={self.rtol:.3g}{factor}); greatest abs difference "
             f"{self.max_abs:.3g} at index {tuple(self.worst_index or ())} "
             f"({self.a}={_fmt(self.worst_a)}, {self.b}={_fmt(self.worst_b)}); greatest rel difference "
             f"{self.max_rel:.3g}; smallest passing atol {self.min_atol_to_pass:.3g}"
@@ -92,8 +101,12 @@ def _jsonable(v: Any) -> Any:
 class ElementwiseComparison:
     """Accumulates one (tap, a, b) comparison over batches; batches are stacked along axis 0."""
 
-    def __init__(self, kind: str, tap: str, a: str, b: str, atol: float, rtol: float) -> None:
-        self.result = ComparisonResult(kind, tap, a, b, atol, rtol, passed=True)
+    def __init__(
+        self, kind: str, tap: str, a: str, b: str, atol: float, rtol: float, factor: float | None = None
+    ) -> None:
+        """``atol`` is the default for :meth:`add`; a model tolerance passes its own per batch."""
+        self.result = ComparisonResult(kind, tap, a, b, atol, rtol, passed=True, factor=factor)
+        self._atol = atol
         self._sum_abs = 0.0
         self._finite_numel = 0
         self._rows = 0
@@ -106,8 +119,10 @@ class ElementwiseComparison:
         if r.reason is None:
             r.reason = reason
 
-    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+    def add(self, a: np.ndarray, b: np.ndarray, atol: np.ndarray | float | None = None) -> None:
+        """Compare one batch; ``atol`` (broadcastable to the batch) is the elementwise atol."""
         r = self.result
+        atol_field = np.asarray(self._atol if atol is None else atol, dtype=np.float64)
         if r.reason is not None:
             return
         if a.shape != b.shape:
@@ -154,11 +169,33 @@ class ElementwiseComparison:
             del rel, positive
             # excess = err - rtol·|b|, computed in mag_b's buffer: the element passes when excess <= atol.
             excess = np.subtract(err, np.multiply(mag_b, r.rtol, out=mag_b), out=mag_b)
-            out = excess > r.atol
+            out = excess > atol_field
             if both is not None:
                 out |= bad_nonfinite
             r.mismatched += int(np.count_nonzero(out))
             r.min_atol_to_pass = max(r.min_atol_to_pass, float(excess.max()), 0.0)
+            # margin = err / (atol + rtol·|b|) = err / (err - excess + atol); 0/0 (exact zeros) is 0.
+            tol = np.add(np.subtract(err, excess), atol_field)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.divide(err, tol, out=np.where(err > 0, np.inf, 0.0), where=tol > 0)
+            if n_bad_nonfinite:
+                ratio[bad_nonfinite] = np.inf
+            flat_m = int(np.argmax(ratio))
+            m = float(ratio.flat[flat_m])
+            if r.margin_index is None or m > r.margin:
+                idx = list(np.unravel_index(flat_m, ratio.shape))
+                idx[0] += self._rows
+                r.margin_index = [int(i) for i in idx]
+                r.margin = m
+                r.atol = float(np.broadcast_to(atol_field, ratio.shape).flat[flat_m])
+            if r.factor:
+                # atol_i / factor is u·S_i: the excess over it is the factor this batch needed.
+                unit = np.broadcast_to(atol_field / r.factor, excess.shape)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    need = np.divide(excess, unit, out=np.where(excess > 0, np.inf, 0.0), where=unit > 0)
+                if n_bad_nonfinite:
+                    need[bad_nonfinite] = np.inf
+                r.min_factor_to_pass = max(r.min_factor_to_pass or 0.0, float(need.max()), 0.0)
             if n_bad_nonfinite:
                 r.min_atol_to_pass = float("inf")
             nz = err[err > 0]
@@ -180,7 +217,7 @@ class ElementwiseComparison:
 def compare_arrays(
     a: np.ndarray,
     b: np.ndarray,
-    atol: float,
+    atol: np.ndarray | float,
     rtol: float,
     *,
     tap: str = "",
@@ -188,6 +225,6 @@ def compare_arrays(
     names: tuple[str, str] = ("a", "b"),
 ) -> ComparisonResult:
     """Compare two whole arrays at once (b is the reference side)."""
-    acc = ElementwiseComparison(kind, tap, names[0], names[1], atol, rtol)
-    acc.add(np.asarray(a), np.asarray(b))
+    acc = ElementwiseComparison(kind, tap, names[0], names[1], 0.0, rtol)
+    acc.add(np.asarray(a), np.asarray(b), atol)
     return acc.finish()

@@ -118,6 +118,15 @@ def dataset_sha256(name: str, array: np.ndarray) -> str:
     return hashlib.sha256(data.tobytes()).hexdigest()
 
 
+def fixture_data_sha256(data: FixtureData) -> str:
+    """One hash of a fixture held in memory: its datasets' hashes and its generating parameters."""
+    h = hashlib.sha256()
+    for name, arr in data.arrays().items():
+        h.update(f"{name}={dataset_sha256(name, arr)};".encode())
+    h.update(json.dumps(data.params, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

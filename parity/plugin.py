@@ -218,7 +218,7 @@ class BaselineChecker:
         base = basename or re.sub(r"\W+", "_", self.request.node.name).strip("_")
         problems = []
         try:
-            check_with_regressions(fixture, self.request.config, result, base, self.tolerances)
+            check_with_regressions(fixture, self.request.config, result, base)
         except AssertionError as exc:
             problems.append(str(exc))
         if assert_parity and (result.first_divergence is not None or result.verdict == "config_mismatch"):

@@ -51,6 +51,7 @@ def to_json_dict(result: ParityResult) -> Any:
                 "shape": t.expected_shape or next((s for s in t.shapes.values() if s), None),
                 "shapes": t.shapes,
                 "complex": t.complex,
+                "scale": t.scale,
                 "passed": t.passed and all(c.passed for c in base),
                 "comparisons": [c.to_dict() for c in t.comparisons],
                 "baseline": [c.to_dict() for c in base],
@@ -64,7 +65,11 @@ def to_json_dict(result: ParityResult) -> Any:
             "verdict": result.verdict,
             "passed": result.passed,
             "rule": result.rule,
-            "tolerances": {"source": result.tolerance_source, "profile": result.tolerance_profile},
+            "tolerances": {
+                "source": result.tolerance_source,
+                "profile": result.tolerance_profile,
+                "blame_ratio": result.blame_ratio,
+            },
             "first_divergence": result.first_divergence,
             "reference": result.reference,
             "config": result.config,
@@ -100,7 +105,8 @@ def _comparison_cell(c: ComparisonResult) -> str:
     mark = "✅" if c.passed else "❌"
     if c.reason:
         return f"{mark} {c.reason}"
-    return f"{mark} max_abs {_g(c.max_abs)}, min_atol {_g(c.min_atol_to_pass)} (atol {_g(c.atol)})"
+    out = "" if c.passed else f", {c.mismatched}/{c.numel} out"
+    return f"{mark} margin {_g(c.margin)}{out}, max_abs {_g(c.max_abs)}"
 
 
 def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
@@ -119,11 +125,13 @@ def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
             f"off the float64 reference: **{blamed}**)",
             "",
         ]
+        lines += [f"- note: {n}" for n in fd.get("notes", [])]
         lines += [f"- {s}" for s in fd["comparisons"]] + [""]
     else:
         lines += ["All taps agree within tolerance.", ""]
     lines += [
-        f"Rule: `{result.rule}`; tolerances: `{result.tolerance_source}` (profile {result.tolerance_profile})",
+        f"Rule: `{result.rule}`; tolerances: `{result.tolerance_source}` (profile {result.tolerance_profile}). "
+        "Margin: the worst element's error over its tolerance (1 is on the edge).",
         "",
     ]
     if result.fixture:

@@ -24,7 +24,7 @@ from parity.config import config_diff
 from parity.errors import ParityInputError
 from parity.stats import StatsAccumulator, summarise
 from parity.taps import TapSpec
-from parity.tolerances import ConfigLike, Tolerances, config_values
+from parity.tolerances import ConfigLike, Tolerances, config_values, magnitude_scale
 
 _MISSING = "tap missing from "
 SAMPLES_KEPT = 2  # groups of the first batch kept per tap for the HTML report's patch grids
@@ -47,6 +47,7 @@ class TapResult:
     expected_shape: list[int] | None
     complex: bool
     comparisons: list[ComparisonResult]
+    scale: str = "magnitude"  # "model": tolerances from the arbiter's error scales; "magnitude": fallback
 
     @property
     def passed(self) -> bool:
@@ -72,6 +73,9 @@ class ParityResult:
     batches: int = 0
     groups: int = 0
     statistics: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
+    # Per backend, tap and statistic: how far each statistic may move against a baseline.
+    statistic_tolerances: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
+    blame_ratio: float = 1.0
     samples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     baseline: list[ComparisonResult] = field(default_factory=list)
     baseline_notes: list[str] = field(default_factory=list)
@@ -95,10 +99,13 @@ class ParityResult:
         fd = self.first_divergence
         lines = []
         if fd:
-            blamed = ", ".join(fd["blamed"]) or "undetermined (no reference to arbitrate)"
+            blamed = ", ".join(fd["blamed"]) or (
+                "undetermined (no reference to arbitrate)" if self.reference is None else "none singled out"
+            )
             lines.append(
                 f"first diverging tap: {fd['tap']} (backends: {', '.join(fd['backends'])}; off the reference: {blamed})"
             )
+            lines += ["  note: " + n for n in fd.get("notes", [])]
         fails = self.failures()
         lines += ["  " + c.summary() for c in fails[:limit]]
         if len(fails) > limit:
@@ -127,6 +134,7 @@ def run_parity(
     config: ConfigLike = None,
     expected: Callable[[int], Sequence[TapSpec]] | None = None,
     reference: str | None = None,
+    scale_source: Backend | None = None,
     unavailable: Mapping[str, str] | None = None,
     taps: Collection[str] | None = None,
     fixture: Mapping[str, Any] | None = None,
@@ -136,7 +144,9 @@ def run_parity(
     """Run every batch through every backend and compare; see the module docstring.
 
     ``expected(batch_size)`` gives the tap list every backend must produce (PtychoPINN:
-    ``lambda b: tap_specs(config, b)``); ``reference`` names the float64 arbiter, if any; ``taps``
+    ``lambda b: tap_specs(config, b)``); ``reference`` names the float64 arbiter, if any;
+    ``scale_source`` is the backend whose ``error_scales`` set the tolerances (default: the
+    reference; PtychoPINN runs without a reference pass one that is not compared); ``taps``
     (shell-style patterns) restricts the comparison to matching taps, e.g. when a wrapped original
     exposes only some of them.
     """
@@ -144,12 +154,16 @@ def run_parity(
         raise ParityInputError(
             f"reference backend {reference!r} is not among the backends ({', '.join(backends) or 'none'})"
         )
+    if expected is not None:
+        for first in expected(1):
+            tolerances.family(first.name)  # every tap needs a tolerance family, checked before any work
     records: dict[str, BackendRecord] = {
         name: BackendRecord(name, False, reason) for name, reason in (unavailable or {}).items()
     }
     for name, be in backends.items():
         records[name] = BackendRecord(name, True, None, be.precision, be.environment(), be.effective_config())
     ref = reference if reference in backends else None
+    scaler = scale_source if scale_source is not None else (backends[ref] if ref is not None else None)
     result = ParityResult(
         verdict="pass",
         backends=records,
@@ -160,6 +174,8 @@ def run_parity(
         weights_sha256=weights_sha256,
         tolerance_source=tolerances.source,
         tolerance_profile=tolerances.profile,
+        rule=tolerances.rule(),
+        blame_ratio=tolerances.blame_ratio,
     )
     if result.config_diff:
         result.verdict = "config_mismatch"
@@ -174,13 +190,17 @@ def run_parity(
     spec_by_name: dict[str, TapSpec] = {}
     shapes: dict[str, dict[str, list[int] | None]] = {}
     rows = 0
+    scaled_taps: set[str] = set()
 
     def comparison(kind: str, tap: str, a: str, b: str) -> ElementwiseComparison:
         key = (tap, a, b)
         if key not in comps:
-            atol, rtol = tolerances.elementwise(tap, config, pair=kind == "backend_vs_backend")
-            comps[key] = ElementwiseComparison(kind, tap, a, b, atol, rtol)
+            rtol = tolerances.rtol(backends[a].precision)
+            comps[key] = ElementwiseComparison(kind, tap, a, b, 0.0, rtol, factor=tolerances.factor(tap))
         return comps[key]
+
+    def structure_failure(tap: str, name: str, why: str) -> None:
+        structure.setdefault((tap, name), ElementwiseComparison("structure", tap, name, "spec", 0, 0)).fail(why)
 
     iterator = progress(batches) if progress else batches
 
@@ -194,22 +214,25 @@ def run_parity(
             for pattern in taps:
                 if not any(fnmatch.fnmatchcase(t, pattern) for t in produced):
                     raise ParityInputError(f"option taps: pattern {pattern!r} matches no tap the backends produce")
+        if scaler is not None:
+            own = raw[ref] if ref is not None and scaler is backends[ref] else scaler.forward(batch)
+            scales = {t: np.asarray(v) for t, v in scaler.error_scales(batch, own).items() if selected(t)}
+        else:
+            scales = {}
         size = next((int(a.shape[0]) for out in raw.values() for a in out.values() if np.ndim(a)), 0)
         outputs = {name: {t: v for t, v in out.items() if selected(t)} for name, out in raw.items()}
         del raw
         specs = [s for s in expected(size) if selected(s.name)] if expected else None
         spec_by_name = {s.name: s for s in specs} if specs else {}
+        bounds: dict[str, dict[str, dict[str, np.ndarray]]] = {n: {} for n in backends}
         for tap in _tap_order(specs, outputs, ref):
             if tap not in order:
                 order.append(tap)
             shapes.setdefault(tap, {n: None for n in backends})
-            for name, taps in outputs.items():
-                arr = taps.get(tap)
+            for name, produced_taps in outputs.items():
+                arr = produced_taps.get(tap)
                 if arr is None:
-                    msg = f"{_MISSING}{name}"
-                    structure.setdefault((tap, name), ElementwiseComparison("structure", tap, name, "spec", 0, 0)).fail(
-                        msg
-                    )
+                    structure_failure(tap, name, f"{_MISSING}{name}")
                     continue
                 shapes[tap][name] = list(arr.shape)
                 spec = spec_by_name.get(tap)
@@ -218,14 +241,13 @@ def run_parity(
                     if tuple(arr.shape) != want or np.iscomplexobj(arr) != spec.complex:
                         got = f"shape {tuple(arr.shape)}{' complex' if np.iscomplexobj(arr) else ''}"
                         wanted = f"shape {want}{' complex' if spec.complex else ''}"
-                        structure.setdefault(
-                            (tap, name), ElementwiseComparison("structure", tap, name, "spec", 0, 0)
-                        ).fail(f"{name} gives {got}; expected {wanted}")
+                        structure_failure(tap, name, f"{name} gives {got}; expected {wanted}")
                 elif specs is not None:
-                    structure.setdefault((tap, name), ElementwiseComparison("structure", tap, name, "spec", 0, 0)).fail(
-                        f"{name} gives tap {tap!r}, which is not in the expected tap list"
-                    )
+                    structure_failure(tap, name, f"{name} gives tap {tap!r}, which is not in the expected tap list")
             present = {n: outputs[n][tap] for n in outputs if tap in outputs[n]}
+            scale = scales.get(tap)
+            if scale is not None:
+                scaled_taps.add(tap)
             sides = [(o, ref, "vs_reference") for o in others if ref is not None] + [
                 (b, a, "backend_vs_backend") for a, b in pairs
             ]
@@ -235,13 +257,18 @@ def run_parity(
                 if a not in present or b not in present:
                     missing = a if a not in present else b
                     acc.fail(f"{_MISSING}{missing}")
-                else:
-                    acc.add(present[a], present[b])
+                    continue
+                s = _fitting_scale(scale, present[b])
+                atol = tolerances.atol(tap, s, pair=kind == "backend_vs_backend", precision=backends[a].precision)
+                acc.add(present[a], present[b], atol)
+            for n, arr in present.items():
+                s = _fitting_scale(scale, arr)
+                bounds[n][tap] = tolerances.statistic_tolerances(tap, arr, s, backends[n].precision)
             if batch_index == 0:
                 for n, arr in present.items():
                     result.samples.setdefault(n, {})[tap] = np.array(arr[:SAMPLES_KEPT])
-        for name, taps in outputs.items():
-            stats[name].add(taps)
+        for name, produced_taps in outputs.items():
+            stats[name].add(produced_taps, bounds[name])
         rows += size
         result.batches += 1
     result.groups = rows
@@ -259,21 +286,45 @@ def run_parity(
                 if spec
                 else any(np.iscomplexobj(s[tap]) for s in result.samples.values() if tap in s),
                 comparisons=tap_comps,
+                scale="model" if tap in scaled_taps else "magnitude",
             )
         )
     result.statistics = {n: acc.result() for n, acc in stats.items()}
-    result.first_divergence = _first_divergence(result.taps, ref)
+    result.statistic_tolerances = {n: acc.bounds() for n, acc in stats.items()}
+    result.first_divergence = _first_divergence(result.taps, ref, tolerances.blame_ratio)
     result.verdict = "pass" if result.first_divergence is None else "fail"
     return result
 
 
-def _first_divergence(taps: Sequence[TapResult], ref: str | None) -> dict[str, Any] | None:
+def _fitting_scale(scale: np.ndarray | None, values: np.ndarray) -> np.ndarray:
+    """The arbiter's error scale when it fits the values compared, else their patch magnitudes."""
+    if scale is not None and scale.shape == np.shape(values):
+        return scale
+    return magnitude_scale(values)
+
+
+def _blame(failed: ComparisonResult, vs_ref: Mapping[str, ComparisonResult], ratio: float) -> str | None:
+    """Who is off the reference at a failing vs_reference comparison, or None when it cannot be told.
+
+    A backend is blamed when its margin is at least ``ratio`` times that of every other backend that
+    stays within tolerance there. Otherwise the two scatter alike around the reference: the excess
+    is out of tolerance, but nothing singles out one implementation.
+    """
+    passing = [c.margin for n, c in vs_ref.items() if n != failed.a and c.passed and c.reason is None]
+    if all(failed.margin >= ratio * m for m in passing):
+        return failed.a
+    return None
+
+
+def _first_divergence(taps: Sequence[TapResult], ref: str | None, blame_ratio: float = 1.0) -> dict[str, Any] | None:
     for tap in taps:
         failed = [c for c in tap.comparisons if not c.passed]
         if not failed:
             continue
         involved: list[str] = []
         blamed: list[str] = []
+        undecided: list[str] = []
+        vs_ref = {c.a: c for c in tap.comparisons if c.kind == "vs_reference"}
         for c in failed:
             for side in (c.a, c.b):
                 if side != "spec" and side not in involved:
@@ -281,14 +332,36 @@ def _first_divergence(taps: Sequence[TapResult], ref: str | None) -> dict[str, A
             culprit = None
             if c.reason and c.reason.startswith(_MISSING):
                 culprit = c.reason[len(_MISSING) :]
-            elif c.kind in ("vs_reference", "structure"):
+            elif c.kind == "structure":
                 culprit = c.a
+            elif c.kind == "vs_reference":
+                culprit = _blame(c, vs_ref, blame_ratio)
+                if culprit is None and c.a not in undecided:
+                    undecided.append(c.a)
             if culprit is not None and culprit not in blamed:
                 blamed.append(culprit)
+        notes = []
+        if undecided:
+            margins = ", ".join(f"{n} {c.margin:.3g}" for n, c in vs_ref.items() if c.reason is None)
+            notes.append(
+                f"{', '.join(undecided)} exceed{'s' if len(undecided) == 1 else ''} the tolerance, but another "
+                f"backend scatters alike around the reference (margins vs the reference: {margins}; blame needs "
+                f"{blame_ratio:g}x): not attributed to one backend"
+            )
+        failed_ref = [c for c in vs_ref.values() if not c.passed and c.reason is None]
+        pair_ok = [c for c in tap.comparisons if c.kind == "backend_vs_backend" and c.passed]
+        if len(failed_ref) >= 2 and len(failed_ref) == len(vs_ref) and pair_ok:
+            notes.append(
+                "every backend is off the reference while they agree with each other: suspect the reference "
+                "or the tolerance model rather than the backends"
+            )
         return {
             "tap": tap.name,
             "backends": involved,
             "blamed": blamed,
+            "indistinguishable": undecided,
+            "notes": notes,
+            "margins": {c.a: c.margin for c in vs_ref.values() if c.reason is None},
             "comparisons": [c.summary() for c in failed],
         }
     return None

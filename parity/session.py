@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,7 +20,10 @@ from parity.registry import load_backend
 from parity.runner import ParityResult, run_parity
 from parity.taps import tap_specs
 from parity.tolerances import Tolerances, load_tolerances
-from parity.weights import DEFAULT_SEED, generate_weights, load_weights, weights_sha256
+from parity.weights import DEFAULT_SEED, generate_weights, load_weights, validate_weights, weights_sha256
+
+if TYPE_CHECKING:
+    from parity.fixture import FixtureData
 
 DEFAULT_BACKENDS = ("reference", "torch", "tensorflow")
 REQUIRE_ENV = "PTYCHO_PARITY_REQUIRE_BACKENDS"
@@ -60,13 +63,13 @@ class RunSpec:
     """What to run; every field has the default a user of the bundled fixtures expects."""
 
     config: ModelConfig = field(default_factory=ModelConfig)
-    fixture: str | os.PathLike[str] | None = None
+    fixture: str | os.PathLike[str] | FixtureData | None = None  # a file, a bundled name, or data in memory
     backends: Sequence[str] = DEFAULT_BACKENDS
     reference: str | None = "reference"
     device: str = "cpu"
     batch_size: int = 4
     max_groups: int | None = 8
-    weights: str | os.PathLike[str] | None = None
+    weights: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None  # a file, or canonical arrays
     weights_seed: int = DEFAULT_SEED
     tolerances: str | os.PathLike[str] | None = None
     require: bool = False
@@ -74,6 +77,9 @@ class RunSpec:
 
 
 def resolve_weights(spec: RunSpec) -> dict[str, np.ndarray]:
+    if isinstance(spec.weights, Mapping):
+        validate_weights(spec.weights, spec.config)
+        return dict(spec.weights)
     if spec.weights is not None:
         return load_weights(spec.weights, spec.config)
     return generate_weights(spec.config, spec.weights_seed)
@@ -102,6 +108,19 @@ def instantiate(
     return built, missing
 
 
+def _scale_source(backends: Mapping[str, Backend], spec: RunSpec, weights: Mapping[str, np.ndarray]) -> Backend | None:
+    """The backend whose error scales set the tolerances: the reference when it runs; otherwise the
+    PtychoPINN float64 reference is built for its scales alone (the tolerance factors are measured
+    against those scales, not against the magnitudes the harness would fall back to)."""
+    if spec.reference in backends:
+        return None
+    try:
+        cls = load_backend(DEFAULT_BACKENDS[0])
+    except BackendUnavailableError:
+        return None
+    return cls(spec.config, weights, "cpu")
+
+
 def run(
     spec: RunSpec,
     *,
@@ -113,15 +132,21 @@ def run(
 
     ``backend_overrides`` replaces named backends with ready instances (tests use it to inject bugs).
     """
-    from parity.fixture import iter_batches, load_fixture
+    from parity.fixture import FixtureData, fixture_data_sha256, iter_batches, load_fixture
 
     if spec.batch_size < 1:
         raise ParityInputError(f"option batch_size must be >= 1, got {spec.batch_size}")
     if spec.max_groups is not None and spec.max_groups < 1:
         raise ParityInputError(f"option max_groups must be >= 1, got {spec.max_groups}")
     tol = tolerances or load_tolerances(spec.tolerances, profile=spec.device)
-    fixture_path = resolve_fixture(spec.fixture, spec.config)
-    fixture = load_fixture(fixture_path, spec.config)
+    fixture: FixtureData
+    if isinstance(spec.fixture, FixtureData):
+        fixture = spec.fixture
+        record = {"path": f"<in memory: {fixture.source}>", "sha256": fixture_data_sha256(fixture)}
+    else:
+        fixture_path = resolve_fixture(spec.fixture, spec.config)
+        fixture = load_fixture(fixture_path, spec.config)
+        record = {"path": str(fixture_path), "sha256": fixture.sha256}
     weights = resolve_weights(spec)
     overrides = dict(backend_overrides or {})
     names = [n for n in spec.backends if n not in overrides]
@@ -135,8 +160,9 @@ def run(
         config=spec.config,
         expected=lambda b: tap_specs(spec.config, b),
         reference=spec.reference,
+        scale_source=_scale_source(backends, spec, weights),
         unavailable=missing,
-        fixture={"path": str(fixture_path), "sha256": fixture.sha256},
+        fixture=record,
         weights_sha256=weights_sha256(weights),
         progress=progress,
         taps=spec.taps,

@@ -117,6 +117,8 @@ BUNDLED_FIXTURES: dict[str, SimulationParams] = {
     # Few photons: many zero-count pixels, so the zero-amplitude paths of the losses are exercised.
     "n64_g1_grf": SimulationParams(kind="grf", N=64, gridsize=1, seed=1002, nphotons=1e6),
     "n128_g2_lines": SimulationParams(kind="lines", N=128, gridsize=2, seed=1003, scan_shape=(8, 8)),
+    # So that every config has a default fixture: N=128 at gridsize 1.
+    "n128_g1_grf": SimulationParams(kind="grf", N=128, gridsize=1, seed=1004, scan_shape=(3, 3), nphotons=1e8),
 }
 
 

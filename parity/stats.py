@@ -1,17 +1,36 @@
-"""Per-patch statistics of taps, in float64, streamed over batches.
+"""Per-patch statistics of taps, in float64, streamed over batches, and how far each can move.
 
 A patch is one (H, W) slice of a tap: one (sample, channel) pair. These are the numbers the
 PtychoPINN team used to dump by hand and compare by eye; here they are computed the same way for every
 backend and stored as regression baselines. Complex taps are described by their amplitude and phase.
+
+The phase of an exact zero is meaningless (and ``np.angle`` turns the sign of a zero into ±π), so
+phase statistics run over the pixels whose amplitude is not zero, after signed zeros are made
+positive. :func:`perturbation_bounds` says how much each statistic can change when every element
+moves by at most its tolerance: that is what a statistic baseline is allowed to drift between
+machines, derived from the same elementwise model as every other comparison.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
 
 STATISTICS = ("mean", "std", "var_zero_mean", "min", "max", "mean_abs", "l2", "nan_count", "inf_count")
+COUNTS = ("nan_count", "inf_count")
+# Bound of a count: counts are whole numbers and must match exactly.
+COUNT_TOLERANCE = 0.5
+_TINY32 = float(np.finfo(np.float32).tiny)
+
+
+def _flat(tap: np.ndarray) -> np.ndarray:
+    """(patches, H·W) view or copy of a (B, C, H, W) tap (any leading dims; 0/1-d taps are one patch)."""
+    arr = np.asarray(tap)
+    if arr.ndim < 2:
+        arr = arr.reshape(1, -1)
+    return arr.reshape(-1, arr.shape[-2] * arr.shape[-1])
 
 
 def _real_patch_stats(flat: np.ndarray) -> dict[str, np.ndarray]:
@@ -38,6 +57,33 @@ def _real_patch_stats(flat: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def phase(z: np.ndarray) -> np.ndarray:
+    """np.angle with signed zeros made positive (−0.0 + 0.0 is +0.0), so 0·e^{iφ} never reads ±π."""
+    return np.angle(np.asarray(z, dtype=np.complex128) + 0.0)
+
+
+def _masked_patch_stats(flat: np.ndarray, include: np.ndarray) -> dict[str, np.ndarray]:
+    """Statistics over the included elements of each row; a row with none gives zeros."""
+    n = include.sum(axis=1)
+    safe_n = np.maximum(n, 1)
+    vals = np.where(include, flat, 0.0)
+    mean = vals.sum(axis=1) / safe_n
+    dev = np.where(include, flat - mean[:, None], 0.0)
+    var = np.einsum("ij,ij->i", dev, dev) / safe_n
+    has = n > 0
+    return {
+        "mean": mean,
+        "std": np.sqrt(var),
+        "var_zero_mean": var,
+        "min": np.where(has, np.where(include, flat, np.inf).min(axis=1), 0.0),
+        "max": np.where(has, np.where(include, flat, -np.inf).max(axis=1), 0.0),
+        "mean_abs": np.abs(vals).sum(axis=1) / safe_n,
+        "l2": np.sqrt(np.einsum("ij,ij->i", vals, vals)),
+        "nan_count": np.count_nonzero(include & np.isnan(flat), axis=1).astype(np.float64),
+        "inf_count": np.count_nonzero(include & np.isinf(flat), axis=1).astype(np.float64),
+    }
+
+
 def stat_names(is_complex: bool) -> list[str]:
     if not is_complex:
         return list(STATISTICS)
@@ -47,37 +93,121 @@ def stat_names(is_complex: bool) -> list[str]:
 def patch_statistics(tap: np.ndarray) -> dict[str, np.ndarray]:
     """{statistic: (patches,) float64} for one tap of shape (B, C, H, W) (any leading dims)."""
     arr = np.asarray(tap)
-    if arr.ndim < 2:
-        arr = arr.reshape(1, -1)
-    # One C-ordered float64 (complex128) copy; the reshape is then free even for transposed taps.
     wide = np.complex128 if np.iscomplexobj(arr) else np.float64
-    patches = np.asarray(arr, dtype=wide, order="C").reshape(-1, arr.shape[-2] * arr.shape[-1])
+    # One C-ordered float64 (complex128) copy; the reshape is then free even for transposed taps.
+    patches = _flat(np.asarray(arr, dtype=wide, order="C"))
     if np.iscomplexobj(patches):
-        z = patches
-        out = {f"amplitude.{k}": v for k, v in _real_patch_stats(np.abs(z)).items()}
-        out.update({f"phase.{k}": v for k, v in _real_patch_stats(np.angle(z)).items()})
+        amplitude = np.abs(patches)
+        out = {f"amplitude.{k}": v for k, v in _real_patch_stats(amplitude).items()}
+        stats = _masked_patch_stats(phase(patches), amplitude != 0)  # NaN amplitude stays included
+        out.update({f"phase.{k}": v for k, v in stats.items()})
         return out
     return _real_patch_stats(patches)
 
 
+def _real_bounds(t: np.ndarray) -> dict[str, np.ndarray]:
+    """How far each statistic of a row moves when every element moves by at most t (per row)."""
+    rms = np.sqrt(np.einsum("ij,ij->i", t, t) / t.shape[1])
+    return {
+        "mean": t.mean(axis=1),
+        "std": rms,  # |σ(a) − σ(b)| ≤ σ(a − b) ≤ rms(a − b)
+        "var_zero_mean": rms * rms,  # plus 2·σ·rms, added by the caller, which knows σ
+        "min": t.max(axis=1),
+        "max": t.max(axis=1),
+        "mean_abs": t.mean(axis=1),
+        "l2": np.sqrt(np.einsum("ij,ij->i", t, t)),
+    }
+
+
+def _phase_bounds(z: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
+    """Bounds of the phase statistics: each phase moves by asin(t/|z|), by 2π where the modulus
+    tolerance reaches the value or the move can cross the ±π cut; a pixel whose zero amplitude might
+    not be zero elsewhere may join the set with any phase."""
+    amplitude = np.abs(z)
+    include = amplitude != 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ratio = np.where(include, t / np.where(include, amplitude, 1.0), np.inf)
+    dphi = np.where(ratio >= 1.0, 2 * math.pi, np.arcsin(np.minimum(ratio, 1.0)))
+    dphi = np.where(np.abs(phase(z)) + dphi > math.pi, 2 * math.pi, dphi)
+    dphi = np.where(include, dphi, 0.0)
+    unsure = (~include & (t > _TINY32)).sum(axis=1)
+    n = np.maximum(include.sum(axis=1), 1)
+    joined = 2 * math.pi * unsure
+    sq = np.einsum("ij,ij->i", dphi, dphi) + joined * 2 * math.pi
+    rms = np.sqrt(sq / n)
+    cap = {"mean": 2 * math.pi, "mean_abs": math.pi, "min": 2 * math.pi, "max": 2 * math.pi, "std": math.pi}
+    out = {
+        "mean": (dphi.sum(axis=1) + joined) / n,
+        "mean_abs": (dphi.sum(axis=1) + joined) / n,
+        "min": np.where(unsure > 0, 2 * math.pi, dphi.max(axis=1, initial=0.0)),
+        "max": np.where(unsure > 0, 2 * math.pi, dphi.max(axis=1, initial=0.0)),
+        "std": rms,
+        "var_zero_mean": rms * rms,
+        "l2": np.sqrt(sq),
+    }
+    for key, limit in cap.items():
+        out[key] = np.minimum(out[key], limit)
+    # No phase statistic can move by more than its range.
+    out["l2"] = np.minimum(out["l2"], math.pi * np.sqrt(include.sum(axis=1) + unsure))
+    return out
+
+
+def perturbation_bounds(tap: np.ndarray, tol: np.ndarray, rounding: float = 0.0) -> dict[str, np.ndarray]:
+    """{statistic: (patches,)}: how much each statistic of ``tap`` can change when every element
+    changes by at most ``tol`` (same shape), plus ``rounding`` times the statistic (the rounding of
+    storing it). Counts must match exactly (COUNT_TOLERANCE)."""
+    arr = np.asarray(tap)
+    t = _flat(np.broadcast_to(np.asarray(tol, dtype=np.float64), arr.shape))
+    stats = patch_statistics(arr)
+    if np.iscomplexobj(arr):
+        z = _flat(np.asarray(arr, dtype=np.complex128))
+        parts = {"amplitude": _real_bounds(t), "phase": _phase_bounds(z, t)}
+    else:
+        parts = {"": _real_bounds(t)}
+    out: dict[str, np.ndarray] = {}
+    for prefix, bounds in parts.items():
+        names = {s: f"{prefix}.{s}" if prefix else s for s in STATISTICS}
+        std = np.nan_to_num(stats[names["std"]], nan=0.0, posinf=0.0)
+        bounds["var_zero_mean"] = bounds["var_zero_mean"] + 2.0 * std * np.sqrt(bounds["var_zero_mean"])
+        if prefix == "phase":
+            bounds["var_zero_mean"] = np.minimum(bounds["var_zero_mean"], math.pi**2)
+        for s, name in names.items():
+            if s in COUNTS:
+                out[name] = np.full(t.shape[0], COUNT_TOLERANCE)
+                continue
+            b = bounds[s] + rounding * np.abs(np.nan_to_num(stats[name], nan=0.0, posinf=0.0, neginf=0.0))
+            out[name] = np.nan_to_num(b, nan=0.0, posinf=np.inf)
+    return {k: out[k] for k in stats}
+
+
 class StatsAccumulator:
-    """Collects per-patch statistics batch by batch; only the statistics are kept, never the tensors."""
+    """Collects per-patch statistics (and their bounds) batch by batch; never the tensors."""
 
     def __init__(self) -> None:
         self._parts: dict[str, dict[str, list[np.ndarray]]] = {}
+        self._bounds: dict[str, dict[str, list[np.ndarray]]] = {}
 
-    def add(self, taps: Mapping[str, np.ndarray]) -> None:
+    def add(self, taps: Mapping[str, np.ndarray], bounds: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
         for name, tensor in taps.items():
             per_stat = self._parts.setdefault(name, {})
             for stat, values in patch_statistics(tensor).items():
                 per_stat.setdefault(stat, []).append(values)
+            if bounds is not None and name in bounds:
+                per_bound = self._bounds.setdefault(name, {})
+                for stat, values in bounds[name].items():
+                    per_bound.setdefault(stat, []).append(values)
 
     def result(self) -> dict[str, dict[str, np.ndarray]]:
         """{tap: {statistic: (total patches,) float64}} in the order taps were first seen."""
-        return {
-            tap: {stat: np.concatenate(chunks) for stat, chunks in per_stat.items()}
-            for tap, per_stat in self._parts.items()
-        }
+        return _concatenate(self._parts)
+
+    def bounds(self) -> dict[str, dict[str, np.ndarray]]:
+        """{tap: {statistic: (total patches,)}}: the tolerance of each statistic against a baseline."""
+        return _concatenate(self._bounds)
+
+
+def _concatenate(parts: Mapping[str, Mapping[str, list[np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
+    return {tap: {stat: np.concatenate(chunks) for stat, chunks in per.items()} for tap, per in parts.items()}
 
 
 def summarise(values: np.ndarray) -> dict[str, float]:

@@ -1,34 +1,43 @@
-"""Where a tolerance is decided: the checked-in TOML file, its validation and its lookup.
+"""Where a tolerance is decided: the tolerance model, its checked-in factors, and nothing else.
 
-One rule everywhere (see :data:`parity.compare.RULE`); only atol and rtol vary, per tap and per
-statistic, chosen by shell-style patterns. Later entries win over earlier ones, and a device profile's
-entries come after the base entries. Every pattern must match at least one tap that exists: a typo in
-this file must never silently disable a check.
+One rule everywhere (:data:`parity.compare.RULE`): an element passes when
+``|a − b| ≤ atol_i + rtol·|b_i|``, b the reference side, with
 
-File layout (``schema_version = 1``)::
+    atol_i = factor · u · S_i        rtol = floor · u
 
-    [elementwise]                 # backend vs float64 reference, per tap
-    atol = 1e-6
-    rtol = 1e-5
-    pair_factor = 2.0             # backend vs backend: both sides float32, so their gap may add up
-    [[elementwise.tap]]
+- u is the unit roundoff of the precision that made the compared values (float32: 2⁻²⁴);
+- S_i is the *error scale* of element i: how large a faithful float32 computation's rounding error
+  is expected to be there, in units of u. The float64 arbiter computes it from its own values on the
+  same batch (``Backend.error_scales``; for PtychoPINN, ``backends/reference/error_model.py``), so
+  a tolerance follows the magnitude of what is compared, element by element: more photons, larger
+  weights, the 1000× canvas ring, all scale their tolerance with no re-measurement. Where the
+  arbiter gives none, S_i is the largest |b| of the element's sample (:func:`magnitude_scale`);
+- factor is dimensionless, one per family of taps, read from the TOML file below. It absorbs what
+  the error model cannot know (how a framework orders its sums, which conv algorithm it picks) and
+  is measured across seeds, data, configs and emulated CPUs (``ptycho-parity measure-tolerances``);
+- floor is a few roundings of the value itself, so no tolerance is ever zero.
+
+Backend vs backend allows ``pair_factor`` times the atol (both sides carry float32 error).
+Statistics vs a baseline allow ``baseline_factor`` times the elementwise tolerance of the backend's
+own values (the baseline and the run may come from two machines, each within its tolerance), carried
+through each statistic by :func:`parity.stats.perturbation_bounds`. The ``cuda`` profile multiplies
+every factor by ``device_factor``.
+
+File layout (``schema_version = 2``; families are tried in order, the first match wins, and every
+tap must belong to one)::
+
+    schema_version = 2
+    [model]
+    floor = 4.0
+    pair_factor = 2.0
+    baseline_factor = 2.0
+    blame_ratio = 2.0             # see parity.runner: when a failure is blamed on one backend
+    [[family]]
     pattern = "encoder.*"
-    atol = 1e-5
-    rtol = 1e-5
-    when = { N = 128 }            # optional: only for configs with these values
-    measured = 1.2e-6             # optional: the measurement the value was set from
-
-    [statistics]                  # statistics vs the stored baseline of the same backend
-    atol = 1e-6
-    rtol = 1e-6
-    [[statistics.tap]]
-    pattern = "*"
-    statistic = "phase.*"         # optional, default "*"
-    backend = "torch"             # optional
-    atol = 1e-4
-    rtol = 1e-4
-
-    [profiles.cuda.elementwise]   # same shape as above; cpu and cuda are the profiles
+    factor = 200.0
+    measured = 84.2               # optional: the largest error / (u·S) seen when measuring
+    [profiles.cuda]
+    device_factor = 4.0
 """
 
 from __future__ import annotations
@@ -38,21 +47,22 @@ import math
 import os
 import tomllib
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from parity.config import ModelConfig
+import numpy as np
+
 from parity.errors import ToleranceError
-from parity.stats import stat_names
+from parity.stats import perturbation_bounds
 from parity.taps import all_tap_names
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PROFILES = ("cpu", "cuda")
-_ALL_STATS = frozenset(stat_names(False) + stat_names(True))
-_CONFIG_KEYS = frozenset(ModelConfig().to_dict())
-# A ModelConfig, a third-party backend pair's own config object with to_dict(), or a plain mapping.
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53}
+_MODEL_KEYS = {"floor": 1e-300, "pair_factor": 1.0, "baseline_factor": 1.0, "blame_ratio": 1.0}
+# Config keys of a third-party backend pair: accepted where a ModelConfig is (a mapping or to_dict()).
 ConfigLike = Any
 
 
@@ -68,74 +78,90 @@ def default_tolerance_file() -> Path:
     return Path(str(resources.files("parity") / "tolerances.toml"))
 
 
+def unit_roundoff(precision: str | None) -> float:
+    """u of the precision a backend computes in (float32 unless it says float64)."""
+    return UNIT_ROUNDOFF["float64" if precision == "float64" else "float32"]
+
+
+def magnitude_scale(values: np.ndarray) -> np.ndarray:
+    """The fallback error scale: each element gets the largest |value| of its sample (all channels).
+
+    Not the element's own |value|: a sum that cancels to near zero still carries the rounding error of
+    its terms, and those are as large as the sample's values, not as the small result.
+    """
+    mag = np.abs(np.asarray(values))
+    if mag.ndim < 2:
+        return np.asarray(mag.max(initial=0.0) + np.zeros_like(mag, dtype=np.float64))
+    axes = tuple(range(1, mag.ndim))
+    return np.asarray(np.broadcast_to(mag.max(axis=axes, keepdims=True), mag.shape), dtype=np.float64)
+
+
 @dataclass(frozen=True)
-class Rule:
+class Family:
+    """Taps whose errors the same dimensionless factor covers."""
+
     pattern: str
-    atol: float
-    rtol: float
-    statistic: str = "*"
-    backend: str | None = None
-    when: Mapping[str, Any] = field(default_factory=dict)
-
-    def applies(self, tap: str, config: ConfigLike, statistic: str = "*", backend: str | None = None) -> bool:
-        if not fnmatch.fnmatchcase(tap, self.pattern):
-            return False
-        if self.statistic != "*" and not fnmatch.fnmatchcase(statistic, self.statistic):
-            return False
-        if self.backend is not None and backend != self.backend:
-            return False
-        if self.when:
-            if config is None:
-                return False
-            values = config_values(config)
-            return all(values.get(k) == v for k, v in self.when.items())
-        return True
-
-
-@dataclass(frozen=True)
-class Section:
-    atol: float
-    rtol: float
-    rules: tuple[Rule, ...] = ()
-    pair_factor: float = 1.0
-
-    def lookup(
-        self, tap: str, config: ConfigLike, statistic: str = "*", backend: str | None = None
-    ) -> tuple[float, float]:
-        atol, rtol = self.atol, self.rtol
-        for rule in self.rules:
-            if rule.applies(tap, config, statistic, backend):
-                atol, rtol = rule.atol, rule.rtol
-        return atol, rtol
+    factor: float
+    measured: float | None = None
 
 
 @dataclass(frozen=True)
 class Tolerances:
-    """Resolved tolerances for one device profile."""
+    """The tolerance model for one device profile."""
 
-    elementwise_section: Section
-    statistics_section: Section
+    families: tuple[Family, ...]
+    floor: float
+    pair_factor: float
+    baseline_factor: float
+    blame_ratio: float
+    device_factor: float
     source: str
     profile: str
 
-    def elementwise(self, tap: str, config: ConfigLike, pair: bool = False) -> tuple[float, float]:
-        """(atol, rtol) for comparing a tap; ``pair`` for backend vs backend instead of vs reference."""
-        atol, rtol = self.elementwise_section.lookup(tap, config)
-        if pair:
-            f = self.elementwise_section.pair_factor
-            return atol * f, rtol * f
-        return atol, rtol
+    def family(self, tap: str) -> Family:
+        for fam in self.families:
+            if fnmatch.fnmatchcase(tap, fam.pattern):
+                return fam
+        raise ToleranceError(f'{self.source}: no [[family]] pattern matches tap {tap!r}; add one (or a catch-all "*")')
 
-    def statistic(self, tap: str, statistic: str, backend: str, config: ConfigLike) -> tuple[float, float]:
-        return self.statistics_section.lookup(tap, config, statistic, backend)
+    def factor(self, tap: str) -> float:
+        return self.family(tap).factor * self.device_factor
+
+    def rtol(self, precision: str | None = "float32") -> float:
+        return self.floor * unit_roundoff(precision)
+
+    def atol(self, tap: str, scale: np.ndarray, *, pair: bool = False, precision: str | None = "float32") -> np.ndarray:
+        """Elementwise atol for comparing ``tap`` (``scale``: the error scale S, broadcastable)."""
+        f = self.factor(tap) * (self.pair_factor if pair else 1.0) * unit_roundoff(precision)
+        return np.asarray(scale, dtype=np.float64) * f
+
+    def statistic_tolerances(
+        self, tap: str, values: np.ndarray, scale: np.ndarray, precision: str | None
+    ) -> dict[str, np.ndarray]:
+        """Per-patch tolerances of every statistic of ``values`` against a baseline of the same backend.
+
+        The baseline and this run may come from two machines, each within the elementwise tolerance
+        of the exact values, hence ``baseline_factor``. Baselines are stored in float32, which rounds
+        each statistic once more.
+        """
+        t = self.baseline_factor * (self.atol(tap, scale, precision=precision) + self.rtol(precision) * np.abs(values))
+        return perturbation_bounds(values, t, rounding=UNIT_ROUNDOFF["float32"])
+
+    def rule(self) -> str:
+        return (
+            "|a - b| <= atol_i + rtol * |b_i|;  atol_i = factor * u * S_i,  rtol = floor * u  "
+            f"(floor {self.floor:g}, pair x{self.pair_factor:g}, device x{self.device_factor:g}; "
+            "S: the arbiter's error scale, or the sample's largest |b|)"
+        )
 
 
-def _number(value: Any, where: str, key: str) -> float:
+def _number(value: Any, where: str, key: str, minimum: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ToleranceError(f"{where}: key {key!r} must be a number, got {value!r}")
     v = float(value)
-    if not math.isfinite(v) or v < 0:
-        raise ToleranceError(f"{where}: key {key!r} must be a finite number >= 0, got {value!r}")
+    if not math.isfinite(v) or v < minimum:
+        bound = "> 0" if minimum and minimum < 1 else f">= {minimum:g}"
+        raise ToleranceError(f"{where}: key {key!r} must be a finite number {bound}, got {value!r}")
     return v
 
 
@@ -145,86 +171,51 @@ def _check_keys(table: Mapping[str, Any], allowed: Collection[str], where: str) 
             raise ToleranceError(f"{where}: unknown key {key!r}; allowed keys: {', '.join(sorted(allowed))}")
 
 
-def _parse_section(
-    table: Any,
-    where: str,
-    known_taps: Collection[str],
-    is_stats: bool,
-    base: Section | None,
-    config_keys: Collection[str] = _CONFIG_KEYS,
-) -> Section:
-    if not isinstance(table, Mapping):
-        raise ToleranceError(f"{where}: must be a table")
-    top = {"atol", "rtol", "tap"} | ({"pair_factor"} if not is_stats else set())
-    _check_keys(table, top, where)
-    if base is None and ("atol" not in table or "rtol" not in table):
-        raise ToleranceError(f"{where}: needs default 'atol' and 'rtol'")
-    atol = _number(table["atol"], where, "atol") if "atol" in table else base.atol  # type: ignore[union-attr]
-    rtol = _number(table["rtol"], where, "rtol") if "rtol" in table else base.rtol  # type: ignore[union-attr]
-    pair = base.pair_factor if base is not None else 1.0
-    if "pair_factor" in table:
-        pair = _number(table["pair_factor"], where, "pair_factor")
-    entries = table.get("tap", [])
-    if not isinstance(entries, list):
-        raise ToleranceError(f"{where}.tap: must be an array of tables ([[...tap]])")
-    rules = list(base.rules) if base is not None else []
-    allowed = {"pattern", "atol", "rtol", "when", "measured", "note"}
-    if is_stats:
-        allowed |= {"statistic", "backend"}
+def _table(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ToleranceError(f"{where}: [{key}] must be a table")
+    return value
+
+
+def _families(entries: Any, where: str, known_taps: Collection[str]) -> tuple[Family, ...]:
+    if not isinstance(entries, list) or not entries:
+        raise ToleranceError(f"{where}: needs at least one [[family]] table (pattern, factor)")
+    out = []
     for i, entry in enumerate(entries):
-        w = f"{where}.tap[{i}]"
+        w = f"{where}: [[family]] #{i + 1}"
         if not isinstance(entry, Mapping):
             raise ToleranceError(f"{w}: must be a table")
-        _check_keys(entry, allowed, w)
-        for key in ("pattern", "atol", "rtol"):
+        _check_keys(entry, {"pattern", "factor", "measured", "note"}, w)
+        for key in ("pattern", "factor"):
             if key not in entry:
                 raise ToleranceError(f"{w}: missing required key {key!r}")
         pattern = entry["pattern"]
         if not isinstance(pattern, str) or not any(fnmatch.fnmatchcase(t, pattern) for t in known_taps):
             raise ToleranceError(f"{w}: pattern {pattern!r} matches no tap; a typo here would silently disable a check")
-        statistic = entry.get("statistic", "*")
-        if not isinstance(statistic, str) or not any(fnmatch.fnmatchcase(s, statistic) for s in _ALL_STATS):
-            raise ToleranceError(
-                f"{w}: statistic {statistic!r} matches no statistic; known: {', '.join(sorted(_ALL_STATS))}"
-            )
-        backend = entry.get("backend")
-        if backend is not None and not isinstance(backend, str):
-            raise ToleranceError(f"{w}: key 'backend' must be a string, got {backend!r}")
-        when = entry.get("when", {})
-        if not isinstance(when, Mapping):
-            raise ToleranceError(f"{w}: key 'when' must be a table of config keys")
-        for k in when:
-            if k not in config_keys:
-                raise ToleranceError(
-                    f"{w}: 'when' names unknown config key {k!r}; allowed: {', '.join(sorted(config_keys))}"
-                )
+        factor = _number(entry["factor"], w, "factor", minimum=1e-300)
+        measured = None
         if "measured" in entry:
-            _number(entry["measured"], w, "measured")
-        rules.append(
-            Rule(
-                pattern=pattern,
-                atol=_number(entry["atol"], w, "atol"),
-                rtol=_number(entry["rtol"], w, "rtol"),
-                statistic=statistic,
-                backend=backend,
-                when=dict(when),
-            )
-        )
-    return Section(atol, rtol, tuple(rules), pair)
+            measured = _number(entry["measured"], w, "measured")
+            if measured > factor:
+                raise ToleranceError(
+                    f"{w}: factor {factor:g} is below its own measurement {measured:g}: it would fail on the "
+                    "runs it was measured on"
+                )
+        out.append(Family(pattern, factor, measured))
+    return tuple(out)
 
 
 def load_tolerances(
     path: str | os.PathLike[str] | None = None,
     profile: str = "cpu",
     known_taps: Collection[str] | None = None,
-    config_keys: Collection[str] | None = None,
 ) -> Tolerances:
     """Parse and validate a tolerance file.
 
-    ``known_taps`` (patterns must match one) and ``config_keys`` (allowed in ``when``) default to the
-    PtychoPINN model's; a third-party backend pair passes its own.
+    ``known_taps`` (every pattern must match one) defaults to every tap a PtychoPINN config can
+    produce; a third-party backend pair passes its own.
     """
-    keys = frozenset(config_keys) if config_keys is not None else _CONFIG_KEYS
     p = Path(path) if path is not None else default_tolerance_file()
     if profile not in PROFILES:
         raise ToleranceError(f"tolerance profile {profile!r} is unknown; allowed: {', '.join(PROFILES)}")
@@ -232,34 +223,46 @@ def load_tolerances(
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ToleranceError(f"{p}: tolerance file does not exist") from None
+    except IsADirectoryError:
+        raise ToleranceError(f"{p}: is a folder, not a tolerance file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ToleranceError(f"{p}: not valid TOML ({exc})") from exc
-    taps = frozenset(known_taps) if known_taps is not None else all_tap_names()
     where = str(p)
-    _check_keys(data, {"schema_version", "elementwise", "statistics", "profiles"}, where)
-    if data.get("schema_version") != SCHEMA_VERSION:
+    _check_keys(data, {"schema_version", "model", "family", "profiles"}, where)
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        hint = " (schema 1 held fitted atol tables; docs/tolerances.md describes the model that replaced them)"
         raise ToleranceError(
-            f"{where}: key 'schema_version' is {data.get('schema_version')!r}; expected {SCHEMA_VERSION}"
+            f"{where}: key 'schema_version' is {version!r}; expected {SCHEMA_VERSION}" + (hint if version == 1 else "")
         )
-    for key in ("elementwise", "statistics"):
-        if key not in data:
-            raise ToleranceError(f"{where}: missing required table [{key}]")
-    elem = _parse_section(data["elementwise"], f"{where}: [elementwise]", taps, False, None, keys)
-    stats = _parse_section(data["statistics"], f"{where}: [statistics]", taps, True, None, keys)
-    profiles = data.get("profiles", {})
-    if not isinstance(profiles, Mapping):
-        raise ToleranceError(f"{where}: [profiles] must be a table")
-    base_elem, base_stats = elem, stats
+    model = _table(data, "model", where)
+    _check_keys(model, set(_MODEL_KEYS), f"{where}: [model]")
+    missing = [k for k in _MODEL_KEYS if k not in model]
+    if missing:
+        raise ToleranceError(f"{where}: [model] is missing required key {missing[0]!r}")
+    values = {k: _number(model[k], f"{where}: [model]", k, minimum=m) for k, m in _MODEL_KEYS.items()}
+    taps = frozenset(known_taps) if known_taps is not None else all_tap_names()
+    families = _families(data.get("family"), where, taps)
+    profiles = _table(data, "profiles", where)
+    device_factor = 1.0
     for name, prof in profiles.items():
         w = f"{where}: [profiles.{name}]"
         if name not in PROFILES:
             raise ToleranceError(f"{w}: unknown profile {name!r}; allowed: {', '.join(PROFILES)}")
         if not isinstance(prof, Mapping):
             raise ToleranceError(f"{w}: must be a table")
-        _check_keys(prof, {"elementwise", "statistics"}, w)
-        # Parse every profile, not just the selected one, so a broken cuda section fails on CPU too.
-        p_elem = _parse_section(prof.get("elementwise", {}), f"{w}.elementwise", taps, False, base_elem, keys)
-        p_stats = _parse_section(prof.get("statistics", {}), f"{w}.statistics", taps, True, base_stats, keys)
+        _check_keys(prof, {"device_factor", "note"}, w)
+        # Every profile is parsed, not just the selected one, so a broken cuda section fails on CPU too.
+        factor = _number(prof.get("device_factor", 1.0), w, "device_factor", minimum=1.0)
         if name == profile:
-            elem, stats = p_elem, p_stats
-    return Tolerances(elem, stats, where, profile)
+            device_factor = factor
+    return Tolerances(
+        families=families,
+        floor=values["floor"],
+        pair_factor=values["pair_factor"],
+        baseline_factor=values["baseline_factor"],
+        blame_ratio=values["blame_ratio"],
+        device_factor=device_factor,
+        source=where,
+        profile=profile,
+    )

@@ -1,4 +1,4 @@
-"""Shared test setup: quiet TensorFlow before anything imports it."""
+"""Shared test setup: quiet TensorFlow before anything imports it; hypothesis profiles."""
 
 import os
 
@@ -6,6 +6,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
+
+# The false-alarm sweep (tests/parity/test_sweep.py): every parity run is a few seconds, so the CI
+# profile runs a fixed set of 25 examples (derandomized: the same on every machine and commit), and
+# the long one 300 fresh ones: `pytest tests/parity/test_sweep.py --hypothesis-profile=long`.
+_SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=_SLOW)
+settings.register_profile("long", max_examples=300, deadline=None, suppress_health_check=_SLOW, print_blob=True)
+settings.load_profile("ci")
 
 # forward-model.md section 5: convolution weights and biases per configuration (log_scale excluded).
 SPEC_PARAMETER_COUNTS = [

@@ -67,6 +67,15 @@ class ReferenceBackend(Backend):
         self._check_taps(taps, B)
         return {name: np.ascontiguousarray(value) for name, value in taps.items()}
 
+    def error_scales(self, batch: CanonicalBatch, taps: Taps) -> Taps:
+        """The float32 error scale of every tap (``error_model``), from this backend's taps of ``batch``."""
+        N = self.config.N
+        return self.model.error_scales(
+            {name: np.asarray(v) for name, v in taps.items()},
+            batch.offsets.astype(np.float64),
+            batch.probe.astype(np.complex128).reshape(1, 1, N, N),
+        )
+
     def _check_taps(self, taps: Taps, batch_size: int) -> None:
         """Fail loudly if the model's taps drift from the tap list: that is a bug here, not a divergence."""
         specs = tap_specs(self.config, batch_size)

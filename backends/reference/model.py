@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from backends.reference import error_model as em
 from backends.reference import physics
 from backends.reference.ops import (
     AMP_ACTIVATIONS,
@@ -38,6 +39,8 @@ Taps = dict[str, Array]
 # N is fixed by the encoder depth: the bottleneck is always 8 x 8.
 _N_BY_ENCODER_DEPTH = {3: 64, 4: 128}
 _ENCODER_BASE_FILTERS = {64: 32, 128: 16}
+# Activation -> its name in the error model.
+_ACTIVATION_NAMES: dict[Activation, str] = {**{f: n for n, f in AMP_ACTIVATIONS.items()}, pi_tanh: "pi_tanh"}
 
 
 def _record(taps: Taps | None, name: str, value: Array) -> Array:
@@ -307,6 +310,103 @@ class ReferenceModel:
         amp_pred, intensity = self.outputs(self.diffract(psi, taps), taps)
         nll, _ = self.losses(amp_pred, intensity, x, taps)
         return nll
+
+    # ---- float32 error scales (see error_model) -------------------------------------------------
+
+    def error_scales(self, taps: Mapping[str, Array], offsets: Array, probe: Array) -> dict[str, Array]:
+        """The float32 error scale of every tap of one forward pass, from that pass's own taps.
+
+        Walks the model in the order of ``forward``: each stage's scale is computed from its
+        reference input and that input's scale (error_model), so the scales carry error forward the
+        way a float32 implementation does.
+        """
+        S: dict[str, Array] = {name: em.input_scale(taps[name]) for name in ("input.x", "input.offsets", "input.probe")}
+        S["input.scaled"] = em.scaled_input_scale(taps["input.scaled"])
+        x, s_x = taps["input.scaled"], S["input.scaled"]
+        for block in self.encoder:
+            x, s_x = self._block_scales(block, x, s_x, taps, S)
+        features, s_features = x, s_x
+        final: dict[str, tuple[Array, Array]] = {}
+        for h, head in self.heads.items():
+            final[h] = self._head_scales(h, head, features, s_features, taps, S)
+        (amplitude, s_amp), (_, s_phase) = final["amp"], final["phase"]
+        S["object.patches"] = em.patches_scale(amplitude, s_phase, s_amp)
+        patches = taps["object.patches"]
+        canvas = taps["object.canvas"]
+        if self.object_big:
+            S["object.canvas"] = em.merge_scale(patches, S["object.patches"], offsets, canvas, self.M)
+        else:
+            S["object.canvas"] = em.padded(S["object.patches"], (self.M - self.N) // 2)
+        S["object.trimmed"] = em.crop(S["object.canvas"], self.N)
+        B, C = offsets.shape[:2]
+        wide = (B, C, self.M, self.M)
+        moved = em.translate_scale(np.broadcast_to(canvas, wide), np.broadcast_to(S["object.canvas"], wide), offsets)
+        S["object.reextracted"] = em.crop(moved, self.N)
+        S["physics.illuminated"] = em.illumination_scale(
+            taps["object.reextracted"], S["object.reextracted"], probe, self.illumination_mask
+        )
+        S["physics.diffraction"] = em.diffraction_scale(
+            taps["physics.illuminated"], S["physics.illuminated"], taps["physics.diffraction"]
+        )
+        S["output.amplitude"] = em.amplitude_scale(
+            taps["physics.diffraction"], S["physics.diffraction"], taps["output.amplitude"], float(self.log_scale)
+        )
+        S["output.intensity"] = em.intensity_scale(
+            taps["output.amplitude"], S["output.amplitude"], taps["output.intensity"]
+        )
+        x_in = np.asarray(taps["input.x"], dtype=np.float64)
+        S["loss.poisson_nll"] = em.poisson_nll_scale(taps["output.intensity"], S["output.intensity"], x_in)
+        S["loss.mae"] = em.mae_scale(taps["output.amplitude"], S["output.amplitude"], x_in)
+        return em.as_scales({name: S[name] for name in taps})
+
+    @staticmethod
+    def _conv_scales(conv: Conv, x: Array, s_x: Array, S: dict[str, Array]) -> Array:
+        s = em.conv_scale(x, s_x, conv.kernel, conv.bias)
+        S[conv.name] = s
+        return s
+
+    def _block_scales(
+        self, block: ConvBlock, x: Array, s_x: Array, taps: Mapping[str, Array], S: dict[str, Array]
+    ) -> tuple[Array, Array]:
+        """Scales of one block's taps; ``s_x`` is the error its input carries, and so is the result's
+        second item (the output's error where the output is active, see error_model.relu_pass_on)."""
+        for conv in block.convs():
+            s = self._conv_scales(conv, x, s_x, S)
+            x = taps[conv.name]
+            s_x = em.relu_pass_on(x, s)
+        out = taps[f"{block.prefix}.{block.resample_tap}"]
+        s_out = em.pool_scale(s) if block.resample_tap == "pool" else em.upsample_scale(s)
+        S[f"{block.prefix}.{block.resample_tap}"] = s_out
+        return out, em.relu_pass_on(out, s_out)
+
+    def _head_scales(
+        self, h: str, head: Head, features: Array, s_features: Array, taps: Mapping[str, Array], S: dict[str, Array]
+    ) -> tuple[Array, Array]:
+        """Scales of one branch; returns its final map and that map's scale."""
+        x, s_x = features, s_features
+        for block in head.decoder:
+            x, s_x = self._block_scales(block, x, s_x, taps, S)
+        activation = _ACTIVATION_NAMES[head.activation]
+        if head.full is not None and head.full_out is not None:
+            up, s_up = self._block_scales(head.full, x, s_x, taps, S)
+            s_z = em.conv_scale(up, s_up, head.full_out.kernel, head.full_out.bias)
+            out = taps[f"{h}.head.full.out"]
+            S[f"{h}.head.full.out"] = em.activation_scale(activation, out, s_z)
+            return out, S[f"{h}.head.full.out"]
+        assert head.centre is not None
+        s_z = em.conv_scale(x[:, :-4], s_x[:, :-4], head.centre.kernel, head.centre.bias)
+        S[f"{h}.head.centre"] = em.activation_scale(activation, taps[f"{h}.head.centre"], s_z)
+        S[f"{h}.head.padded"] = em.padded(S[f"{h}.head.centre"], self.N // 4)
+        padded = taps[f"{h}.head.padded"]
+        if head.border is None or head.border_out is None:
+            return padded, S[f"{h}.head.padded"]
+        up, s_up = self._block_scales(head.border, x[:, -4:], s_x[:, -4:], taps, S)
+        s_z = em.conv_scale(up, s_up, head.border_out.kernel, head.border_out.bias)
+        S[f"{h}.head.border.out"] = em.activation_scale("swish", taps[f"{h}.head.border.out"], s_z)
+        masked = taps[f"{h}.head.border.masked"]
+        S[f"{h}.head.border.masked"] = em.masked(S[f"{h}.head.border.out"], self.border_mask)
+        S[f"{h}.head.sum"] = em.summed(padded, S[f"{h}.head.padded"], masked, S[f"{h}.head.border.masked"])
+        return taps[f"{h}.head.sum"], S[f"{h}.head.sum"]
 
     # ---- read-back of what was built ----------------------------------------------------------
 

@@ -21,18 +21,21 @@ Activation = Callable[[Array], Array]
 _IM2COL_MAX_ELEMENTS = 8_000_000
 
 
-def conv2d(x: Array, kernel: Array, bias: Array) -> Array:
-    """3x3 stride-1 cross-correlation with one pixel of zero padding on each side, plus bias."""
+def conv2d(x: Array, kernel: Array, bias: Array, dtype: type = np.float64) -> Array:
+    """3x3 stride-1 cross-correlation with one pixel of zero padding on each side, plus bias.
+
+    ``dtype`` is the working precision: float64 for the model, float32 for error scales.
+    """
     B, cin, H, W = x.shape
     kh, kw, kin, cout = kernel.shape
     if (kh, kw) != (3, 3) or kin != cin:
         raise ValueError(f"conv2d: kernel {kernel.shape} does not fit input {x.shape}")
     # Channels-last, zero-padded copy; its 3x3 windows flattened as (kh, kw, in) match the kernel rows.
-    padded = np.zeros((B, H + 2, W + 2, cin), dtype=np.float64)
+    padded = np.zeros((B, H + 2, W + 2, cin), dtype=dtype)
     padded[:, 1:-1, 1:-1, :] = x.transpose(0, 2, 3, 1)
     windows = sliding_window_view(padded, (3, 3), axis=(1, 2))  # (B, H, W, in, kh, kw)
-    weights = kernel.reshape(9 * cin, cout)
-    out = np.empty((B, H, W, cout), dtype=np.float64)
+    weights: Array = kernel.reshape(9 * cin, cout).astype(dtype, copy=False)
+    out: Array = np.empty((B, H, W, cout), dtype=dtype)
     step = max(1, _IM2COL_MAX_ELEMENTS // (H * W * 9 * cin))
     for start in range(0, B, step):
         cols = windows[start : start + step].transpose(0, 1, 2, 4, 5, 3).reshape(-1, 9 * cin)

@@ -83,3 +83,38 @@ def test_streaming_equals_one_shot_and_indexes_across_batches():
 def test_shape_mismatch_fails_with_reason():
     r = compare_arrays(np.zeros((1, 2, 3, 3)), np.zeros((1, 2, 3, 4)), 1.0, 1.0, names=("tf", "torch"))
     assert not r.passed and "shape mismatch: tf has (1, 2, 3, 3), torch has (1, 2, 3, 4)" in r.reason
+
+
+def test_elementwise_atol_and_margin():
+    b = np.array([[1.0, 100.0, 0.0]])
+    a = b + np.array([[0.5, 0.5, 0.0]])
+    atol = np.array([[1.0, 0.25, 0.0]])  # element 1 is out by 2x, element 2 is exact with atol 0
+    r = compare_arrays(a, b, atol, 0.0)
+    assert not r.passed and r.mismatched == 1
+    assert r.margin == pytest.approx(2.0) and r.margin_index == [0, 1] and r.atol == 0.25
+    ok = compare_arrays(a, b, atol * 2, 0.0)
+    assert ok.passed and ok.margin == pytest.approx(1.0)
+    assert "margin 2 at index (0, 1)" in r.summary()
+
+
+def test_min_factor_to_pass_is_margin_times_factor_without_rtol():
+    b = np.ones((1, 1, 2, 2))
+    a = b + 3e-6
+    acc = ElementwiseComparison("vs_reference", "t", "a", "b", 0.0, 0.0, factor=10.0)
+    acc.add(a, b, np.full(b.shape, 1e-6))  # atol = 10 · (1e-7 unit)
+    r = acc.finish()
+    assert r.margin == pytest.approx(3.0) and r.min_factor_to_pass == pytest.approx(30.0)
+    assert not r.passed
+
+
+def test_margin_across_batches_keeps_the_worst_and_its_index():
+    acc = ElementwiseComparison("k", "t", "a", "b", 0.0, 0.0)
+    acc.add(np.array([[0.1, 0.0]]), np.zeros((1, 2)), np.array([[1.0, 1.0]]))
+    acc.add(np.array([[0.0, 0.9]]), np.zeros((1, 2)), np.array([[1.0, 1.0]]))
+    r = acc.finish()
+    assert r.passed and r.margin == pytest.approx(0.9) and r.margin_index == [1, 1]
+
+
+def test_nan_mismatch_has_infinite_margin():
+    r = compare_arrays(np.array([[np.nan]]), np.array([[1.0]]), 1.0, 0.0)
+    assert r.margin == float("inf") and not r.passed

@@ -34,6 +34,7 @@ CONFIGS = {
     "n64_g2_lines": ModelConfig(N=64, gridsize=2),
     "n64_g1_grf": ModelConfig(N=64, gridsize=1),
     "n128_g2_lines": ModelConfig(N=128, gridsize=2),
+    "n128_g1_grf": ModelConfig(N=128, gridsize=1),
 }
 
 
@@ -57,12 +58,12 @@ def test_bundled_fixtures_exist_and_match_sha256sums():
     d = bundled_fixtures_dir()
     sums = read_sha256sums(d / "SHA256SUMS")
     assert set(sums) == {f"{name}.h5" for name in BUNDLED_FIXTURES}
-    assert set(sums) >= {"n64_g2_lines.h5", "n64_g1_grf.h5", "n128_g2_lines.h5"}
+    assert set(sums) >= {"n64_g2_lines.h5", "n64_g1_grf.h5", "n128_g2_lines.h5", "n128_g1_grf.h5"}
     total = 0
     for fname, digest in sums.items():
         assert file_sha256(d / fname) == digest, fname
         total += (d / fname).stat().st_size
-    assert total < 8e6
+    assert total < 9e6  # four fixtures, one per (N, gridsize), stay small enough to ship in the wheel
 
 
 def test_regenerating_reproduces_the_committed_fixtures_bit_for_bit(tmp_path):
@@ -118,7 +119,7 @@ def test_make_fixtures_script_checks_and_fails_on_a_difference(tmp_path, capsys,
 
 def test_bundled_fixture_lookup_and_unknown_name():
     assert bundled_fixture("n64_g1_grf") == bundled_fixture("n64_g1_grf.h5")
-    with pytest.raises(FixtureError, match="available: n128_g2_lines, n64_g1_grf, n64_g2_lines"):
+    with pytest.raises(FixtureError, match="available: n128_g1_grf, n128_g2_lines, n64_g1_grf, n64_g2_lines"):
         bundled_fixture("n32_g2_lines")
 
 

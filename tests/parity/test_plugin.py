@@ -80,7 +80,7 @@ def test_marker_selects_parity_tests_and_each_writes_its_report(inner):
         assert data["verdict"] == "pass"
         assert data["config"] == ModelConfig(gridsize=1, probe_big=name.endswith("True")).to_dict()
         assert list(data["backends"]) == ["reference"]
-        assert data["tolerances"] == {"source": str(tolerances), "profile": "cpu"}
+        assert data["tolerances"] == {"source": str(tolerances), "profile": "cpu", "blame_ratio": 2.0}
         assert data["groups"] == 1
         assert "# ptycho-parity report: **PASS**" in (folder / "report.md").read_text()
 
@@ -120,13 +120,12 @@ def test_unknown_backend_is_a_usage_error_naming_it(inner, value, message):
     res.stdout.no_fnmatch_line("*passed*")
 
 
-BASE_TOLERANCES = """schema_version = 1
-[elementwise]
-atol = 1e-5
-rtol = 1e-5
-[statistics]
-atol = 1e-5
-rtol = 1e-5
+BASE_TOLERANCES = """schema_version = 2
+[model]
+floor = 4.0
+pair_factor = 2.0
+baseline_factor = 2.0
+blame_ratio = 2.0
 """
 
 
@@ -134,18 +133,18 @@ rtol = 1e-5
     ("text", "message"),
     [
         (
-            BASE_TOLERANCES + '[[statistics.tap]]\npattern = "amp.decodr.*"\natol = 0\nrtol = 0\n',
-            "[[]statistics].tap[[]0]: pattern 'amp.decodr.*' matches no tap; a typo here would silently disable*",
+            BASE_TOLERANCES + '[[family]]\npattern = "amp.decodr.*"\nfactor = 2.0\n',
+            "*family*#1: pattern 'amp.decodr.*' matches no tap; a typo here would silently disable*",
         ),
         (
-            BASE_TOLERANCES + '[[elementwise.tap]]\npattern = "encoder.*"\natoll = 0\natol = 0\nrtol = 0\n',
-            "[[]elementwise].tap[[]0]: unknown key 'atoll'*",
+            BASE_TOLERANCES + '[[family]]\npattern = "encoder.*"\nfactr = 0\nfactor = 2.0\n',
+            "*family*#1: unknown key 'factr'*",
         ),
-        (BASE_TOLERANCES.replace("rtol = 1e-5\n[statistics]", "rtol = -1\n[statistics]"), "*key 'rtol' must be*"),
-        ("schema_version = 1\n[elementwise\n", "not valid TOML*"),
+        (BASE_TOLERANCES + '[[family]]\npattern = "*"\nfactor = -1\n', "*key 'factor' must be*"),
+        ("schema_version = 2\n[model\n", "not valid TOML*"),
         (None, "tolerance file does not exist"),
     ],
-    ids=["pattern-typo", "unknown-key", "negative-rtol", "not-toml", "missing"],
+    ids=["pattern-typo", "unknown-key", "negative-factor", "not-toml", "missing"],
 )
 def test_bad_tolerance_file_is_a_usage_error_naming_file_and_key(inner, text, message):
     inner.makepyfile(

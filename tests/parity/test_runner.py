@@ -9,15 +9,19 @@ from parity.taps import TapSpec
 from parity.tolerances import load_tolerances
 
 TAPS = ["toy.in", "toy.hidden", "toy.out"]
-TOL_TEXT = """
-schema_version = 1
-[elementwise]
-atol = 1e-5
-rtol = 1e-5
-[statistics]
-atol = 0
-rtol = 0
+FACTOR = 64.0
+TOL_TEXT = f"""
+schema_version = 2
+[model]
+floor = 4.0
+pair_factor = 2.0
+baseline_factor = 2.0
+blame_ratio = 2.0
+[[family]]
+pattern = "toy.*"
+factor = {FACTOR}
 """
+U = 2.0**-24
 
 
 class Toy(Backend):
@@ -197,3 +201,102 @@ def test_named_reference_must_exist(tol):
 
     with pytest.raises(ParityInputError, match="reference backend 'ref64' is not among the backends"):
         run_parity({"a": Toy32(None, W)}, _batches(), tol, reference="ref64")
+
+
+class Noisy(Toy32):
+    """Toy32 whose toy.out is off the exact value by ``level`` times the tolerance unit (u·S)."""
+
+    level = 0.0
+
+    def forward(self, batch):
+        taps = super().forward(batch)
+        exact = Toy(None, W).forward(batch)["toy.out"]
+        unit = U * np.abs(exact).max(axis=(-2, -1), keepdims=True)  # u·S, S the patch magnitude
+        sign = np.where(np.arange(exact.size).reshape(exact.shape) % 2, 1.0, -1.0)
+        taps["toy.out"] = (exact + self.level * FACTOR * unit * sign).astype(np.float32)
+        return taps
+
+
+def _noisy(level):
+    return type(f"Noisy{level}", (Noisy,), {"level": level})
+
+
+def test_every_comparison_carries_its_margin(tol):
+    res = _run(tol, a=_noisy(0.5))
+    c = next(c for c in res.taps[2].comparisons if c.a == "a" and c.kind == "vs_reference")
+    assert c.passed and 0.3 < c.margin < 0.6 and c.factor == FACTOR
+    assert c.min_factor_to_pass == pytest.approx(c.margin * FACTOR, rel=0.05)
+    assert c.margin_index is not None
+
+
+def test_blame_needs_a_clear_margin_over_the_other_backend(tol):
+    """A backend just over its tolerance while the other scatters alike is not blamed."""
+    alike = _run(tol, a=_noisy(1.3), b=_noisy(0.9))
+    fd = alike.first_divergence
+    assert not alike.passed and fd["tap"] == "toy.out"
+    assert fd["blamed"] == [] and fd["indistinguishable"] == ["a"]
+    assert "scatters alike" in fd["notes"][0]
+    assert "off the reference: none singled out" in alike.describe_failure()
+    clear = _run(tol, a=_noisy(1.3), b=_noisy(0.1))
+    assert clear.first_divergence["blamed"] == ["a"] and clear.first_divergence["indistinguishable"] == []
+    assert clear.first_divergence["margins"]["a"] > 2 * clear.first_divergence["margins"]["b"]
+
+
+def test_all_backends_off_a_reference_they_agree_on_is_flagged(tol):
+    class BothWrong(Toy32):
+        def forward(self, batch):
+            taps = super().forward(batch)
+            taps["toy.out"] = np.tanh(taps["toy.hidden"] * 2.01).astype(np.float32)
+            return taps
+
+    res = _run(tol, a=BothWrong, b=BothWrong)
+    assert sorted(res.first_divergence["blamed"]) == ["a", "b"]
+    assert any("suspect the reference" in n for n in res.first_divergence["notes"])
+
+
+class ScaledToy(Toy):
+    """A reference that offers error scales: 1e6 times its values at toy.out, nothing elsewhere."""
+
+    def error_scales(self, batch, taps):
+        return {"toy.out": 1e6 * np.abs(taps["toy.out"]) + 1e-30}
+
+
+def test_tolerances_follow_the_arbiters_error_scales(tol):
+    backends = {"reference": ScaledToy(None, W), "bad": WrongScale(None, W)}
+    res = run_parity(backends, _batches(), tol, expected=_expected, reference="reference")
+    assert res.passed, res.describe_failure()  # 1e6·u·|v| covers the wrong scale at toy.out
+    assert [t.scale for t in res.taps] == ["magnitude", "magnitude", "model"]
+    strict = run_parity(
+        {"reference": Toy(None, W), "bad": WrongScale(None, W)},
+        _batches(),
+        tol,
+        expected=_expected,
+        reference="reference",
+    )
+    assert not strict.passed
+
+
+def test_a_missing_tap_in_one_backend_does_not_drop_others_rows(tol):
+    """Every batch compares every element, whichever backend ran last (the loop must not rebind the
+    tap selection to the last backend's taps)."""
+    res = run_parity(
+        {"reference": Toy(None, W), "good": Toy32(None, W), "bad": MissingHidden(None, W)},
+        _batches(n=3, b=2),
+        tol,
+        expected=_expected,
+        reference="reference",
+        taps=["toy.*"],
+    )
+    good = next(c for c in res.taps[1].comparisons if c.a == "good" and c.kind == "vs_reference")
+    assert good.numel == 3 * 2 * 5 * 4 * 4
+    assert res.statistics["good"]["toy.hidden"]["mean"].shape == (3 * 2 * 5,)
+
+
+def test_statistic_tolerances_are_recorded_per_backend(tol):
+    res = _run(tol, a=Toy32)
+    bounds = res.statistic_tolerances["a"]["toy.out"]
+    assert set(bounds) == set(res.statistics["a"]["toy.out"])
+    assert np.all(bounds["mean"] > 0) and np.all(bounds["nan_count"] == 0.5)
+    # The float64 reference's own bounds use float64's unit roundoff, plus one float32 rounding of the
+    # stored statistic: far tighter than a float32 backend's.
+    assert np.all(res.statistic_tolerances["reference"]["toy.out"]["mean"] < 0.1 * bounds["mean"])

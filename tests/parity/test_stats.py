@@ -54,3 +54,60 @@ def test_accumulator_streams_batches_in_order():
     whole = patch_statistics(full)
     for k in whole:
         np.testing.assert_array_equal(streamed[k], whole[k])
+
+
+def test_phase_statistics_skip_zero_amplitude_and_signed_zeros():
+    """np.angle(-1 - 0j) is -π and np.angle(-0.0 + 0j) is π: a zero must not move phase statistics."""
+    z = np.full((1, 1, 2, 2), 0.5j, dtype=np.complex128)
+    z[0, 0, 0, 0] = complex(-0.0, -0.0)
+    z[0, 0, 0, 1] = complex(-0.0, 0.0)
+    s = patch_statistics(z)
+    assert s["phase.mean"][0] == pytest.approx(np.pi / 2)
+    assert s["phase.min"][0] == pytest.approx(np.pi / 2) and s["phase.std"][0] == 0
+    assert s["amplitude.min"][0] == 0  # amplitude statistics still see every pixel
+    zero = patch_statistics(np.zeros((1, 1, 2, 2), dtype=np.complex64))
+    assert all(zero[f"phase.{k}"][0] == 0 for k in STATISTICS)
+
+
+def _perturbed_stat_changes(values, tol, rng, trials=20):
+    """Largest change of every statistic over random perturbations within the tolerance."""
+    base = patch_statistics(values)
+    worst = {k: np.zeros_like(v) for k, v in base.items()}
+    for _ in range(trials):
+        mag = tol * rng.uniform(0.0, 1.0, size=values.shape) ** 0.25
+        if np.iscomplexobj(values):
+            d = mag * np.exp(1j * rng.uniform(-np.pi, np.pi, size=values.shape))
+        else:
+            d = mag * rng.choice([-1.0, 1.0], size=values.shape)
+        moved = patch_statistics(values + d)
+        for k in base:
+            worst[k] = np.maximum(worst[k], np.abs(moved[k] - base[k]))
+    return worst
+
+
+@pytest.mark.parametrize("is_complex", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_perturbation_bounds_hold_for_perturbations_within_tolerance(is_complex, seed):
+    from parity.stats import perturbation_bounds
+
+    rng = np.random.default_rng(seed)
+    shape = (2, 3, 5, 5)
+    values = rng.normal(size=shape) * rng.uniform(0.01, 10.0)
+    if is_complex:
+        values = values * np.exp(1j * rng.uniform(-np.pi, np.pi, size=shape))
+        values[0, 0, :2] = 0  # zero amplitude: excluded from phase statistics
+    tol = np.abs(values) * 10 ** rng.uniform(-4, -1) + 1e-3 * rng.uniform(size=shape)
+    bounds = perturbation_bounds(values, tol)
+    worst = _perturbed_stat_changes(values, tol, rng)
+    for k, b in bounds.items():
+        assert np.all(worst[k] <= b * (1 + 1e-9) + 1e-12), (k, worst[k], b)
+    if is_complex:
+        assert np.all(bounds["phase.mean"] <= 2 * np.pi) and np.all(bounds["phase.std"] <= np.pi)
+
+
+def test_phase_bounds_are_tight_where_the_amplitude_is_large():
+    from parity.stats import perturbation_bounds
+
+    z = 3.0 * np.exp(1j * np.linspace(-1, 1, 16)).reshape(1, 1, 4, 4)
+    b = perturbation_bounds(z, np.full(z.shape, 3e-6))
+    assert b["phase.mean"][0] < 2e-6 and b["phase.max"][0] < 2e-6  # asin(1e-6) per pixel, not π

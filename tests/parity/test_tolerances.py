@@ -1,18 +1,37 @@
+"""The tolerance model: the file's few factors, how they become elementwise tolerances, and the
+checks that keep a typo from silently disabling a comparison."""
+
+import math
+import re
+import tomllib
+
+import numpy as np
 import pytest
 
-from parity.config import ModelConfig
 from parity.errors import ToleranceError
-from parity.tolerances import default_tolerance_file, load_tolerances
+from parity.stats import stat_names
+from parity.taps import all_tap_names
+from parity.tolerances import UNIT_ROUNDOFF, default_tolerance_file, load_tolerances, magnitude_scale
 
+U = UNIT_ROUNDOFF["float32"]
 BASE = """
-schema_version = 1
-[elementwise]
-atol = 1e-6
-rtol = 1e-5
+schema_version = 2
+[model]
+floor = 4.0
 pair_factor = 2.0
-[statistics]
-atol = 1e-7
-rtol = 1e-7
+baseline_factor = 2.0
+blame_ratio = 2.0
+"""
+FAMILIES = """
+[[family]]
+pattern = "encoder.block0.*"
+factor = 10.0
+[[family]]
+pattern = "encoder.*"
+factor = 20.0
+[[family]]
+pattern = "*"
+factor = 30.0
 """
 
 
@@ -22,125 +41,134 @@ def _write(tmp_path, text):
     return p
 
 
-def test_bundled_file_is_valid_for_both_profiles():
+def test_bundled_file_is_short_has_no_zero_and_covers_every_tap():
+    path = default_tolerance_file()
+    text = path.read_text()
+    assert len(text.splitlines()) < 200
+    data = tomllib.loads(text)
+    numbers = [v for fam in data["family"] for k, v in fam.items() if k in ("factor", "measured")]
+    numbers += list(data["model"].values()) + [p["device_factor"] for p in data["profiles"].values()]
+    assert numbers and all(isinstance(v, float) and v > 0 for v in numbers)
     for profile in ("cpu", "cuda"):
-        tol = load_tolerances(default_tolerance_file(), profile=profile)
+        tol = load_tolerances(path, profile=profile)
         assert tol.profile == profile
+        for tap in all_tap_names():
+            assert tol.factor(tap) > 0
+    assert load_tolerances(path, "cuda").factor("object.canvas") > load_tolerances(path, "cpu").factor("object.canvas")
 
 
-def test_patterns_later_entries_win_and_when_filters(tmp_path):
-    p = _write(
-        tmp_path,
-        BASE
-        + """
-[[elementwise.tap]]
-pattern = "encoder.*"
-atol = 1e-4
-rtol = 0.0
-[[elementwise.tap]]
-pattern = "encoder.block0.*"
-atol = 2e-4
-rtol = 0.0
-[[elementwise.tap]]
-pattern = "object.*"
-atol = 0.5
-rtol = 0.0
-when = { probe_big = true, N = 128 }
-""",
-    )
-    tol = load_tolerances(p)
-    cfg = ModelConfig()
-    assert tol.elementwise("encoder.block1.conv0", cfg) == (1e-4, 0.0)
-    assert tol.elementwise("encoder.block0.conv0", cfg) == (2e-4, 0.0)
-    assert tol.elementwise("encoder.block0.conv0", cfg, pair=True) == (4e-4, 0.0)
-    assert tol.elementwise("object.canvas", cfg) == (1e-6, 1e-5)
-    assert tol.elementwise("object.canvas", ModelConfig(N=128)) == (0.5, 0.0)
-    assert tol.statistic("output.amplitude", "mean", "torch", cfg) == (1e-7, 1e-7)
+def test_first_matching_family_wins_and_sets_an_elementwise_atol(tmp_path):
+    tol = load_tolerances(_write(tmp_path, BASE + FAMILIES))
+    assert tol.factor("encoder.block0.conv0") == 10.0
+    assert tol.factor("encoder.block1.conv0") == 20.0
+    assert tol.factor("object.canvas") == 30.0
+    scale = np.array([[0.5, 2.0], [0.0, 1e6]])
+    np.testing.assert_array_equal(tol.atol("encoder.block1.conv0", scale), 20.0 * U * scale)
+    np.testing.assert_array_equal(tol.atol("encoder.block1.conv0", scale, pair=True), 40.0 * U * scale)
+    # float64 values (a reference's own baseline) get float64's unit roundoff.
+    np.testing.assert_array_equal(tol.atol("object.canvas", scale, precision="float64"), 30.0 * 2.0**-53 * scale)
+    assert tol.rtol() == 4.0 * U and tol.rtol("float64") == 4.0 * 2.0**-53
 
 
-def test_profile_overrides_base(tmp_path):
-    p = _write(
-        tmp_path,
-        BASE
-        + """
-[profiles.cuda.elementwise]
-atol = 1e-3
-[[profiles.cuda.elementwise.tap]]
-pattern = "physics.*"
-atol = 1.0
-rtol = 0.0
-""",
-    )
-    cpu, cuda = load_tolerances(p, "cpu"), load_tolerances(p, "cuda")
-    assert cpu.elementwise("input.scaled", None) == (1e-6, 1e-5)
-    assert cuda.elementwise("input.scaled", None) == (1e-3, 1e-5)
-    assert cuda.elementwise("physics.diffraction", None) == (1.0, 0.0)
+def test_a_tolerance_scales_with_what_it_compares(tmp_path):
+    """Scaling a tap's values (more photons, larger weights) scales its tolerance the same way."""
+    tol = load_tolerances(_write(tmp_path, BASE + FAMILIES))
+    values = np.random.default_rng(0).normal(size=(2, 3, 8, 8))
+    for k in (1e-3, 1.0, 7.0, 1e6):
+        np.testing.assert_allclose(
+            tol.atol("object.canvas", magnitude_scale(k * values)),
+            k * tol.atol("object.canvas", magnitude_scale(values)),
+        )
 
 
-def test_statistics_entries_filter_by_statistic_and_backend(tmp_path):
-    p = _write(
-        tmp_path,
-        BASE
-        + """
-[[statistics.tap]]
-pattern = "*"
-statistic = "phase.*"
-backend = "torch"
-atol = 0.1
-rtol = 0.0
-""",
-    )
-    tol = load_tolerances(p)
-    assert tol.statistic("object.canvas", "phase.mean", "torch", None) == (0.1, 0.0)
-    assert tol.statistic("object.canvas", "phase.mean", "tensorflow", None) == (1e-7, 1e-7)
-    assert tol.statistic("object.canvas", "amplitude.mean", "torch", None) == (1e-7, 1e-7)
+def test_magnitude_scale_is_the_sample_maximum():
+    x = np.zeros((2, 2, 3, 3))
+    x[0, 0, 1, 1] = -5.0
+    x[0, 1, 0, 0] = 0.25
+    x[1, 1, 2, 2] = 0.5
+    s = magnitude_scale(x)
+    assert s.shape == x.shape
+    assert np.all(s[0] == 5.0) and np.all(s[1] == 0.5)
+
+
+def test_statistic_tolerances_follow_the_elementwise_model(tmp_path):
+    tol = load_tolerances(_write(tmp_path, BASE + FAMILIES))
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(2, 2, 4, 4))
+    scale = np.abs(values) + 1.0
+    bounds = tol.statistic_tolerances("object.canvas", values, scale, "float32")
+    assert set(bounds) == set(stat_names(False))
+    t = 2.0 * (30.0 * U * scale + 4.0 * U * np.abs(values))  # baseline_factor x (atol + rtol|v|)
+    flat = values.reshape(4, 16)
+    # Each bound is the statistic's response to t, plus one float32 rounding of the stored statistic.
+    np.testing.assert_allclose(bounds["max"], t.reshape(4, 16).max(axis=1) + U * np.abs(flat.max(1)), rtol=1e-6)
+    np.testing.assert_allclose(bounds["mean"], t.reshape(4, 16).mean(axis=1) + U * np.abs(flat.mean(1)), rtol=1e-6)
+    assert np.all(bounds["nan_count"] == 0.5)
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("text", "message"),
     [
-        ('[[elementwise.tap]]\npattern = "encodr.*"\natol = 1\nrtol = 1\n', r"pattern 'encodr\.\*' matches no tap"),
+        ('[[family]]\npattern = "encodr.*"\nfactor = 1.0\n', r"pattern 'encodr\.\*' matches no tap"),
+        ('[[family]]\npattern = "encoder.*"\nfactor = 0.0\n', r"key 'factor' must be a finite number > 0"),
+        ('[[family]]\npattern = "encoder.*"\nfactor = -3\n', r"key 'factor' must be a finite number > 0"),
+        ('[[family]]\npattern = "encoder.*"\nfactor = "x"\n', r"key 'factor' must be a number"),
+        ('[[family]]\npattern = "encoder.*"\n', r"missing required key 'factor'"),
+        ('[[family]]\npattern = "encoder.*"\nfactor = 2.0\nfactr = 2\n', r"unknown key 'factr'"),
         (
-            '[[elementwise.tap]]\npattern = "encoder.*"\natol = -1\nrtol = 1\n',
-            r"key 'atol' must be a finite number >= 0",
+            '[[family]]\npattern = "encoder.*"\nfactor = 2.0\nmeasured = 3.0\n',
+            r"factor 2 is below its own measurement 3",
         ),
-        ('[[elementwise.tap]]\npattern = "encoder.*"\natol = "x"\nrtol = 1\n', r"key 'atol' must be a number"),
-        ('[[elementwise.tap]]\npattern = "encoder.*"\nrtol = 1\n', r"missing required key 'atol'"),
-        ('[[elementwise.tap]]\npattern = "encoder.*"\natol = 1\nrtol = 1\nrtoll = 2\n', r"unknown key 'rtoll'"),
-        ('[[statistics.tap]]\npattern = "*"\nstatistic = "meen"\natol = 1\nrtol = 1\n', r"statistic 'meen' matches no"),
-        (
-            '[[elementwise.tap]]\npattern = "*"\natol = 1\nrtol = 1\nwhen = { gridsze = 1 }\n',
-            r"'when' names unknown config key 'gridsze'",
-        ),
-        ("[profiles.tpu.elementwise]\natol = 1\n", r"unknown profile 'tpu'"),
-        (
-            '[profiles.cuda.elementwise]\n[[profiles.cuda.elementwise.tap]]\npattern = "nope"\natol = 1\nrtol = 1\n',
-            "matches no tap",
-        ),
+        ("", r"needs at least one \[\[family\]\]"),
+        (FAMILIES + "[profiles.tpu]\ndevice_factor = 2.0\n", r"unknown profile 'tpu'"),
+        (FAMILIES + "[profiles.cuda]\ndevice_factor = 0.5\n", r"key 'device_factor' must be a finite number >= 1"),
+        (FAMILIES + "[profiles.cuda]\ndevice_factr = 2.0\n", r"unknown key 'device_factr'"),
+        (FAMILIES + "[model2]\nx = 1\n", r"unknown key 'model2'"),
     ],
 )
-def test_bad_files_rejected_with_location(tmp_path, extra, message):
-    p = _write(tmp_path, BASE + extra)
+def test_bad_files_rejected_with_location(tmp_path, text, message):
+    p = _write(tmp_path, BASE + text)
     with pytest.raises(ToleranceError, match=message) as info:
         load_tolerances(p)
     assert str(p) in str(info.value)
 
 
+@pytest.mark.parametrize("key", ["floor", "pair_factor", "baseline_factor", "blame_ratio"])
+def test_model_keys_are_required_and_never_zero(tmp_path, key):
+    missing = re.sub(rf"^{key} = .*$", "", BASE, flags=re.M)
+    with pytest.raises(ToleranceError, match=f"missing required key '{key}'"):
+        load_tolerances(_write(tmp_path, missing + FAMILIES))
+    zero = re.sub(rf"^{key} = .*$", f"{key} = 0.0", BASE, flags=re.M)
+    with pytest.raises(ToleranceError, match=f"key '{key}' must be a finite number"):
+        load_tolerances(_write(tmp_path, zero + FAMILIES))
+
+
+def test_a_tap_no_family_covers_is_an_error_naming_it(tmp_path):
+    tol = load_tolerances(_write(tmp_path, BASE + '[[family]]\npattern = "encoder.*"\nfactor = 2.0\n'))
+    with pytest.raises(ToleranceError, match=r"no \[\[family\]\] pattern matches tap 'object.canvas'"):
+        tol.factor("object.canvas")
+
+
 def test_missing_invalid_and_wrong_version(tmp_path):
     with pytest.raises(ToleranceError, match="does not exist"):
         load_tolerances(tmp_path / "nope.toml")
+    with pytest.raises(ToleranceError, match="is a folder"):
+        load_tolerances(tmp_path)
     with pytest.raises(ToleranceError, match="not valid TOML"):
         load_tolerances(_write(tmp_path, "schema_version = = 1"))
-    with pytest.raises(ToleranceError, match="'schema_version' is 2; expected 1"):
-        load_tolerances(_write(tmp_path, BASE.replace("schema_version = 1", "schema_version = 2")))
-    with pytest.raises(ToleranceError, match=r"missing required table \[statistics\]"):
-        load_tolerances(_write(tmp_path, BASE.split("[statistics]")[0]))
+    with pytest.raises(ToleranceError, match=r"'schema_version' is 1; expected 2 .*fitted atol tables"):
+        load_tolerances(_write(tmp_path, BASE.replace("schema_version = 2", "schema_version = 1") + FAMILIES))
     with pytest.raises(ToleranceError, match="profile 'gpu' is unknown"):
-        load_tolerances(_write(tmp_path, BASE), profile="gpu")
+        load_tolerances(_write(tmp_path, BASE + FAMILIES), profile="gpu")
 
 
 def test_custom_tap_universe_for_third_party_backends(tmp_path):
-    p = _write(tmp_path, BASE + '[[elementwise.tap]]\npattern = "dense.*"\natol = 1\nrtol = 1\n')
+    p = _write(tmp_path, BASE + '[[family]]\npattern = "dense.*"\nfactor = 3.0\n')
     with pytest.raises(ToleranceError):
         load_tolerances(p)
-    assert load_tolerances(p, known_taps=["dense.out"]).elementwise("dense.out", None) == (1.0, 1.0)
+    assert load_tolerances(p, known_taps=["dense.out"]).factor("dense.out") == 3.0
+
+
+def test_unit_roundoffs():
+    assert UNIT_ROUNDOFF["float32"] == math.ldexp(1.0, -24)
+    assert UNIT_ROUNDOFF["float64"] == math.ldexp(1.0, -53)

@@ -1,0 +1,264 @@
+"""A running model of float32 rounding error for every tap of the canonical model.
+
+The float64 reference computes, beside each tap, an *error scale* S (same shape as the tap, real,
+in the tap's own units): the float32 error a faithful implementation makes at that element is
+expected to be about u·S, u = 2⁻²⁴ the float32 unit roundoff. The harness turns S into a tolerance
+(``parity.tolerances``: a dimensionless factor per family of taps times u times S), so a tolerance
+follows the magnitude of what it compares, element by element, with nothing fitted to one machine.
+
+How S is built, operation by operation (u-units; "x" a value, "S_x" its error scale):
+
+- a conv z = W∗x + b sums 9·C_in products whose own roundings and whose inherited errors are
+  independent: S_z² = (W²)∗(S_x² + x²) + b². This is the square-root-of-sum-of-squares ("expected",
+  not worst-case) error of a dot product; the worst-case bound |W|∗|x| grows like √K times too fast
+  over the 17 convs of the deepest path and would make every tolerance useless.
+- ReLU: the output may differ by the input's error (1-Lipschitz), so the tap keeps S_z. Only units
+  that are active in the reference pass error on to the next layer; units within float32 noise of
+  zero are a vanishing fraction and their error is no larger than their neighbours'.
+- smooth activations: S_out = |f'(z)|·S_z + c·|f(z)|, f' read from the output (sigmoid, tanh,
+  softplus) or bounded by its Lipschitz constant (swish: 1.1).
+- max-pool and upsampling copy values: S is pooled (max) or upsampled with them.
+- a bilinear translation by a float32 offset: the weights are positive, so S translates with them;
+  the sampling coordinate j − dx is rounded to float32 (error ≤ u·extent), which moves the sample
+  point and changes the value by at most u·extent·|∇x|, |∇x| bounded by neighbour differences.
+- the merge divides the summed patches by the summed masks plus 0.001: S_canvas = S_num/den +
+  |canvas|·S_den/den, which is what makes the tolerance follow the ~1000× ring outside the central
+  windows instead of being set by it.
+- the FFT: input errors spread over all frequencies (Parseval: S_F = ‖S_ψ‖₂ per element) and the
+  FFT's own rounding is about log₂(N²)·u·‖ψ‖₂ per element, uniform over frequencies, so the far
+  tails of a diffraction pattern get an absolute, not a relative, tolerance. Values that may be lost
+  to underflow (ψ below float32's normal range, or |F|² below it) are carried linearly.
+- squares, logs and means: first-order propagation; the log is taken over a band of ±BAND·u·S so a
+  value near the 1e-12 clamp is not linearised past its domain; a mean of n terms adds log₂(n)
+  roundings of the mean magnitude (pairwise or blocked summation, as both frameworks use).
+- every operation may underflow to zero (flush-to-zero is common on CPUs and GPUs): S ≥ TINY/u.
+
+The constants here are the textbook counts of roundings per operation. What this model cannot know
+(how a framework orders a sum, which conv algorithm it picks) is absorbed by the per-family factors
+in the tolerance file, measured with ``ptycho-parity measure-tolerances``.
+
+Every function takes the stage's reference input and its error scale and returns the output's
+error scale, so a stage can be checked on its own (layer-local parity) with the input scale set to
+zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from backends.reference import physics
+from backends.reference.ops import Array, conv2d, max_pool2, pad_spatial, upsample2
+
+U32 = 2.0**-24
+# Smallest normal float32: below it a float32 backend may flush to zero (FTZ/DAZ), in u-units.
+TINY = float(np.finfo(np.float32).tiny) / U32
+# Half-width, in units of u·S, of the band over which a non-linear step (the clamped log) is
+# linearised: wider than any tolerance factor, so the band covers every value a backend may hold.
+BAND = 1024.0
+NLL_FLOOR = 1e-12
+
+
+def conv_scale(x: Array, s_x: Array, kernel: Array, bias: Array) -> Array:
+    """S of z = W∗x + b: sqrt((W²)∗(S_x² + x²) + b²).
+
+    The squared fields are rescaled per sample to a maximum of 1 and convolved in float32: the result
+    is an error estimate, so float32 is plenty, it halves the cost, and the rescaling keeps squares
+    of large or tiny values inside float32's range.
+    """
+    q = s_x * s_x + x * x
+    peak = q.reshape(q.shape[0], -1).max(axis=1)
+    peak = np.where(peak > 0, peak, 1.0)[:, None, None, None]
+    scaled = (q / peak).astype(np.float32)
+    k2 = (kernel.astype(np.float64) ** 2).astype(np.float32)
+    acc = conv2d(scaled, k2, np.zeros(kernel.shape[-1], dtype=np.float32), dtype=np.float32)
+    return np.asarray(np.sqrt(acc * peak + (bias * bias)[None, :, None, None]) + TINY)
+
+
+def relu_pass_on(value: Array, s: Array) -> Array:
+    """The error a ReLU output passes to the next layer: only from units active in the reference.
+
+    The tap itself keeps the full S (a unit within float32 noise of zero may come out slightly
+    positive); passing that on from every dead unit would double the estimated error variance at
+    every layer, while the units really within noise of zero are a vanishing fraction.
+    """
+    return np.where(value > 0, s, 0.0)
+
+
+def activation_scale(name: str, out: Array, s_z: Array, z_bound: Array | None = None) -> Array:
+    """S of a head activation's output, from its output values and the pre-activation's S."""
+    if name == "sigmoid":
+        slope = out * (1.0 - out)
+    elif name == "pi_tanh":
+        t = out / math.pi
+        slope = math.pi * (1.0 - t * t)
+    elif name == "softplus":
+        slope = -np.expm1(-out)  # sigmoid(z) = 1 - exp(-softplus(z))
+    elif name == "relu":
+        return np.asarray(s_z + np.abs(out) + TINY)
+    elif name == "swish":
+        slope = np.full_like(out, 1.1)  # |d/dz z·sigmoid(z)| <= 1.0998
+    else:
+        raise ValueError(f"no error model for activation {name!r}")
+    return np.asarray(np.abs(slope) * s_z + 3.0 * np.abs(out) + TINY)
+
+
+def pool_scale(s: Array) -> Array:
+    """A pooled value is one of its window's values, each off by at most its own error."""
+    return max_pool2(s)
+
+
+def upsample_scale(s: Array) -> Array:
+    return upsample2(s)
+
+
+def patches_scale(amplitude: Array, phase_scale: Array, amplitude_scale: Array) -> Array:
+    """S of O = A·cos φ + i·A·sin φ: |δO|² = δA² + A²·δφ², plus the cos/sin/product roundings."""
+    return np.asarray(np.sqrt(amplitude_scale**2 + (amplitude * phase_scale) ** 2) + 3.0 * np.abs(amplitude) + TINY)
+
+
+def _neighbour_slope(img: Array) -> Array:
+    """|∂x| + |∂y| bound: per axis the larger of the forward and backward differences (zero outside).
+
+    Translated bilinearly, this bounds the gradient of the interpolant at any sample point.
+    """
+    pad = [(0, 0)] * (img.ndim - 2) + [(1, 1), (1, 1)]
+    p = np.pad(img, pad)
+    c = p[..., 1:-1, 1:-1]
+    dx = np.maximum(np.abs(p[..., 1:-1, 2:] - c), np.abs(c - p[..., 1:-1, :-2]))
+    dy = np.maximum(np.abs(p[..., 2:, 1:-1] - c), np.abs(c - p[..., :-2, 1:-1]))
+    return np.asarray(dx + dy)
+
+
+def _translation_source(img: Array, s_img: Array, extent: float) -> Array:
+    """The field whose translation is the output's S: carried error, coordinate rounding, arithmetic."""
+    return np.asarray(s_img + extent * _neighbour_slope(img) + 4.0 * np.abs(img))
+
+
+def _extent(shape: tuple[int, ...], offsets: Array) -> float:
+    """Largest |sampling coordinate|: bounds the float32 rounding of j − dx as u·extent."""
+    return float(max(shape[-1], shape[-2]) + np.abs(offsets).max(initial=0.0))
+
+
+def translate_scale(img: Array, s_img: Array, offsets: Array) -> Array:
+    """S of a float32 bilinear translation of ``img`` (real or complex) by ``offsets``."""
+    d = np.asarray(offsets, dtype=np.float64)
+    source = _translation_source(img, s_img, _extent(img.shape, d))
+    return np.asarray(physics.translate(source, d)) + TINY
+
+
+def merge_scale(patches: Array, s_patches: Array, offsets: Array, canvas: Array, M: int) -> Array:
+    """S of the merged canvas (object_big): numerator and denominator errors, then the division."""
+    N = patches.shape[-1]
+    pad = (M - N) // 2
+    d = np.asarray(offsets, dtype=np.float64)
+    shift = -(d - d.reshape(-1, 2).mean(axis=0))
+    C = patches.shape[1]
+    extent = _extent((M, M), shift)
+    padded = pad_spatial(patches, pad)
+    source = _translation_source(padded, pad_spatial(s_patches, pad), extent) + C * np.abs(padded)
+    s_num = physics.translate(source, shift).sum(axis=1, keepdims=True)
+    mask = np.broadcast_to(pad_spatial(physics.centre_mask(N), pad), padded.shape)
+    den = physics.translate(mask, shift).sum(axis=1, keepdims=True) + physics.CANVAS_EPSILON
+    s_den = physics.translate(_translation_source(mask, np.zeros_like(mask), extent), shift).sum(axis=1, keepdims=True)
+    s_den += C * den
+    return np.asarray(s_num / den + np.abs(canvas) * s_den / den + 2.0 * np.abs(canvas)) + TINY
+
+
+def illumination_scale(patches: Array, s_patches: Array, probe: Array, mask: Array | None) -> Array:
+    """S of ψ = P·O (times the disk): the patch error scaled by |P|, the complex product's roundings,
+    and an operand below float32's normal range read as zero."""
+    p = np.abs(probe)
+    o = np.abs(patches)
+    s = p * s_patches + 4.0 * p * o + TINY * (1.0 + p + o)
+    return np.asarray(s if mask is None else s * mask + TINY)
+
+
+def diffraction_scale(field: Array, s_field: Array, diffraction: Array) -> Array:
+    """S of sqrt(fftshift(|fft2 ψ|²)/N²) per element: propagated input error (Parseval) and the FFT's
+    own rounding, both uniform over the frequencies of a patch; then the modulus and the square root.
+
+    Flushing to zero is not random: values of ψ below float32's normal range may all be lost at once
+    (a faint field, a dim probe), and the FFT sums them coherently, so their sum, and one flush per
+    element, are carried linearly.
+    """
+    N = field.shape[-1]
+    magnitude = np.abs(field)
+    l2 = np.sqrt(np.sum(magnitude**2, axis=(-2, -1), keepdims=True))
+    carried = np.sqrt(np.sum(s_field**2, axis=(-2, -1), keepdims=True))
+    subnormal = np.where(magnitude < TINY * U32, magnitude, 0.0)
+    flushed = np.sum(subnormal, axis=(-2, -1), keepdims=True) / U32 + N * N * TINY
+    s_spectrum = carried + flushed + math.log2(N * N) * l2
+    # |F|² is formed in float32: below √(smallest normal) per part it underflows, and the square
+    # root of that zero loses the whole value (1e-33 becomes 0, not 1e-33 ± 1e-38).
+    squared_away = np.where(diffraction * N < 2.0 * math.sqrt(TINY * U32), diffraction, 0.0) / U32
+    return np.asarray(s_spectrum / N + 3.0 * diffraction + squared_away) + TINY
+
+
+def amplitude_scale(diffraction: Array, s_diffraction: Array, amplitude: Array, log_scale: float) -> Array:
+    return np.asarray(s_diffraction * math.exp(log_scale) + 2.0 * np.abs(amplitude)) + TINY
+
+
+def intensity_scale(amplitude: Array, s_amplitude: Array, intensity: Array) -> Array:
+    return np.asarray(2.0 * np.abs(amplitude) * s_amplitude + U32 * s_amplitude**2 + np.abs(intensity)) + TINY
+
+
+def _mean_scale(s_terms: Array, terms: Array) -> Array:
+    """S of a per-group mean over (C, H, W): carried errors add up (correlated, so linearly), and the
+    reduction rounds log₂(n) times at the scale of the mean magnitude."""
+    n = int(np.prod(terms.shape[1:]))
+    axes = tuple(range(1, terms.ndim))
+    carried = s_terms.mean(axis=axes, keepdims=True)
+    return np.asarray(carried + (math.log2(n) + 1.0) * np.abs(terms).mean(axis=axes, keepdims=True)) + TINY
+
+
+def poisson_nll_scale(intensity: Array, s_intensity: Array, x: Array) -> Array:
+    """S of mean(I − x²·log(max(I, 1e-12))): the log's change over the band I ± BAND·u·S, per unit."""
+    width = BAND * U32 * s_intensity
+    hi = np.log(np.maximum(intensity + width, NLL_FLOOR))
+    lo = np.log(np.maximum(intensity - width, NLL_FLOOR))
+    x2 = x * x
+    log_slope = np.divide(hi - lo, 2.0 * BAND * U32, out=np.zeros_like(hi), where=width > 0)
+    terms = intensity - x2 * np.log(np.maximum(intensity, NLL_FLOOR))
+    s_terms = (
+        s_intensity + x2 * log_slope + 3.0 * (np.abs(intensity) + x2 * np.abs(np.log(np.maximum(intensity, NLL_FLOOR))))
+    )
+    return _mean_scale(s_terms, terms)
+
+
+def mae_scale(amplitude: Array, s_amplitude: Array, x: Array) -> Array:
+    terms = amplitude - x
+    return _mean_scale(s_amplitude + np.abs(amplitude) + np.abs(x), terms)
+
+
+def input_scale(values: Array) -> Array:
+    """S of what a backend received: the bytes are identical, so only their own size."""
+    return np.asarray(np.abs(values) + TINY)
+
+
+def scaled_input_scale(scaled: Array) -> Array:
+    """S of x / exp(log_scale): the exp and the division each round once."""
+    return np.asarray(2.0 * np.abs(scaled) + TINY)
+
+
+def masked(s: Array, mask: Array) -> Array:
+    return np.asarray(s * mask + TINY)
+
+
+def summed(a: Array, s_a: Array, b: Array, s_b: Array) -> Array:
+    return np.asarray(np.sqrt(s_a**2 + s_b**2) + np.abs(a + b) + TINY)
+
+
+def padded(s: Array, width: int) -> Array:
+    return pad_spatial(s, width) + TINY
+
+
+def crop(s: Array, size: int) -> Array:
+    return physics.centre_crop(s, size)
+
+
+def as_scales(taps: Mapping[str, Array]) -> dict[str, Array]:
+    """Make every scale a C-contiguous float64 array (the harness compares against it element by element)."""
+    return {name: np.ascontiguousarray(np.asarray(s, dtype=np.float64)) for name, s in taps.items()}

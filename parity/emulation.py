@@ -1,0 +1,94 @@
+"""Other machines, emulated on this one: the knobs that change how the frameworks round.
+
+CI and users run on CPUs other than the one a tolerance was measured on. The differences that matter
+to float32 results are the order of summation and the kernels chosen, and both frameworks expose
+switches for them: thread counts (how a reduction is split), oneDNN on or off in TensorFlow, the
+instruction set oneDNN may use (vector width, FMA), and PyTorch's CPU capability (its vectorised
+kernels). Each setting is a set of environment variables read when a framework is imported, so a
+setting applies to a fresh process: ``ptycho-parity emulate -- <command>`` runs a command once per
+setting, and ``measure-tolerances --emulate`` measures under each.
+
+A oneDNN cap above what this CPU has changes nothing; a PyTorch capability the CPU lacks would
+crash (illegal instruction), so such a setting is skipped, saying why. The same matrix then means as
+much as the machine can emulate.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+_ONE_THREAD = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "TF_NUM_INTEROP_THREADS": "1",
+}
+_TWO_THREADS = {k: "2" for k in _ONE_THREAD}
+
+SETTINGS: dict[str, dict[str, str]] = {
+    "native": {},
+    "threads=1": _ONE_THREAD,
+    "threads=2": _TWO_THREADS,
+    "tf-onednn=off": {"TF_ENABLE_ONEDNN_OPTS": "0"},
+    "tf-onednn=on": {"TF_ENABLE_ONEDNN_OPTS": "1"},
+    "onednn-isa=sse41": {"ONEDNN_MAX_CPU_ISA": "SSE41"},
+    "onednn-isa=avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "aten=default": {"ATEN_CPU_CAPABILITY": "default"},
+    "aten=avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
+    "aten=avx512": {"ATEN_CPU_CAPABILITY": "avx512"},
+}
+# Variables that any setting may touch: cleared first, so a setting is exactly what it names.
+_ALL_VARIABLES = sorted({k for env in SETTINGS.values() for k in env})
+# A setting that forces kernels of an instruction set runs only where the CPU has it (else SIGILL).
+_REQUIRES = {"aten=avx512": "avx512f", "aten=avx2": "avx2"}
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        text = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None
+
+
+def unavailable() -> dict[str, str]:
+    """{setting: why} for settings this CPU cannot run."""
+    flags = _cpu_flags()
+    if flags is None:
+        return {}
+    return {name: f"this CPU has no {flag}" for name, flag in _REQUIRES.items() if flag not in flags}
+
+
+def runnable(settings: Sequence[str]) -> list[str]:
+    """The settings of ``settings`` this CPU can run, telling on stderr which it skips and why."""
+    skip = unavailable()
+    for name in settings:
+        if name in skip:
+            print(f"== emulate {name}: skipped ({skip[name]})", file=sys.stderr, flush=True)
+    return [name for name in settings if name not in skip]
+
+
+def environment(setting: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process under ``setting`` (unknown names are a ValueError)."""
+    if setting not in SETTINGS:
+        raise ValueError(f"emulation setting {setting!r} is unknown; known: {', '.join(SETTINGS)}")
+    env = {k: v for k, v in (base if base is not None else os.environ).items() if k not in _ALL_VARIABLES}
+    env.update(SETTINGS[setting])
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def run_under(settings: Sequence[str], command: Sequence[str]) -> dict[str, int]:
+    """Run ``command`` once per setting this CPU can run, in the foreground; {setting: exit code}."""
+    codes: dict[str, int] = {}
+    for name in runnable(settings):
+        print(f"== emulate {name}: {' '.join(command)}", file=sys.stderr, flush=True)
+        codes[name] = subprocess.call(list(command), env=environment(name))
+    return codes

@@ -1,0 +1,152 @@
+"""The reference's model of float32 error (backends/reference/error_model.py), checked without any
+framework: against float32 NumPy computations of the same steps, and for the properties the
+tolerances rely on (every tap covered, never zero, scaling with the values, local where they are)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backends.reference import ReferenceBackend, centre_mask, diffract, translate
+from backends.reference import error_model as em
+from backends.reference.ops import conv2d
+from parity.batch import CanonicalBatch, random_batch
+from parity.config import ModelConfig
+from parity.weights import generate_weights
+
+U = 2.0**-24
+CONFIGS = [
+    ModelConfig(),
+    ModelConfig(gridsize=1, probe_big=False),
+    ModelConfig(pad_object=False),
+    ModelConfig(object_big=False, probe_mask=True),
+    ModelConfig(amp_activation="relu"),
+    ModelConfig(amp_activation="swish"),
+    ModelConfig(amp_activation="softplus"),
+    ModelConfig(N=128, n_filters_scale=1),
+]
+
+
+def _run(config: ModelConfig, batch: CanonicalBatch | None = None, seed: int = 3):
+    backend = ReferenceBackend(config, generate_weights(config, seed))
+    batch = batch if batch is not None else random_batch(config, 2, seed)
+    taps = backend.forward(batch)
+    return backend, batch, taps, backend.error_scales(batch, taps)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=ModelConfig.short_id)
+def test_every_tap_gets_a_positive_finite_scale_of_its_shape(config):
+    _, _, taps, scales = _run(config)
+    assert list(scales) == list(taps)
+    for name, s in scales.items():
+        assert s.shape == taps[name].shape, name
+        assert s.dtype == np.float64 and np.all(np.isfinite(s)) and np.all(s > 0), name
+
+
+def _ratio(f32, f64, scale):
+    return float(np.max(np.abs(np.asarray(f32, dtype=np.complex128) - f64) / (U * scale)))
+
+
+def test_conv_scale_predicts_a_float32_convolution():
+    rng = np.random.default_rng(0)
+    for cin, cout, spread in ((4, 64, 1.0), (256, 128, 1e3), (60, 4, 1e-3)):
+        x = rng.gamma(1.0, spread, size=(2, cin, 16, 16))
+        limit = np.sqrt(6 / (9 * cin + 9 * cout))
+        w = rng.uniform(-limit, limit, size=(3, 3, cin, cout))
+        b = rng.uniform(-0.05, 0.05, size=cout)
+        x32, w32, b32 = (a.astype(np.float32) for a in (x, w, b))
+        exact = conv2d(x32.astype(np.float64), w32.astype(np.float64), b32.astype(np.float64))
+        single = conv2d(x32, w32, b32, dtype=np.float32)
+        scale = em.conv_scale(x32.astype(np.float64), np.zeros_like(x), w32.astype(np.float64), b32.astype(np.float64))
+        ratio = _ratio(single, exact, scale)
+        # The model's scale is the right size, neither 0 nor vacuous: a BLAS's blocked sums of 9·C_in
+        # products land within a small factor of it (the tolerance file's factors absorb the rest).
+        assert 0.05 < ratio < 64, ratio
+
+
+def test_translate_scale_covers_float32_sampling_coordinates(spec_translate):
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(20, 20)) + 1j * rng.normal(size=(20, 20))
+    for dx, dy in ((0.37, -2.61), (-7.123, 5.5001), (3.0, -1.0)):
+        d = np.array([dx, dy], dtype=np.float32).astype(np.float64)
+        exact = translate(img, d)
+        coarse = spec_translate(img, float(d[0]), float(d[1]), coords=np.float32)
+        scale = em.translate_scale(img, np.zeros(img.shape), d)
+        assert _ratio(coarse, exact, scale) < 2.0
+
+
+def test_diffraction_scale_predicts_a_complex64_fft():
+    rng = np.random.default_rng(2)
+    field = (rng.normal(size=(2, 3, 64, 64)) + 1j * rng.normal(size=(2, 3, 64, 64))) * np.hanning(64)
+    f64 = field.astype(np.complex64).astype(np.complex128)
+    exact = diffract(f64)
+    spectrum = np.fft.fft2(f64.astype(np.complex64), axes=(-2, -1))
+    assert spectrum.dtype == np.complex64  # NumPy 2 transforms complex64 in single precision
+    single = np.sqrt(np.fft.fftshift(np.abs(spectrum) ** 2 / np.float32(64 * 64), axes=(-2, -1)))
+    scale = em.diffraction_scale(f64, np.zeros(f64.shape), exact)
+    assert 0.01 < _ratio(single, exact, scale) < 4
+
+
+def test_diffraction_scale_covers_a_spectrum_whose_square_underflows():
+    """A field so faint that |F|² underflows float32: the float32 amplitude is 0, not the value; the
+    scale must allow losing it all."""
+    rng = np.random.default_rng(3)
+    field = (rng.normal(size=(1, 1, 64, 64)) + 1j * rng.normal(size=(1, 1, 64, 64))) * 1e-24
+    exact = diffract(field)
+    spectrum = np.fft.fft2(field.astype(np.complex64), axes=(-2, -1))
+    single = np.sqrt(np.fft.fftshift((spectrum.real**2 + spectrum.imag**2) / np.float32(64 * 64), axes=(-2, -1)))
+    assert np.all(single == 0) and np.all(exact > 0)  # float32 lost every value
+    scale = em.diffraction_scale(field, np.zeros(field.shape), exact)
+    assert _ratio(single, exact, scale) <= 1.0
+
+
+def test_physics_scales_follow_the_probe_magnitude():
+    """A probe k times brighter: the illuminated field and the diffraction scale by k, the intensity
+    by k², with no re-measurement of anything."""
+    config = ModelConfig()
+    backend, batch, _, _ = _run(config)
+    k = 32.0  # a power of two: the complex64 probe scales exactly
+    scales = {}
+    for factor in (1.0, k):
+        b = CanonicalBatch(x=batch.x, offsets=batch.offsets, probe=(batch.probe * factor).astype(np.complex64))
+        taps = backend.forward(b)
+        scales[factor] = backend.error_scales(b, taps)
+    for tap, power in (("physics.illuminated", 1), ("physics.diffraction", 1), ("output.intensity", 2)):
+        # Where the probe is so faint that float32 would underflow, the floor (TINY) does not scale.
+        above = scales[1.0][tap] > 1e12 * em.TINY
+        assert above.mean() > 0.5, tap
+        np.testing.assert_allclose(scales[k][tap][above], k**power * scales[1.0][tap][above], rtol=1e-4, err_msg=tap)
+
+
+def test_canvas_scale_is_local_inside_and_outside_the_central_windows():
+    """With pad_object=false the canvas ring holds ~1000x the values of the central windows; the
+    scale follows each region, so a change confined to the windows is not hidden by the ring."""
+    config = ModelConfig(pad_object=False)
+    _, _, taps, scales = _run(config)
+    N, M = config.N, config.M
+    pad = (M - N) // 2
+    window = np.zeros((M, M), dtype=bool)
+    window[pad + N // 4 + 2 : pad + 3 * N // 4 - 2, pad + N // 4 + 2 : pad + 3 * N // 4 - 2] = True
+    ring = np.zeros((M, M), dtype=bool)
+    ring[pad : pad + N, pad : pad + N] = True
+    ring &= ~np.pad(centre_mask(N).astype(bool), pad)
+    ring[pad + N // 4 - 6 : pad + 3 * N // 4 + 6, pad + N // 4 - 6 : pad + 3 * N // 4 + 6] = False
+    s = scales["object.canvas"][:, 0]
+    v = np.abs(taps["object.canvas"][:, 0])
+    assert np.median(v[:, ring]) > 100 * np.median(v[:, window])
+    assert np.median(s[:, ring]) > 100 * np.median(s[:, window])
+    # Inside the windows the scale is a few hundred roundings of the value, not of the ring's.
+    assert np.median(s[:, window] / v[:, window]) < 500
+
+
+def test_relu_passes_on_error_only_from_active_units():
+    s = np.array([1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(em.relu_pass_on(np.array([0.5, 0.0, -0.0]), s), [1.0, 0.0, 0.0])
+
+
+def test_scales_are_independent_of_the_float32_backends():
+    """The scales are a function of the reference's own taps: the same batch gives the same scales."""
+    backend, batch, _, scales = _run(ModelConfig(gridsize=1))
+    again = backend.error_scales(batch, backend.forward(batch))
+    for name in scales:
+        np.testing.assert_array_equal(scales[name], again[name])
