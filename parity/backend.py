@@ -32,6 +32,16 @@ class Backend(abc.ABC):
         self.config = config
         self.device = device
 
+    @classmethod
+    def device_problem(cls, device: str) -> str | None:
+        """Why this backend cannot run on ``device`` here, or None when it can.
+
+        Cheap (no model is built), so the harness asks every backend before any work and a missing GPU
+        is a clear input error, never a crash halfway or a quiet CPU run. The default accepts the CPU
+        only; a backend that runs elsewhere says how to tell.
+        """
+        return None if device == "cpu" else f"backend {cls.name!r} runs on the CPU only, not on {device!r}"
+
     @abc.abstractmethod
     def forward(self, batch: Any) -> Taps:
         """Run one forward pass and return every tap, in order of computation, as NumPy arrays.

@@ -1,10 +1,12 @@
 """Where a baseline is written: statistics vs the stored regression baseline of the same backend.
 
-Baselines are pytest-regressions ``ndarrays_regression`` files (``.npz``: one array per tap and
-statistic) plus a ``.meta.json`` beside each, recording the SHA-256 of the fixture and weights they were
-made from and the environment they were made in. A baseline made from other inputs is stale: it is
-reported as such and never compared, since a comparison against it would measure the change of inputs,
-not of code. ``--force-regen`` / ``--regen-all`` keep pytest-regressions' meaning. Every write is atomic.
+Baselines are ``.npz`` files in the layout of pytest-regressions' ``ndarrays_regression`` (one array
+per tap: statistics x patches) plus a ``.meta.json`` beside each, recording the SHA-256 of the fixture
+and weights they were made from and the environment they were made in. A baseline made from other
+inputs is stale: it is reported as such and never compared, since a comparison against it would
+measure the change of inputs, not of code. The harness owns these files (pytest-regressions writes in
+place, and an interrupted write would tear a baseline): this module is their only writer, every write
+is atomic, and ``--force-regen`` / ``--regen-all`` keep pytest-regressions' meaning.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from parity.atomic import atomic_path, write_text
 from parity.compare import ComparisonResult, ElementwiseComparison
 from parity.errors import BaselineError
+from parity.verdict import decide
 
 SCHEMA_VERSION = 1
 STAT_NAMES_KEY = "_statistic_names"
@@ -58,23 +61,6 @@ def _rows(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
             continue
         names = labels.get(arr.shape[0], [f"row{i}" for i in range(arr.shape[0])])
         out[tap] = {n: arr[i] for i, n in enumerate(names)}
-    return out
-
-
-def regression_tolerances(
-    bounds: Mapping[str, Mapping[str, np.ndarray]], stats: Mapping[str, Mapping[str, np.ndarray]]
-) -> dict[str, dict[str, Any]]:
-    """pytest-regressions' per-key tolerances: the very per-statistic, per-patch bounds of the run, laid
-    out like :func:`baseline_arrays` (np.isclose broadcasts an array atol), so both gates agree."""
-    out: dict[str, dict[str, Any]] = {}
-    for tap, per in stats.items():
-        tap_bounds = bounds.get(tap, {})
-        out[tap] = {
-            "atol": np.stack(
-                [np.asarray(tap_bounds.get(s, np.zeros_like(v)), dtype=np.float64) for s, v in per.items()]
-            ),
-            "rtol": 0.0,
-        }
     return out
 
 
@@ -155,7 +141,7 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def write_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """The one writer of baseline arrays (also used by the pytest-regressions fixture, patched in)."""
+    """The one writer of baseline arrays (and of the obtained statistics beside a failing check)."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             members: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
@@ -201,31 +187,58 @@ def compare_to_baseline(
     return out
 
 
-def check_with_regressions(
-    fixture: Any,
-    pytest_config: Any,
+def _write_baseline(npz: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+    write_arrays(npz, arrays)
+    write_metadata(meta_path(npz), meta)
+
+
+def baseline_folder(test_file: str | Path) -> Path:
+    """Where a test module's baselines live: the folder named after the module, beside it (the same
+    place pytest-regressions keeps its files, so its users find them where they expect)."""
+    path = Path(test_file)
+    return path.parent / path.stem
+
+
+def check_folder(folder: Path) -> None:
+    """Refuse, before any work, a baseline folder that cannot take the baselines a check may write."""
+    import os
+
+    if folder.exists():
+        if not folder.is_dir():
+            raise BaselineError(f"baseline folder {folder} exists and is not a folder")
+        if not os.access(folder, os.W_OK):
+            raise BaselineError(f"baseline folder {folder} is not writable")
+        return
+    parent = next((p for p in folder.parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise BaselineError(f"baseline folder {folder} cannot be created (under {parent})")
+
+
+def check_baselines(
     result: Any,
+    folder: Path,
     basename: str,
-) -> None:
-    """Check every backend's statistics in ``result`` against its baseline through pytest-regressions.
+    *,
+    force_regen: bool = False,
+    regen_all: bool = False,
+    obtained: Path | None = None,
+) -> list[str]:
+    """Check every backend's statistics in ``result`` against its baseline in ``folder``.
 
-    Stale or unreadable baselines are reported (and regenerated under --force-regen), never compared.
-    Comparison results and notes are added to ``result`` so the report shows them; any failure raises
-    one AssertionError listing every backend, after all of them were checked (and, when asked,
-    regenerated).
+    The baseline of backend B is ``folder/<basename>-<B>.npz`` (the layout of pytest-regressions'
+    ``ndarrays_regression``: one array per tap, statistics x patches) plus ``.meta.json``. Options keep
+    pytest-regressions' meaning: a missing baseline is created and fails; ``force_regen`` rewrites the
+    baselines that differ or are stale and fails; ``regen_all`` rewrites every baseline and passes. A
+    stale or unreadable baseline is reported, never compared. When statistics changed, the obtained
+    values are written to ``obtained`` in the baseline's own layout, for inspection or to copy over.
+
+    Comparisons and problems are added to ``result`` (its verdict is then decided again); returns the
+    problems, one line each, empty when every baseline matched.
     """
-    import pytest
-
-    __tracebackhide__ = True
-    force = bool(pytest_config.getoption("force_regen"))
-    regen_all = bool(pytest_config.getoption("regen_all"))
-    # pytest-regressions writes with np.savez_compressed straight onto the target; route it through the
-    # one atomic writer so an interrupted --force-regen never leaves a torn baseline.
-    fixture._dump_fn = lambda data, filename: write_arrays(Path(filename), data)
-    errors: list[str] = []
+    problems: list[str] = []
     for backend, stats in result.statistics.items():
         name = f"{basename}-{backend}"
-        npz = Path(fixture.original_datadir) / f"{name}.npz"
+        npz = folder / f"{name}.npz"
         meta_now = metadata(
             backend,
             result.config,
@@ -235,55 +248,49 @@ def check_with_regressions(
             result.groups,
         )
         arrays = baseline_arrays(stats)
-        bounds = result.statistic_tolerances.get(backend, {})
-        if npz.exists() and not regen_all:
-            problems: list[str] = []
-            stored: dict[str, np.ndarray] = {}
-            try:
-                problems = stale_reasons(read_metadata(meta_path(npz)), meta_now)
-                if not problems:
-                    stored = read_arrays(npz)
-            except BaselineError as exc:
-                problems = [str(exc)]
-            if problems:
-                what = f"{npz}: baseline made from other inputs or unreadable, not compared: " + "; ".join(problems)
-                if force:
-                    write_arrays(npz, arrays)
-                    write_metadata(meta_path(npz), meta_now)
-                    what += " (regenerated by --force-regen)"
-                elif "--force-regen" not in what:
-                    what += "; regenerate with --force-regen"
-                result.baseline_notes.append(what)
-                errors.append(what)
-                continue
-            comps = compare_to_baseline(stats, stored, bounds, backend)
-            result.baseline.extend(comps)
-            changed = next((c for c in comps if not c.passed), None)
-            if changed is not None:
-                result.baseline_notes.append(
-                    f"{backend}: first tap changed since its baseline: {changed.tap} ({changed.statistic})"
-                )
-        before = file_digest(npz)
+        if regen_all:
+            _write_baseline(npz, arrays, meta_now)
+            result.baseline_notes.append(f"{name}: regenerated by --regen-all: {npz}")
+            continue
+        if not npz.exists():
+            _write_baseline(npz, arrays, meta_now)
+            problems.append(f"{name}: no baseline yet; created {npz} (check it in, and run again)")
+            continue
         try:
-            fixture.check(dict(arrays), basename=name, tolerances=regression_tolerances(bounds, stats))
-        except (AssertionError, pytest.fail.Exception) as exc:  # pytest.fail raises a BaseException
-            errors.append(f"{name}: {exc}")
-            regressions_failed = True
+            stale = stale_reasons(read_metadata(meta_path(npz)), meta_now)
+            stored = read_arrays(npz) if not stale else {}
+        except BaselineError as exc:
+            stale, stored = [str(exc)], {}
+        if stale:
+            stale = [reason.replace("; regenerate with --force-regen", "") for reason in stale]
+            what = f"{npz}: baseline made from other inputs or unreadable, not compared: " + "; ".join(stale)
+            if force_regen:
+                _write_baseline(npz, arrays, meta_now)
+                what += f" (regenerated by --force-regen: {npz})"
+            else:
+                what += "; regenerate with --force-regen"
+            problems.append(what)
+            continue
+        comps = compare_to_baseline(stats, stored, result.statistic_tolerances.get(backend, {}), backend)
+        result.baseline.extend(comps)
+        failed = [c for c in comps if not c.passed]
+        if not failed:
+            continue
+        result.baseline_notes.append(
+            f"{backend}: first tap changed since its baseline: {failed[0].tap} ({failed[0].statistic})"
+        )
+        what = f"{name}: statistics changed beyond their tolerance:\n  " + "\n  ".join(c.summary() for c in failed[:5])
+        if len(failed) > 5:
+            what += f"\n  ... and {len(failed) - 5} more"
+        if obtained is not None:
+            write_arrays(obtained / f"{name}.npz", arrays)
+            what += f"\n  obtained statistics: {obtained / f'{name}.npz'}"
+        if force_regen:
+            _write_baseline(npz, arrays, meta_now)
+            what += f"\n  regenerated by --force-regen: {npz}"
         else:
-            regressions_failed = False
-        if regen_all or file_digest(npz) != before or not meta_path(npz).exists():
-            write_metadata(meta_path(npz), meta_now)
-        elif not regressions_failed and any(not c.passed for c in result.baseline if c.a == backend):
-            # The harness's comparison failed where pytest-regressions' did not (it compares the stored
-            # dtype's values as loaded); so pytest-regressions did not regenerate under --force-regen.
-            lines = [c.summary() for c in result.baseline if c.a == backend and not c.passed]
-            what = f"{name}: statistics changed beyond their tolerance:\n  " + "\n  ".join(lines[:5])
-            if force:
-                write_arrays(npz, arrays)
-                write_metadata(meta_path(npz), meta_now)
-                what += f"\n  regenerated by --force-regen: {npz}"
-            errors.append(what)
-    if errors:
-        if result.verdict == "pass":
-            result.verdict = "fail"
-        raise AssertionError("baseline check failed\n" + "\n".join(errors))
+            what += "\n  regenerate with --force-regen if the change is intended"
+        problems.append(what)
+    result.baseline_problems.extend(problems)
+    result.verdict = decide(result)
+    return problems

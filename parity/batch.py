@@ -62,7 +62,10 @@ def normalise_probe(probe: np.ndarray, probe_scale: float) -> np.ndarray:
     p = np.asarray(probe, dtype=np.complex128)
     denom = probe_scale * np.mean(np.abs(disk_mask(p.shape[-1]) * p))
     if not np.isfinite(denom) or denom <= 0:
-        raise ParityInputError("probe: its masked mean amplitude is zero or not finite; cannot normalise")
+        raise ParityInputError(
+            f"probe: probe_scale · mean|disk · probe| is {denom:g} (probe_scale={probe_scale:g}); "
+            "it must be finite and > 0 to normalise the probe"
+        )
     return (p / denom).astype(np.complex64)
 
 

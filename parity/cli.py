@@ -1,12 +1,18 @@
 """The ``ptycho-parity`` command: runs outside pytest, baselines, fixtures, weights, environment.
 
-Exit codes: 0 when everything compared passes, 1 when parity fails (including backends whose effective
-configs differ), 2 on bad input or usage (a bad option, file, key or value; a required backend missing).
+Exit codes, one meaning each: 0 everything compared passes; 1 parity failed (including backends whose
+effective configs differ); 2 bad input or usage (a bad option, file, key or value, a device that is not
+there, a required backend missing, a run whose float64 reference goes out of range); 3 a backend
+crashed (its traceback is in the report; the others were still compared); 130 interrupted (every file
+is then as it was, or completely written).
+
+This module imports no framework: backends are loaded through the registry when a command needs them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tomllib
@@ -17,7 +23,7 @@ from typing import Any
 from parity.config import ModelConfig
 from parity.errors import BackendUnavailableError, ConfigError, ParityInputError
 
-EXIT_PASS, EXIT_FAIL, EXIT_INPUT = 0, 1, 2
+EXIT_PASS, EXIT_FAIL, EXIT_INPUT, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _literal(text: str) -> Any:
@@ -60,25 +66,31 @@ def _progress(items: Iterable[Any]) -> Iterable[Any]:
     return bar
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _backend_names(option: str, value: str) -> list[str]:
     from parity.registry import registered_names
-    from parity.report import write_reports
-    from parity.session import RunSpec, run
 
-    config = load_config(args.config, args.set)
+    names = [b.strip() for b in value.split(",") if b.strip()]
     known = registered_names()
-    for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
+    for name in names:
         if name not in known:  # a typo, not a framework that is missing: never a silent pass
             raise ParityInputError(
-                f"option --backends: {name!r} is not a registered backend; registered: {', '.join(known) or 'none'}"
+                f"option {option}: {name!r} is not a registered backend; registered: {', '.join(known) or 'none'}"
             )
-    report = Path(args.report)
-    if report.exists() and not report.is_dir():
-        raise ParityInputError(f"option --report: {report} exists and is not a folder")
+    if not names:
+        raise ParityInputError(f"option {option}: no backend named")
+    return names
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from parity.report import claim_folder, write_reports
+    from parity.session import RunSpec, prepare
+    from parity.verdict import EXIT_CODES
+
+    config = load_config(args.config, args.set)
     spec = RunSpec(
         config=config,
         fixture=args.fixture,
-        backends=[b.strip() for b in args.backends.split(",") if b.strip()],
+        backends=_backend_names("--backends", args.backends),
         reference=args.reference or None,
         device=args.device,
         batch_size=args.batch_size,
@@ -89,11 +101,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         require=args.require_backends,
         taps=[t.strip() for t in args.taps.split(",") if t.strip()] if args.taps else None,
     )
-    result = run(spec, progress=_progress)
-    try:
+    # Every input is read and checked, then the report folder is claimed, before any backend is built:
+    # bad input leaves nothing behind, and a folder that is a file, unwritable or in use by another run
+    # is an error now, not after the forward passes.
+    prepared = prepare(spec)
+    with contextlib.ExitStack() as stack:
+        try:
+            report = stack.enter_context(claim_folder(args.report))
+        except ParityInputError as exc:
+            raise ParityInputError(f"option --report: {exc}") from None
+        result = prepared.run(progress=_progress)
         paths = write_reports(result, report, html=not args.no_html, all_taps=args.all_taps)
-    except OSError as exc:
-        raise ParityInputError(f"option --report: cannot write the report into {report} ({exc})") from exc
     for n, r in result.backends.items():
         if not r.available:
             print(f"backend {n} unavailable: {r.reason}", file=sys.stderr)
@@ -101,17 +119,56 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not result.passed:
         print(result.describe_failure())
     print(f"report: {paths['json']}")
-    return EXIT_PASS if result.passed else EXIT_FAIL
+    return EXIT_CODES[result.verdict]
+
+
+# pytest's exit codes -> this command's (pytest.ExitCode: 0 ok, 1 tests failed, 2 interrupted, 3
+# internal error, 4 usage error, 5 no tests collected).
+_PYTEST_EXIT = {0: EXIT_PASS, 1: EXIT_FAIL, 2: EXIT_INTERRUPTED, 3: EXIT_CRASH, 4: EXIT_INPUT, 5: EXIT_INPUT}
+
+
+def _pytest(arguments: Sequence[str]) -> int:
+    """Run pytest in a child process (pytest advises against running it twice in one process).
+
+    The child runs in a process group of its own, so a Ctrl-C reaches this process only, which passes
+    exactly one SIGINT on: pytest then stops as after one Ctrl-C (a second one, arriving while it
+    reports the first, would end it with a traceback), and the interrupt is raised here.
+    """
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", *arguments], process_group=0)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
 
 
 def cmd_regen_baselines(args: argparse.Namespace) -> int:
-    """Regenerate through pytest-regressions (the only writer of baselines), then verify."""
-    import pytest
-
+    """Regenerate the baselines (``pytest -m parity --force-regen``), then verify in a fresh session."""
     flag = "--regen-all" if args.all else "--force-regen"
     base = ["-m", "parity", "-p", "no:cacheprovider", *args.pytest_args]
-    pytest.main([*base, flag, "-q"])
-    return int(pytest.main([*base, "-q"]))
+    code = _pytest([*base, flag, "-q"])
+    if code == 5:
+        raise ParityInputError(
+            "regen-baselines: pytest found no parity tests here (`pytest -m parity` collects nothing); run it "
+            "from your project's root, or pass the test paths after --"
+        )
+    if code not in (0, 1):  # 1: baselines were rewritten (their check fails, as pytest-regressions' does)
+        if code == 2:
+            raise KeyboardInterrupt
+        return _PYTEST_EXIT.get(code, EXIT_CRASH)
+    code = _pytest([*base, "-q"])
+    if code == 2:
+        raise KeyboardInterrupt
+    return _PYTEST_EXIT.get(code, EXIT_CRASH)
 
 
 def cmd_make_fixtures(args: argparse.Namespace) -> int:
@@ -160,17 +217,19 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from parity.session import instantiate
+    from parity.session import check_devices, instantiate
     from parity.weights import generate_weights
 
     config = ModelConfig()
-    names = [b.strip() for b in args.backends.split(",") if b.strip()]
-    built, missing = instantiate(names, config, generate_weights(config), args.device, require=False)
+    names = _backend_names("--backends", args.backends)
+    check_devices(names, args.device)
+    built, missing, crashed = instantiate(names, config, generate_weights(config), args.device, require=False)
     env: dict[str, Any] = {"python": sys.version.split()[0]}
     env.update({n: be.environment() for n, be in built.items()})
     env.update({n: {"available": False, "reason": r} for n, r in missing.items()})
+    env.update({n: {"available": True, "crashed": t} for n, t in crashed.items()})
     print(json.dumps(env, indent=2, default=str))
-    return EXIT_PASS
+    return EXIT_CRASH if crashed else EXIT_PASS
 
 
 def cmd_measure_tolerances(args: argparse.Namespace) -> int:
@@ -273,28 +332,28 @@ def cmd_make_fixture(args: argparse.Namespace) -> int:
 
 
 def cmd_check_device(args: argparse.Namespace) -> int:
-    """Fail fast (exit 2) when the requested device is not there, before any test can 'pass'."""
-    if args.device == "cpu":
-        return EXIT_PASS
+    """Fail fast (exit 2) when the requested device is not there, before any test can 'pass'.
+
+    Each backend answers for itself (``Backend.device_problem``); a backend that cannot be loaded
+    cannot run on any device, so it fails the check too.
+    """
+    from parity.registry import load_backend
+    from parity.session import backend_device
+
     problems = []
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            problems.append(f"torch {torch.__version__} sees no CUDA device")
-    except ImportError as exc:
-        problems.append(f"torch cannot be imported ({exc})")
-    try:
-        import tensorflow as tf
-
-        if not tf.config.list_physical_devices("GPU"):
-            problems.append(f"tensorflow {tf.__version__} sees no GPU")
-    except ImportError as exc:
-        problems.append(f"tensorflow cannot be imported ({exc})")
+    for name in _backend_names("--backends", args.backends):
+        try:
+            cls = load_backend(name)
+        except BackendUnavailableError as exc:
+            problems.append(str(exc))
+            continue
+        problem = cls.device_problem(backend_device(cls, args.device))
+        if problem:
+            problems.append(problem)
     if problems:
-        print("no usable GPU: " + "; ".join(problems), file=sys.stderr)
+        print(f"ptycho-parity: error: device {args.device!r} is not usable: " + "; ".join(problems), file=sys.stderr)
         return EXIT_INPUT
-    print("GPU visible to torch and tensorflow")
+    print(f"device {args.device!r} is usable by {args.backends}")
     return EXIT_PASS
 
 
@@ -309,7 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="compare backends on one fixture and config, write reports")
     config_opts(r)
     r.add_argument("--fixture", help="fixture file or bundled fixture name (default: the bundled one for N, gridsize)")
-    r.add_argument("--backends", default="reference,torch,tensorflow")
+    r.add_argument(
+        "--backends",
+        default="reference,torch,tensorflow",
+        help="comma-separated registered backends to compare (see `ptycho-parity backends`; default: %(default)s)",
+    )
     r.add_argument("--reference", default="reference", help="float64 arbiter backend ('' for none)")
     r.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     r.add_argument("--batch-size", type=int, default=4)
@@ -326,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("regen-baselines", help="rewrite the stored baselines (pytest -m parity --force-regen)")
     g.add_argument("--all", action="store_true", help="--regen-all: rewrite every baseline, not only changed ones")
-    g.add_argument("pytest_args", nargs="*", help="extra pytest arguments (paths, -k ...)")
+    g.add_argument("pytest_args", nargs="*", help="extra pytest arguments after -- (paths, -k ...)")
     g.set_defaults(func=cmd_regen_baselines)
 
     f = sub.add_parser("make-fixtures", help="regenerate the bundled fixtures from their seeds")
@@ -350,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_backends)
 
     e = sub.add_parser("env", help="print each backend's environment (versions, device, precision flags)")
-    e.add_argument("--backends", default="reference,torch,tensorflow")
+    e.add_argument("--backends", default="reference,torch,tensorflow", help="default: %(default)s")
     e.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     e.set_defaults(func=cmd_env)
 
@@ -401,8 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--force", action="store_true", help="replace an existing file")
     mf.set_defaults(func=cmd_make_fixture)
 
-    c = sub.add_parser("check-device", help="exit 2 unless the device is usable by both frameworks")
+    c = sub.add_parser("check-device", help="exit 2 unless every backend can use the device")
     c.add_argument("device", choices=("cpu", "cuda"))
+    c.add_argument("--backends", default="reference,torch,tensorflow", help="default: %(default)s")
     c.set_defaults(func=cmd_check_device)
     return p
 
@@ -420,8 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ptycho-parity: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
-        print("ptycho-parity: interrupted; files already written are intact", file=sys.stderr)
-        return 130
+        print("ptycho-parity: interrupted; every file is as it was or completely written", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ from parity.batch import CanonicalBatch, disk_mask, normalise_probe
 from parity.config import ModelConfig
 from parity.errors import FixtureError, ParityInputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 is still read: it had no dataset attributes, positions being pixels, x = column, by definition.
+READABLE_VERSIONS = (1, 2)
 
 #: Dataset name -> stored dtype, in the order they are written. Little-endian explicitly, so the
 #: recorded hashes (of the stored bytes) do not depend on the machine that wrote or reads them.
@@ -45,6 +47,13 @@ DATASET_DTYPES: dict[str, np.dtype[Any]] = {
     "object": np.dtype("<c8"),
 }
 REQUIRED_DATASETS = ("diffraction", "xcoords", "ycoords", "probe", "groups")
+#: Attributes each dataset carries (schema 2), with the only values this version reads: scan
+#: positions are object pixels, xcoords the column (x) and ycoords the row (y) coordinate. A position
+#: file in metres or with swapped axes is refused by name instead of shifting every patch.
+DATASET_ATTRIBUTES: dict[str, dict[str, str]] = {
+    "xcoords": {"units": "pixel", "axis": "x (column)"},
+    "ycoords": {"units": "pixel", "axis": "y (row)"},
+}
 OPTIONAL_DATASETS = ("object",)
 ROOT_ATTRIBUTES = ("schema_version", "N", "gridsize", "kind", "seed", "params", "source", "sha256")
 #: "lines" and "grf" are simulated by parity.simulate, "npz" came from parity.npz_import, "custom" is
@@ -265,7 +274,11 @@ def write_fixture(path: str | os.PathLike[str], data: FixtureData) -> Path:
             for key in ROOT_ATTRIBUTES:
                 fh.attrs[key] = attrs[key]
             for name, arr in arrays.items():
-                fh.create_dataset(name, data=np.ascontiguousarray(arr, dtype=DATASET_DTYPES[name]), track_times=False)
+                ds = fh.create_dataset(
+                    name, data=np.ascontiguousarray(arr, dtype=DATASET_DTYPES[name]), track_times=False
+                )
+                for key, value in DATASET_ATTRIBUTES.get(name, {}).items():
+                    ds.attrs[key] = value
     return target
 
 
@@ -304,9 +317,10 @@ def _read_attributes(attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
     if "schema_version" not in attrs:
         raise FixtureError(f"{where}: attribute 'schema_version' is missing (not a ptycho-parity fixture?)")
     version = _int_attr(attrs, "schema_version", where)
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise FixtureError(
-            f"{where}: attribute 'schema_version' is {version}; this ptycho-parity reads version {SCHEMA_VERSION}"
+            f"{where}: attribute 'schema_version' is {version}; this ptycho-parity reads versions "
+            + ", ".join(map(str, READABLE_VERSIONS))
         )
     for key in ROOT_ATTRIBUTES:
         if key not in attrs:
@@ -318,6 +332,7 @@ def _read_attributes(attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
                 f"(known: {', '.join(ROOT_ATTRIBUTES)})"
             )
     out: dict[str, Any] = {
+        "version": version,
         "N": _int_attr(attrs, "N", where),
         "gridsize": _int_attr(attrs, "gridsize", where),
         "seed": _int_attr(attrs, "seed", where),
@@ -342,7 +357,26 @@ def _check_config(N: int, gridsize: int, config: ModelConfig, where: str) -> Non
         raise FixtureError(f"{where}: attribute 'gridsize' is {gridsize} but the config has gridsize={config.gridsize}")
 
 
-def _read_datasets(fh: Any, where: str) -> dict[str, np.ndarray]:
+def _check_dataset_attributes(name: str, attrs: Mapping[str, Any], version: int, where: str) -> None:
+    expected = DATASET_ATTRIBUTES.get(name, {}) if version >= 2 else {}
+    for key in attrs:
+        if key not in expected:
+            known = ", ".join(expected) or "none"
+            raise FixtureError(
+                f"{where}: dataset {name!r} has attribute {key!r}, which is not part of fixture schema version "
+                f"{version} (its attributes: {known})"
+            )
+    for key, value in expected.items():
+        if key not in attrs:
+            raise FixtureError(f"{where}: dataset {name!r} lacks attribute {key!r} (expected {value!r})")
+        found = attrs[key]
+        if isinstance(found, bytes):
+            found = found.decode("utf-8", errors="replace")
+        if found != value:
+            raise FixtureError(f"{where}: dataset {name!r} has {key}={found!r}; this schema reads only {value!r}")
+
+
+def _read_datasets(fh: Any, where: str, version: int = SCHEMA_VERSION) -> dict[str, np.ndarray]:
     import h5py
 
     arrays: dict[str, np.ndarray] = {}
@@ -359,6 +393,11 @@ def _read_datasets(fh: Any, where: str) -> dict[str, np.ndarray]:
             raise FixtureError(f"{where}: dataset {name!r} is stored outside the file (virtual or external)")
         if name not in DATASET_DTYPES:
             continue  # reported by the structure check, after missing datasets
+        try:
+            attrs = dict(node.attrs)
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise FixtureError(f"{where}: attributes of dataset {name!r} cannot be read (corrupt? {exc})") from exc
+        _check_dataset_attributes(name, attrs, version, where)
         try:
             arrays[name] = np.asarray(node[()])
         except (OSError, RuntimeError, ValueError, TypeError) as exc:
@@ -406,7 +445,7 @@ def load_fixture(path: str | os.PathLike[str], config: ModelConfig | None = None
             meta = _read_attributes(attrs, where)
             if config is not None:
                 _check_config(meta["N"], meta["gridsize"], config, where)
-            arrays = _read_datasets(fh, where)
+            arrays = _read_datasets(fh, where, meta["version"])
     except (OSError, RuntimeError, KeyError) as exc:
         raise FixtureError(f"{where}: HDF5 structure cannot be read (corrupt? {exc})") from exc
     data_kwargs = {k: meta[k] for k in ("N", "gridsize", "kind", "seed", "params", "source")}
@@ -456,6 +495,32 @@ def normalised_input_scale(fixture: FixtureData, config: ModelConfig) -> float:
     return (config.N / 2) / math.sqrt(mean_energy) * config.input_scale
 
 
+def check_range(fixture: FixtureData, config: ModelConfig, max_groups: int | None = None) -> float:
+    """Refuse, naming the config key, inputs that leave float32's range before any backend runs: a
+    model input x = X·sqrt(nphotons)/(N/2) beyond float32's largest value, or a normalised probe that
+    overflows or underflows to zero. Returns the factor taking stored amplitudes to x."""
+    where = str(getattr(fixture, "path", "<unsaved fixture>"))
+    biggest = float(np.finfo(np.float32).max)
+    factor = normalised_input_scale(fixture, config)
+    total = fixture.n_groups if max_groups is None else min(max_groups, fixture.n_groups)
+    members = np.unique(np.asarray(fixture.groups[:total]))
+    peak = float(np.max(np.abs(np.asarray(fixture.diffraction[members], dtype=np.float64)))) * factor
+    if not peak <= biggest:
+        raise ParityInputError(
+            f"config key 'nphotons' ({config.nphotons:g}): the model input x = X·sqrt(nphotons)/(N/2) reaches "
+            f"{peak:.3g} on {where}, beyond float32's range ({biggest:.3g})"
+        )
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        probe = normalise_probe(fixture.probe, config.probe_scale)
+    if not np.all(np.isfinite(probe)) or not np.any(probe):
+        what = "overflows" if not np.all(np.isfinite(probe)) else "underflows to zero"
+        raise ParityInputError(
+            f"config key 'probe_scale' ({config.probe_scale:g}): the normalised probe, "
+            f"probe / (probe_scale · mean|disk · probe|), {what} in complex64 for the probe of {where}"
+        )
+    return factor
+
+
 def iter_batches(
     fixture: FixtureData, config: ModelConfig, batch_size: int, max_groups: int | None = None
 ) -> Iterator[CanonicalBatch]:
@@ -469,7 +534,7 @@ def iter_batches(
     if max_groups is not None and (isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1):
         raise ParityInputError(f"max_groups is {max_groups!r}; expected None or an integer >= 1")
     _check_config(int(fixture.N), int(fixture.gridsize), config, where)
-    factor = normalised_input_scale(fixture, config)
+    factor = check_range(fixture, config, max_groups)
     probe = normalise_probe(fixture.probe, config.probe_scale)
     diff = fixture.diffraction
     positions = np.stack([np.asarray(fixture.xcoords, np.float64), np.asarray(fixture.ycoords, np.float64)], axis=-1)

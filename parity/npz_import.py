@@ -91,6 +91,13 @@ def import_npz(npz_path: str | os.PathLike[str], out_path: str | os.PathLike[str
     """Validate a PtychoPINN NPZ, group its positions (C = gridsize² nearest) and write a fixture."""
     p = Path(npz_path)
     where = str(p)
+    out = Path(out_path)
+    if out.is_dir():
+        raise FixtureError(
+            f"{out}: output is an existing folder; give the fixture file to write (e.g. {out / 'data.h5'})"
+        )
+    if not out.parent.is_dir():
+        raise FixtureError(f"{out}: output folder {out.parent} does not exist")
     if isinstance(gridsize, bool) or not isinstance(gridsize, int) or gridsize < 1:
         raise FixtureError(f"{where}: gridsize {gridsize!r} is not an integer >= 1")
     if not p.is_file():

@@ -2,9 +2,10 @@
 
 Any project that installs ptycho-parity gets these, in the manner of pytest-regressions:
 
-- ``parity_run(config=None, **options)`` runs the harness and writes the report for the test;
+- ``parity_run(config=None, *, check=True, **options)`` runs the harness, fails the test unless the
+  verdict is pass, and writes the test's report once, at teardown;
 - ``parity_baseline.check(result)`` compares statistics with the stored baselines (``--force-regen``,
-  ``--regen-all``) and records the outcome in the report;
+  ``--regen-all``, the options of pytest-regressions) and records the outcome in the report;
 - ``parity_options`` and ``parity_tolerances`` expose what the command line selected.
 
 A requested backend that cannot be loaded skips the test with the import error as the reason, unless
@@ -13,6 +14,7 @@ A requested backend that cannot be loaded skips the test with the import error a
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -81,11 +83,22 @@ def _options(config: pytest.Config) -> ParityOptions:
             )
     if not names:
         raise pytest.UsageError("--parity-backends: no backend named")
+    report_dir = Path(str(config.getoption("parity_report_dir")))
+    if report_dir.exists() and not report_dir.is_dir():
+        raise pytest.UsageError(f"--parity-report-dir: {report_dir} exists and is not a folder")
+    device = str(config.getoption("parity_device"))
+    if device != "cpu":
+        from parity.session import check_devices
+
+        try:
+            check_devices(names, device)  # before any test: a missing GPU is one usage error, not N failures
+        except ParityInputError as exc:
+            raise pytest.UsageError(f"--parity-device: {exc}") from None
     tol = config.getoption("parity_tolerances")
     return ParityOptions(
         backends=names,
-        device=str(config.getoption("parity_device")),
-        report_dir=Path(str(config.getoption("parity_report_dir"))),
+        device=device,
+        report_dir=report_dir,
         tolerances=Path(tol) if tol else None,
         require=bool(config.getoption("parity_require_backends")) or require_from_env(),
         all_taps=bool(config.getoption("parity_all_taps")),
@@ -155,20 +168,46 @@ def assert_parity(result: ParityResult) -> None:
     """Fail with a torch.testing.assert_close-style message naming the first diverging tap."""
     __tracebackhide__ = True
     if not result.passed:
-        raise AssertionError("parity failed\n" + result.describe_failure())
+        raise AssertionError(f"parity {result.verdict}\n" + result.describe_failure())
+
+
+class _TestRun:
+    """One test's runs: its claimed report folder, and the report written once, at teardown."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.claimed = contextlib.ExitStack()
+        self.started = False
+        self.results: list[ParityResult] = []
+
+    def start(self) -> None:
+        from parity.report import claim_folder
+
+        if not self.started:  # the first run of the test claims the folder until teardown
+            self.claimed.enter_context(claim_folder(self.folder))
+            self.started = True
+
+    def finish(self, all_taps: bool) -> None:
+        from parity.report import write_reports
+
+        with self.claimed:
+            if self.results:
+                write_reports(self.results[-1], self.folder, all_taps=all_taps)
 
 
 @pytest.fixture
 def parity_run(
     request: pytest.FixtureRequest, parity_options: ParityOptions, parity_tolerances: Tolerances
 ) -> Iterator[Callable[..., ParityResult]]:
-    """Run the harness; the report of the last run is (re)written at teardown, after baseline checks."""
+    """Run the harness; fail the test unless the verdict is pass (``check=False`` to look at a failing
+    result yourself). The test's report is written once, at teardown, after any baseline check."""
     from parity import session
-    from parity.report import write_reports
 
-    results: list[ParityResult] = []
+    state = _TestRun(_report_folder(parity_options, request.node.nodeid))
+    request.node.stash[_STATE] = state
 
-    def _run(config: ModelConfig | None = None, **options: Any) -> ParityResult:
+    def _run(config: ModelConfig | None = None, *, check: bool = True, **options: Any) -> ParityResult:
+        __tracebackhide__ = True
         spec = RunSpec(
             config=config or ModelConfig(),
             backends=parity_options.backends,
@@ -178,55 +217,66 @@ def parity_run(
         overrides = options.pop("backend_overrides", None)
         spec = replace(spec, **options)
         try:
-            result = session.run(spec, tolerances=parity_tolerances, backend_overrides=overrides)
+            if "parity_baseline" in request.fixturenames:
+                from parity.baseline import baseline_folder, check_folder
+
+                check_folder(baseline_folder(request.path))  # where the check will write, before any work
+            prepared = session.prepare(spec, tolerances=parity_tolerances, backend_overrides=tuple(overrides or ()))
+            state.start()  # before any backend is built: a folder another run is writing is an error now
+            result = prepared.run(backend_overrides=overrides)
         except BackendUnavailableError as exc:
-            pytest.fail(f"required backend unavailable: {exc}")
+            pytest.fail(f"required backend unavailable: {exc}", pytrace=False)
+        except ParityInputError as exc:
+            pytest.fail(f"bad input: {exc}", pytrace=False)
         unavailable = {n: r.reason for n, r in result.backends.items() if not r.available}
         if unavailable:
             why = "; ".join(f"{n}: {r}" for n, r in unavailable.items())
             if spec.require:
-                pytest.fail(f"required backend unavailable: {why}")
+                pytest.fail(f"required backend unavailable: {why}", pytrace=False)
             pytest.skip(f"backend unavailable: {why}")
-        results.append(result)
-        write_reports(result, _report_folder(parity_options, request.node.nodeid), all_taps=parity_options.all_taps)
+        state.results.append(result)
+        if check:
+            assert_parity(result)
         return result
 
     yield _run
-    if results:
-        write_reports(
-            results[-1], _report_folder(parity_options, request.node.nodeid), all_taps=parity_options.all_taps
-        )
+    state.finish(parity_options.all_taps)
+
+
+_STATE = pytest.StashKey[_TestRun]()
 
 
 class BaselineChecker:
     """Compares a run's statistics with the stored baselines, one file per test, backend and config."""
 
-    def __init__(self, request: pytest.FixtureRequest, tolerances: Tolerances) -> None:
+    def __init__(self, request: pytest.FixtureRequest) -> None:
         self.request = request
-        self.tolerances = tolerances
 
-    def check(self, result: ParityResult, basename: str | None = None, assert_parity: bool = True) -> None:
-        """Check baselines of every backend in ``result``; then, by default, the parity verdict itself.
+    def check(self, result: ParityResult, basename: str | None = None) -> None:
+        """Check (and, with --force-regen or --regen-all, rewrite) the baselines of every backend.
 
-        Both outcomes go into one failure message, so a run that diverges AND changed its statistics
-        says both; baselines are (re)generated under --force-regen/--regen-all either way.
+        Fails the test when a baseline is missing, stale, unreadable or changed beyond its tolerance;
+        the report written at teardown shows every comparison.
         """
-        from parity.baseline import check_with_regressions
+        from parity.baseline import baseline_folder, check_baselines
 
         __tracebackhide__ = True
-        fixture = self.request.getfixturevalue("ndarrays_regression")
+        config = self.request.config
         base = basename or re.sub(r"\W+", "_", self.request.node.name).strip("_")
-        problems = []
-        try:
-            check_with_regressions(fixture, self.request.config, result, base)
-        except AssertionError as exc:
-            problems.append(str(exc))
-        if assert_parity and (result.first_divergence is not None or result.verdict == "config_mismatch"):
-            problems.insert(0, "parity failed\n" + result.describe_failure())
+        state = self.request.node.stash.get(_STATE, None)
+        obtained = state.folder / "obtained" if state is not None else None
+        problems = check_baselines(
+            result,
+            baseline_folder(self.request.path),
+            base,
+            force_regen=bool(config.getoption("force_regen")),
+            regen_all=bool(config.getoption("regen_all")),
+            obtained=obtained,
+        )
         if problems:
-            raise AssertionError("\n".join(problems))
+            raise AssertionError("baseline check failed\n" + "\n".join(problems))
 
 
 @pytest.fixture
-def parity_baseline(request: pytest.FixtureRequest, parity_tolerances: Tolerances) -> BaselineChecker:
-    return BaselineChecker(request, parity_tolerances)
+def parity_baseline(request: pytest.FixtureRequest) -> BaselineChecker:
+    return BaselineChecker(request)

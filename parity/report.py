@@ -1,15 +1,20 @@
 """Reports of a parity run: JSON (versioned schema, for machines), Markdown (for a pull request),
 HTML (pictures, see :mod:`parity.report_html`) and the full per-patch statistics as ``statistics.npz``.
 
-The JSON schema is documented in docs/report-schema.md; bump ``SCHEMA_VERSION`` on any change that
-removes or renames a field.
+The JSON is described by a JSON Schema shipped in the package (:func:`schema_file`) and in prose in
+docs/report-schema.md; bump ``SCHEMA_VERSION`` on any change that removes or renames a field.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
-from collections.abc import Sequence
+import os
+import socket
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +23,20 @@ import numpy as np
 import parity
 from parity.atomic import atomic_path, write_text
 from parity.compare import ComparisonResult, _jsonable
+from parity.errors import ParityInputError
 from parity.runner import ParityResult, TapResult, statistics_summary
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 JSON_NAME, MARKDOWN_NAME, HTML_NAME, STATS_NAME = "report.json", "report.md", "report.html", "statistics.npz"
+LOCK_NAME = ".ptycho-parity.lock"
 SIDE_BY_SIDE = ("mean", "std", "var_zero_mean", "min", "max", "l2")
+
+
+def schema_file() -> Path:
+    """The JSON Schema (draft 2020-12) every ``report.json`` follows, shipped in the package."""
+    from importlib import resources
+
+    return Path(str(resources.files("parity") / "report.schema.json"))
 
 
 def _clean(obj: Any) -> Any:
@@ -78,6 +92,7 @@ def to_json_dict(result: ParityResult) -> Any:
                 n: {
                     "available": r.available,
                     "reason": r.reason,
+                    "crashed": r.crashed,
                     "precision": r.precision,
                     "environment": r.environment,
                     "effective_config": r.effective_config,
@@ -90,6 +105,7 @@ def to_json_dict(result: ParityResult) -> Any:
             "groups": result.groups,
             "taps": taps,
             "baseline_notes": result.baseline_notes,
+            "baseline_problems": result.baseline_problems,
             "files": {"statistics": STATS_NAME, "markdown": MARKDOWN_NAME, "html": HTML_NAME},
         }
     )
@@ -112,6 +128,10 @@ def _comparison_cell(c: ComparisonResult) -> str:
 def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
     lines = [f"# ptycho-parity report: **{result.verdict.upper()}**", ""]
     fd = result.first_divergence
+    for r in result.backends.values():
+        if r.crashed:
+            lines += [f"**Backend `{r.name}` crashed**; the others were still compared:", "", "```text"]
+            lines += [r.crashed.rstrip(), "```", ""]
     if result.verdict == "config_mismatch":
         lines += ["Effective configs differ between backends; no forward pass was run.", ""]
         lines += ["| key | " + " | ".join(result.backends) + " |", "|---|" + "---|" * len(result.backends)]
@@ -153,6 +173,9 @@ def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
             f"{env.get('framework_version', '')} | {env.get('device', '')} | {ctrl} |"
         )
     lines += ["", "## Taps", ""]
+    if not result.taps:
+        lines += ["No tap was compared."]
+        return "\n".join(lines) + "\n"
     pairs: list[tuple[str, str, str]] = []
     for t in result.taps:
         for c in t.comparisons:
@@ -190,9 +213,68 @@ def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
                 f"| {s} | " + " | ".join(f"{summ[b][s]['mean']:.6g}" if s in summ[b] else "" for b in summ) + " |"
             )
         lines += ["", "</details>", ""]
-    if result.baseline_notes:
-        lines += ["## Baselines", ""] + [f"- {n}" for n in result.baseline_notes]
+    if result.baseline_notes or result.baseline_problems:
+        lines += ["## Baselines", ""] + [f"- {n}" for n in result.baseline_notes + result.baseline_problems]
     return "\n".join(lines) + "\n"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claim_folder(folder: str | Path) -> Iterator[Path]:
+    """Make ``folder`` this run's report folder, before any work: created, writable, and not being
+    written by another run at the same time (two runs into one folder would silently replace each
+    other's report). The claim is a lock file naming the run; one left by a run that died is taken
+    over. Errors are ParityInputErrors naming the folder."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ParityInputError(f"report folder {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ParityInputError(f"report folder {path} cannot be created ({exc.strerror or exc})") from None
+    for name in (JSON_NAME, MARKDOWN_NAME, HTML_NAME, STATS_NAME):
+        if (path / name).exists() and not (path / name).is_file():
+            raise ParityInputError(f"report folder {path}: {name} is a folder; the report cannot be written")
+    lock = path / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                owner = {}
+            same_host = owner.get("host") == me["host"]
+            if same_host and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
+                lock.unlink(missing_ok=True)  # left by a run that died: take it over
+                continue
+            raise ParityInputError(
+                f"report folder {path} is being written by another run (pid {owner.get('pid', '?')} on "
+                f"{owner.get('host', '?')}, since {owner.get('started', '?')}); wait for it to finish or "
+                f"choose another report folder (if no run is going on, delete {lock})"
+            ) from None
+        except OSError as exc:
+            why = "not writable" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else exc.strerror
+            raise ParityInputError(f"report folder {path} is {why}") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(me))
+        break
+    else:
+        raise ParityInputError(f"report folder {path}: its lock {lock} cannot be taken")
+    try:
+        yield path
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def write_statistics(result: ParityResult, path: Path) -> None:

@@ -1,8 +1,10 @@
 """HTML report: for each failing tap (or every tap on request) the patches of every backend side by
 side with their difference from the reference, and a histogram of elementwise errors.
 
-Pictures are PNGs rendered with matplotlib's Agg backend and embedded as data URIs, so the report is a
-single self-contained file that CI can upload as an artifact.
+Pictures are PNGs rendered by matplotlib's Agg canvas and embedded as data URIs, so the report is a
+single self-contained file that CI can upload as an artifact. Figures are ``matplotlib.figure.Figure``
+objects drawn on their own canvas: pyplot and its global backend are never touched, because this
+module runs inside users' pytest sessions, where other tests may depend on them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ from parity.runner import ParityResult, TapResult, statistics_summary
 CHANNELS_SHOWN = 4
 
 
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=72, bbox_inches="tight")
@@ -33,11 +44,6 @@ def _as_image(arr: np.ndarray) -> np.ndarray:
 
 
 def _patch_grid(result: ParityResult, tap: TapResult) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sides = [b for b in result.samples if tap.name in result.samples[b]]
     if not sides:
         return None
@@ -53,7 +59,8 @@ def _patch_grid(result: ParityResult, tap: TapResult) -> str | None:
         if b != ref and result.samples[b][tap.name].shape == first.shape
     ]
     all_rows = rows + [(n, np.asarray(d, dtype=np.float64)) for n, d in diffs]
-    fig, axes = plt.subplots(len(all_rows), channels, figsize=(2.2 * channels, 2.2 * len(all_rows)), squeeze=False)
+    fig = _figure(2.2 * channels, 2.2 * len(all_rows))
+    axes = fig.subplots(len(all_rows), channels, squeeze=False)
     for r, (label, data) in enumerate(all_rows):
         for c in range(channels):
             img = data[0, c] if data.ndim == 4 else data[0]
@@ -67,32 +74,24 @@ def _patch_grid(result: ParityResult, tap: TapResult) -> str | None:
                 ax.set_title(f"channel {c}", fontsize=8)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     fig.suptitle(f"{tap.name}: group 0" + (" (amplitude)" if tap.complex else ""), fontsize=9)
-    uri = _png(fig)
-    plt.close(fig)
-    return uri
+    return _png(fig)
 
 
 def _histogram(tap: TapResult) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     comps = [c for c in tap.comparisons if c.histogram and sum(c.histogram)]
     if not comps:
         return None
-    fig, ax = plt.subplots(figsize=(6, 2.6))
+    fig = _figure(6, 2.6)
+    ax = fig.subplots()
     centres = HIST_EDGES / 2  # left edge of each bin
     for c in comps:
         ax.step(centres, c.histogram, where="post", label=f"{c.a} vs {c.b}")
         ax.axvline(c.atol if c.atol > 0 else HIST_EDGES[0], linestyle=":", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("|a − b| (dotted: atol)")
+    ax.set_xlabel("|a − b| (dotted: atol at the worst element)")
     ax.set_ylabel("elements")
     ax.legend(fontsize=7)
-    uri = _png(fig)
-    plt.close(fig)
-    return uri
+    return _png(fig)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:

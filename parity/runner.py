@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import traceback
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from parity.errors import ParityInputError
 from parity.stats import StatsAccumulator, summarise
 from parity.taps import TapSpec
 from parity.tolerances import ConfigLike, Tolerances, config_values, magnitude_scale
+from parity.verdict import decide
 
 _MISSING = "tap missing from "
 SAMPLES_KEPT = 2  # groups of the first batch kept per tap for the HTML report's patch grids
@@ -38,6 +40,7 @@ class BackendRecord:
     precision: str | None = None
     environment: dict[str, Any] = field(default_factory=dict)
     effective_config: dict[str, Any] = field(default_factory=dict)
+    crashed: str | None = None  # the traceback, when the backend raised while it ran
 
 
 @dataclass
@@ -58,7 +61,7 @@ class TapResult:
 class ParityResult:
     """Everything a report needs; the JSON/Markdown/HTML writers read only this."""
 
-    verdict: str  # "pass" | "fail" | "config_mismatch"
+    verdict: str  # decided by parity.verdict.decide: "pass" | "fail" | "config_mismatch" | "error"
     backends: dict[str, BackendRecord]
     reference: str | None
     config: dict[str, Any] | None
@@ -79,6 +82,8 @@ class ParityResult:
     samples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     baseline: list[ComparisonResult] = field(default_factory=list)
     baseline_notes: list[str] = field(default_factory=list)
+    # Baselines that could not be compared (missing, stale, unreadable): each one fails the verdict.
+    baseline_problems: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -90,6 +95,17 @@ class ParityResult:
 
     def describe_failure(self, limit: int = 8) -> str:
         """Human-readable summary for assertion messages and the CLI."""
+        crashed = [r for r in self.backends.values() if r.crashed]
+        if crashed:
+            lines = []
+            for r in crashed:
+                last = (r.crashed or "").strip().splitlines()[-1:]
+                lines.append(f"backend {r.name} crashed: {last[0] if last else '?'} (traceback in the report)")
+            rest = self.describe_divergence(limit)
+            return "\n".join(lines + ([rest] if rest else []))
+        return self.describe_divergence(limit)
+
+    def describe_divergence(self, limit: int = 8) -> str:
         if self.verdict == "config_mismatch":
             lines = ["effective configs differ between backends (no forward pass was run):"]
             lines += [
@@ -136,6 +152,7 @@ def run_parity(
     reference: str | None = None,
     scale_source: Backend | None = None,
     unavailable: Mapping[str, str] | None = None,
+    crashed: Mapping[str, str] | None = None,
     taps: Collection[str] | None = None,
     fixture: Mapping[str, Any] | None = None,
     weights_sha256: str | None = None,
@@ -160,8 +177,17 @@ def run_parity(
     records: dict[str, BackendRecord] = {
         name: BackendRecord(name, False, reason) for name, reason in (unavailable or {}).items()
     }
-    for name, be in backends.items():
-        records[name] = BackendRecord(name, True, None, be.precision, be.environment(), be.effective_config())
+    for name, trace in (crashed or {}).items():
+        records[name] = BackendRecord(name, True, None, crashed=trace)
+    backends = dict(backends)
+    for name, be in list(backends.items()):
+        try:
+            records[name] = BackendRecord(name, True, None, be.precision, be.environment(), be.effective_config())
+        except ParityInputError:
+            raise
+        except Exception:
+            records[name] = BackendRecord(name, True, None, be.precision, crashed=traceback.format_exc())
+            del backends[name]
     ref = reference if reference in backends else None
     scaler = scale_source if scale_source is not None else (backends[ref] if ref is not None else None)
     result = ParityResult(
@@ -178,7 +204,7 @@ def run_parity(
         blame_ratio=tolerances.blame_ratio,
     )
     if result.config_diff:
-        result.verdict = "config_mismatch"
+        result.verdict = decide(result)
         return result
 
     others = [n for n in backends if n != ref]
@@ -208,15 +234,35 @@ def run_parity(
         return taps is None or any(fnmatch.fnmatchcase(name, p) for p in taps)
 
     for batch_index, batch in enumerate(iterator):
-        raw = {name: be.forward(batch) for name, be in backends.items()}
+        raw: dict[str, Mapping[str, np.ndarray]] = {}
+        for name, be in list(backends.items()):
+            try:
+                raw[name] = be.forward(batch)
+            except ParityInputError:
+                raise
+            except Exception:
+                # A backend that crashes is reported as failing, with its traceback; the others go on.
+                records[name].crashed = f"in batch {batch_index}:\n{traceback.format_exc()}"
+                del backends[name]
+                others = [n for n in others if n != name]
+                pairs = [p for p in pairs if name not in p]
+                for dropped in [k for k in comps if name in k[1:]]:
+                    del comps[dropped]
+                for gone in [k for k in structure if k[1] == name]:
+                    del structure[gone]
+                stats.pop(name, None)
+        if ref is not None and ref not in backends:
+            ref = None  # a crashed arbiter arbitrates nothing: pairs are still compared
+        if ref is not None:
+            check_arbiter(raw[ref], float32_sides=[n for n in backends if backends[n].precision != "float64"])
         if taps is not None and batch_index == 0:
             produced = {t for out in raw.values() for t in out}
             for pattern in taps:
                 if not any(fnmatch.fnmatchcase(t, pattern) for t in produced):
                     raise ParityInputError(f"option taps: pattern {pattern!r} matches no tap the backends produce")
-        if scaler is not None:
+        if scaler is not None and (ref is not None or scale_source is not None):
             own = raw[ref] if ref is not None and scaler is backends[ref] else scaler.forward(batch)
-            scales = {t: np.asarray(v) for t, v in scaler.error_scales(batch, own).items() if selected(t)}
+            scales = {t: np.asarray(v) for t, v in scaler.error_scales(batch, dict(own)).items() if selected(t)}
         else:
             scales = {}
         size = next((int(a.shape[0]) for out in raw.values() for a in out.values() if np.ndim(a)), 0)
@@ -291,9 +337,54 @@ def run_parity(
         )
     result.statistics = {n: acc.result() for n, acc in stats.items()}
     result.statistic_tolerances = {n: acc.bounds() for n, acc in stats.items()}
+    result.reference = ref
     result.first_divergence = _first_divergence(result.taps, ref, tolerances.blame_ratio)
-    result.verdict = "pass" if result.first_divergence is None else "fail"
+    result.verdict = decide(result)
     return result
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class ArbiterOutOfRangeError(ParityInputError):
+    """The float64 reference produced what no float32 comparison can be made against: NaN or Inf
+    from finite inputs, or values beyond float32's range. The run is invalid input, not a pass."""
+
+    def __init__(self, tap: str, what: str) -> None:
+        super().__init__(what)
+        self.tap = tap
+
+
+def check_arbiter(taps: Mapping[str, np.ndarray], float32_sides: Sequence[str] = ()) -> None:
+    """Refuse a batch the arbiter cannot judge (see :class:`ArbiterOutOfRangeError`).
+
+    NaN at the same place on two sides counts as agreement in a comparison; that must never turn a
+    run whose reference itself went non-finite into a pass.
+    """
+    for name, values in taps.items():
+        arr = np.asarray(values)
+        if arr.dtype.kind not in "fc" or arr.size == 0:
+            continue
+        finite = np.isfinite(arr)
+        if not finite.all():
+            where = tuple(int(i) for i in np.argwhere(~finite)[0])
+            if name.startswith("input."):
+                raise ArbiterOutOfRangeError(
+                    name, f"the batch holds NaN or Inf at {name}{list(where)}: the inputs themselves are out of range"
+                )
+            raise ArbiterOutOfRangeError(
+                name,
+                f"the float64 reference produced NaN or Inf at {name}{list(where)} (first tap in order of "
+                "computation) from finite inputs: the config or the weights drive the model out of range",
+            )
+        if float32_sides and not name.startswith("input."):
+            peak = float(np.max(np.abs(arr[finite]), initial=0.0))
+            if peak > FLOAT32_MAX:
+                raise ArbiterOutOfRangeError(
+                    name,
+                    f"the float64 reference reaches {peak:.3g} at {name}, beyond float32's range "
+                    f"({FLOAT32_MAX:.3g}): {', '.join(float32_sides)} cannot represent it, so nothing can be compared",
+                )
 
 
 def _fitting_scale(scale: np.ndarray | None, values: np.ndarray) -> np.ndarray:

@@ -5,8 +5,10 @@ The pytest plugin and the CLI both go through :func:`run`, so a run outside pyte
 
 from __future__ import annotations
 
+import fnmatch
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import traceback
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +19,7 @@ from parity.backend import Backend
 from parity.config import ModelConfig
 from parity.errors import BackendUnavailableError, ParityInputError
 from parity.registry import load_backend
-from parity.runner import ParityResult, run_parity
+from parity.runner import ArbiterOutOfRangeError, ParityResult, run_parity
 from parity.taps import tap_specs
 from parity.tolerances import Tolerances, load_tolerances
 from parity.weights import DEFAULT_SEED, generate_weights, load_weights, validate_weights, weights_sha256
@@ -85,16 +87,42 @@ def resolve_weights(spec: RunSpec) -> dict[str, np.ndarray]:
     return generate_weights(spec.config, spec.weights_seed)
 
 
+def backend_device(cls: type[Backend], device: str) -> str:
+    """The float64 reference is the CPU arbiter, whatever device the framework backends use."""
+    return "cpu" if cls.precision == "float64" else device
+
+
+def check_devices(names: Iterable[str], device: str) -> None:
+    """Ask every loadable backend whether it can use ``device``, before anything is built or run."""
+    problems = []
+    for name in names:
+        try:
+            cls = load_backend(name)
+        except BackendUnavailableError:
+            continue  # reported (or refused, when required) when the backends are built
+        problem = cls.device_problem(backend_device(cls, device))
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ParityInputError(f"device {device!r} is not usable: " + "; ".join(problems))
+
+
 def instantiate(
     names: Iterable[str],
     config: Any,
     weights: Mapping[str, np.ndarray],
     device: str,
     require: bool,
-) -> tuple[dict[str, Backend], dict[str, str]]:
-    """Build each named backend; an unavailable one is returned with its reason, or raises if required."""
+) -> tuple[dict[str, Backend], dict[str, str], dict[str, str]]:
+    """Build each named backend: (built, unavailable {name: reason}, crashed {name: traceback}).
+
+    An unavailable backend raises instead when backends are required; bad input to a backend (its
+    config, weights or device) raises ParityInputError; any other exception is a crash of that
+    backend, reported as such while the others are still compared.
+    """
     built: dict[str, Backend] = {}
     missing: dict[str, str] = {}
+    crashed: dict[str, str] = {}
     for name in names:
         try:
             cls = load_backend(name)
@@ -103,9 +131,13 @@ def instantiate(
                 raise
             missing[name] = exc.reason
             continue
-        reference_device = "cpu" if cls.precision == "float64" else device
-        built[name] = cls(config, weights, reference_device)
-    return built, missing
+        try:
+            built[name] = cls(config, weights, backend_device(cls, device))
+        except ParityInputError:
+            raise
+        except Exception:
+            crashed[name] = f"while building:\n{traceback.format_exc()}"
+    return built, missing, crashed
 
 
 def _scale_source(backends: Mapping[str, Backend], spec: RunSpec, weights: Mapping[str, np.ndarray]) -> Backend | None:
@@ -121,6 +153,89 @@ def _scale_source(backends: Mapping[str, Backend], spec: RunSpec, weights: Mappi
     return cls(spec.config, weights, "cpu")
 
 
+@dataclass
+class PreparedRun:
+    """A run whose every input was read and checked (config, tolerances, fixture, weights, devices):
+    what can fail on bad input has failed before anything is built, run or written."""
+
+    spec: RunSpec
+    tolerances: Tolerances
+    fixture: Any  # parity.fixture.FixtureData
+    fixture_record: dict[str, str]
+    weights: dict[str, np.ndarray]
+
+    def run(
+        self,
+        *,
+        progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+        backend_overrides: Mapping[str, Backend] | None = None,
+    ) -> ParityResult:
+        from parity.fixture import iter_batches
+
+        spec, weights = self.spec, self.weights
+        overrides = dict(backend_overrides or {})
+        names = [n for n in spec.backends if n not in overrides]
+        built, missing, crashed = instantiate(names, spec.config, weights, spec.device, spec.require)
+        backends = {
+            n: overrides[n] if n in overrides else built[n] for n in spec.backends if n in overrides or n in built
+        }
+        try:
+            return run_parity(
+                backends,
+                iter_batches(self.fixture, spec.config, spec.batch_size, spec.max_groups),
+                self.tolerances,
+                config=spec.config,
+                expected=lambda b: tap_specs(spec.config, b),
+                reference=spec.reference,
+                scale_source=_scale_source(backends, spec, weights),
+                unavailable=missing,
+                crashed=crashed,
+                fixture=self.fixture_record,
+                weights_sha256=weights_sha256(weights),
+                progress=progress,
+                taps=spec.taps,
+            )
+        except ArbiterOutOfRangeError as exc:
+            raise ParityInputError(f"{exc}; {_magnitude_hint(exc.tap, spec.config)}") from None
+
+
+def prepare(
+    spec: RunSpec, *, tolerances: Tolerances | None = None, backend_overrides: Collection[str] = ()
+) -> PreparedRun:
+    """Read and check every input of ``spec``; raises ParityInputError naming what is wrong."""
+    from parity.fixture import FixtureData, check_range, fixture_data_sha256, load_fixture
+
+    for key in ("batch_size", "max_groups"):
+        value = getattr(spec, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ParityInputError(f"option {key} must be an integer >= 1, got {value!r}")
+    if spec.reference is not None and spec.reference not in spec.backends:
+        raise ParityInputError(
+            f"reference backend {spec.reference!r} is not among the backends ({', '.join(spec.backends) or 'none'})"
+        )
+    tol = tolerances or load_tolerances(spec.tolerances, profile=spec.device)
+    names = [s.name for s in tap_specs(spec.config, 1)]
+    for name in names:
+        tol.family(name)  # every tap of this config has a tolerance family
+    for pattern in spec.taps or ():
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ParityInputError(
+                f"option taps: pattern {pattern!r} matches no tap of config {spec.config.short_id()}"
+            )
+    fixture: FixtureData
+    if isinstance(spec.fixture, FixtureData):
+        fixture = spec.fixture
+        record = {"path": f"<in memory: {fixture.source}>", "sha256": fixture_data_sha256(fixture)}
+    else:
+        fixture_path = resolve_fixture(spec.fixture, spec.config)
+        fixture = load_fixture(fixture_path, spec.config)
+        record = {"path": str(fixture_path), "sha256": fixture.sha256}
+    check_range(fixture, spec.config, spec.max_groups)
+    weights = resolve_weights(spec)
+    check_devices([n for n in spec.backends if n not in backend_overrides], spec.device)
+    return PreparedRun(spec, tol, fixture, record, weights)
+
+
 def run(
     spec: RunSpec,
     *,
@@ -132,38 +247,25 @@ def run(
 
     ``backend_overrides`` replaces named backends with ready instances (tests use it to inject bugs).
     """
-    from parity.fixture import FixtureData, fixture_data_sha256, iter_batches, load_fixture
+    prepared = prepare(spec, tolerances=tolerances, backend_overrides=tuple(backend_overrides or ()))
+    return prepared.run(progress=progress, backend_overrides=backend_overrides)
 
-    if spec.batch_size < 1:
-        raise ParityInputError(f"option batch_size must be >= 1, got {spec.batch_size}")
-    if spec.max_groups is not None and spec.max_groups < 1:
-        raise ParityInputError(f"option max_groups must be >= 1, got {spec.max_groups}")
-    tol = tolerances or load_tolerances(spec.tolerances, profile=spec.device)
-    fixture: FixtureData
-    if isinstance(spec.fixture, FixtureData):
-        fixture = spec.fixture
-        record = {"path": f"<in memory: {fixture.source}>", "sha256": fixture_data_sha256(fixture)}
-    else:
-        fixture_path = resolve_fixture(spec.fixture, spec.config)
-        fixture = load_fixture(fixture_path, spec.config)
-        record = {"path": str(fixture_path), "sha256": fixture.sha256}
-    weights = resolve_weights(spec)
-    overrides = dict(backend_overrides or {})
-    names = [n for n in spec.backends if n not in overrides]
-    built, missing = instantiate(names, spec.config, weights, spec.device, spec.require)
-    backends = {n: overrides[n] if n in overrides else built[n] for n in spec.backends if n in overrides or n in built}
-    batches = iter_batches(fixture, spec.config, spec.batch_size, spec.max_groups)
-    return run_parity(
-        backends,
-        batches,
-        tol,
-        config=spec.config,
-        expected=lambda b: tap_specs(spec.config, b),
-        reference=spec.reference,
-        scale_source=_scale_source(backends, spec, weights),
-        unavailable=missing,
-        fixture=record,
-        weights_sha256=weights_sha256(weights),
-        progress=progress,
-        taps=spec.taps,
-    )
+
+# What sets the magnitude of each group of taps, for the message of an out-of-range run.
+_MAGNITUDE_KEYS = (
+    ("input.x", ("nphotons",)),
+    ("input.scaled", ("nphotons",)),
+    ("input.probe", ("probe_scale",)),
+    ("physics.", ("probe_scale",)),
+    ("output.", ("nphotons", "probe_scale")),
+    ("loss.", ("nphotons", "probe_scale")),
+)
+
+
+def _magnitude_hint(tap: str, config: ModelConfig) -> str:
+    keys = next((keys for prefix, keys in _MAGNITUDE_KEYS if tap.startswith(prefix)), ())
+    values = config.to_dict()
+    named = [f"config key {k!r} = {values[k]:g}" for k in keys]
+    if not tap.startswith("input."):
+        named.append("the weights (their scale, or a file made for other data)")
+    return "what sets its magnitude: " + ", ".join(named)

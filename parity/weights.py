@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -132,23 +133,61 @@ def save_weights(path: str | os.PathLike[str], weights: Mapping[str, np.ndarray]
     return digest
 
 
+def _attribute(fh: Any, key: str, where: str) -> str:
+    if key not in fh.attrs:
+        raise WeightsError(f"{where}: attribute {key!r} is missing (every weights file records its config and hash)")
+    value = fh.attrs[key]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        raise WeightsError(f"{where}: attribute {key!r} is {value!r} ({type(value).__name__}); expected a string")
+    return value
+
+
 def load_weights(path: str | os.PathLike[str], config: ModelConfig) -> dict[str, np.ndarray]:
-    """Read and validate a weights file against ``config``; every error names the file and parameter."""
+    """Read and validate a weights file against ``config``; every error names the file and what is wrong.
+
+    The file must record the config it was made for and its content hash: a file made for another
+    config is refused even where its shapes would fit (an activation, a probe_big that builds nothing
+    at pad_object=false, an nphotons that set log_scale), and a file whose content changed is corrupt.
+    """
     import h5py
 
     p = Path(path)
+    where = str(p)
     if not p.is_file():
-        raise WeightsError(f"{p}: weights file does not exist")
+        raise WeightsError(f"{p}: weights file does not exist" if not p.exists() else f"{p}: is not a file")
     try:
         with h5py.File(p, "r") as fh:
             version = fh.attrs.get("schema_version")
-            if version != SCHEMA_VERSION:
-                raise WeightsError(f"{p}: schema_version {version!r}; expected {SCHEMA_VERSION}")
-            weights = {name: np.asarray(ds[()]) for name, ds in fh.items()}
-            stored = fh.attrs.get("sha256")
+            if isinstance(version, np.ndarray) and version.shape == ():
+                version = version[()]
+            if not isinstance(version, (int, np.integer)) or isinstance(version, bool) or version != SCHEMA_VERSION:
+                raise WeightsError(f"{p}: attribute 'schema_version' is {version!r}; expected {SCHEMA_VERSION}")
+            stored_config = _attribute(fh, "config", where)
+            stored = _attribute(fh, "sha256", where)
+            weights: dict[str, np.ndarray] = {}
+            for name in fh:
+                node = fh[name]
+                if not isinstance(node, h5py.Dataset):
+                    raise WeightsError(f"{p}: {name!r} is a {type(node).__name__}, not a dataset of parameters")
+                weights[name] = np.asarray(node[()])
     except OSError as exc:
         raise WeightsError(f"{p}: not a readable HDF5 weights file ({exc})") from exc
+    try:
+        made_for = json.loads(stored_config)
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{p}: attribute 'config' is not valid JSON ({exc})") from exc
+    if not isinstance(made_for, dict):
+        raise WeightsError(f"{p}: attribute 'config' is JSON {type(made_for).__name__}; expected an object")
+    wanted = config.to_dict()
+    differ = sorted(k for k in set(made_for) | set(wanted) if made_for.get(k) != wanted.get(k))
+    if differ:
+        both = "; ".join(
+            f"{k}: file {made_for.get(k, '<missing>')!r}, run {wanted.get(k, '<missing>')!r}" for k in differ
+        )
+        raise WeightsError(f"{p}: made for another config than the run's ({both}); use weights made for this config")
     validate_weights(weights, config, source=str(p))
-    if stored is not None and stored != weights_sha256(weights):
-        raise WeightsError(f"{p}: contents do not match the SHA-256 recorded in the file (corrupt?)")
+    if stored != weights_sha256(weights):
+        raise WeightsError(f"{p}: contents do not match the SHA-256 recorded in attribute 'sha256' (corrupt?)")
     return weights

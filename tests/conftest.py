@@ -61,3 +61,39 @@ def _spec_translate(img: np.ndarray, dx: float, dy: float, coords: type = np.flo
 def spec_translate():
     """The per-pixel translation oracle shared by every backend's tests."""
     return _spec_translate
+
+
+@pytest.fixture(autouse=True)
+def _reports_follow_the_shipped_schema(monkeypatch):
+    """Every report.json any test writes is validated against the JSON Schema the package ships (the
+    JSON writer, ``to_json_dict``, is wrapped: every report goes through it, however it is imported)."""
+    import json
+
+    import parity.report
+
+    validator = _report_validator()
+    build = parity.report.to_json_dict
+
+    def checked(result):
+        data = build(result)
+        validator.validate(json.loads(json.dumps(data)))
+        return data
+
+    monkeypatch.setattr(parity.report, "to_json_dict", checked)
+
+
+_VALIDATOR = []
+
+
+def _report_validator():
+    import json
+
+    import jsonschema
+
+    import parity.report
+
+    if not _VALIDATOR:
+        schema = json.loads(parity.report.schema_file().read_text(encoding="utf-8"))
+        jsonschema.Draft202012Validator.check_schema(schema)
+        _VALIDATOR.append(jsonschema.Draft202012Validator(schema))
+    return _VALIDATOR[0]

@@ -172,16 +172,24 @@ def mae_tf(amplitude: Tensor, x: Tensor) -> Tensor:
 _DEVICES = {"cpu": "/CPU:0", "cuda": "/GPU:0"}
 
 
-def tf_device(device: str) -> str:
-    """TensorFlow device string for the harness's device option; fails loudly, never falls back."""
+def device_problem(device: str) -> str | None:
+    """Why TensorFlow cannot run on ``device`` here, or None."""
     if device not in _DEVICES:
-        raise ParityInputError(f"device {device!r} is not supported by the tensorflow backend; use 'cpu' or 'cuda'")
+        return f"device {device!r} is not supported by the tensorflow backend; use 'cpu' or 'cuda'"
     if device == "cuda" and not tf.config.list_physical_devices("GPU"):
-        raise RuntimeError(
-            "device 'cuda' was requested but TensorFlow sees no GPU "
+        return (
+            "tensorflow backend: device 'cuda' was requested but TensorFlow sees no GPU "
             "(tf.config.list_physical_devices('GPU') is empty); install tensorflow[and-cuda] on a "
             "CUDA machine, or run with device 'cpu'"
         )
+    return None
+
+
+def tf_device(device: str) -> str:
+    """TensorFlow device string for the harness's device option; fails loudly, never falls back."""
+    problem = device_problem(device)
+    if problem is not None:
+        raise ParityInputError(problem)
     return _DEVICES[device]
 
 

@@ -29,19 +29,30 @@ SEED = 0
 CUBLAS_WORKSPACE = ":4096:8"
 
 
-def resolve_device(device: str) -> torch.device:
-    """'cpu', 'cuda' or 'cuda:<n>'; a GPU that is asked for but absent is an error, never a CPU run."""
+def device_problem(device: str) -> str | None:
+    """Why torch cannot run on ``device`` here ('cpu', 'cuda' or 'cuda:<n>'), or None."""
     if device == "cpu":
-        return torch.device("cpu")
+        return None
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         if not torch.cuda.is_available():
-            raise RuntimeError(
+            return (
                 f"torch backend: device {device!r} was requested but torch.cuda.is_available() is False "
                 f"(torch {torch.__version__}, built with CUDA {torch.version.cuda or 'none'}); "
                 "install a CUDA build of torch on a machine with a GPU, or use device 'cpu'"
             )
-        return torch.device(device)
-    raise ParityInputError(f"torch backend: device {device!r} is not supported; use 'cpu' or 'cuda'")
+        index = int(device[5:]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            return f"torch backend: device {device!r} does not exist (torch sees {torch.cuda.device_count()} GPUs)"
+        return None
+    return f"torch backend: device {device!r} is not supported; use 'cpu' or 'cuda'"
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device for ``device``; one that is asked for but absent is an input error, never a CPU run."""
+    problem = device_problem(device)
+    if problem is not None:
+        raise ParityInputError(problem)
+    return torch.device(device)
 
 
 def set_precision_controls(device: torch.device) -> None:
@@ -62,6 +73,10 @@ class TorchBackend(Backend):
 
     name: str = "torch"
     precision: str = "float32"
+
+    @classmethod
+    def device_problem(cls, device: str) -> str | None:
+        return device_problem(device)
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], device: str = "cpu") -> None:
         validate_weights(weights, config)

@@ -412,5 +412,7 @@ def test_unknown_device_and_missing_gpu_fail_clearly() -> None:
     if tf.config.list_physical_devices("GPU"):  # a GPU machine: cuda must build and run there
         assert "GPU" in TensorFlowBackend(config, weights, device="cuda").environment()["device"].upper()
         return
-    with pytest.raises(RuntimeError, match="no GPU"):
+    with pytest.raises(ParityInputError, match="no GPU"):
         TensorFlowBackend(config, weights, device="cuda")
+    assert "no GPU" in (TensorFlowBackend.device_problem("cuda") or "")
+    assert TensorFlowBackend.device_problem("cpu") is None

@@ -364,5 +364,8 @@ def test_device_errors_are_clear() -> None:
     with pytest.raises(ParityInputError, match="'tpu'"):
         TorchBackend(DEFAULT, _weights(DEFAULT), device="tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match=r"torch\.cuda\.is_available\(\) is False"):
+        with pytest.raises(ParityInputError, match=r"torch\.cuda\.is_available\(\) is False"):
             TorchBackend(DEFAULT, _weights(DEFAULT), device="cuda")
+        assert "is_available() is False" in (TorchBackend.device_problem("cuda:0") or "")
+    assert TorchBackend.device_problem("cpu") is None
+    assert "not supported" in (TorchBackend.device_problem("gpu") or "")

@@ -165,8 +165,10 @@ def test_writer_refuses_invalid_data_and_leaves_nothing_behind(tmp_path, small):
 
 def _set_dataset(path, name, value, rehash=False):
     with h5py.File(path, "r+") as fh:
+        attrs = dict(fh[name].attrs)
         del fh[name]
-        fh.create_dataset(name, data=value, track_times=False)
+        ds = fh.create_dataset(name, data=value, track_times=False)
+        ds.attrs.update(attrs)  # a replaced dataset keeps its schema attributes
         if rehash:
             hashes = json.loads(fh.attrs["sha256"])
             hashes[name] = dataset_sha256(name, value)
@@ -205,10 +207,26 @@ def _del(name, attr=False):
 
 
 VIOLATIONS = {
-    "schema_version": (_set_attr("schema_version", np.int64(2)), r"attribute 'schema_version' is 2"),
+    "schema_version": (_set_attr("schema_version", np.int64(3)), r"attribute 'schema_version' is 3"),
     "no_schema_version": (_del("schema_version", attr=True), r"attribute 'schema_version' is missing"),
     "missing_attribute": (_del("source", attr=True), r"attribute 'source' is missing"),
     "unknown_attribute": (_set_attr("comment", "hi"), r"attribute 'comment' is not part of"),
+    "unknown_dataset_attribute": (
+        lambda fh: fh["diffraction"].attrs.__setitem__("order", "row-major"),
+        r"dataset 'diffraction' has attribute 'order', which is not part of fixture schema version 2",
+    ),
+    "positions_in_metres": (
+        lambda fh: fh["xcoords"].attrs.__setitem__("units", "m"),
+        r"dataset 'xcoords' has units='m'; this schema reads only 'pixel'",
+    ),
+    "positions_axes_swapped": (
+        lambda fh: fh["ycoords"].attrs.__setitem__("axis", "x (column)"),
+        r"dataset 'ycoords' has axis='x \(column\)'; this schema reads only 'y \(row\)'",
+    ),
+    "positions_without_units": (
+        lambda fh: fh["xcoords"].attrs.__delitem__("units"),
+        r"dataset 'xcoords' lacks attribute 'units' \(expected 'pixel'\)",
+    ),
     "bad_params_json": (_set_attr("params", "{not json"), r"attribute 'params' is not valid JSON"),
     "float_N": (_set_attr("N", 64.0), r"attribute 'N' is 64.0 .*expected an integer"),
     "unknown_kind": (
@@ -431,3 +449,22 @@ def test_fixture_data_works_without_a_file(small):
     assert isinstance(small, FixtureData)
     batches = list(iter_batches(small, cfg, 4))
     assert sum(b.size for b in batches) == small.n_groups == 12
+
+
+def test_version_1_fixtures_are_still_read(copy):
+    """Version 1 had no dataset attributes (pixels and x = column by definition); it still loads, and
+    an attribute on its datasets is still refused."""
+
+    def to_version_1(fh):
+        fh.attrs["schema_version"] = np.int64(1)
+        for name in ("xcoords", "ycoords"):
+            for key in list(fh[name].attrs):
+                del fh[name].attrs[key]
+
+    _edit(copy, to_version_1)
+    assert load_fixture(copy).n_positions == 81
+    _edit(copy, lambda fh: fh["xcoords"].attrs.__setitem__("units", "pixel"))
+    with pytest.raises(
+        FixtureError, match=r"dataset 'xcoords' has attribute 'units', which is not part of fixture schema version 1"
+    ):
+        load_fixture(copy)

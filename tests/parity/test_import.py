@@ -25,7 +25,24 @@ def test_import_parity_loads_no_framework():
 def test_harness_modules_load_no_framework():
     code = "\n".join(
         f"import parity.{m}"
-        for m in ("runner", "compare", "stats", "tolerances", "baseline", "report", "session", "cli", "registry")
+        for m in (
+            "runner",
+            "compare",
+            "stats",
+            "tolerances",
+            "baseline",
+            "report",
+            "report_html",
+            "session",
+            "cli",
+            "registry",
+            "verdict",
+            "measure",
+            "sweep",
+            "strategies",
+            "emulation",
+            "plugin",
+        )
     )
     code += "\nfrom parity.registry import registered_names\nregistered_names()"
     mods = _modules_after(code)

@@ -233,3 +233,141 @@ def test_import_framework_skips_unless_backends_are_required(monkeypatch):
     with pytest.raises(ModuleNotFoundError):
         plugin.import_framework("no_such_framework_xyz")
     assert plugin.import_framework("json").__name__ == "json"
+
+
+XDIST_TESTS = """
+import pytest
+
+from parity.config import ModelConfig
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("changes", [{}, {"probe_big": False}, {"amp_activation": "relu"}, {"object_big": False}])
+def test_small(parity_run, parity_baseline, changes):
+    result = parity_run(ModelConfig(gridsize=1, **changes), batch_size=2, max_groups=2)
+    parity_baseline.check(result)
+"""
+
+
+def _reports(folder):
+    """{test folder: (report without what differs between sessions, statistics arrays)}."""
+    import numpy as np
+
+    out = {}
+    for path in sorted(folder.glob("*/report.json")):
+        data = json.loads(path.read_text())
+        for backend in data["backends"].values():
+            backend["environment"] = None  # thread counts and the like differ between workers
+        # The serial run wrote the baselines (--regen-all) that the parallel one is compared against.
+        data["baseline_notes"] = data["baseline_problems"] = None
+        for tap in data["taps"]:
+            tap["baseline"] = None
+        with np.load(path.parent / "statistics.npz") as stats:
+            arrays = {k: stats[k] for k in stats.files}
+        out[path.parent.name] = (data, arrays)
+    return out
+
+
+def test_two_workers_give_the_same_reports_and_baselines_as_one(pytester, monkeypatch):
+    """`pytest -n 2 -m parity` (pytest-xdist) is the same run as a serial one: same verdicts, same
+    comparisons, bitwise the same statistics, and the serial run's baselines pass. (TensorFlow is
+    left out only to keep three child sessions quick; it runs in the workers like any backend.)"""
+    import numpy as np
+
+    monkeypatch.delenv(REQUIRE_ENV, raising=False)
+    pytester.makepyfile(test_xdist=XDIST_TESTS)
+    common = ["-p", "no:cacheprovider", "-m", "parity", "--parity-backends", "reference,torch"]
+    serial = pytester.runpytest_subprocess(*common, "--regen-all", "--parity-report-dir", "serial")
+    serial.assert_outcomes(passed=4)  # creates the baselines the parallel run is checked against
+    parallel = pytester.runpytest_subprocess(*common, "-n", "2", "--parity-report-dir", "parallel")
+    parallel.assert_outcomes(passed=4)
+    parallel.stdout.fnmatch_lines(["*2 workers*"])
+    one, two = _reports(pytester.path / "serial"), _reports(pytester.path / "parallel")
+    assert len(one) == 4 and one.keys() == two.keys()
+    for name in one:
+        assert one[name][0] == two[name][0], name
+        assert one[name][1].keys() == two[name][1].keys()
+        for key, values in one[name][1].items():
+            np.testing.assert_array_equal(values, two[name][1][key], err_msg=f"{name} {key}")
+
+
+def test_parity_run_fails_the_test_on_a_divergence_unless_told_not_to(inner):
+    inner.makepyfile(
+        test_fail=f"""
+        import pytest
+
+        from backends.reference import ReferenceBackend
+        from parity.config import ModelConfig
+        from parity.weights import generate_weights
+
+
+        class Off(ReferenceBackend):
+            name = "off"
+            precision = "float32"
+
+            def forward(self, batch):
+                taps = super().forward(batch)
+                taps["output.amplitude"] = taps["output.amplitude"] * 1.01
+                return taps
+
+
+        @pytest.mark.parity
+        @pytest.mark.parametrize("check", [True, False])
+        def test_diverging(parity_run, check):
+            config = {SMALL}
+            off = Off(config, generate_weights(config))
+            result = parity_run(
+                config, batch_size=1, max_groups=1, check=check, backends=("reference", "off"),
+                backend_overrides={{"off": off}},
+            )
+            assert not check and result.verdict == "fail"
+        """
+    )
+    res = _run(inner, "--parity-backends", "reference", "--parity-report-dir", "rep")
+    res.assert_outcomes(passed=1, failed=1)
+    res.stdout.fnmatch_lines(["*parity fail*", "*first diverging tap: output.amplitude (backends: off, reference*"])
+
+
+def test_report_folder_as_a_file_and_a_missing_gpu_are_usage_errors_before_any_test(inner, tmp_path):
+    inner.makepyfile("import pytest\n\n@pytest.mark.parity\ndef test_x():\n    raise AssertionError('ran')\n")
+    (inner.path / "afile").write_text("x")
+    res = _run(inner, "--parity-report-dir", "afile")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    res.stderr.fnmatch_lines(["ERROR: --parity-report-dir: afile exists and is not a folder"])
+    res.stdout.no_fnmatch_line("*ran*")
+    import torch
+
+    if not torch.cuda.is_available():
+        res = _run(inner, "--parity-backends", "reference,torch", "--parity-device", "cuda")
+        assert res.ret == pytest.ExitCode.USAGE_ERROR
+        res.stderr.fnmatch_lines(["ERROR: --parity-device: device 'cuda' is not usable: torch backend: *"])
+        res.stdout.no_fnmatch_line("*ran*")
+
+
+def test_report_is_written_once_per_test_and_folder_is_locked_while_it_runs(inner, monkeypatch):
+    """Two runs into one report folder never silently replace each other's report: the folder is
+    claimed for the test's whole duration, and the report is written once, at teardown."""
+    import parity.report
+
+    writes = []
+    real = parity.report.write_reports
+    monkeypatch.setattr(parity.report, "write_reports", lambda *a, **k: writes.append(a[1]) or real(*a, **k))
+    inner.makepyfile(
+        test_once=f"""
+        import pytest
+
+        from parity.config import ModelConfig
+        from parity.report import LOCK_NAME
+
+        @pytest.mark.parity
+        def test_twice(parity_run, request):
+            parity_run({SMALL}, batch_size=1, max_groups=1)
+            folder = request.config.getoption("parity_report_dir")
+            locks = list(__import__("pathlib").Path(folder).glob("*/" + LOCK_NAME))
+            assert len(locks) == 1  # claimed while the test runs
+            parity_run({SMALL}, batch_size=1, max_groups=1)
+        """
+    )
+    _run(inner, "--parity-backends", "reference", "--parity-report-dir", "rep").assert_outcomes(passed=1)
+    assert len(writes) == 1
+    assert not list((inner.path / "rep").glob("*/.ptycho-parity.lock"))  # released at teardown

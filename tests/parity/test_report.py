@@ -80,3 +80,40 @@ def test_html_has_pictures_for_failing_taps_only_unless_asked(tol, tmp_path):
 def test_passing_run_report(tol, tmp_path):
     data = json.loads(write_reports(_result(tol, bad=False), tmp_path)["json"].read_text())
     assert data["verdict"] == "pass" and data["first_divergence"] is None
+
+
+def test_html_report_touches_no_global_matplotlib_state(tol, tmp_path):
+    """The report renders on its own Figure canvas: pyplot's backend, figures and rcParams of the
+    user's session are left alone (the plugin runs inside every pytest session of an environment)."""
+    import sys
+
+    import matplotlib
+
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    # Read and written with dict's own methods: rcParams["backend"] would import pyplot to resolve it.
+    backend = dict.__getitem__(matplotlib.rcParams, "backend")
+    dict.__setitem__(matplotlib.rcParams, "backend", "svg")
+    try:
+        write_reports(_result(tol), tmp_path / "rep", all_taps=True)
+        assert dict.__getitem__(matplotlib.rcParams, "backend") == "svg"
+        assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
+    finally:
+        dict.__setitem__(matplotlib.rcParams, "backend", backend)
+    assert "data:image/png;base64," in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_the_shipped_schema_rejects_a_report_that_breaks_it(tol, tmp_path):
+    import jsonschema
+
+    from parity.report import schema_file
+
+    schema = json.loads(schema_file().read_text())
+    data = json.loads(write_reports(_result(tol), tmp_path / "rep")["json"].read_text())
+    jsonschema.validate(data, schema)
+    for broken in ({**data, "verdict": "maybe"}, {**data, "taps": [{**data["taps"][0], "scale": 3}]}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, schema)
+    missing = dict(data)
+    del missing["first_divergence"]
+    with pytest.raises(jsonschema.ValidationError, match="'first_divergence' is a required property"):
+        jsonschema.validate(missing, schema)

@@ -8,15 +8,11 @@ from parity.runner import run_parity
 from parity.taps import TapSpec
 from parity.tolerances import load_tolerances
 
+from .test_tolerances import BASE
+
 TAPS = ["toy.in", "toy.hidden", "toy.out"]
 FACTOR = 64.0
-TOL_TEXT = f"""
-schema_version = 2
-[model]
-floor = 4.0
-pair_factor = 2.0
-baseline_factor = 2.0
-blame_ratio = 2.0
+TOL_TEXT = BASE + f"""
 [[family]]
 pattern = "toy.*"
 factor = {FACTOR}
@@ -300,3 +296,97 @@ def test_statistic_tolerances_are_recorded_per_backend(tol):
     # The float64 reference's own bounds use float64's unit roundoff, plus one float32 rounding of the
     # stored statistic: far tighter than a float32 backend's.
     assert np.all(res.statistic_tolerances["reference"]["toy.out"]["mean"] < 0.1 * bounds["mean"])
+
+
+class Crashes(Toy32):
+    """A backend whose forward raises on the second batch (a bug in it, not bad input)."""
+
+    def __init__(self, config, weights, device="cpu"):
+        super().__init__(config, weights, device)
+        self.calls = 0
+
+    def forward(self, batch):
+        self.calls += 1
+        if self.calls == 2:
+            raise ZeroDivisionError("the backend's own bug")
+        return super().forward(batch)
+
+
+def test_a_crashing_backend_is_reported_with_its_traceback_and_the_others_still_compared(tol):
+    res = _run(tol, good=Toy32, other=Toy32, bad=Crashes)
+    assert res.verdict == "error" and not res.passed
+    crash = res.backends["bad"].crashed
+    assert crash is not None and "in batch 1" in crash and "ZeroDivisionError: the backend's own bug" in crash
+    assert "Traceback" in crash
+    kinds = {(c.kind, c.a, c.b) for t in res.taps for c in t.comparisons}
+    assert ("vs_reference", "good", "reference") in kinds and ("backend_vs_backend", "other", "good") in kinds
+    assert not any("bad" in (c.a, c.b) for t in res.taps for c in t.comparisons)
+    assert res.first_divergence is None  # the survivors agree
+    good = next(c for c in res.taps[2].comparisons if c.a == "good" and c.kind == "vs_reference")
+    assert good.numel == 3 * 2 * 5 * 4 * 4  # every batch of the survivors was compared
+    assert "backend bad crashed: ZeroDivisionError: the backend's own bug" in res.describe_failure()
+
+
+def test_bad_input_raised_by_a_backend_is_not_a_crash(tol):
+    from parity.errors import ParityInputError
+
+    class Refuses(Toy32):
+        def forward(self, batch):
+            raise ParityInputError("batch 'x' has the wrong dtype")
+
+    with pytest.raises(ParityInputError, match="wrong dtype"):
+        _run(tol, r=Refuses)
+
+
+class Overflows(Toy):
+    """A reference whose toy.out goes non-finite, or beyond float32's range, from finite inputs."""
+
+    value = np.inf
+
+    def forward(self, batch):
+        taps = super().forward(batch)
+        taps["toy.out"] = taps["toy.out"].copy()
+        taps["toy.out"][0, 1, 2, 3] = self.value
+        return taps
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (np.nan, r"the float64 reference produced NaN or Inf at toy.out\[0, 1, 2, 3\] .* from finite inputs"),
+        (np.inf, r"the float64 reference produced NaN or Inf at toy.out"),
+        (1e39, r"the float64 reference reaches 1e\+39 at toy.out, beyond float32's range .*: a cannot represent it"),
+    ],
+)
+def test_a_reference_out_of_range_is_bad_input_not_a_pass(tol, value, message):
+    """NaN at the same place on both sides is agreement in a comparison; a run whose reference itself
+    went non-finite (or beyond what float32 can hold) must still never pass."""
+    from parity.runner import ArbiterOutOfRangeError
+
+    class Both(Toy32):
+        def forward(self, batch):
+            taps = super().forward(batch)
+            taps["toy.out"] = taps["toy.out"].copy()
+            taps["toy.out"][0, 1, 2, 3] = np.inf if abs(value) > 3.4e38 else np.nan  # what float32 makes of it
+            return taps
+
+    ref = type("Ref", (Overflows,), {"value": value})
+    with pytest.raises(ArbiterOutOfRangeError, match=message) as info:
+        run_parity({"reference": ref(None, W), "a": Both(None, W)}, _batches(), tol, reference="reference")
+    assert info.value.tap == "toy.out"
+
+
+def test_non_finite_inputs_are_named_as_inputs(tol):
+    """Taps named input.* are what the backend received (the guide's convention): NaN there is the
+    batch's, and the message says so instead of blaming the model."""
+    from parity.runner import ArbiterOutOfRangeError
+
+    class WithInput(Toy):
+        def forward(self, batch):
+            return {"input.x": np.asarray(batch, dtype=np.float64), **super().forward(batch)}
+
+    batches = _batches()
+    batches[0] = batches[0].copy()
+    batches[0][1, 0, 0, 0] = np.inf
+    with pytest.raises(ArbiterOutOfRangeError, match=r"the batch holds NaN or Inf at input.x\[1, 0, 0, 0\]"):
+        run_parity({"reference": WithInput(None, W), "a": Toy32(None, W)}, batches, tol, reference="reference")

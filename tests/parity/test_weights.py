@@ -66,6 +66,12 @@ def _tamper(path, fn):
             ),
             r"parameter 'encoder.block0.conv0.kernel' has shape \(3, 3, 1, 64\); expected \(3, 3, 4, 64\)",
         ),
+        # A weights file records what it is: its config and hash are required, its schema a number.
+        (lambda fh: fh.attrs.__delitem__("config"), "attribute 'config' is missing"),
+        (lambda fh: fh.attrs.__delitem__("sha256"), "attribute 'sha256' is missing"),
+        (lambda fh: fh.attrs.__setitem__("config", "{not json"), "attribute 'config' is not valid JSON"),
+        (lambda fh: fh.attrs.__setitem__("schema_version", np.array([1, 2])), "attribute 'schema_version' is"),
+        (lambda fh: fh.create_group("encoder.extra"), "'encoder.extra' is a Group, not a dataset"),
     ],
 )
 def test_bad_weights_files_name_the_parameter(tmp_path, tamper, message):
@@ -81,8 +87,19 @@ def test_bad_weights_files_name_the_parameter(tmp_path, tamper, message):
 def test_weights_for_another_config_rejected(tmp_path):
     path = tmp_path / "w.h5"
     save_weights(path, generate_weights(ModelConfig(probe_big=False)), ModelConfig(probe_big=False))
-    with pytest.raises(WeightsError, match=r"missing parameter 'amp\.head\.border\.conv0\.kernel'"):
+    with pytest.raises(
+        WeightsError, match=r"made for another config than the run's \(probe_big: file False, run True\)"
+    ):
         load_weights(path, ModelConfig())
+
+
+def test_weights_whose_shapes_fit_another_config_are_still_rejected(tmp_path):
+    """An activation leaves no trace in the shapes: only the recorded config can tell."""
+    made, run = ModelConfig(amp_activation="relu"), ModelConfig()
+    path = tmp_path / "w.h5"
+    save_weights(path, generate_weights(made), made)
+    with pytest.raises(WeightsError, match=r"amp_activation: file 'relu', run 'sigmoid'"):
+        load_weights(path, run)
 
 
 def test_corrupt_and_missing_files(tmp_path):

@@ -1,0 +1,104 @@
+"""One Ctrl-C stops a command with exit code 130, and leaves every file as it was or complete.
+
+The commands run in child processes of their own session, and the interrupt is sent to that whole
+process group, as a terminal's Ctrl-C is: ``regen-baselines`` runs pytest in a grandchild, which gets
+it too. The moments are spread over the command's run, so they fall in different phases (starting
+up, the regeneration pass, writing baselines, the verification pass). What pytest prints when it is
+interrupted (where it was, in some phases a traceback of its own) is pytest's; the exit code, the
+files and this tool's last line are what these tests hold.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+INNER = """
+import pytest
+
+from parity.config import ModelConfig
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("changes", [{}, {"probe_big": False}, {"object_big": False}])
+def test_small(parity_run, parity_baseline, changes):
+    result = parity_run(ModelConfig(gridsize=1, **changes), batch_size=2, max_groups=2)
+    parity_baseline.check(result)
+"""
+ARGS = ["--", "--parity-backends", "reference", "--parity-report-dir", "rep"]
+
+
+def _start(project: Path, *argv: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("PTYCHO_PARITY_REQUIRE_BACKENDS", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "parity.cli", *argv],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the interrupt reaches it and its children only
+    )
+
+
+def _baselines(project: Path) -> dict[str, dict[str, np.ndarray]]:
+    out = {}
+    for path in sorted((project / "test_inner").glob("*.npz")):
+        with np.load(path) as npz:
+            out[path.name] = {k: npz[k] for k in npz.files}
+    return out
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interrupts")
+    (root / "test_inner.py").write_text(INNER)
+    started = time.monotonic()
+    proc = _start(root, "regen-baselines", "--all", *ARGS)
+    out = proc.communicate(timeout=600)[0].decode()
+    assert proc.returncode == 0, out
+    return root, time.monotonic() - started
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5, 0.8])
+def test_one_ctrl_c_ends_regen_baselines_with_130_and_no_torn_baseline(project, fraction):
+    root, duration = project
+    before = _baselines(root)
+    assert len(before) == 3
+    proc = _start(root, "regen-baselines", "--all", *ARGS)
+    time.sleep(fraction * duration)
+    if proc.poll() is not None:
+        pytest.skip(f"the command finished within {fraction * duration:.1f} s, before the interrupt")
+    os.killpg(proc.pid, signal.SIGINT)  # one Ctrl-C, to the whole process group
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, out
+    assert out.rstrip().endswith("ptycho-parity: interrupted; every file is as it was or completely written")
+    # Every baseline is the old one or a complete new one (here with the same statistics), never torn,
+    # and no temporary file is left beside them.
+    after = _baselines(root)
+    assert after.keys() == before.keys()
+    for name, arrays in before.items():
+        assert after[name].keys() == arrays.keys()
+        for key, values in arrays.items():
+            np.testing.assert_array_equal(after[name][key], values, err_msg=f"{name} {key}")
+    assert not [p for p in (root / "test_inner").iterdir() if p.name.startswith(".")]
+
+
+def test_one_ctrl_c_ends_a_run_with_130_and_releases_the_report_folder(tmp_path):
+    proc = _start(tmp_path, "run", "--report", "rep", "--max-groups", "4", "--batch-size", "1")
+    time.sleep(8)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before the interrupt")
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and "Traceback" not in out
+    assert not (tmp_path / "rep" / ".ptycho-parity.lock").exists()
+    assert not [p for p in (tmp_path / "rep").iterdir() if p.name.startswith(".")]
