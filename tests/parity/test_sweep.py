@@ -10,6 +10,7 @@ from hypothesis import example, given, note
 
 from parity.config import ModelConfig
 from parity.plugin import import_framework
+from parity.simulate import SimulationParams
 from parity.strategies import cases
 from parity.sweep import Case, data_for, run_case
 
@@ -31,8 +32,46 @@ _FAINT = ModelConfig(
     max_position_jitter=0,
 )
 
+# Found by the long profile: a canvas without margin at N=128 with a disk-masked probe; the illuminated
+# field's error sits on a few hundred pixels, and its spectrum peaked 4x above the Parseval average the
+# diffraction's scale used to carry (torch needed 1.15x its tolerance; the carried error is now
+# bounded by its l1 norm).
+_NO_MARGIN = ModelConfig(
+    N=128,
+    probe_big=False,
+    probe_mask=True,
+    probe_scale=0.5,
+    nphotons=170838116007.10107,
+    offset=0,
+    max_position_jitter=0,
+)
+_NO_MARGIN_DATA = SimulationParams(
+    kind="lines",
+    N=128,
+    gridsize=2,
+    seed=16054,
+    scan_shape=(3, 3),
+    step=1.5956585659969966,
+    jitter=0.5544563126711956,
+    nphotons=451801155001.1688,
+    margin=4,
+    probe_phase=0.46332590669595985,
+    line_density=0.006666666666666667,
+    grf_exponent=3.0,
+)
+
 
 @given(cases())
+@example(
+    Case(
+        config=_NO_MARGIN,
+        data=_NO_MARGIN_DATA,
+        weights_seed=10988,
+        weight_scale=2.1138503792699193,
+        batch_size=2,
+        groups=2,
+    )
+)
 @example(
     Case(
         config=_FAINT,
