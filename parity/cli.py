@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import tomllib
 from collections.abc import Iterable, Sequence
@@ -485,6 +486,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INPUT
     except KeyboardInterrupt:
         print("ptycho-parity: interrupted; every file is as it was or completely written", file=sys.stderr)
+        if argv is None:  # the process is ours (the command, not a caller's in-process use)
+            # An interrupt that lands while an extension runs Python code through the C API (the
+            # frameworks' imports do) leaves CPython's "unhandled KeyboardInterrupt" flag set even
+            # though it was handled here, and the interpreter would then end itself by SIGINT instead
+            # of exiting 130. Every file is closed and every lock released by now, so leave directly.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
 
 

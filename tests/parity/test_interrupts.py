@@ -93,7 +93,13 @@ def test_one_ctrl_c_ends_regen_baselines_with_130_and_no_torn_baseline(project, 
 
 def test_one_ctrl_c_ends_a_run_with_130_and_releases_the_report_folder(tmp_path):
     proc = _start(tmp_path, "run", "--report", "rep", "--max-groups", "4", "--batch-size", "1")
-    time.sleep(8)
+    # Interrupt once the run holds its report folder (it claims it after checking every input, before
+    # any backend is built), however slow the machine is to import the frameworks.
+    lock = tmp_path / "rep" / ".ptycho-parity.lock"
+    deadline = time.monotonic() + 300
+    while not lock.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
     if proc.poll() is not None:
         pytest.skip("the run finished before the interrupt")
     os.killpg(proc.pid, signal.SIGINT)
