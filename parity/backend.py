@@ -8,7 +8,8 @@ ran (its environment). Everything framework-specific stays behind this line, in 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,12 +43,43 @@ class Backend(abc.ABC):
         """
         return None if device == "cpu" else f"backend {cls.name!r} runs on the CPU only, not on {device!r}"
 
+    @classmethod
+    def availability_problem(cls) -> str | None:
+        """Why this backend cannot run here, found cheaply, or None when it may.
+
+        A backend whose module imports its framework is unavailable when that import fails. A wrapper
+        of code found at run time (an original located through an environment variable) imports
+        without it; it says here what is missing, so ``ptycho-parity backends`` and every run report
+        it as unavailable with the reason instead of failing when it is built.
+        """
+        return None
+
+    @classmethod
+    def shipped_deviations(cls) -> Path | None:
+        """A deviation file (``parity.deviations``) shipped with this backend, or None.
+
+        An adapter of an original that is known to differ declares it here, with reasons; runs
+        apply it unless told not to (``--no-shipped-deviations``), and it is held as strictly as a
+        user's own file: a declaration that stops reproducing fails the run.
+        """
+        return None
+
     @abc.abstractmethod
     def forward(self, batch: Any) -> Taps:
         """Run one forward pass and return every tap, in order of computation, as NumPy arrays.
 
         Layout is (B, channels, H, W); complex taps stay complex.
         """
+
+    def exposed_taps(self) -> Collection[str] | None:
+        """The canonical taps this backend computes for its config, or None for all of them.
+
+        A wrapped original rarely exposes everything (no loss inside the model, an activation
+        applied as a function no hook can see). Taps it declares unexposed are shown as "not
+        exposed": neither failed nor counted as passed. A tap it declares but does not return is
+        still a structure failure.
+        """
+        return None
 
     @abc.abstractmethod
     def effective_config(self) -> dict[str, Any]:

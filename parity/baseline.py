@@ -94,9 +94,20 @@ def stale_reasons(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list
         ("groups", "number of groups"),
         ("backend", "backend"),
     ):
-        if stored.get(key) != current.get(key):
+        same = (
+            _same_config(stored.get(key), current.get(key)) if key == "config" else stored.get(key) == current.get(key)
+        )
+        if not same:
             reasons.append(f"{what} differs (baseline: {stored.get(key)!r}, now: {current.get(key)!r})")
     return reasons
+
+
+def _same_config(stored: Any, current: Any) -> bool:
+    """Configs equal key by key, a key missing on one side counting as null: a key added to the
+    schema with a null default (derived, as canvas_size) leaves older baselines valid."""
+    if not (isinstance(stored, Mapping) and isinstance(current, Mapping)):
+        return bool(stored == current)
+    return all(stored.get(k) == current.get(k) for k in set(stored) | set(current))
 
 
 def meta_path(npz: Path) -> Path:

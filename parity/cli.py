@@ -101,6 +101,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         tolerances=args.tolerances,
         require=args.require_backends,
         taps=[t.strip() for t in args.taps.split(",") if t.strip()] if args.taps else None,
+        deviations=args.deviations,
+        allow_config_diff=args.allow_config_diff,
+        shipped_deviations=not args.no_shipped_deviations,
     )
     # Every input is read and checked, then the report folder is claimed, before any backend is built:
     # bad input leaves nothing behind, and a folder that is a file, unwritable or in use by another run
@@ -385,7 +388,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--all-taps", action="store_true", help="pictures for every tap in the HTML report")
     r.add_argument("--no-html", action="store_true")
     r.add_argument("--require-backends", action="store_true", help="an unavailable backend is an error")
-    r.add_argument("--taps", help="compare only taps matching these comma-separated patterns (e.g. 'encoder.*')")
+    r.add_argument(
+        "--taps",
+        help="compare only taps matching these comma-separated shell patterns; '!PATTERN' leaves taps out "
+        "(e.g. 'encoder.*' or '!loss.*,!output.intensity')",
+    )
+    r.add_argument(
+        "--deviations",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="declared-deviation file (TOML, see docs/deviations.md): known differences shown as known, "
+        "not as failures; one that no longer reproduces fails the run (repeatable)",
+    )
+    r.add_argument(
+        "--allow-config-diff",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="go on past a difference of this effective-config key, for this run (repeatable; held as strictly)",
+    )
+    r.add_argument(
+        "--no-shipped-deviations",
+        action="store_true",
+        help="ignore the deviation files the backends ship (see every known difference as a failure)",
+    )
     r.set_defaults(func=cmd_run)
 
     g = sub.add_parser("regen-baselines", help="rewrite the stored baselines (pytest -m parity --force-regen)")
@@ -414,7 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_backends)
 
     e = sub.add_parser("env", help="print each backend's environment (versions, device, precision flags)")
-    e.add_argument("--backends", default="reference,torch,tensorflow", help="default: %(default)s")
+    e.add_argument(
+        "--backends",
+        default="reference,torch,tensorflow",
+        help="comma-separated registered backends (see `ptycho-parity backends`; default: %(default)s)",
+    )
     e.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     e.set_defaults(func=cmd_env)
 
@@ -428,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cases", type=int, default=20, help="random cases of the sweep (default: %(default)s)")
     m.add_argument("--seed", type=int, default=0, help="seed of the random cases (default: %(default)s)")
     m.add_argument("--matrix", action="store_true", help="also the parity suite's configs on the bundled fixtures")
-    m.add_argument("--backends", help="backends to run (default: reference,torch,tensorflow)")
+    m.add_argument(
+        "--backends", help="comma-separated registered backends to run (default: reference,torch,tensorflow)"
+    )
     m.add_argument("--safety", type=float, default=2.5, help="factor = safety x measured (default: %(default)s)")
     m.add_argument("--minimum", type=float, default=2.0, help="smallest factor written (default: %(default)s)")
     m.add_argument(
@@ -467,7 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check-device", help="exit 2 unless every backend can use the device")
     c.add_argument("device", choices=("cpu", "cuda"))
-    c.add_argument("--backends", default="reference,torch,tensorflow", help="default: %(default)s")
+    c.add_argument(
+        "--backends",
+        default="reference,torch,tensorflow",
+        help="comma-separated registered backends (see `ptycho-parity backends`; default: %(default)s)",
+    )
     c.set_defaults(func=cmd_check_device)
     return p
 

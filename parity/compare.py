@@ -56,6 +56,7 @@ class ComparisonResult:
     reason: str | None = None  # set when the tap could not be compared element by element
     histogram: list[int] = field(default_factory=list)
     statistic: str | None = None  # for vs_baseline comparisons
+    known: str | None = None  # a failure a declared deviation accepts (parity.deviations): not counted
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: _jsonable(v) for k, v in self.__dict__.items() if k != "histogram"}

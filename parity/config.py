@@ -24,8 +24,11 @@ class _Field:
     allowed: tuple[Any, ...] | None = None  # explicit choices
     minimum: float | None = None  # inclusive lower bound
     strictly_positive: bool = False
+    optional: bool = False  # None allowed: the value is derived from other keys
 
     def describe(self) -> str:
+        if self.optional:
+            return dataclasses.replace(self, optional=False).describe() + " or null (derived)"
         if self.allowed is not None:
             return "one of " + ", ".join(repr(a) for a in self.allowed)
         if self.strictly_positive:
@@ -48,11 +51,14 @@ _SCHEMA: dict[str, _Field] = {
     "nphotons": _Field(float, strictly_positive=True),
     "offset": _Field(int, minimum=0),
     "max_position_jitter": _Field(int, minimum=0),
+    "canvas_size": _Field(int, minimum=1, optional=True),
 }
 
 
 def _check_value(key: str, value: Any, spec: _Field, source: str) -> Any:
     where = f"{source}: key {key!r}"
+    if value is None and spec.optional:
+        return None
     # bool is a subclass of int in Python; a bool where a number is expected is a mistake, not a 1.
     if spec.kind is bool:
         ok = isinstance(value, bool)
@@ -91,12 +97,23 @@ class ModelConfig:
     nphotons: float = 1e9
     offset: int = 4
     max_position_jitter: int = 10
+    # The merge canvas side M. None: N + (gridsize - 1)·offset + max_position_jitter, as the
+    # canonical model and the original TensorFlow derive it; set it where an implementation derives
+    # its canvas otherwise (the original PyTorch port: from its neighbour distance, without a jitter
+    # margin), so that the difference is a named config key rather than a mystery in the taps.
+    canvas_size: int | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = _check_value(f.name, getattr(self, f.name), _SCHEMA[f.name], "config")
             object.__setattr__(self, f.name, value)
-        if (self.M - self.N) % 2:
+        if self.canvas_size is not None:
+            if self.canvas_size < self.N or (self.canvas_size - self.N) % 2:
+                raise ConfigError(
+                    f"config: key 'canvas_size' has value {self.canvas_size}; it must be >= N ({self.N}) "
+                    "with canvas_size - N even (the patches sit centred on the canvas)"
+                )
+        elif (self.M - self.N) % 2:
             raise ConfigError(
                 f"config: keys 'offset' ({self.offset}) and 'max_position_jitter' "
                 f"({self.max_position_jitter}) give a canvas M={self.M} with M - N odd; "
@@ -123,6 +140,12 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resolved_dict(self) -> dict[str, Any]:
+        """What a faithful implementation reports as its effective config: every key, with the
+        derived ``canvas_size`` resolved to the canvas it builds, so two sides that derive their
+        canvas differently differ at that key in the precheck."""
+        return {**self.to_dict(), "canvas_size": self.M}
+
     # Derived sizes, named as in forward-model.md.
     @property
     def C(self) -> int:
@@ -131,7 +154,9 @@ class ModelConfig:
 
     @property
     def M(self) -> int:
-        """Canvas size."""
+        """Canvas size: ``canvas_size`` when set, else derived from the scan step and jitter margin."""
+        if self.canvas_size is not None:
+            return self.canvas_size
         return self.N + (self.gridsize - 1) * self.offset + self.max_position_jitter
 
     @property

@@ -38,6 +38,8 @@ class ParityOptions:
     tolerances: Path | None
     require: bool
     all_taps: bool
+    deviations: tuple[str, ...] = ()
+    allow_config_diff: tuple[str, ...] = ()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -68,6 +70,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--parity-all-taps", action="store_true", default=False, help="pictures for every tap in the HTML report"
+    )
+    group.addoption(
+        "--parity-deviations",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="declared-deviation file applied to every parity run (repeatable; see docs/deviations.md)",
+    )
+    group.addoption(
+        "--parity-allow-config-diff",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="go on past a difference of this effective-config key in every parity run (repeatable)",
     )
 
 
@@ -102,6 +118,8 @@ def _options(config: pytest.Config) -> ParityOptions:
         tolerances=Path(tol) if tol else None,
         require=bool(config.getoption("parity_require_backends")) or require_from_env(),
         all_taps=bool(config.getoption("parity_all_taps")),
+        deviations=tuple(str(p) for p in config.getoption("parity_deviations") or ()),
+        allow_config_diff=tuple(str(k) for k in config.getoption("parity_allow_config_diff") or ()),
     )
 
 
@@ -213,6 +231,8 @@ def parity_run(
             backends=parity_options.backends,
             device=parity_options.device,
             require=parity_options.require,
+            deviations=parity_options.deviations,
+            allow_config_diff=parity_options.allow_config_diff,
         )
         overrides = options.pop("backend_overrides", None)
         spec = replace(spec, **options)

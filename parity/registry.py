@@ -41,6 +41,14 @@ def _load(ep: EntryPoint) -> BackendInfo:
         return BackendInfo(ep.name, ep.value, None, last)
     if not (isinstance(obj, type) and issubclass(obj, Backend)):
         return BackendInfo(ep.name, ep.value, None, f"{ep.value} is not a parity.Backend subclass")
+    try:
+        problem = obj.availability_problem()
+    except Exception as exc:
+        problem = (
+            f"{ep.value}.availability_problem() raised: {traceback.format_exception_only(type(exc), exc)[-1].strip()}"
+        )
+    if problem:
+        return BackendInfo(ep.name, ep.value, None, problem)
     return BackendInfo(ep.name, ep.value, obj, None)
 
 

@@ -26,7 +26,7 @@ from parity.compare import ComparisonResult, _jsonable
 from parity.errors import ParityInputError
 from parity.runner import ParityResult, TapResult, statistics_summary
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 JSON_NAME, MARKDOWN_NAME, HTML_NAME, STATS_NAME = "report.json", "report.md", "report.html", "statistics.npz"
 LOCK_NAME = ".ptycho-parity.lock"
 SIDE_BY_SIDE = ("mean", "std", "var_zero_mean", "min", "max", "l2")
@@ -66,6 +66,9 @@ def to_json_dict(result: ParityResult) -> Any:
                 "shapes": t.shapes,
                 "complex": t.complex,
                 "scale": t.scale,
+                "status": t.status,
+                "not_exposed": t.not_exposed,
+                "window": t.window,
                 "passed": t.passed and all(c.passed for c in base),
                 "comparisons": [c.to_dict() for c in t.comparisons],
                 "baseline": [c.to_dict() for c in base],
@@ -88,6 +91,8 @@ def to_json_dict(result: ParityResult) -> Any:
             "reference": result.reference,
             "config": result.config,
             "config_diff": result.config_diff,
+            "declared_config_diff": result.declared_config_diff,
+            "deviations": result.deviations,
             "backends": {
                 n: {
                     "available": r.available,
@@ -118,7 +123,7 @@ def _g(v: Any) -> str:
 
 
 def _comparison_cell(c: ComparisonResult) -> str:
-    mark = "✅" if c.passed else "❌"
+    mark = "✅" if c.passed else ("⚠️ known:" if c.known else "❌")
     if c.reason:
         return f"{mark} {c.reason}"
     out = "" if c.passed else f", {c.mismatched}/{c.numel} out"
@@ -147,8 +152,23 @@ def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
         ]
         lines += [f"- note: {n}" for n in fd.get("notes", [])]
         lines += [f"- {s}" for s in fd["comparisons"]] + [""]
-    else:
-        lines += ["All taps agree within tolerance.", ""]
+    elif result.verdict == "pass":
+        lines += ["All compared taps agree within tolerance.", ""]
+    stale = result.stale_deviations()
+    if stale or result.deviations:
+        lines += ["## Declared deviations", ""]
+        lines += ["| declared | backend | status | reason | reference |", "|---|---|---|---|---|"]
+        for d in result.deviations:
+            what = f"config key `{d['config_key']}`" if d["config_key"] else f"tap `{d['tap']}`"
+            status = {"reproduced": "✅ reproduced", "not_reproduced": "❌ not reproduced"}.get(
+                d["status"], "not applicable"
+            )
+            lines.append(f"| {what} | {d['backend']} | {status} | {d['reason']} | {d['reference']} |")
+        lines.append("")
+        for key, vals in result.declared_config_diff.items():
+            lines.append(f"- declared config difference `{key}`: " + ", ".join(f"{b}={v!r}" for b, v in vals.items()))
+        if result.declared_config_diff:
+            lines.append("")
     lines += [
         f"Rule: `{result.rule}`; tolerances: `{result.tolerance_source}` (profile {result.tolerance_profile}). "
         "Margin: the worst element's error over its tolerance (1 is on the edge).",
@@ -189,12 +209,17 @@ def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
         cells = []
         for kind, a, b in pairs:
             found = next((c for c in t.comparisons if (c.kind, c.a, c.b) == (kind, a, b)), None)
-            cells.append(_comparison_cell(found) if found else "")
+            hidden = a in t.not_exposed or b in t.not_exposed
+            cells.append(_comparison_cell(found) if found else ("not exposed" if hidden else ""))
         struct = [c for c in t.comparisons if c.kind == "structure"]
         base = _tap_baseline(result, t.name)
         bad_base = [c for c in base if not c.passed]
         bcell = "" if not base else ("✅" if not bad_base else f"❌ {len(bad_base)} statistics changed")
         name = f"`{t.name}`" + (" ❌ " + "; ".join(c.reason or "" for c in struct) if struct else "")
+        if t.not_exposed:
+            name += " (not exposed by " + ", ".join(t.not_exposed) + ")"
+        if t.window:
+            name += f" (compared on the centred {t.window[0]}×{t.window[1]} window both sides hold)"
         shape = "×".join(map(str, t.expected_shape or next((s for s in t.shapes.values() if s), [])))
         lines.append(f"| {name} | {shape} | " + " | ".join(cells) + f" | {bcell} |")
     lines += ["", "## Patch statistics, side by side", ""]

@@ -10,7 +10,6 @@ memory does not grow with the number of batches.
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import traceback
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -22,9 +21,10 @@ import numpy as np
 from parity.backend import Backend
 from parity.compare import RULE, ComparisonResult, ElementwiseComparison
 from parity.config import config_diff
+from parity.deviations import NOT_REPRODUCED, Deviation, DeviationLedger
 from parity.errors import ParityInputError
 from parity.stats import StatsAccumulator, summarise
-from parity.taps import TapSpec
+from parity.taps import TapSelection, TapSpec
 from parity.tolerances import ConfigLike, Tolerances, config_values, magnitude_scale
 from parity.verdict import decide
 
@@ -51,10 +51,24 @@ class TapResult:
     complex: bool
     comparisons: list[ComparisonResult]
     scale: str = "magnitude"  # "model": tolerances from the arbiter's error scales; "magnitude": fallback
+    not_exposed: list[str] = field(default_factory=list)  # backends that declare they do not expose it
+    window: list[int] | None = None  # (H, W) compared, when sides differ by a declared config key
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.comparisons)
+        """No failure other than declared ones (a tap nobody could compare has not failed)."""
+        return all(c.passed or c.known is not None for c in self.comparisons)
+
+    @property
+    def status(self) -> str:
+        """pass | fail | known (every failure declared) | not exposed (nothing to compare it with)."""
+        if not self.passed:
+            return "fail"
+        if any(not c.passed for c in self.comparisons):
+            return "known"
+        if self.not_exposed and not self.comparisons:
+            return "not exposed"
+        return "pass"
 
 
 @dataclass
@@ -65,8 +79,10 @@ class ParityResult:
     backends: dict[str, BackendRecord]
     reference: str | None
     config: dict[str, Any] | None
-    config_diff: dict[str, dict[str, Any]]
+    config_diff: dict[str, dict[str, Any]]  # undeclared differences: they stop the run
     taps: list[TapResult] = field(default_factory=list)
+    declared_config_diff: dict[str, dict[str, Any]] = field(default_factory=dict)
+    deviations: list[dict[str, Any]] = field(default_factory=list)  # DeviationLedger.report()
     first_divergence: dict[str, Any] | None = None
     fixture: dict[str, Any] | None = None
     weights_sha256: str | None = None
@@ -90,8 +106,12 @@ class ParityResult:
         return self.verdict == "pass"
 
     def failures(self) -> list[ComparisonResult]:
-        out = [c for t in self.taps for c in t.comparisons if not c.passed]
+        out = [c for t in self.taps for c in t.comparisons if not c.passed and c.known is None]
         return out + [c for c in self.baseline if not c.passed]
+
+    def stale_deviations(self) -> list[dict[str, Any]]:
+        """Declared deviations whose backend ran but whose difference did not show."""
+        return [d for d in self.deviations if d["status"] == NOT_REPRODUCED]
 
     def describe_failure(self, limit: int = 8) -> str:
         """Human-readable summary for assertion messages and the CLI."""
@@ -113,7 +133,12 @@ class ParityResult:
             ]
             return "\n".join(lines)
         fd = self.first_divergence
-        lines = []
+        lines = [
+            "declared deviation not reproduced (remove it, or find what hides it): "
+            + (f"config key {d['config_key']!r}" if d["config_key"] else f"tap {d['tap']!r}")
+            + f" of {d['backend']} ({d['source']})"
+            for d in self.stale_deviations()
+        ]
         if fd:
             blamed = ", ".join(fd["blamed"]) or (
                 "undetermined (no reference to arbitrate)" if self.reference is None else "none singled out"
@@ -154,6 +179,7 @@ def run_parity(
     unavailable: Mapping[str, str] | None = None,
     crashed: Mapping[str, str] | None = None,
     taps: Collection[str] | None = None,
+    deviations: Sequence[Deviation] = (),
     fixture: Mapping[str, Any] | None = None,
     weights_sha256: str | None = None,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
@@ -164,8 +190,8 @@ def run_parity(
     ``lambda b: tap_specs(config, b)``); ``reference`` names the float64 arbiter, if any;
     ``scale_source`` is the backend whose ``error_scales`` set the tolerances (default: the
     reference; PtychoPINN runs without a reference pass one that is not compared); ``taps``
-    (shell-style patterns) restricts the comparison to matching taps, e.g. when a wrapped original
-    exposes only some of them.
+    (shell-style patterns, ``!pattern`` to exclude) restricts the comparison to matching taps;
+    ``deviations`` are the declared, accepted differences (``parity.deviations``).
     """
     if reference is not None and reference not in backends and reference not in (unavailable or {}):
         raise ParityInputError(
@@ -180,14 +206,22 @@ def run_parity(
     for name, trace in (crashed or {}).items():
         records[name] = BackendRecord(name, True, None, crashed=trace)
     backends = dict(backends)
+    exposed: dict[str, frozenset[str] | None] = {}
     for name, be in list(backends.items()):
         try:
             records[name] = BackendRecord(name, True, None, be.precision, be.environment(), be.effective_config())
+            listed = be.exposed_taps()
+            exposed[name] = None if listed is None else frozenset(listed)
         except ParityInputError:
             raise
         except Exception:
             records[name] = BackendRecord(name, True, None, be.precision, crashed=traceback.format_exc())
             del backends[name]
+    ledger = DeviationLedger(list(deviations), list(backends))
+    undeclared, declared = ledger.split_config_diff(
+        config_diff({n: r.effective_config for n, r in records.items() if r.available and not r.crashed}),
+        reference if reference in backends else None,
+    )
     ref = reference if reference in backends else None
     scaler = scale_source if scale_source is not None else (backends[ref] if ref is not None else None)
     result = ParityResult(
@@ -195,7 +229,8 @@ def run_parity(
         backends=records,
         reference=ref,
         config=dict(config_values(config)) if config is not None else None,
-        config_diff=config_diff({n: r.effective_config for n, r in records.items() if r.available}),
+        config_diff=undeclared,
+        declared_config_diff=declared,
         fixture=dict(fixture) if fixture else None,
         weights_sha256=weights_sha256,
         tolerance_source=tolerances.source,
@@ -204,6 +239,7 @@ def run_parity(
         blame_ratio=tolerances.blame_ratio,
     )
     if result.config_diff:
+        result.deviations = ledger.report(())
         result.verdict = decide(result)
         return result
 
@@ -217,6 +253,8 @@ def run_parity(
     shapes: dict[str, dict[str, list[int] | None]] = {}
     rows = 0
     scaled_taps: set[str] = set()
+    not_exposed: dict[str, list[str]] = {}
+    windows: dict[str, list[int]] = {}
 
     def comparison(kind: str, tap: str, a: str, b: str) -> ElementwiseComparison:
         key = (tap, a, b)
@@ -230,8 +268,25 @@ def run_parity(
 
     iterator = progress(batches) if progress else batches
 
+    selection = TapSelection.parse(list(taps)) if taps else None
+
     def selected(name: str) -> bool:
-        return taps is None or any(fnmatch.fnmatchcase(name, p) for p in taps)
+        return selection is None or selection(name)
+
+    def hidden(name: str, tap: str) -> bool:
+        listed = exposed.get(name)
+        return listed is not None and tap not in listed
+
+    def windowed(spec: TapSpec | None, shape: tuple[int, ...], is_complex: bool) -> bool:
+        """A shape that differs from the spec only in a centred (H, W) set by a declared config key."""
+        if spec is None or spec.follows not in declared or is_complex != spec.complex:
+            return False
+        want = spec.shape
+        return (
+            len(shape) == len(want)
+            and shape[:-2] == want[:-2]
+            and all(s >= 1 and (s - w) % 2 == 0 for s, w in zip(shape[-2:], want[-2:], strict=True))
+        )
 
     for batch_index, batch in enumerate(iterator):
         raw: dict[str, Mapping[str, np.ndarray]] = {}
@@ -255,11 +310,8 @@ def run_parity(
             ref = None  # a crashed arbiter arbitrates nothing: pairs are still compared
         if ref is not None:
             check_arbiter(raw[ref], float32_sides=[n for n in backends if backends[n].precision != "float64"])
-        if taps is not None and batch_index == 0:
-            produced = {t for out in raw.values() for t in out}
-            for pattern in taps:
-                if not any(fnmatch.fnmatchcase(t, pattern) for t in produced):
-                    raise ParityInputError(f"option taps: pattern {pattern!r} matches no tap the backends produce")
+        if selection is not None and batch_index == 0:
+            selection.check({t for out in raw.values() for t in out}, "what the backends produce")
         if scaler is not None and (ref is not None or scale_source is not None):
             own = raw[ref] if ref is not None and scaler is backends[ref] else scaler.forward(batch)
             scales = {t: np.asarray(v) for t, v in scaler.error_scales(batch, dict(own)).items() if selected(t)}
@@ -278,13 +330,19 @@ def run_parity(
             for name, produced_taps in outputs.items():
                 arr = produced_taps.get(tap)
                 if arr is None:
-                    structure_failure(tap, name, f"{_MISSING}{name}")
+                    if hidden(name, tap):
+                        if name not in not_exposed.setdefault(tap, []):
+                            not_exposed[tap].append(name)
+                    else:
+                        structure_failure(tap, name, f"{_MISSING}{name}")
                     continue
                 shapes[tap][name] = list(arr.shape)
                 spec = spec_by_name.get(tap)
                 if spec is not None:
                     want = spec.shape
-                    if tuple(arr.shape) != want or np.iscomplexobj(arr) != spec.complex:
+                    if tuple(arr.shape) != want and windowed(spec, tuple(arr.shape), np.iscomplexobj(arr)):
+                        pass  # compared on the common window below
+                    elif tuple(arr.shape) != want or np.iscomplexobj(arr) != spec.complex:
                         got = f"shape {tuple(arr.shape)}{' complex' if np.iscomplexobj(arr) else ''}"
                         wanted = f"shape {want}{' complex' if spec.complex else ''}"
                         structure_failure(tap, name, f"{name} gives {got}; expected {wanted}")
@@ -299,14 +357,23 @@ def run_parity(
             ]
             for a, b, kind in sides:
                 assert b is not None
-                acc = comparison(kind, tap, a, b)
                 if a not in present or b not in present:
                     missing = a if a not in present else b
-                    acc.fail(f"{_MISSING}{missing}")
+                    if not hidden(missing, tap):
+                        comparison(kind, tap, a, b).fail(f"{_MISSING}{missing}")
                     continue
-                s = _fitting_scale(scale, present[b])
+                acc = comparison(kind, tap, a, b)
+                xa, xb = present[a], present[b]
+                s = _fitting_scale(scale, xb)
+                if xa.shape != xb.shape and windowed(spec_by_name.get(tap), xa.shape, np.iscomplexobj(xa)):
+                    xa, xb = _centred_common(xa, xb)
+                    if scale is not None and scale.ndim == xa.ndim and scale.shape[:-2] == xa.shape[:-2]:
+                        s = _centred_common(scale, xa)[0]
+                    else:
+                        s = magnitude_scale(xb)
+                    windows[tap] = list(xa.shape[-2:])
                 atol = tolerances.atol(tap, s, pair=kind == "backend_vs_backend", precision=backends[a].precision)
-                acc.add(present[a], present[b], atol)
+                acc.add(xa, xb, atol)
             for n, arr in present.items():
                 s = _fitting_scale(scale, arr)
                 bounds[n][tap] = tolerances.statistic_tolerances(tap, arr, s, backends[n].precision)
@@ -333,8 +400,19 @@ def run_parity(
                 else any(np.iscomplexobj(s[tap]) for s in result.samples.values() if tap in s),
                 comparisons=tap_comps,
                 scale="model" if tap in scaled_taps else "magnitude",
+                not_exposed=not_exposed.get(tap, []),
+                window=windows.get(tap),
             )
         )
+    for t in result.taps:
+        for c in t.comparisons:
+            if c.passed:
+                continue
+            declaration = next((d for side in (c.a, c.b) if (d := ledger.declared_tap(t.name, side))), None)
+            if declaration is not None:
+                c.known = declaration.describe()
+                ledger.mark_tap(declaration, f"{t.name}: {c.kind} {c.a} vs {c.b}")
+    result.deviations = ledger.report(order)
     result.statistics = {n: acc.result() for n, acc in stats.items()}
     result.statistic_tolerances = {n: acc.bounds() for n, acc in stats.items()}
     result.reference = ref
@@ -387,6 +465,17 @@ def check_arbiter(taps: Mapping[str, np.ndarray], float32_sides: Sequence[str] =
                 )
 
 
+def _centred_common(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each array cropped to the centred (H, W) window all of them hold."""
+    h = min(a.shape[-2] for a in arrays)
+    w = min(a.shape[-1] for a in arrays)
+    out = []
+    for a in arrays:
+        top, left = (a.shape[-2] - h) // 2, (a.shape[-1] - w) // 2
+        out.append(a[..., top : top + h, left : left + w])
+    return tuple(out)
+
+
 def _fitting_scale(scale: np.ndarray | None, values: np.ndarray) -> np.ndarray:
     """The arbiter's error scale when it fits the values compared, else their patch magnitudes."""
     if scale is not None and scale.shape == np.shape(values):
@@ -409,7 +498,7 @@ def _blame(failed: ComparisonResult, vs_ref: Mapping[str, ComparisonResult], rat
 
 def _first_divergence(taps: Sequence[TapResult], ref: str | None, blame_ratio: float = 1.0) -> dict[str, Any] | None:
     for tap in taps:
-        failed = [c for c in tap.comparisons if not c.passed]
+        failed = [c for c in tap.comparisons if not c.passed and c.known is None]
         if not failed:
             continue
         involved: list[str] = []

@@ -5,7 +5,6 @@ The pytest plugin and the CLI both go through :func:`run`, so a run outside pyte
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import traceback
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -17,10 +16,11 @@ import numpy as np
 
 from parity.backend import Backend
 from parity.config import ModelConfig
+from parity.deviations import Deviation, allow_config_diff, load_deviations
 from parity.errors import BackendUnavailableError, ParityInputError
 from parity.registry import load_backend
 from parity.runner import ArbiterOutOfRangeError, ParityResult, run_parity
-from parity.taps import tap_specs
+from parity.taps import TapSelection, tap_specs
 from parity.tolerances import Tolerances, load_tolerances
 from parity.weights import DEFAULT_SEED, generate_weights, load_weights, validate_weights, weights_sha256
 
@@ -75,7 +75,10 @@ class RunSpec:
     weights_seed: int = DEFAULT_SEED
     tolerances: str | os.PathLike[str] | None = None
     require: bool = False
-    taps: Sequence[str] | None = None  # shell-style patterns: compare only matching taps
+    taps: Sequence[str] | None = None  # shell-style patterns (``!pattern`` excludes): compare only matching taps
+    deviations: Sequence[str | os.PathLike[str]] = ()  # declared-deviation files (parity.deviations)
+    allow_config_diff: Sequence[str] = ()  # one-off declared config differences, any backend
+    shipped_deviations: bool = True  # apply the deviation files the backends ship
 
 
 def resolve_weights(spec: RunSpec) -> dict[str, np.ndarray]:
@@ -133,6 +136,11 @@ def instantiate(
             continue
         try:
             built[name] = cls(config, weights, backend_device(cls, device))
+        except BackendUnavailableError as exc:
+            # What a wrapped original needs is found when it is built (its import, its checkout).
+            if require:
+                raise
+            missing[name] = exc.reason
         except ParityInputError:
             raise
         except Exception:
@@ -163,6 +171,7 @@ class PreparedRun:
     fixture: Any  # parity.fixture.FixtureData
     fixture_record: dict[str, str]
     weights: dict[str, np.ndarray]
+    deviations: list[Deviation] = field(default_factory=list)
 
     def run(
         self,
@@ -194,6 +203,7 @@ class PreparedRun:
                 weights_sha256=weights_sha256(weights),
                 progress=progress,
                 taps=spec.taps,
+                deviations=self.deviations,
             )
         except ArbiterOutOfRangeError as exc:
             raise ParityInputError(f"{exc}; {_magnitude_hint(exc.tap, spec.config)}") from None
@@ -217,11 +227,9 @@ def prepare(
     names = [s.name for s in tap_specs(spec.config, 1)]
     for name in names:
         tol.family(name)  # every tap of this config has a tolerance family
-    for pattern in spec.taps or ():
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            raise ParityInputError(
-                f"option taps: pattern {pattern!r} matches no tap of config {spec.config.short_id()}"
-            )
+    selection = TapSelection.parse(spec.taps)
+    if selection is not None:
+        selection.check(names, f"config {spec.config.short_id()}")
     fixture: FixtureData
     if isinstance(spec.fixture, FixtureData):
         fixture = spec.fixture
@@ -233,7 +241,25 @@ def prepare(
     check_range(fixture, spec.config, spec.max_groups)
     weights = resolve_weights(spec)
     check_devices([n for n in spec.backends if n not in backend_overrides], spec.device)
-    return PreparedRun(spec, tol, fixture, record, weights)
+    return PreparedRun(spec, tol, fixture, record, weights, gather_deviations(spec))
+
+
+def gather_deviations(spec: RunSpec) -> list[Deviation]:
+    """The declarations of a run: those the backends ship (unless turned off), the user's files and
+    the one-off --allow-config-diff keys, all read and checked before any work."""
+    keys = list(ModelConfig().to_dict())
+    out: list[Deviation] = []
+    if spec.shipped_deviations:
+        for name in spec.backends:
+            try:
+                shipped = load_backend(name).shipped_deviations()
+            except BackendUnavailableError:
+                continue
+            if shipped is not None:
+                out += load_deviations(shipped, keys)
+    for path in spec.deviations:
+        out += load_deviations(path, keys)
+    return out + allow_config_diff(spec.allow_config_diff, keys)
 
 
 def run(

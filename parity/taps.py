@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 from parity.config import ModelConfig
+from parity.errors import ParityInputError
 
 HEADS = ("amp", "phase")
 
@@ -22,6 +24,9 @@ class TapSpec:
     name: str
     shape: tuple[int, ...]
     complex: bool = False
+    # The config key that sets this tap's (H, W), centred: where a declared deviation lets two
+    # sides differ in that key, they are compared on the centred window both hold.
+    follows: str | None = None
 
 
 def tap_specs(config: ModelConfig, batch_size: int) -> list[TapSpec]:
@@ -75,7 +80,7 @@ def tap_specs(config: ModelConfig, batch_size: int) -> list[TapSpec]:
             ]
     specs += [
         TapSpec("object.patches", (B, out, N, N), complex=True),
-        TapSpec("object.canvas", (B, 1, M, M), complex=True),
+        TapSpec("object.canvas", (B, 1, M, M), complex=True, follows="canvas_size"),
         TapSpec("object.trimmed", (B, 1, N, N), complex=True),
         TapSpec("object.reextracted", (B, C, N, N), complex=True),
         TapSpec("physics.illuminated", (B, C, N, N), complex=True),
@@ -105,3 +110,44 @@ def matching_taps(pattern: str, names: frozenset[str] | list[str] | None = None)
     """Tap names matched by a shell-style pattern (``encoder.*``, ``*.head.border.*``)."""
     pool = all_tap_names() if names is None else names
     return sorted(n for n in pool if fnmatch.fnmatchcase(n, pattern))
+
+
+EXCLUDE = "!"
+
+
+@dataclass(frozen=True)
+class TapSelection:
+    """The taps a run compares: shell-style patterns, and exclusions written ``!pattern``.
+
+    With no include pattern every tap is included, so ``!loss.*,!output.intensity`` leaves out what
+    one backend lacks in two patterns instead of listing everything else.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, patterns: Sequence[str] | None) -> TapSelection | None:
+        if not patterns:
+            return None
+        include = tuple(p for p in patterns if not p.startswith(EXCLUDE))
+        exclude = tuple(p[len(EXCLUDE) :] for p in patterns if p.startswith(EXCLUDE))
+        return cls(include, exclude)
+
+    def __call__(self, name: str) -> bool:
+        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    def check(self, names: Iterable[str], what: str) -> None:
+        """Every pattern must match a tap of ``what``, and something must be left: a typo never
+        silently compares nothing or everything."""
+        pool = list(names)
+        for p in self.include:
+            if not any(fnmatch.fnmatchcase(n, p) for n in pool):
+                raise ParityInputError(f"option taps: pattern {p!r} matches no tap of {what}")
+        for p in self.exclude:
+            if not any(fnmatch.fnmatchcase(n, p) for n in pool):
+                raise ParityInputError(f"option taps: exclusion {EXCLUDE + p!r} matches no tap of {what}")
+        if not any(self(n) for n in pool):
+            raise ParityInputError(f"option taps: the patterns leave no tap of {what} to compare")

@@ -4,7 +4,8 @@ check found. The runner, the baseline check, the reports, the pytest plugin and 
 - ``error``: a backend crashed (raised while building or running); the others were still compared.
 - ``config_mismatch``: the backends' effective configs differ; nothing was run.
 - ``fail``: some comparison failed (backend vs reference, backend vs backend, structure, or a
-  statistic vs its baseline), or a baseline could not be compared (missing, stale, unreadable).
+  statistic vs its baseline) and no declared deviation accepts it, a baseline could not be compared
+  (missing, stale, unreadable), or a declared deviation did not reproduce (strict, like xfail).
 - ``pass``: none of the above.
 
 Bad input never gets a verdict: it is a :class:`parity.errors.ParityInputError` before or during the
@@ -31,6 +32,6 @@ def decide(result: ParityResult) -> str:
         return CONFIG_MISMATCH
     if result.first_divergence is not None or any(not c.passed for c in result.baseline):
         return FAIL
-    if result.baseline_problems:
+    if result.baseline_problems or result.stale_deviations():
         return FAIL
     return PASS

@@ -1,6 +1,7 @@
 """Shared test setup: quiet TensorFlow before anything imports it; hypothesis profiles."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -97,3 +98,51 @@ def _report_validator():
         jsonschema.Draft202012Validator.check_schema(schema)
         _VALIDATOR.append(jsonschema.Draft202012Validator(schema))
     return _VALIDATOR[0]
+
+
+# --- the original PtychoPINN (issue 9): tests marked ptychopinn need --ptychopinn=PATH -------------
+_PTYCHOPINN_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--ptychopinn",
+        metavar="PATH",
+        default=None,
+        help="run the tests marked ptychopinn against the original PtychoPINN checkout at PATH (the folder "
+        "holding ptycho/ and ptycho_torch/; sets PTYCHOPINN_PATH); without it they are deselected",
+    )
+
+
+def pytest_configure(config):
+    # The marker itself is registered in pyproject.toml.
+    path = config.getoption("ptychopinn")
+    if path:
+        root = Path(path).expanduser().resolve()
+        missing = [p for p in ("ptycho", "ptycho_torch") if not (root / p / "__init__.py").is_file()]
+        if missing:
+            raise pytest.UsageError(
+                f"--ptychopinn={path}: not a PtychoPINN checkout (no {', '.join(m + '/__init__.py' for m in missing)})"
+            )
+        os.environ["PTYCHOPINN_PATH"] = str(root)
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("ptychopinn"):
+        return
+    keep = [item for item in items if item.get_closest_marker("ptychopinn") is None]
+    dropped = [item for item in items if item.get_closest_marker("ptychopinn") is not None]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+    config.stash[_PTYCHOPINN_DESELECTED] = len(dropped)
+
+
+def pytest_report_collectionfinish(config, start_path, items):
+    count = config.stash.get(_PTYCHOPINN_DESELECTED, 0)
+    if count:
+        return (
+            f"ptychopinn: {count} test{'s' if count != 1 else ''} deselected; "
+            "run them with --ptychopinn=PATH (a checkout of hoidn/PtychoPINN)"
+        )
+    return None

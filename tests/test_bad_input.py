@@ -287,6 +287,30 @@ CASES: dict[str, Case] = {
     "make-weights-bad-config": Case(
         lambda t: ["make-weights", "--set", "gridsize=5", str(t / "w.h5")], "key 'gridsize' has value 5"
     ),
+    # --- declared deviations and tap selection ---------------------------------------------------
+    "deviations-file-missing": Case(
+        lambda t: run("--deviations", str(t / "nope.toml"))(t), "deviation file {t}/nope.toml: no such file"
+    ),
+    "deviations-unknown-config-key": Case(
+        lambda t: run(
+            "--deviations",
+            str(
+                _write(
+                    t / "d.toml",
+                    'schema_version = 1\n[[deviation]]\nconfig_key = "canvas"\nreason = "r"\nreference = "x"\n',
+                )
+            ),
+        )(t),
+        "deviation file {t}/d.toml, deviation 1: key 'config_key' is 'canvas', not a config key",
+    ),
+    "deviations-allow-unknown-key": Case(
+        run("--allow-config-diff", "canvas"), "option --allow-config-diff: 'canvas' is not a config key"
+    ),
+    "config-canvas-too-small": Case(run("--set", "canvas_size=60"), "key 'canvas_size' has value 60; it must be >= N"),
+    "taps-exclusion-matches-nothing": Case(
+        run("--taps", "!loss.poisson"), "option taps: exclusion '!loss.poisson' matches no tap"
+    ),
+    "taps-nothing-left": Case(run("--taps", "!*"), "option taps: the patterns leave no tap"),
     # --- measuring and emulating -----------------------------------------------------------------
     "measure-safety-below-one": Case(lambda t: ["measure-tolerances", "--safety", "0.5"], "option --safety must be"),
     "measure-unknown-emulation": Case(

@@ -28,7 +28,7 @@ def set_precision_controls() -> None:
     keras.utils.set_random_seed(SEED)
 
 
-def _op_determinism_enabled() -> bool | None:
+def op_determinism_enabled() -> bool | None:
     fn = getattr(tf.config.experimental, "is_op_determinism_enabled", None)
     if fn is None:  # not public in TF 2.21; the internal module has had it since 2.8
         try:
@@ -132,8 +132,10 @@ class TensorFlowBackend(Backend):
             "pad_object": pad_object,
             "probe_scale": self.config.probe_scale,  # used by batch preparation, not by the model
             "nphotons": self.config.nphotons,  # only sets the initial log_scale, which is loaded
+            # offset and the jitter margin only enter the model through the canvas, read back here.
             "offset": offset,
-            "max_position_jitter": m.M - N - (gridsize - 1) * offset,
+            "max_position_jitter": self.config.max_position_jitter,
+            "canvas_size": m.M,
         }
 
     def environment(self) -> dict[str, Any]:
@@ -153,7 +155,7 @@ class TensorFlowBackend(Backend):
             "jit_compile": False,
             "data_format": "channels_last",
             "tf32_enabled": bool(tf.config.experimental.tensor_float_32_execution_enabled()),
-            "op_determinism": _op_determinism_enabled(),
+            "op_determinism": op_determinism_enabled(),
             "seed": SEED,
             "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
             "onednn_enabled": _onednn_enabled(),

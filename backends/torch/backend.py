@@ -139,9 +139,10 @@ class TorchBackend(Backend):
             # Not used by the model (the harness normalises the probe and scales the input).
             "probe_scale": self.config.probe_scale,
             "nphotons": self.config.nphotons,
-            # Only M = N + (gridsize - 1)·offset + jitter shapes the model; jitter is read back from M.
+            # offset and the jitter margin only enter the model through the canvas, read back here.
             "offset": offset,
-            "max_position_jitter": m.canvas_size - N - (gridsize - 1) * offset,
+            "max_position_jitter": self.config.max_position_jitter,
+            "canvas_size": m.canvas_size,
         }
 
     def environment(self) -> dict[str, Any]:

@@ -58,11 +58,16 @@ def test_precision_and_determinism_controls_are_set_and_reported(built):
 
 
 def test_effective_configs_agree_for_every_option(built):
-    for changes in ({}, {"gridsize": 1, "probe_big": False}, {"pad_object": False, "amp_activation": "relu"}):
+    for changes in (
+        {},
+        {"gridsize": 1, "probe_big": False},
+        {"pad_object": False, "amp_activation": "relu"},
+        {"canvas_size": 68},  # the original PyTorch port's canvas at the default config
+    ):
         cfg = ModelConfig(**changes)
         weights = generate_weights(cfg)
         configs = [load_backend(n)(cfg, weights, "cpu").effective_config() for n in BACKENDS]
-        assert configs[0] == configs[1] == configs[2] == cfg.to_dict()
+        assert configs[0] == configs[1] == configs[2] == cfg.resolved_dict()
 
 
 @pytest.mark.parity
@@ -75,3 +80,39 @@ def test_two_runs_give_bitwise_identical_statistics():
             for stat, values in per_stat.items():
                 other = second.statistics[backend][tap][stat]
                 assert values.tobytes() == other.tobytes(), (backend, tap, stat)
+
+
+@pytest.mark.parity
+def test_a_canvas_size_set_in_the_config_is_honoured_by_every_backend():
+    # The original PyTorch port's canvas at the default config: no jitter margin.
+    res = run(RunSpec(config=ModelConfig(canvas_size=68), batch_size=2, max_groups=2))
+    assert res.passed, res.describe_failure()
+    canvas = next(t for t in res.taps if t.name == "object.canvas")
+    assert set(map(tuple, canvas.shapes.values())) == {(2, 1, 68, 68)}
+
+
+@pytest.mark.parity
+def test_a_declared_canvas_difference_is_compared_on_the_window_both_canvases_hold():
+    """torch built with the port's 68-pixel canvas against the canonical 78: stopped at the precheck
+    naming canvas_size unless declared; declared, the canvas is compared on the centred 68 x 68 window
+    and passes (the merge computes the same there), and what the smaller canvas loses shows later."""
+    from backends.torch import TorchBackend
+
+    cfg = ModelConfig()
+    weights = generate_weights(cfg)
+
+    def once(**kw):
+        port = TorchBackend(cfg.replace(canvas_size=68), weights)
+        spec = RunSpec(config=cfg, batch_size=2, max_groups=2, backends=("reference", "torch"), **kw)
+        return run(spec, backend_overrides={"torch": port})
+
+    stopped = once()
+    assert stopped.verdict == "config_mismatch" and list(stopped.config_diff) == ["canvas_size"]
+    assert stopped.config_diff["canvas_size"] == {"reference": 78, "torch": 68}
+    res = once(allow_config_diff=["canvas_size"])
+    assert res.deviations[0]["status"] == "reproduced"
+    canvas = next(t for t in res.taps if t.name == "object.canvas")
+    assert canvas.window == [68, 68] and canvas.status == "pass"
+    assert next(t for t in res.taps if t.name == "object.trimmed").status == "pass"
+    # Re-extraction reads the ring the smaller canvas never held: a real consequence, named there.
+    assert res.first_divergence is not None and res.first_divergence["tap"] == "object.reextracted"

@@ -477,7 +477,7 @@ def test_only_cpu_device() -> None:
 )
 def test_effective_config_matches_the_requested_one(changes: dict[str, Any]) -> None:
     config = DEFAULT.replace(**changes)
-    assert build(config).effective_config() == config.to_dict()
+    assert build(config).effective_config() == config.resolved_dict()
 
 
 def test_forward_accepts_only_the_canonical_batch_type(default_backend: ReferenceBackend) -> None:

@@ -357,7 +357,7 @@ def test_environment_reports_the_controls_as_set() -> None:
 def test_effective_config_is_read_back_from_the_model(changes: dict[str, object]) -> None:
     config = DEFAULT.replace(**changes)
     be = _backend(config) if config.N == 64 else TorchBackend(config, _weights(config))
-    assert be.effective_config() == config.to_dict()
+    assert be.effective_config() == config.resolved_dict()
 
 
 def test_device_errors_are_clear() -> None:

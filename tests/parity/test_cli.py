@@ -102,6 +102,25 @@ def test_unwritable_report_folder_is_bad_input_before_any_work(tmp_path, capsys)
     assert sorted(p.name for p in folder.iterdir()) == ["report.json"]
 
 
+def test_run_with_exclusions_and_a_stale_declaration_exits_1_naming_it(tmp_path, capsys):
+    declared = tmp_path / "deviations.toml"
+    text = (
+        'schema_version = 1\n[[deviation]]\ntap = "physics.diffraction"\nbackend = "torch"\n'
+        'reason = "thought to differ"\nreference = "a hunch"\n'
+    )
+    declared.write_text(text)
+    report = tmp_path / "report"
+    argv = ["run", *SMALL, "--taps", "!loss.*,!output.*", "--deviations", str(declared), "--report", str(report)]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "verdict: fail" in out and "declared deviation not reproduced" in out and "'physics.diffraction'" in out
+    data = json.loads((report / "report.json").read_text())
+    assert not [t for t in data["taps"] if t["name"].startswith(("loss.", "output."))]
+    assert data["deviations"][0]["status"] == "not_reproduced" and data["first_divergence"] is None
+    assert "❌ not reproduced" in (report / "report.md").read_text()
+    assert declared.read_text() == text
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

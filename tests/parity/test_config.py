@@ -80,3 +80,16 @@ def test_config_diff_names_differing_keys():
     missing = dict(a)
     del missing["offset"]
     assert config_diff({"tf": a, "torch": missing}) == {"offset": {"tf": 4, "torch": "<missing>"}}
+
+
+def test_canvas_size_overrides_the_derived_canvas_and_is_checked():
+    assert ModelConfig().M == 78 and ModelConfig().canvas_size is None
+    own = ModelConfig(canvas_size=68)
+    assert own.M == 68 and own.short_id() == "canvas_size=68"
+    assert own.resolved_dict()["canvas_size"] == 68 and ModelConfig().resolved_dict()["canvas_size"] == 78
+    assert ModelConfig.from_mapping({"canvas_size": None}) == ModelConfig()
+    for bad in (62, 69):
+        with pytest.raises(ConfigError, match="'canvas_size' has value"):
+            ModelConfig(canvas_size=bad)
+    with pytest.raises(ConfigError, match=r"'canvas_size'.*expected an int >= 1 or null"):
+        ModelConfig.from_mapping({"canvas_size": "68"})

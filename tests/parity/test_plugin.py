@@ -371,3 +371,27 @@ def test_report_is_written_once_per_test_and_folder_is_locked_while_it_runs(inne
     _run(inner, "--parity-backends", "reference", "--parity-report-dir", "rep").assert_outcomes(passed=1)
     assert len(writes) == 1
     assert not list((inner.path / "rep").glob("*/.ptycho-parity.lock"))  # released at teardown
+
+
+def test_deviation_options_apply_to_every_run_and_are_held_strictly(inner, tmp_path):
+    inner.makepyfile(
+        test_dev=f"""
+        import pytest
+
+        from parity.config import ModelConfig
+
+
+        @pytest.mark.parity
+        def test_small(parity_run):
+            parity_run({SMALL}, batch_size=1, max_groups=1)
+        """
+    )
+    clean = _run(inner, "-m", "parity", "--parity-backends", "reference")
+    clean.assert_outcomes(passed=1)
+    # Nothing differs, so the one-off declaration does not reproduce: the test fails and says why.
+    stale = _run(inner, "-m", "parity", "--parity-backends", "reference", "--parity-allow-config-diff", "N")
+    stale.assert_outcomes(failed=1)
+    stale.stdout.fnmatch_lines(["*declared deviation not reproduced*config key 'N'*"])
+    bad = _run(inner, "-m", "parity", "--parity-backends", "reference", "--parity-deviations", str(tmp_path / "no"))
+    bad.assert_outcomes(failed=1)
+    bad.stdout.fnmatch_lines(["*bad input: deviation file*no: no such file*"])

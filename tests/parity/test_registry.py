@@ -43,3 +43,57 @@ def test_non_backend_object_rejected(monkeypatch):
 def test_unknown_name(monkeypatch):
     with pytest.raises(BackendUnavailableError, match="no backend of that name is registered"):
         registry.load_backend("nope")
+
+
+WRAPPER = '''
+from backends.reference import ReferenceBackend
+from parity.errors import BackendUnavailableError
+
+
+class Missing(ReferenceBackend):
+    """A wrapper of code found at run time, which is not there."""
+
+    name = "missing"
+
+    @classmethod
+    def availability_problem(cls):
+        return "ORIGINAL_PATH is not set; point it at a checkout"
+
+
+class FailsWhenBuilt(ReferenceBackend):
+    """Finds out only when built (the original's own import fails)."""
+
+    name = "late"
+
+    def __init__(self, config, weights, device="cpu"):
+        raise BackendUnavailableError("late", "cannot import 'original': No module named 'dill'")
+'''
+
+
+def test_a_wrapper_whose_code_is_missing_is_unavailable_with_its_reason(monkeypatch, tmp_path):
+    from parity.config import ModelConfig
+    from parity.session import RunSpec, run
+
+    (tmp_path / "wrappers_xyz.py").write_text(WRAPPER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _fake_eps(
+        monkeypatch,
+        EntryPoint("missing", "wrappers_xyz:Missing", registry.GROUP),
+        EntryPoint("late", "wrappers_xyz:FailsWhenBuilt", registry.GROUP),
+        EntryPoint("reference", "backends.reference:ReferenceBackend", registry.GROUP),
+    )
+    info = registry.discover()
+    assert not info["missing"].available and "ORIGINAL_PATH is not set" in info["missing"].error
+    assert info["late"].available  # nothing cheap to check: found out when built
+    spec = RunSpec(
+        config=ModelConfig(gridsize=1, probe_big=False), backends=("reference", "missing", "late"), max_groups=1
+    )
+    result = run(spec)
+    assert {n: (r.available, r.crashed) for n, r in result.backends.items()} == {
+        "reference": (True, None),
+        "missing": (False, None),
+        "late": (False, None),
+    }
+    assert "No module named 'dill'" in result.backends["late"].reason
+    with pytest.raises(BackendUnavailableError, match="'dill'"):
+        run(RunSpec(config=spec.config, backends=("reference", "late"), max_groups=1, require=True))

@@ -12,11 +12,14 @@ from .test_tolerances import BASE
 
 TAPS = ["toy.in", "toy.hidden", "toy.out"]
 FACTOR = 64.0
-TOL_TEXT = BASE + f"""
+TOL_TEXT = (
+    BASE
+    + f"""
 [[family]]
 pattern = "toy.*"
 factor = {FACTOR}
 """
+)
 U = 2.0**-24
 
 
