@@ -19,7 +19,8 @@ class CanonicalBatch:
     """One batch of B groups of C = gridsize² patches.
 
     x: (B, C, N, N) float32, the model input X·s.
-    offsets: (B, C, 2) float32, group-relative [dx, dy] in pixels (each group sums to zero).
+    offsets: (B, C, 2) float32, group-relative [dx, dy] in pixels (each group sums to zero when derived
+        from positions; a fixture's stored offsets need not, nor need their batch mean d̄ be zero).
     probe: (N, N) complex64, already normalised.
     groups: (B,) int64, the fixture's group indices, so reports can point back into the data.
     """

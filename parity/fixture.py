@@ -32,9 +32,11 @@ from parity.batch import CanonicalBatch, disk_mask, normalise_probe
 from parity.config import ModelConfig
 from parity.errors import FixtureError, ParityInputError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Version 1 is still read: it had no dataset attributes, positions being pixels, x = column, by definition.
-READABLE_VERSIONS = (1, 2)
+# Version 2 is still read and still written: version 3 only added the optional dataset 'offsets', and a
+# file without it is written as version 2, so it stays byte-identical and readable by older readers.
+READABLE_VERSIONS = (1, 2, 3)
 
 #: Dataset name -> stored dtype, in the order they are written. Little-endian explicitly, so the
 #: recorded hashes (of the stored bytes) do not depend on the machine that wrote or reads them.
@@ -45,16 +47,24 @@ DATASET_DTYPES: dict[str, np.dtype[Any]] = {
     "probe": np.dtype("<c8"),
     "groups": np.dtype("<i8"),
     "object": np.dtype("<c8"),
+    "offsets": np.dtype("<f8"),
 }
 REQUIRED_DATASETS = ("diffraction", "xcoords", "ycoords", "probe", "groups")
-#: Attributes each dataset carries (schema 2), with the only values this version reads: scan
-#: positions are object pixels, xcoords the column (x) and ycoords the row (y) coordinate. A position
-#: file in metres or with swapped axes is refused by name instead of shifting every patch.
+#: Attributes each dataset carries (schema 2 and later), with the only values this version reads: scan
+#: positions and offsets are object pixels, xcoords the column (x) and ycoords the row (y) coordinate,
+#: offsets [dx, dy] = [x, y]. A position file in metres or with swapped axes is refused by name instead
+#: of shifting every patch.
 DATASET_ATTRIBUTES: dict[str, dict[str, str]] = {
     "xcoords": {"units": "pixel", "axis": "x (column)"},
     "ycoords": {"units": "pixel", "axis": "y (row)"},
+    "offsets": {"units": "pixel", "components": "[dx, dy] = [x (column), y (row)]"},
 }
-OPTIONAL_DATASETS = ("object",)
+OPTIONAL_DATASETS = ("object", "offsets")
+#: The schema version that introduced a dataset (absent: version 1). A file is written with the lowest
+#: version that holds its datasets, and a file of an older version may not contain a newer dataset.
+DATASET_SINCE: dict[str, int] = {"offsets": 3}
+#: The version written for a file that holds only datasets older than version 3.
+BASE_WRITE_VERSION = 2
 ROOT_ATTRIBUTES = ("schema_version", "N", "gridsize", "kind", "seed", "params", "source", "sha256")
 #: "lines" and "grf" are simulated by parity.simulate, "npz" came from parity.npz_import, "custom" is
 #: anything else a user wrote with write_fixture.
@@ -75,6 +85,10 @@ class FixtureData:
     probe: (N, N) complex64, raw (normalised only when a batch is built).
     groups: (n_groups, C) int64 position indices; a group's patches are fed in this order.
     object: (H, W) complex64 ground truth, when known.
+    offsets: (n_groups, C, 2) float64 group-relative [dx, dy] in object pixels, one per member of
+        ``groups`` in the same order, relative to an origin of the data's choosing (they need not sum to
+        zero per group). When present, batches carry them (as float32) instead of the offsets derived
+        from the positions, −(position − group mean).
     """
 
     diffraction: np.ndarray
@@ -89,6 +103,7 @@ class FixtureData:
     params: dict[str, Any]
     source: str
     object: np.ndarray | None = None
+    offsets: np.ndarray | None = None
 
     @property
     def C(self) -> int:
@@ -101,6 +116,11 @@ class FixtureData:
     @property
     def n_groups(self) -> int:
         return int(self.groups.shape[0])
+
+    @property
+    def schema_version(self) -> int:
+        """The version this content is written as: the lowest that holds every dataset present."""
+        return max([BASE_WRITE_VERSION] + [DATASET_SINCE.get(name, 1) for name in self.arrays()])
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every dataset present, in schema order."""
@@ -187,6 +207,12 @@ def _check_structure(arrays: Mapping[str, np.ndarray], N: int, gridsize: int, wh
     obj = arrays.get("object")
     if obj is not None and (obj.ndim != 2 or obj.size == 0):
         raise FixtureError(f"{where}: dataset 'object' has shape {obj.shape}; expected a non-empty (H, W)")
+    offsets = arrays.get("offsets")
+    if offsets is not None and offsets.shape != (groups.shape[0], C, 2):
+        raise FixtureError(
+            f"{where}: dataset 'offsets' has shape {offsets.shape}; expected ({groups.shape[0]}, {C}, 2), "
+            "one [dx, dy] per member of each group of 'groups'"
+        )
 
 
 def _check_values(arrays: Mapping[str, np.ndarray], where: str) -> None:
@@ -250,19 +276,26 @@ def _params_json(params: Mapping[str, Any], where: str) -> str:
         raise FixtureError(f"{where}: attribute 'params' cannot be stored as JSON ({exc})") from exc
 
 
-def write_fixture(path: str | os.PathLike[str], data: FixtureData) -> Path:
-    """Validate ``data`` and write it atomically; the same content always gives the same bytes."""
+def write_fixture(path: str | os.PathLike[str], data: FixtureData, config: ModelConfig | None = None) -> Path:
+    """Validate ``data`` and write it atomically; the same content always gives the same bytes.
+
+    With a ``config``, stored ``offsets`` must also fit its canvas (:func:`check_offsets`), as they
+    must when the file is loaded with that config. The file is schema version 3 when it holds
+    ``offsets`` and version 2 otherwise (:attr:`FixtureData.schema_version`).
+    """
     import h5py
 
     target = Path(path)
     validate_fixture_data(data, str(target))
+    if config is not None:
+        check_offsets(data, config, str(target))
     arrays = data.arrays()
     params = _params_json(data.params, str(target))
     hashes = {name: dataset_sha256(name, arr) for name, arr in arrays.items()}
     with atomic_path(target) as tmp:
         with h5py.File(tmp, "w", libver=_LIBVER) as fh:
             attrs = {
-                "schema_version": np.int64(SCHEMA_VERSION),
+                "schema_version": np.int64(data.schema_version),
                 "N": np.int64(data.N),
                 "gridsize": np.int64(data.gridsize),
                 "kind": data.kind,
@@ -393,6 +426,12 @@ def _read_datasets(fh: Any, where: str, version: int = SCHEMA_VERSION) -> dict[s
             raise FixtureError(f"{where}: dataset {name!r} is stored outside the file (virtual or external)")
         if name not in DATASET_DTYPES:
             continue  # reported by the structure check, after missing datasets
+        since = DATASET_SINCE.get(name, 1)
+        if since > version:
+            raise FixtureError(
+                f"{where}: dataset {name!r} is not part of fixture schema version {version} (the file's "
+                f"'schema_version'); it was added in version {since}"
+            )
         try:
             attrs = dict(node.attrs)
         except (OSError, RuntimeError, KeyError) as exc:
@@ -407,9 +446,10 @@ def _read_datasets(fh: Any, where: str, version: int = SCHEMA_VERSION) -> dict[s
         if name not in arrays:
             raise FixtureError(f"{where}: dataset {name!r} is missing (required: {', '.join(REQUIRED_DATASETS)})")
     if unknown:
+        known = [name for name in DATASET_DTYPES if DATASET_SINCE.get(name, 1) <= version]
         raise FixtureError(
-            f"{where}: dataset {unknown[0]!r} is not part of fixture schema version {SCHEMA_VERSION} "
-            f"(known: {', '.join(DATASET_DTYPES)})"
+            f"{where}: dataset {unknown[0]!r} is not part of fixture schema version {version} "
+            f"(known: {', '.join(known)})"
         )
     return arrays
 
@@ -451,6 +491,8 @@ def load_fixture(path: str | os.PathLike[str], config: ModelConfig | None = None
     data_kwargs = {k: meta[k] for k in ("N", "gridsize", "kind", "seed", "params", "source")}
     data = FixtureData(**arrays, **data_kwargs)  # type: ignore[arg-type]
     validate_fixture_data(data, where)
+    if config is not None:
+        check_offsets(data, config, where)
 
     recorded: dict[str, str] = meta["sha256"]
     for name in arrays:
@@ -477,6 +519,40 @@ def load_fixture(path: str | os.PathLike[str], config: ModelConfig | None = None
         sha256=hashlib.sha256(raw).hexdigest(),
         dataset_sha256=actual,
     )
+
+
+def canvas_margin(config: ModelConfig) -> float:
+    """(M − N)/2: how far, in pixels per axis, a patch can move on the merge canvas and stay on it."""
+    return (config.M - config.N) / 2
+
+
+def _config_canvas(config: ModelConfig) -> str:
+    return (
+        f"the canvas margin (M − N)/2 = {canvas_margin(config):g} pixels of the config (M = {config.M}, "
+        f"N = {config.N}; M from config keys 'offset', 'max_position_jitter' or 'canvas_size')"
+    )
+
+
+def check_offsets(fixture: FixtureData, config: ModelConfig, where: str | None = None) -> None:
+    """Refuse stored ``offsets`` that do not fit the config's canvas (forward-model.md, section 4).
+
+    Re-extraction translates the canvas by the raw offset d, so |dx|, |dy| <= (M − N)/2 for every
+    stored offset, or the patch is cut from beyond the canvas. (The merge's own bound, on d − d̄, depends
+    on the batch and is checked by :func:`iter_batches`.) Offsets derived from positions are not
+    checked; a fixture without ``offsets`` passes.
+    """
+    if fixture.offsets is None:
+        return
+    where = where if where is not None else str(getattr(fixture, "path", "<unsaved fixture>"))
+    d = np.asarray(fixture.offsets, dtype=np.float64)
+    bad = ~(np.abs(d) <= canvas_margin(config))  # NaN is bad too
+    if bad.any():
+        g, c, k = _first_index(bad)
+        raise FixtureError(
+            f"{where}: dataset 'offsets' holds {'dx' if k == 0 else 'dy'} = {d[g, c, k]:g} for group {g}, member "
+            f"{c} ({int(bad.sum())} values like it), beyond {_config_canvas(config)}: re-extraction, which "
+            "translates the canvas by the raw offset, would cut the patch from outside the canvas"
+        )
 
 
 def normalised_input_scale(fixture: FixtureData, config: ModelConfig) -> float:
@@ -521,12 +597,37 @@ def check_range(fixture: FixtureData, config: ModelConfig, max_groups: int | Non
     return factor
 
 
+def _stored_offsets(offsets: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The batch offsets of groups ``idx``: the stored float64 values rounded once to float32."""
+    return np.asarray(np.asarray(offsets)[idx], dtype=np.float64).astype(np.float32)
+
+
+def _check_merge_shift(offsets: np.ndarray, idx: np.ndarray, batch_size: int, config: ModelConfig, where: str) -> None:
+    """The merge moves patch (b, c) by −(d_bc − d̄), d̄ the mean of the batch's B·C offsets (float64
+    here); it must stay within the canvas margin."""
+    d = offsets.astype(np.float64)
+    shift = d - d.reshape(-1, 2).mean(axis=0)
+    bad = ~(np.abs(shift) <= canvas_margin(config))
+    if bad.any():
+        b, c, k = _first_index(bad)
+        raise FixtureError(
+            f"{where}: dataset 'offsets' of group {int(idx[b])}, member {c}, {'dx' if k == 0 else 'dy'} = "
+            f"{d[b, c, k]:g} is {shift[b, c, k]:g} from the mean d̄ = {d[..., k].mean():g} of its batch (groups "
+            f"{int(idx[0])} to {int(idx[-1])}, batch_size {batch_size}); the merge moves the patch by that much, "
+            f"beyond {_config_canvas(config)}: use a smaller batch_size or offsets closer together"
+        )
+
+
 def iter_batches(
     fixture: FixtureData, config: ModelConfig, batch_size: int, max_groups: int | None = None
 ) -> Iterator[CanonicalBatch]:
     """Canonical batches of the fixture's groups, in group order; the last one may be smaller.
 
     ``max_groups`` keeps the first groups only (all of them when it is larger than their number).
+    Offsets are the fixture's stored ``offsets`` (cast to float32, not centred) when it has them, and
+    −(position − group mean) otherwise. Stored offsets must fit the canvas: |d| <= (M − N)/2 for every
+    one (:func:`check_offsets`), and, since the merge moves each patch by −(d − d̄) with d̄ the mean of
+    the batch's B·C offsets, |d − d̄| <= (M − N)/2 within every batch.
     """
     where = str(getattr(fixture, "path", "<unsaved fixture>"))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -534,17 +635,26 @@ def iter_batches(
     if max_groups is not None and (isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1):
         raise ParityInputError(f"max_groups is {max_groups!r}; expected None or an integer >= 1")
     _check_config(int(fixture.N), int(fixture.gridsize), config, where)
+    total = fixture.n_groups if max_groups is None else min(max_groups, fixture.n_groups)
+    if fixture.offsets is not None:
+        # Every batch is checked before the first is yielded, so a run fails before any backend runs.
+        check_offsets(fixture, config, where)
+        for start in range(0, total, batch_size):
+            idx = np.arange(start, min(start + batch_size, total), dtype=np.int64)
+            _check_merge_shift(_stored_offsets(fixture.offsets, idx), idx, batch_size, config, where)
     factor = check_range(fixture, config, max_groups)
     probe = normalise_probe(fixture.probe, config.probe_scale)
     diff = fixture.diffraction
     positions = np.stack([np.asarray(fixture.xcoords, np.float64), np.asarray(fixture.ycoords, np.float64)], axis=-1)
-    total = fixture.n_groups if max_groups is None else min(max_groups, fixture.n_groups)
     for start in range(0, total, batch_size):
         idx = np.arange(start, min(start + batch_size, total), dtype=np.int64)
         members = np.asarray(fixture.groups[idx], dtype=np.int64)  # (B, C)
         x = (np.asarray(diff[members], dtype=np.float64) * factor).astype(np.float32)
-        pos = positions[members]  # (B, C, 2) as [x, y]
-        offsets = (-(pos - pos.mean(axis=1, keepdims=True))).astype(np.float32)
+        if fixture.offsets is None:
+            pos = positions[members]  # (B, C, 2) as [x, y]
+            offsets = (-(pos - pos.mean(axis=1, keepdims=True))).astype(np.float32)
+        else:
+            offsets = _stored_offsets(fixture.offsets, idx)
         batch = CanonicalBatch(x=x, offsets=offsets, probe=probe.copy(), groups=idx)
         batch.validate(config)
         yield batch

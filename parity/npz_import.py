@@ -8,6 +8,15 @@ the ones listed below (PtychoPINN files carry many) are ignored.
 
 Keys: ``diff3d`` or ``diffraction`` (n, N, N) amplitudes, ``xcoords`` and ``ycoords`` (n,) positions in
 object pixels, ``probeGuess`` (N, N), optional ``objectGuess`` (H, W).
+
+Optional grouped data, as PtychoPINN's grouping produces it (both keys or neither): ``nn_indices``
+(n_groups, C) integer position indices, the groups, C = gridsize², used instead of the nearest-neighbour
+groups; and ``coords_relative``, each member's group-relative offset in object pixels, with PtychoPINN's
+sign (local_offset_sign = −1, so the same sign as the harness's −(position − origin)), in PtychoPINN's
+layout (n_groups, 1, 2, C), [dx, dy] on axis 2, or in the fixture's (n_groups, C, 2). They become the
+fixture datasets ``groups`` and ``offsets``: batches then carry these offsets as they are, not
+re-centred, whatever origin they were measured from. Whether they fit a config's canvas is checked when
+the fixture is loaded with that config. ``nn_indices`` without ``coords_relative`` is ignored, as before.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from parity.fixture import FixtureData, write_fixture
 from parity.simulate import nearest_neighbour_groups
 
 DIFFRACTION_KEYS = ("diff3d", "diffraction")
+OFFSETS_KEY = "coords_relative"
+GROUPS_KEY = "nn_indices"
 
 
 def _numeric(arr: np.ndarray, key: str, where: str, allow_complex: bool) -> None:
@@ -87,8 +98,52 @@ def _diffraction(npz: Any, keys: list[str], where: str) -> tuple[str, np.ndarray
     return key, diff.astype(np.float32)
 
 
+def _grouped(npz: Any, keys: list[str], n: int, C: int, where: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``nn_indices`` and ``coords_relative`` as fixture ``groups`` (g, C) and ``offsets`` (g, C, 2)."""
+    if OFFSETS_KEY not in keys:
+        return None
+    if GROUPS_KEY not in keys:
+        raise FixtureError(
+            f"{where}: key {OFFSETS_KEY!r} needs key {GROUPS_KEY!r}, the groups its offsets belong to; "
+            f"keys present: {', '.join(keys)}"
+        )
+    groups = _read(npz, GROUPS_KEY, where)
+    if groups.dtype.kind not in "iu":
+        raise FixtureError(f"{where}: key {GROUPS_KEY!r} has dtype {groups.dtype}; expected integers")
+    if groups.ndim != 2 or groups.shape[0] < 1 or groups.shape[1] != C:
+        raise FixtureError(
+            f"{where}: key {GROUPS_KEY!r} has shape {groups.shape}; expected (n_groups, {C}), "
+            f"C = gridsize² = {C} position indices per group"
+        )
+    out = (groups < 0) | (groups >= n)
+    if out.any():
+        idx = tuple(int(i) for i in np.argwhere(out)[0])
+        raise FixtureError(
+            f"{where}: key {GROUPS_KEY!r} holds position index {groups[idx]} at {idx}, outside [0, {n}) "
+            f"({n} diffraction patterns)"
+        )
+    g = groups.shape[0]
+    rel = _read(npz, OFFSETS_KEY, where)
+    _numeric(rel, OFFSETS_KEY, where, allow_complex=False)
+    if rel.shape == (g, 1, 2, C):  # PtychoPINN's layout: [x, y] on axis 2, group members on axis 3
+        offsets = np.transpose(rel[:, 0], (0, 2, 1))
+    elif rel.shape == (g, C, 2):
+        offsets = rel
+    else:
+        raise FixtureError(
+            f"{where}: key {OFFSETS_KEY!r} has shape {rel.shape}; expected ({g}, 1, 2, {C}) (PtychoPINN's "
+            f"layout) or ({g}, {C}, 2), one [dx, dy] per member of the {g} groups of {GROUPS_KEY!r}"
+        )
+    _finite(rel, OFFSETS_KEY, where)
+    return groups.astype(np.int64), np.ascontiguousarray(offsets, dtype=np.float64)
+
+
 def import_npz(npz_path: str | os.PathLike[str], out_path: str | os.PathLike[str], gridsize: int) -> Path:
-    """Validate a PtychoPINN NPZ, group its positions (C = gridsize² nearest) and write a fixture."""
+    """Validate a PtychoPINN NPZ, group its positions (C = gridsize² nearest) and write a fixture.
+
+    When the NPZ holds ``coords_relative`` and ``nn_indices`` (see the module docstring), they are the
+    fixture's ``offsets`` and ``groups`` instead.
+    """
     p = Path(npz_path)
     where = str(p)
     out = Path(out_path)
@@ -148,11 +203,19 @@ def import_npz(npz_path: str | os.PathLike[str], out_path: str | os.PathLike[str
                 raise FixtureError(f"{where}: key 'objectGuess' has shape {arr.shape}; expected (H, W)")
             _finite(arr, "objectGuess", where)
             obj = arr.astype(np.complex64)
-    C = gridsize * gridsize
-    if n < C:
-        raise FixtureError(f"{where}: key {key!r} has {n} patterns; groups of gridsize² = {C} need at least {C}")
-    groups = nearest_neighbour_groups(coords["xcoords"], coords["ycoords"], C)
+        C = gridsize * gridsize
+        grouped = _grouped(npz, keys, n, C, where)
     used = [key, "xcoords", "ycoords", "probeGuess"] + (["objectGuess"] if obj is not None else [])
+    offsets: np.ndarray | None = None
+    if grouped is not None:
+        groups, offsets = grouped
+        used += [GROUPS_KEY, OFFSETS_KEY]
+        grouping = GROUPS_KEY
+    else:
+        if n < C:
+            raise FixtureError(f"{where}: key {key!r} has {n} patterns; groups of gridsize² = {C} need at least {C}")
+        groups = nearest_neighbour_groups(coords["xcoords"], coords["ycoords"], C)
+        grouping = "nearest_neighbours"
     data = FixtureData(
         diffraction=diffraction,
         xcoords=coords["xcoords"],
@@ -160,11 +223,12 @@ def import_npz(npz_path: str | os.PathLike[str], out_path: str | os.PathLike[str
         probe=probe64,
         groups=groups,
         object=obj,
+        offsets=offsets,
         N=N,
         gridsize=gridsize,
         kind="npz",
         seed=-1,
-        params={"diffraction_key": key, "keys_used": used, "grouping": "nearest_neighbours"},
+        params={"diffraction_key": key, "keys_used": used, "grouping": grouping},
         source=f"npz:{p.name} sha256:{hashlib.sha256(raw).hexdigest()}",
     )
     return write_fixture(out_path, data)

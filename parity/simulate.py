@@ -43,6 +43,11 @@ from parity.fixture import (
 #: Bumped whenever a change to this module changes the arrays produced for the same parameters.
 GENERATOR_VERSION = 1
 OBJECT_KINDS = ("lines", "grf")
+#: Where each group's offsets are measured from. "group_mean": nothing is stored and batches derive
+#: −(position − group mean), centred per group; "first_member": the fixture stores the dataset
+#: 'offsets' = −(position − position of the group's first member), so groups do not sum to zero and a
+#: batch of several groups has a nonzero mean offset d̄ (forward-model.md, section 4).
+OFFSETS_ORIGINS = ("group_mean", "first_member")
 
 _LINE_BLUR_SIGMAS = (0.5, 1.0, 2.0, 4.0)  # pixels: sharp edges and soft shading in one object
 _PROBE_BAND_LIMIT = 0.25  # cycles per pixel: half of Nyquist
@@ -67,6 +72,7 @@ class SimulationParams:
     probe_phase: float = 0.5  # radians of quadratic phase at the radius N/4
     line_density: float = 1 / 150  # lines per object pixel ('lines')
     grf_exponent: float = 3.0  # power spectrum ∝ (k² + k0²)^(−exponent/2) ('grf')
+    offsets_origin: str = "group_mean"  # see OFFSETS_ORIGINS
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> ParityInputError:
@@ -93,10 +99,16 @@ class SimulationParams:
             raise bad("jitter", "a sub-pixel amplitude in [0, 1)")
         if not math.isfinite(self.probe_phase):
             raise bad("probe_phase", "a finite number")
+        if self.offsets_origin not in OFFSETS_ORIGINS:
+            raise bad("offsets_origin", f"one of {', '.join(OFFSETS_ORIGINS)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["scan_shape"] = list(self.scan_shape)
+        if self.offsets_origin == "group_mean":
+            # Added after the first fixtures were made: left out at its default, so those fixtures'
+            # params, and hence their bytes, are unchanged.
+            del d["offsets_origin"]
         d["generator_version"] = GENERATOR_VERSION
         return d
 
@@ -119,6 +131,12 @@ BUNDLED_FIXTURES: dict[str, SimulationParams] = {
     "n128_g2_lines": SimulationParams(kind="lines", N=128, gridsize=2, seed=1003, scan_shape=(8, 8)),
     # So that every config has a default fixture: N=128 at gridsize 1.
     "n128_g1_grf": SimulationParams(kind="grf", N=128, gridsize=1, seed=1004, scan_shape=(3, 3), nphotons=1e8),
+    # Stored offsets relative to each group's first member: not centred, so a batch's mean offset d̄ is
+    # nonzero and a merge that ignores d̄, or takes it per group, shows. Last, so that it is never the
+    # default fixture of a config (parity.session takes the first match).
+    "n64_g2_offcentre": SimulationParams(
+        kind="lines", N=64, gridsize=2, seed=1005, scan_shape=(4, 4), offsets_origin="first_member"
+    ),
 }
 
 
@@ -304,6 +322,12 @@ def nearest_neighbour_groups(xcoords: np.ndarray, ycoords: np.ndarray, C: int) -
     return groups
 
 
+def first_member_offsets(xcoords: np.ndarray, ycoords: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """(n_groups, C, 2) float64 offsets −(position − position of the group's first member), [dx, dy]."""
+    pos = np.stack([np.asarray(xcoords, np.float64), np.asarray(ycoords, np.float64)], axis=-1)[groups]
+    return np.asarray(pos[:, :1] - pos)  # = −(position − first position); +0.0, not −0.0, for the first
+
+
 def simulate(params: SimulationParams) -> FixtureData:
     """One simulated data set, a pure function of ``params`` (see the module docstring)."""
     obj_seq, pos_seq, noise_seq = np.random.SeedSequence(params.seed).spawn(3)
@@ -313,6 +337,7 @@ def simulate(params: SimulationParams) -> FixtureData:
     patches = extract_patches(obj, xcoords, ycoords, params.N)
     diffraction = diffraction_amplitudes(probe, patches, params.nphotons, np.random.default_rng(noise_seq))
     groups = nearest_neighbour_groups(xcoords, ycoords, params.gridsize**2)
+    offsets = first_member_offsets(xcoords, ycoords, groups) if params.offsets_origin == "first_member" else None
     return FixtureData(
         diffraction=diffraction,
         xcoords=xcoords,
@@ -320,6 +345,7 @@ def simulate(params: SimulationParams) -> FixtureData:
         probe=probe,
         groups=groups,
         object=obj,
+        offsets=offsets,
         N=params.N,
         gridsize=params.gridsize,
         kind=params.kind,

@@ -13,10 +13,12 @@ from parity.config import ModelConfig
 from parity.errors import FixtureError, ParityInputError
 from parity.fixture import (
     FixtureData,
+    available_fixtures,
     bundled_fixture,
     bundled_fixtures_dir,
     dataset_sha256,
     file_sha256,
+    fixture_data_sha256,
     iter_batches,
     load_fixture,
     read_sha256sums,
@@ -26,6 +28,7 @@ from parity.simulate import (
     BUNDLED_FIXTURES,
     SimulationParams,
     compare_bundled,
+    first_member_offsets,
     simulate,
     write_bundled_fixtures,
 )
@@ -63,7 +66,7 @@ def test_bundled_fixtures_exist_and_match_sha256sums():
     for fname, digest in sums.items():
         assert file_sha256(d / fname) == digest, fname
         total += (d / fname).stat().st_size
-    assert total < 9e6  # four fixtures, one per (N, gridsize), stay small enough to ship in the wheel
+    assert total < 9e6  # one per (N, gridsize) plus a small off-centre one: small enough for the wheel
 
 
 def test_regenerating_reproduces_the_committed_fixtures_bit_for_bit(tmp_path):
@@ -119,7 +122,9 @@ def test_make_fixtures_script_checks_and_fails_on_a_difference(tmp_path, capsys,
 
 def test_bundled_fixture_lookup_and_unknown_name():
     assert bundled_fixture("n64_g1_grf") == bundled_fixture("n64_g1_grf.h5")
-    with pytest.raises(FixtureError, match="available: n128_g1_grf, n128_g2_lines, n64_g1_grf, n64_g2_lines"):
+    with pytest.raises(
+        FixtureError, match="available: n128_g1_grf, n128_g2_lines, n64_g1_grf, n64_g2_lines, n64_g2_offcentre"
+    ):
         bundled_fixture("n32_g2_lines")
 
 
@@ -207,7 +212,7 @@ def _del(name, attr=False):
 
 
 VIOLATIONS = {
-    "schema_version": (_set_attr("schema_version", np.int64(3)), r"attribute 'schema_version' is 3"),
+    "schema_version": (_set_attr("schema_version", np.int64(4)), r"attribute 'schema_version' is 4"),
     "no_schema_version": (_del("schema_version", attr=True), r"attribute 'schema_version' is missing"),
     "missing_attribute": (_del("source", attr=True), r"attribute 'source' is missing"),
     "unknown_attribute": (_set_attr("comment", "hi"), r"attribute 'comment' is not part of"),
@@ -466,5 +471,270 @@ def test_version_1_fixtures_are_still_read(copy):
     _edit(copy, lambda fh: fh["xcoords"].attrs.__setitem__("units", "pixel"))
     with pytest.raises(
         FixtureError, match=r"dataset 'xcoords' has attribute 'units', which is not part of fixture schema version 1"
+    ):
+        load_fixture(copy)
+
+
+# --- stored, non-centred offsets (schema 3) ---------------------------------------------------------
+
+OFFCENTRE = "n64_g2_offcentre"
+
+
+@pytest.fixture
+def offcentre_copy(tmp_path):
+    """A private copy of the bundled fixture with stored offsets, safe to damage."""
+    dst = tmp_path / "offcentre.h5"
+    shutil.copyfile(bundled_fixture(OFFCENTRE), dst)
+    return dst
+
+
+def _with_offsets(data, offsets):
+    return dataclasses.replace(data, offsets=np.asarray(offsets, dtype=np.float64))
+
+
+def test_offcentre_fixture_is_bundled_and_stores_offsets_from_each_groups_first_member():
+    cfg = ModelConfig()
+    fx = load_fixture(bundled_fixture(OFFCENTRE), cfg)
+    params = BUNDLED_FIXTURES[OFFCENTRE]
+    assert OFFCENTRE in available_fixtures() and list(BUNDLED_FIXTURES)[-1] == OFFCENTRE
+    assert (fx.N, fx.gridsize, fx.n_positions, fx.n_groups) == (64, 2, 16, 16)
+    assert fx.params == json.loads(json.dumps(params.to_dict())) and fx.params["offsets_origin"] == "first_member"
+    assert bundled_fixture(OFFCENTRE).stat().st_size < 1e6
+    with h5py.File(bundled_fixture(OFFCENTRE), "r") as fh:
+        assert int(fh.attrs["schema_version"]) == 3
+        assert dict(fh["offsets"].attrs) == {"units": "pixel", "components": "[dx, dy] = [x (column), y (row)]"}
+    assert fx.offsets is not None and fx.offsets.shape == (16, 4, 2) and fx.offsets.dtype == np.float64
+    assert not fx.offsets.flags.writeable
+    assert fx.dataset_sha256["offsets"] == dataset_sha256("offsets", fx.offsets)
+    # −(position − position of the group's first member), [dx, dy] = [x, y]: the first member sits at 0.
+    pos = np.stack([fx.xcoords, fx.ycoords], axis=-1)[fx.groups]
+    np.testing.assert_array_equal(fx.offsets, -(pos - pos[:, :1]))
+    np.testing.assert_array_equal(fx.offsets, first_member_offsets(fx.xcoords, fx.ycoords, fx.groups))
+    assert np.all(fx.offsets[:, 0] == 0) and not np.signbit(fx.offsets[:, 0]).any()
+    # Not centred: every group's offsets sum to a clearly nonzero vector, different between groups.
+    sums = fx.offsets.sum(axis=1)
+    assert np.linalg.norm(sums, axis=1).min() > 1.0
+    assert len(np.unique(np.round(sums, 6), axis=0)) == fx.n_groups
+    # The older fixtures keep schema version 2 and have no offsets.
+    for name in CONFIGS:
+        with h5py.File(bundled_fixture(name), "r") as fh:
+            assert int(fh.attrs["schema_version"]) == 2 and "offsets" not in fh
+        assert load_fixture(bundled_fixture(name)).offsets is None
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 16])
+def test_batches_carry_exactly_the_stored_offsets(batch_size):
+    cfg = ModelConfig()
+    fx = load_fixture(bundled_fixture(OFFCENTRE), cfg)
+    batches = list(iter_batches(fx, cfg, batch_size))
+    assert sum(b.size for b in batches) == fx.n_groups
+    for b in batches:
+        b.validate(cfg)
+        assert b.offsets.dtype == np.float32
+        assert b.offsets.tobytes() == fx.offsets[b.groups].astype(np.float32).tobytes()
+        group_sums = b.offsets.astype(np.float64).sum(axis=1)
+        assert np.all(np.linalg.norm(group_sums, axis=1) > 1.0)  # not centred per group
+        if b.size >= 2:
+            d_bar = b.offsets.astype(np.float64).reshape(-1, 2).mean(axis=0)
+            assert np.linalg.norm(d_bar) > 0.05, d_bar  # a nonzero batch mean d̄ over the B·C offsets
+    if batch_size == 2:
+        d_bar = batches[0].offsets.astype(np.float64).reshape(-1, 2).mean(axis=0)
+        assert np.all(np.abs(d_bar) > 0.5)
+    # Everything else is built as without stored offsets.
+    centred = list(iter_batches(dataclasses.replace(fx, offsets=None), cfg, batch_size))
+    for a, b in zip(batches, centred, strict=True):
+        for key in ("x", "probe", "groups"):
+            assert getattr(a, key).tobytes() == getattr(b, key).tobytes(), key
+        assert not np.array_equal(a.offsets, b.offsets)
+
+
+def test_without_stored_offsets_batches_are_centred_per_group(small):
+    cfg = ModelConfig()
+    assert small.offsets is None
+    pos = np.stack([small.xcoords, small.ycoords], axis=-1)
+    for b in iter_batches(small, cfg, 5):
+        p = pos[small.groups[b.groups]]
+        assert b.offsets.tobytes() == (-(p - p.mean(axis=1, keepdims=True))).astype(np.float32).tobytes()
+        np.testing.assert_allclose(b.offsets.astype(np.float64).sum(axis=1), 0.0, atol=1e-5)
+
+
+def test_offsets_round_trip_bit_exact_and_deterministic(tmp_path, small):
+    rng = np.random.default_rng(5)
+    offsets = rng.uniform(-6.5, 6.5, size=(small.n_groups, 4, 2))
+    offsets[0, 0] = [-0.0, 1e-300]  # signed zero and a subnormal survive too
+    data = _with_offsets(small, offsets)
+    a = write_fixture(tmp_path / "a.h5", data, ModelConfig())
+    b = write_fixture(tmp_path / "b.h5", data)
+    assert a.read_bytes() == b.read_bytes()
+    fx = load_fixture(a, ModelConfig())
+    assert fx.offsets.tobytes() == offsets.tobytes()
+    for name, arr in data.arrays().items():
+        assert getattr(fx, name).tobytes() == arr.tobytes(), name
+    assert set(fx.dataset_sha256) == set(data.arrays()) and "offsets" in fx.dataset_sha256
+    with h5py.File(a, "r") as fh:
+        assert int(fh.attrs["schema_version"]) == 3
+        assert json.loads(fh.attrs["sha256"])["offsets"] == dataset_sha256("offsets", offsets)
+    # The in-memory hash covers the offsets; without them the file is the same version 2 file as before.
+    assert fixture_data_sha256(data) != fixture_data_sha256(small)
+    assert fixture_data_sha256(data) != fixture_data_sha256(_with_offsets(small, offsets + 0.25))
+    plain = write_fixture(tmp_path / "plain.h5", small)
+    with h5py.File(plain, "r") as fh:
+        assert int(fh.attrs["schema_version"]) == 2 and "offsets" not in fh
+    # Overwriting with offsets is atomic and gives the same bytes as a fresh write.
+    write_fixture(plain, data)
+    assert plain.read_bytes() == a.read_bytes()
+
+
+BAD_OFFSETS = {
+    "wrong_shape": (
+        lambda o: o[:, :3],
+        r"dataset 'offsets' has shape \(12, 3, 2\); expected \(12, 4, 2\), one \[dx, dy\] per member",
+    ),
+    "wrong_components": (lambda o: o[..., :1], r"dataset 'offsets' has shape \(12, 4, 1\); expected \(12, 4, 2\)"),
+    "nan": (lambda o: np.where(np.arange(o.size).reshape(o.shape) == 9, np.nan, o), r"dataset 'offsets' contains 1"),
+    "inf": (lambda o: np.full_like(o, np.inf), r"dataset 'offsets' contains 96 non-finite"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OFFSETS))
+def test_writer_refuses_bad_offsets_and_leaves_everything_as_it_was(tmp_path, small, case):
+    make, pattern = BAD_OFFSETS[case]
+    offsets = make(np.zeros((small.n_groups, 4, 2)))
+    target = tmp_path / "bad.h5"
+    with pytest.raises(FixtureError, match=pattern) as info:
+        write_fixture(target, _with_offsets(small, offsets))
+    assert str(info.value).startswith(f"{target}: ")
+    assert list(tmp_path.iterdir()) == []
+    existing = write_fixture(tmp_path / "existing.h5", small)
+    before = existing.read_bytes()
+    with pytest.raises(FixtureError, match=pattern):
+        write_fixture(existing, _with_offsets(small, offsets))
+    assert existing.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["existing.h5"]
+
+
+def test_offsets_too_large_for_the_canvas_are_refused_naming_file_and_offsets(tmp_path, small):
+    cfg = ModelConfig()  # M = 78, N = 64: a patch may move 7 pixels per axis
+    assert (cfg.M - cfg.N) / 2 == 7
+    offsets = np.zeros((small.n_groups, 4, 2))
+    offsets[3, 2, 1] = 7.0  # exactly on the margin: allowed
+    ok = write_fixture(tmp_path / "ok.h5", _with_offsets(small, offsets), cfg)
+    assert load_fixture(ok, cfg).offsets[3, 2, 1] == 7.0
+    offsets[5, 1, 0] = -7.25
+    target = tmp_path / "big.h5"
+    pattern = r"dataset 'offsets' holds dx = -7.25 for group 5, member 1 .*canvas margin \(M − N\)/2 = 7 pixels"
+    with pytest.raises(FixtureError, match=pattern) as info:
+        write_fixture(target, _with_offsets(small, offsets), cfg)
+    assert str(info.value).startswith(f"{target}: ") and "'max_position_jitter'" in str(info.value)
+    assert not target.exists()
+    # Without a config the file can be written and loaded; with one it is refused, file untouched.
+    write_fixture(target, _with_offsets(small, offsets))
+    before = file_sha256(target)
+    assert load_fixture(target).offsets[5, 1, 0] == -7.25
+    with pytest.raises(FixtureError, match=pattern) as info:
+        load_fixture(target, cfg)
+    assert str(info.value).startswith(f"{target}: ")
+    with pytest.raises(FixtureError, match=pattern) as info:
+        next(iter_batches(load_fixture(target), cfg, 2))
+    assert str(info.value).startswith(f"{target}: ")
+    assert file_sha256(target) == before
+    # A larger canvas holds them.
+    big = ModelConfig(max_position_jitter=12)
+    assert sum(b.size for b in iter_batches(load_fixture(target, big), big, 4)) == small.n_groups
+
+
+def test_merge_shift_beyond_the_canvas_is_refused_before_any_batch(tmp_path, small):
+    """The merge moves a patch by −(d − d̄), d̄ the batch mean: each |d| <= 7 is not enough when the
+    batch's other offsets pull d̄ away."""
+    cfg = ModelConfig()
+    offsets = np.zeros((small.n_groups, 4, 2))
+    offsets[0, :, 0] = 7.0
+    offsets[1:3, :, 0] = -7.0
+    path = write_fixture(tmp_path / "shift.h5", _with_offsets(small, offsets), cfg)
+    fx = load_fixture(path, cfg)
+    assert sum(b.size for b in iter_batches(fx, cfg, 1)) == small.n_groups  # d̄ per single group: fine
+    assert sum(b.size for b in iter_batches(fx, cfg, 2)) == small.n_groups  # d̄ = 0, shifts of 7: fine
+    with pytest.raises(
+        FixtureError,
+        match=r"dataset 'offsets' of group 0, member 0, dx = 7 is 9.33333 from the mean d̄ = -2.33333 of its batch "
+        r"\(groups 0 to 2, batch_size 3\).*canvas margin \(M − N\)/2 = 7",
+    ) as info:
+        next(iter_batches(fx, cfg, 3))
+    assert str(info.value).startswith(f"{path}: ")
+    # The same batch, cut short by max_groups, is fine again.
+    assert sum(b.size for b in iter_batches(fx, cfg, 3, max_groups=2)) == 2
+
+
+def _offsets_violation(edit):
+    def fn(path):
+        with h5py.File(path, "r+") as fh:
+            edit(fh)
+
+    return fn
+
+
+def _replace_offsets(value, rehash=True):
+    return lambda path: _set_dataset(path, "offsets", value, rehash=rehash)
+
+
+OFFSETS_VIOLATIONS = {
+    "wrong_shape": (
+        _replace_offsets(np.zeros((16, 4, 3))),
+        r"dataset 'offsets' has shape \(16, 4, 3\); expected \(16, 4, 2\)",
+    ),
+    "too_few_groups": (
+        _replace_offsets(np.zeros((15, 4, 2))),
+        r"dataset 'offsets' has shape \(15, 4, 2\); expected \(16, 4, 2\)",
+    ),
+    "wrong_dtype": (
+        _replace_offsets(np.zeros((16, 4, 2), np.float32)),
+        r"dataset 'offsets' has dtype float32; expected float64",
+    ),
+    "nan": (_offsets_violation(_poke("offsets", (2, 1, 0), np.nan)), r"dataset 'offsets' contains 1 non-finite"),
+    "hash_mismatch": (
+        _offsets_violation(_poke("offsets", (2, 1, 0), 0.5)),
+        r"dataset 'offsets' does not match its SHA-256 recorded",
+    ),
+    "no_hash": (
+        _offsets_violation(
+            lambda fh: fh.attrs.__setitem__(
+                "sha256", json.dumps({k: v for k, v in json.loads(fh.attrs["sha256"]).items() if k != "offsets"})
+            )
+        ),
+        r"attribute 'sha256' records no hash for dataset 'offsets'",
+    ),
+    "no_units": (
+        _offsets_violation(lambda fh: fh["offsets"].attrs.__delitem__("units")),
+        r"dataset 'offsets' lacks attribute 'units' \(expected 'pixel'\)",
+    ),
+    "swapped_components": (
+        _offsets_violation(lambda fh: fh["offsets"].attrs.__setitem__("components", "[dy, dx]")),
+        r"dataset 'offsets' has components='\[dy, dx\]'; this schema reads only '\[dx, dy\] = \[x \(column\)",
+    ),
+    "in_a_version_2_file": (
+        _offsets_violation(_set_attr("schema_version", np.int64(2))),
+        r"dataset 'offsets' is not part of fixture schema version 2 \(the file's 'schema_version'\); "
+        r"it was added in version 3",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OFFSETS_VIOLATIONS))
+def test_loader_rejects_bad_offsets_naming_file_and_dataset_without_touching_it(offcentre_copy, case):
+    edit, pattern = OFFSETS_VIOLATIONS[case]
+    edit(offcentre_copy)
+    before = file_sha256(offcentre_copy)
+    with pytest.raises(FixtureError, match=pattern) as info:
+        load_fixture(offcentre_copy)
+    assert str(info.value).startswith(f"{offcentre_copy}: ")
+    assert file_sha256(offcentre_copy) == before
+
+
+def test_version_2_files_still_load_and_version_3_needs_no_offsets(copy):
+    assert load_fixture(copy).offsets is None
+    _edit(copy, _set_attr("schema_version", np.int64(3)))
+    assert load_fixture(copy).offsets is None
+    _edit(copy, lambda fh: fh.create_dataset("extra", data=np.zeros(3)))
+    with pytest.raises(
+        FixtureError, match=r"dataset 'extra' is not part of fixture schema version 3 \(known: .*offsets"
     ):
         load_fixture(copy)

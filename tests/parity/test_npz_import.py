@@ -161,6 +161,95 @@ CASES = {
 }
 
 
+def _grouped(arrays, layout="ptychopinn"):
+    """PtychoPINN's grouped keys: groups ``nn_indices`` (not the nearest-neighbour ones) and their
+    ``coords_relative`` = −(position − the group's first position), not centred, in PtychoPINN's
+    (g, 1, 2, C) layout or the fixture's (g, C, 2)."""
+    n = len(arrays["xcoords"])
+    nn = np.stack([(np.arange(n) + k) % n for k in (0, 3, 1, 4)], axis=1)[::-1]  # (n, 4), unlike the fixture's
+    coords_nn = np.transpose(np.array([arrays["xcoords"][nn], arrays["ycoords"][nn]]), (1, 0, 2))[:, None]
+    rel = -(coords_nn - coords_nn[..., :1])  # local_offset_sign = −1
+    if layout != "ptychopinn":
+        rel = np.transpose(rel[:, 0], (0, 2, 1))
+    return {**arrays, "nn_indices": nn, "coords_relative": rel}
+
+
+@pytest.mark.parametrize("layout", ["ptychopinn", "fixture"])
+def test_grouped_npz_keeps_its_groups_and_uncentred_offsets(tmp_path, sim, layout):
+    arrays = _grouped(_layout(sim), layout)
+    npz = _write(tmp_path, arrays)
+    out = import_npz(npz, tmp_path / "grouped.h5", gridsize=2)
+    cfg = ModelConfig(N=64, gridsize=2, max_position_jitter=30)  # a canvas wide enough for these groups
+    fx = load_fixture(out, cfg)
+    np.testing.assert_array_equal(fx.groups, arrays["nn_indices"])
+    pos = np.stack([sim.xcoords, sim.ycoords], axis=-1)[arrays["nn_indices"]]
+    expected = -(pos - pos[:, :1])
+    assert fx.offsets.dtype == np.float64 and fx.offsets.tobytes() == expected.tobytes()
+    assert np.all(np.linalg.norm(fx.offsets.sum(axis=1), axis=1) > 1)  # not centred
+    assert fx.params["grouping"] == "nn_indices"
+    assert fx.params["keys_used"][-2:] == ["nn_indices", "coords_relative"]
+    batches = list(iter_batches(fx, cfg, 3))
+    assert np.concatenate([b.offsets for b in batches]).tobytes() == expected.astype(np.float32).tobytes()
+    # Deterministic: importing again gives the same bytes.
+    assert import_npz(npz, tmp_path / "again.h5", gridsize=2).read_bytes() == out.read_bytes()
+
+
+def test_grouped_npz_offsets_too_large_for_the_canvas_fail_at_load_with_that_config(tmp_path, sim):
+    out = import_npz(_write(tmp_path, _grouped(_layout(sim))), tmp_path / "grouped.h5", gridsize=2)
+    with pytest.raises(FixtureError, match=r"grouped\.h5: dataset 'offsets' holds .* beyond the canvas margin"):
+        load_fixture(out, ModelConfig(N=64, gridsize=2))
+
+
+def test_nn_indices_alone_are_ignored_as_before(tmp_path, sim):
+    arrays = _grouped(_layout(sim))
+    del arrays["coords_relative"]
+    fx = load_fixture(import_npz(_write(tmp_path, arrays), tmp_path / "out.h5", gridsize=2))
+    np.testing.assert_array_equal(fx.groups, sim.groups)
+    assert fx.offsets is None and fx.params["grouping"] == "nearest_neighbours"
+
+
+def _grouped_with(key, value):
+    return lambda a: {**_grouped(a), key: value}
+
+
+GROUPED_CASES = {
+    "relative_without_indices": (
+        lambda a: _without(_grouped(a), "nn_indices"),
+        r"key 'coords_relative' needs key 'nn_indices', the groups its offsets belong to",
+    ),
+    "relative_wrong_shape": (
+        _grouped_with("coords_relative", np.zeros((9, 2, 4))),
+        r"key 'coords_relative' has shape \(9, 2, 4\); expected \(9, 1, 2, 4\) \(PtychoPINN's layout\) or "
+        r"\(9, 4, 2\)",
+    ),
+    "relative_other_group_count": (
+        _grouped_with("coords_relative", np.zeros((8, 1, 2, 4))),
+        r"key 'coords_relative' has shape \(8, 1, 2, 4\); expected \(9, 1, 2, 4\)",
+    ),
+    "relative_nan": (
+        lambda a: {**_grouped(a), "coords_relative": _nan_at(_grouped(a)["coords_relative"], (1, 0, 1, 2))},
+        r"key 'coords_relative' contains 1 non-finite values .* at index \(1, 0, 1, 2\)",
+    ),
+    "relative_complex": (
+        _grouped_with("coords_relative", np.zeros((9, 4, 2), np.complex64)),
+        r"key 'coords_relative' has dtype complex64; expected real numbers",
+    ),
+    "indices_float": (
+        _grouped_with("nn_indices", np.zeros((9, 4))),
+        r"key 'nn_indices' has dtype float64; expected integers",
+    ),
+    "indices_wrong_group_size": (
+        _grouped_with("nn_indices", np.zeros((9, 3), np.int64)),
+        r"key 'nn_indices' has shape \(9, 3\); expected \(n_groups, 4\)",
+    ),
+    "indices_out_of_range": (
+        _grouped_with("nn_indices", np.full((9, 4), 9, np.int64)),
+        r"key 'nn_indices' holds position index 9 at \(0, 0\), outside \[0, 9\)",
+    ),
+}
+CASES.update(GROUPED_CASES)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_invalid_npz_is_rejected_naming_file_and_key(tmp_path, sim, case):
     make, pattern = CASES[case]
