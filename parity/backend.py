@@ -81,6 +81,19 @@ class Backend(abc.ABC):
         """
         return None
 
+    # Whether run_stage is implemented: a backend that cannot run a stage alone (a wrapped original
+    # whose stages are not separable) keeps end-to-end parity only, and the report says so.
+    runs_stages: bool = False
+
+    def run_stage(self, stage: Any, inputs: Mapping[str, np.ndarray]) -> Taps:
+        """Run one stage (``parity.stages.Stage``) on the reference's values of its inputs.
+
+        ``inputs`` holds the stage's input taps in the canonical layout, already rounded to this
+        backend's precision; the result holds the stage's output taps in that layout. This is what
+        separates a layer that computes differently from error carried in from upstream.
+        """
+        raise NotImplementedError(f"backend {self.name!r} does not run stages alone")
+
     @abc.abstractmethod
     def effective_config(self) -> dict[str, Any]:
         """The configuration the backend really built, read back from the built model where possible."""
@@ -101,5 +114,12 @@ class Backend(abc.ABC):
         faithful float32 computation is expected to be within about u·S of the exact value
         (u = 2⁻²⁴). The harness turns them into tolerances (``parity.tolerances``). The default,
         {}, makes the harness fall back to the magnitude of the values compared, patch by patch.
+        """
+        return {}
+
+    def local_error_scales(self, batch: Any, taps: Taps) -> Taps:
+        """Like :meth:`error_scales`, for layer-local parity: the error a float32 implementation makes
+        at each tap when its stage is fed the reference's inputs rounded to float32, so no error is
+        carried in from earlier stages. The default, {}, falls back to the magnitude as above.
         """
         return {}

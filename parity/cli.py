@@ -104,6 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         deviations=args.deviations,
         allow_config_diff=args.allow_config_diff,
         shipped_deviations=not args.no_shipped_deviations,
+        local=not args.no_local,
     )
     # Every input is read and checked, then the report folder is claimed, before any backend is built:
     # bad input leaves nothing behind, and a folder that is a file, unwritable or in use by another run
@@ -413,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ignore the deviation files the backends ship (see every known difference as a failure)",
     )
+    r.add_argument(
+        "--no-local",
+        action="store_true",
+        help="end-to-end parity only: skip running each stage on the reference's inputs (layer-local parity)",
+    )
     r.set_defaults(func=cmd_run)
 
     g = sub.add_parser("regen-baselines", help="rewrite the stored baselines (pytest -m parity --force-regen)")
@@ -425,7 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--check", action="store_true", help="regenerate into a temp folder and compare, exit 1 on change")
     f.set_defaults(func=cmd_make_fixtures)
 
-    n = sub.add_parser("import-npz", help="turn an original PtychoPINN NPZ into a fixture")
+    n = sub.add_parser(
+        "import-npz",
+        help="turn an original PtychoPINN NPZ into a fixture (coords_relative with nn_indices: per-group offsets)",
+    )
     n.add_argument("npz")
     n.add_argument("out")
     n.add_argument("--gridsize", type=int, default=2, choices=(1, 2))

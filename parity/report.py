@@ -26,7 +26,7 @@ from parity.compare import ComparisonResult, _jsonable
 from parity.errors import ParityInputError
 from parity.runner import ParityResult, TapResult, statistics_summary
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 JSON_NAME, MARKDOWN_NAME, HTML_NAME, STATS_NAME = "report.json", "report.md", "report.html", "statistics.npz"
 LOCK_NAME = ".ptycho-parity.lock"
 SIDE_BY_SIDE = ("mean", "std", "var_zero_mean", "min", "max", "l2")
@@ -71,6 +71,8 @@ def to_json_dict(result: ParityResult) -> Any:
                 "window": t.window,
                 "passed": t.passed and all(c.passed for c in base),
                 "comparisons": [c.to_dict() for c in t.comparisons],
+                "stage": t.stage,
+                "local": [c.to_dict() for c in t.local],
                 "baseline": [c.to_dict() for c in base],
                 "statistics": statistics_summary(result, t.name),
             }
@@ -88,6 +90,8 @@ def to_json_dict(result: ParityResult) -> Any:
                 "blame_ratio": result.blame_ratio,
             },
             "first_divergence": result.first_divergence,
+            "first_local_divergence": result.first_local_divergence,
+            "local_unsupported": result.local_unsupported,
             "reference": result.reference,
             "config": result.config,
             "config_diff": result.config_diff,
@@ -154,6 +158,22 @@ def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
         lines += [f"- {s}" for s in fd["comparisons"]] + [""]
     elif result.verdict == "pass":
         lines += ["All compared taps agree within tolerance.", ""]
+    local = result.first_local_divergence
+    if local:
+        lines += [
+            f"**First stage that computes differently** (fed the reference's own inputs): `{local['stage']}`, "
+            f"at `{local['tap']}` ({', '.join(local['backends'])}). Where this is later than the first diverging "
+            "tap, the error there was carried in from upstream; where it is the same, that stage itself differs.",
+            "",
+        ]
+        lines += [f"- {s}" for s in local["comparisons"]] + [""]
+    if result.local_unsupported:
+        lines += [
+            "End-to-end parity only for "
+            + ", ".join(f"`{n}`" for n in result.local_unsupported)
+            + ": it cannot run a stage alone, so its local column is empty.",
+            "",
+        ]
     stale = result.stale_deviations()
     if stale or result.deviations:
         lines += ["## Declared deviations", ""]
@@ -202,8 +222,10 @@ def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
             pair = (c.kind, c.a, c.b)
             if c.kind != "structure" and pair not in pairs:
                 pairs.append(pair)
-    lines.append("| tap | shape | " + " | ".join(f"{a} vs {b}" for _, a, b in pairs) + " | baseline |")
-    lines.append("|---|---|" + "---|" * (len(pairs) + 1))
+    locals_ = [n for n in result.backends if any(c.a == n for t in result.taps for c in t.local)]
+    header = ["tap", "shape", *(f"{a} vs {b}" for _, a, b in pairs), *(f"{n} local" for n in locals_), "baseline"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|---|---|" + "---|" * (len(pairs) + len(locals_) + 1))
     shown = result.taps if max_rows is None else result.taps[:max_rows]
     for t in shown:
         cells = []
@@ -211,6 +233,9 @@ def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
             found = next((c for c in t.comparisons if (c.kind, c.a, c.b) == (kind, a, b)), None)
             hidden = a in t.not_exposed or b in t.not_exposed
             cells.append(_comparison_cell(found) if found else ("not exposed" if hidden else ""))
+        for n in locals_:
+            own = next((c for c in t.local if c.a == n), None)
+            cells.append(_comparison_cell(own) if own else "")
         struct = [c for c in t.comparisons if c.kind == "structure"]
         base = _tap_baseline(result, t.name)
         bad_base = [c for c in base if not c.passed]

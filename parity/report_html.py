@@ -117,6 +117,15 @@ def to_html(result: ParityResult, all_taps: bool = False) -> str:
             + "".join(f"<li>{esc(s)}</li>" for s in fd["comparisons"])
             + "</ul>"
         )
+    local = result.first_local_divergence
+    if local:
+        parts.append(
+            f"<p><b>First stage that computes differently</b> (fed the reference's inputs): "
+            f"<code>{esc(str(local['stage']))}</code> at <code>{esc(local['tap'])}</code> "
+            f"({esc(', '.join(local['backends']))})</p>"
+        )
+    if result.local_unsupported:
+        parts.append(f"<p>End-to-end parity only for {esc(', '.join(result.local_unsupported))}.</p>")
     if result.config_diff:
         rows = [[esc(k)] + [esc(repr(v.get(b))) for b in result.backends] for k, v in result.config_diff.items()]
         parts.append("<h2>Config differences</h2>" + _table(rows, ["key", *result.backends]))
@@ -142,7 +151,9 @@ def to_html(result: ParityResult, all_taps: bool = False) -> str:
     rows = []
     for t in data["taps"]:
         cells = "<br>".join(
-            f"<span class='{'pass' if c['passed'] else 'fail'}'>{esc(c['a'])} vs {esc(c['b'])}: "
+            f"<span class='{'pass' if c['passed'] else 'fail'}'>{esc(c['a'])} "
+            + ("locally" if c["kind"] == "local_vs_reference" else "vs " + esc(c["b"]))
+            + ": "
             + (
                 esc(str(c["reason"]))
                 if c.get("reason")
@@ -151,7 +162,7 @@ def to_html(result: ParityResult, all_taps: bool = False) -> str:
                 else esc(str(c["max_abs"]))
             )
             + "</span>"
-            for c in t["comparisons"]
+            for c in [*t["comparisons"], *t["local"]]
         )
         rows.append([f"<code>{esc(t['name'])}</code>", esc(str(t["shape"])), cells])
     parts.append("<h2>Taps</h2>" + _table(rows, ["tap", "shape", "comparisons"]))

@@ -10,6 +10,7 @@ memory does not grow with the number of batches.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import traceback
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -23,6 +24,7 @@ from parity.compare import RULE, ComparisonResult, ElementwiseComparison
 from parity.config import config_diff
 from parity.deviations import NOT_REPRODUCED, Deviation, DeviationLedger
 from parity.errors import ParityInputError
+from parity.stages import Stage
 from parity.stats import StatsAccumulator, summarise
 from parity.taps import TapSelection, TapSpec
 from parity.tolerances import ConfigLike, Tolerances, config_values, magnitude_scale
@@ -53,18 +55,21 @@ class TapResult:
     scale: str = "magnitude"  # "model": tolerances from the arbiter's error scales; "magnitude": fallback
     not_exposed: list[str] = field(default_factory=list)  # backends that declare they do not expose it
     window: list[int] | None = None  # (H, W) compared, when sides differ by a declared config key
+    # Layer-local parity: each backend's stage fed the reference's inputs, against the reference.
+    stage: str | None = None
+    local: list[ComparisonResult] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         """No failure other than declared ones (a tap nobody could compare has not failed)."""
-        return all(c.passed or c.known is not None for c in self.comparisons)
+        return all(c.passed or c.known is not None for c in [*self.comparisons, *self.local])
 
     @property
     def status(self) -> str:
         """pass | fail | known (every failure declared) | not exposed (nothing to compare it with)."""
         if not self.passed:
             return "fail"
-        if any(not c.passed for c in self.comparisons):
+        if any(not c.passed for c in [*self.comparisons, *self.local]):
             return "known"
         if self.not_exposed and not self.comparisons:
             return "not exposed"
@@ -84,6 +89,10 @@ class ParityResult:
     declared_config_diff: dict[str, dict[str, Any]] = field(default_factory=dict)
     deviations: list[dict[str, Any]] = field(default_factory=list)  # DeviationLedger.report()
     first_divergence: dict[str, Any] | None = None
+    # The first stage whose own computation differs (layer-local parity), and the backends that
+    # could not run stages alone (end-to-end parity only for them).
+    first_local_divergence: dict[str, Any] | None = None
+    local_unsupported: list[str] = field(default_factory=list)
     fixture: dict[str, Any] | None = None
     weights_sha256: str | None = None
     tolerance_source: str = ""
@@ -106,7 +115,7 @@ class ParityResult:
         return self.verdict == "pass"
 
     def failures(self) -> list[ComparisonResult]:
-        out = [c for t in self.taps for c in t.comparisons if not c.passed and c.known is None]
+        out = [c for t in self.taps for c in [*t.comparisons, *t.local] if not c.passed and c.known is None]
         return out + [c for c in self.baseline if not c.passed]
 
     def stale_deviations(self) -> list[dict[str, Any]]:
@@ -147,6 +156,14 @@ class ParityResult:
                 f"first diverging tap: {fd['tap']} (backends: {', '.join(fd['backends'])}; off the reference: {blamed})"
             )
             lines += ["  note: " + n for n in fd.get("notes", [])]
+        local = self.first_local_divergence
+        if local:
+            lines.append(
+                f"first stage that computes differently (fed the reference's inputs): {local['stage']}, "
+                f"at {local['tap']} ({', '.join(local['backends'])})"
+            )
+        if self.local_unsupported:
+            lines.append(f"  end-to-end parity only (cannot run stages alone): {', '.join(self.local_unsupported)}")
         fails = self.failures()
         lines += ["  " + c.summary() for c in fails[:limit]]
         if len(fails) > limit:
@@ -179,6 +196,7 @@ def run_parity(
     unavailable: Mapping[str, str] | None = None,
     crashed: Mapping[str, str] | None = None,
     taps: Collection[str] | None = None,
+    stages: Sequence[Stage] = (),
     deviations: Sequence[Deviation] = (),
     fixture: Mapping[str, Any] | None = None,
     weights_sha256: str | None = None,
@@ -191,7 +209,9 @@ def run_parity(
     ``scale_source`` is the backend whose ``error_scales`` set the tolerances (default: the
     reference; PtychoPINN runs without a reference pass one that is not compared); ``taps``
     (shell-style patterns, ``!pattern`` to exclude) restricts the comparison to matching taps;
-    ``deviations`` are the declared, accepted differences (``parity.deviations``).
+    ``stages`` (``parity.stages``) turn on layer-local parity: every backend that can runs each
+    stage on the reference's inputs to it, compared with the reference's outputs under the error
+    model's local scales; ``deviations`` are the declared, accepted differences (``parity.deviations``).
     """
     if reference is not None and reference not in backends and reference not in (unavailable or {}):
         raise ParityInputError(
@@ -255,6 +275,18 @@ def run_parity(
     scaled_taps: set[str] = set()
     not_exposed: dict[str, list[str]] = {}
     windows: dict[str, list[int]] = {}
+    local_comps: dict[tuple[str, str], ElementwiseComparison] = {}
+    stage_by_tap = {t: st.name for st in stages for t in st.outputs}
+    local_unsupported: list[str] = []
+
+    def local_comparison(tap: str, a: str) -> ElementwiseComparison:
+        key = (tap, a)
+        if key not in local_comps:
+            rtol = tolerances.rtol(backends[a].precision)
+            local_comps[key] = ElementwiseComparison(
+                "local_vs_reference", tap, a, ref or "", 0.0, rtol, factor=tolerances.factor(tap)
+            )
+        return local_comps[key]
 
     def comparison(kind: str, tap: str, a: str, b: str) -> ElementwiseComparison:
         key = (tap, a, b)
@@ -318,10 +350,28 @@ def run_parity(
         else:
             scales = {}
         size = next((int(a.shape[0]) for out in raw.values() for a in out.values() if np.ndim(a)), 0)
-        outputs = {name: {t: v for t, v in out.items() if selected(t)} for name, out in raw.items()}
-        del raw
         specs = [s for s in expected(size) if selected(s.name)] if expected else None
         spec_by_name = {s.name: s for s in specs} if specs else {}
+        if stages and ref is not None:
+            local_scales = scaler.local_error_scales(batch, dict(own)) if scaler is backends[ref] else {}
+            for name in others:
+                if not backends[name].runs_stages:
+                    if name not in local_unsupported:
+                        local_unsupported.append(name)
+                    continue
+                _run_stages(
+                    name,
+                    backends[name],
+                    stages,
+                    raw[ref],
+                    local_scales,
+                    tolerances,
+                    selected,
+                    local_comparison,
+                    functools.partial(_windowed_tap, windowed, spec_by_name),
+                )
+        outputs = {name: {t: v for t, v in out.items() if selected(t)} for name, out in raw.items()}
+        del raw
         bounds: dict[str, dict[str, dict[str, np.ndarray]]] = {n: {} for n in backends}
         for tap in _tap_order(specs, outputs, ref):
             if tap not in order:
@@ -402,10 +452,12 @@ def run_parity(
                 scale="model" if tap in scaled_taps else "magnitude",
                 not_exposed=not_exposed.get(tap, []),
                 window=windows.get(tap),
+                stage=stage_by_tap.get(tap),
+                local=[c.finish() for (t, n), c in local_comps.items() if t == tap and n in backends],
             )
         )
     for t in result.taps:
-        for c in t.comparisons:
+        for c in [*t.comparisons, *t.local]:
             if c.passed:
                 continue
             declaration = next((d for side in (c.a, c.b) if (d := ledger.declared_tap(t.name, side))), None)
@@ -417,6 +469,8 @@ def run_parity(
     result.statistic_tolerances = {n: acc.bounds() for n, acc in stats.items()}
     result.reference = ref
     result.first_divergence = _first_divergence(result.taps, ref, tolerances.blame_ratio)
+    result.first_local_divergence = _first_local_divergence(result.taps)
+    result.local_unsupported = [n for n in local_unsupported if n in backends]
     result.verdict = decide(result)
     return result
 
@@ -463,6 +517,81 @@ def check_arbiter(taps: Mapping[str, np.ndarray], float32_sides: Sequence[str] =
                     f"the float64 reference reaches {peak:.3g} at {name}, beyond float32's range "
                     f"({FLOAT32_MAX:.3g}): {', '.join(float32_sides)} cannot represent it, so nothing can be compared",
                 )
+
+
+def _windowed_tap(
+    windowed: Callable[[TapSpec | None, tuple[int, ...], bool], bool],
+    specs: Mapping[str, TapSpec],
+    tap: str,
+    shape: tuple[int, ...],
+    is_complex: bool,
+) -> bool:
+    return windowed(specs.get(tap), shape, is_complex)
+
+
+def _as_precision(values: np.ndarray, precision: str) -> np.ndarray:
+    """The reference's values as a backend of ``precision`` receives them (float32: rounded once)."""
+    if precision == "float64":
+        return values
+    return values.astype(np.complex64 if np.iscomplexobj(values) else np.float32)
+
+
+def _run_stages(
+    name: str,
+    backend: Backend,
+    stages: Sequence[Stage],
+    ref_taps: Mapping[str, np.ndarray],
+    scales: Mapping[str, np.ndarray],
+    tolerances: Tolerances,
+    selected: Callable[[str], bool],
+    comparison: Callable[[str, str], ElementwiseComparison],
+    windowed: Callable[[str, tuple[int, ...], bool], bool],
+) -> None:
+    """Layer-local parity for one backend and batch: each stage on the reference's inputs to it."""
+    for stage in stages:
+        wanted = [t for t in stage.outputs if selected(t) and t in ref_taps]
+        if not wanted:
+            continue
+        if any(n not in ref_taps for n in stage.inputs):
+            continue  # an input the run left out (--taps) or the reference did not give
+        inputs = {n: _as_precision(np.asarray(ref_taps[n]), backend.precision) for n in stage.inputs}
+        try:
+            produced = backend.run_stage(stage, inputs)
+        except ParityInputError:
+            raise
+        except Exception as exc:
+            why = f"stage {stage.name} of {name} raised {type(exc).__name__}: {exc}"
+            for t in wanted:
+                comparison(t, name).fail(why)
+            continue
+        for t in wanted:
+            acc = comparison(t, name)
+            arr = produced.get(t)
+            if arr is None:
+                acc.fail(f"stage {stage.name} of {name} did not return {t}")
+                continue
+            got, expected = np.asarray(arr), np.asarray(ref_taps[t])
+            s = _fitting_scale(scales.get(t), expected)
+            if got.shape != expected.shape and windowed(t, got.shape, np.iscomplexobj(got)):
+                # A declared config difference sizes this tap (the canvas): the centred window both hold.
+                got, expected, s = _centred_common(got, expected, np.broadcast_to(s, expected.shape))
+            acc.add(got, expected, tolerances.atol(t, s, precision=backend.precision))
+
+
+def _first_local_divergence(taps: Sequence[TapResult]) -> dict[str, Any] | None:
+    """The first tap, in order of computation, whose stage computes differently when fed the
+    reference's inputs: that stage itself differs, whatever was carried into it end to end."""
+    for tap in taps:
+        failed = [c for c in tap.local if not c.passed and c.known is None]
+        if failed:
+            return {
+                "stage": tap.stage,
+                "tap": tap.name,
+                "backends": [c.a for c in failed],
+                "margins": {c.a: c.margin for c in tap.local if c.reason is None},
+                "comparisons": [c.summary() for c in failed],
+            }
+    return None
 
 
 def _centred_common(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -20,6 +20,7 @@ from parity.deviations import Deviation, allow_config_diff, load_deviations
 from parity.errors import BackendUnavailableError, ParityInputError
 from parity.registry import load_backend
 from parity.runner import ArbiterOutOfRangeError, ParityResult, run_parity
+from parity.stages import stages
 from parity.taps import TapSelection, tap_specs
 from parity.tolerances import Tolerances, load_tolerances
 from parity.weights import DEFAULT_SEED, generate_weights, load_weights, validate_weights, weights_sha256
@@ -79,6 +80,7 @@ class RunSpec:
     deviations: Sequence[str | os.PathLike[str]] = ()  # declared-deviation files (parity.deviations)
     allow_config_diff: Sequence[str] = ()  # one-off declared config differences, any backend
     shipped_deviations: bool = True  # apply the deviation files the backends ship
+    local: bool = True  # layer-local parity: each stage also fed the reference's inputs to it
 
 
 def resolve_weights(spec: RunSpec) -> dict[str, np.ndarray]:
@@ -203,6 +205,7 @@ class PreparedRun:
                 weights_sha256=weights_sha256(weights),
                 progress=progress,
                 taps=spec.taps,
+                stages=stages(spec.config) if spec.local else (),
                 deviations=self.deviations,
             )
         except ArbiterOutOfRangeError as exc:

@@ -27,3 +27,11 @@ def test_forward_parity_other_options(changes, parity_run, parity_baseline):
     """Options outside the matrix: each one at the defaults otherwise, all taps against the reference."""
     result = parity_run(ModelConfig(**changes), batch_size=BATCH, max_groups=BATCH)
     parity_baseline.check(result)
+
+
+@pytest.mark.parity
+def test_forward_parity_offsets_not_centred(parity_run, parity_baseline):
+    """Offsets relative to each group's first member, as imported data may hold them: the batch's mean
+    offset d̄ is not 0, so the merge's subtraction of it is exercised (the original accepts such data)."""
+    result = parity_run(ModelConfig(), fixture="n64_g2_offcentre", batch_size=BATCH, max_groups=BATCH)
+    parity_baseline.check(result)

@@ -13,6 +13,7 @@ from parity.backend import Backend, Taps
 from parity.batch import CanonicalBatch
 from parity.config import ModelConfig
 from parity.errors import ParityInputError
+from parity.stages import Stage
 from parity.weights import validate_weights
 
 _THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -25,6 +26,11 @@ def _blas_info() -> dict[str, Any]:
     except (KeyError, TypeError, ValueError):
         return {}
     return {key: str(blas[key]) for key in ("name", "version") if key in blas}
+
+
+def _offsets(tap: np.ndarray) -> np.ndarray:
+    """The offsets tap (B, C, 1, 2) as the model takes them, (B, C, 2)."""
+    return tap.reshape(tap.shape[0], tap.shape[1], 2)
 
 
 class ReferenceBackend(Backend):
@@ -73,6 +79,58 @@ class ReferenceBackend(Backend):
             batch.offsets.astype(np.float64),
             batch.probe.astype(np.complex128).reshape(1, 1, N, N),
         )
+
+    def local_error_scales(self, batch: CanonicalBatch, taps: Taps) -> Taps:
+        """The error scale of every tap when its stage starts from the reference's inputs rounded to
+        float32 (layer-local parity)."""
+        N = self.config.N
+        return self.model.error_scales(
+            {name: np.asarray(v) for name, v in taps.items()},
+            batch.offsets.astype(np.float64),
+            batch.probe.astype(np.complex128).reshape(1, 1, N, N),
+            local=True,
+        )
+
+    runs_stages = True
+
+    def run_stage(self, stage: Stage, inputs: Mapping[str, np.ndarray]) -> Taps:
+        """The stage in float64 on its inputs, widened first (it is fed its own taps in tests and by
+        users checking a stage by hand; the harness compares float32 backends against its forward)."""
+        m = self.model
+        values = [
+            np.asarray(inputs[n]).astype(np.complex128 if np.iscomplexobj(inputs[n]) else np.float64)
+            for n in stage.inputs
+        ]
+        taps: Taps = {}
+        kind, first = stage.kind, values[0]
+        if kind == "input":
+            m.scale_input(first, taps)
+        elif kind == "encoder":
+            assert stage.block is not None
+            m.encoder[stage.block](first, taps)
+        elif kind == "decoder":
+            assert stage.branch is not None and stage.block is not None
+            m.heads[stage.branch].decoder[stage.block](first, taps)
+        elif kind == "head":
+            assert stage.branch is not None
+            m.head(stage.branch, first, taps)
+        elif kind == "patches":
+            m.object_patches(first, values[1], taps)
+        elif kind == "merge":
+            m.trim(m.merge(first, _offsets(values[1]), taps), taps)
+        elif kind == "reextract":
+            m.reextract(first, _offsets(values[1]), taps)
+        elif kind == "illuminate":
+            m.illuminate(first, values[1], taps)
+        elif kind == "diffract":
+            m.diffract(first, taps)
+        elif kind == "output":
+            m.outputs(first, taps)
+        elif kind == "loss":
+            m.losses(first, values[1], values[2], taps)
+        else:
+            raise ValueError(f"reference backend: unknown stage kind {kind!r} of stage {stage.name!r}")
+        return {name: np.ascontiguousarray(taps[name]) for name in stage.outputs}
 
     def effective_config(self) -> dict[str, Any]:
         """Structural keys and the canvas read back from the built model; the rest from the config.

@@ -59,7 +59,7 @@ TINY = float(np.finfo(np.float32).tiny) / U32
 # Half-width, in units of u·S, of the band over which a non-linear step (the clamped log) is
 # linearised: wider than any tolerance factor, so the band covers every value a backend may hold.
 BAND = 1024.0
-NLL_FLOOR = 1e-12
+NLL_FLOOR = physics.NLL_FLOOR
 
 
 def conv_scale(x: Array, s_x: Array, kernel: Array, bias: Array) -> Array:
@@ -162,7 +162,7 @@ def merge_scale(patches: Array, s_patches: Array, offsets: Array, canvas: Array,
     source = _translation_source(padded, pad_spatial(s_patches, pad), extent) + C * np.abs(padded)
     s_num = physics.translate(source, shift).sum(axis=1, keepdims=True)
     mask = np.broadcast_to(pad_spatial(physics.centre_mask(N), pad), padded.shape)
-    den = physics.translate(mask, shift).sum(axis=1, keepdims=True) + physics.CANVAS_EPSILON
+    den = physics.translate(mask, shift).sum(axis=1, keepdims=True) + physics.MERGE_EPSILON
     s_den = physics.translate(_translation_source(mask, np.zeros_like(mask), extent), shift).sum(axis=1, keepdims=True)
     s_den += C * den
     return np.asarray(s_num / den + np.abs(canvas) * s_den / den + 2.0 * np.abs(canvas)) + TINY
@@ -264,7 +264,7 @@ def padded(s: Array, width: int) -> Array:
 
 
 def crop(s: Array, size: int) -> Array:
-    return physics.centre_crop(s, size)
+    return physics.crop_centre(s, size)
 
 
 def as_scales(taps: Mapping[str, Array]) -> dict[str, Array]:

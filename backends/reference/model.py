@@ -30,7 +30,6 @@ from backends.reference.ops import (
     swish,
     upsample2,
 )
-from parity.batch import disk_mask
 from parity.config import ModelConfig
 from parity.taps import HEADS
 
@@ -168,7 +167,7 @@ class ReferenceModel:
         # pad_object is false; kept as the model's own state so effective_config can report them.
         self.object_big = config.object_big
         self.probe_big = config.probe_big
-        self.illumination_mask = disk_mask(self.N) if config.probe_mask else None
+        self.illumination_mask = physics.disk_mask(self.N) if config.probe_mask else None
 
     @staticmethod
     def _build_head(h: str, activation: Activation, config: ModelConfig, weights: Mapping[str, np.ndarray]) -> Head:
@@ -263,7 +262,7 @@ class ReferenceModel:
         patches = physics.complex_from_parts(amplitude * np.cos(phase), amplitude * np.sin(phase))
         return _record(taps, "object.patches", patches)
 
-    def canvas(self, patches: Array, offsets: Array, taps: Taps | None = None) -> Array:
+    def merge(self, patches: Array, offsets: Array, taps: Taps | None = None) -> Array:
         if self.object_big:
             canvas = physics.merge(patches, offsets, self.M)
         else:
@@ -271,7 +270,7 @@ class ReferenceModel:
         return _record(taps, "object.canvas", canvas)
 
     def trim(self, canvas: Array, taps: Taps | None = None) -> Array:
-        return _record(taps, "object.trimmed", physics.centre_crop(canvas, self.N))
+        return _record(taps, "object.trimmed", physics.crop_centre(canvas, self.N))
 
     def reextract(self, canvas: Array, offsets: Array, taps: Taps | None = None) -> Array:
         return _record(taps, "object.reextracted", physics.reextract(canvas, offsets, self.N))
@@ -289,11 +288,8 @@ class ReferenceModel:
 
     def losses(self, amplitude: Array, intensity: Array, x: Array, taps: Taps | None = None) -> tuple[Array, Array]:
         """Per-group Poisson NLL and MAE, means over (C, H, W); x is the unscaled model input."""
-        axes = (1, 2, 3)
-        nll_terms = intensity - x**2 * np.log(np.maximum(intensity, 1e-12))
-        nll = _record(taps, "loss.poisson_nll", nll_terms.mean(axis=axes, keepdims=True))
-        mae = _record(taps, "loss.mae", np.abs(amplitude - x).mean(axis=axes, keepdims=True))
-        return nll, mae
+        nll, mae = physics.losses(amplitude, intensity, x)
+        return _record(taps, "loss.poisson_nll", nll), _record(taps, "loss.mae", mae)
 
     def forward(self, x: Array, offsets: Array, probe: Array, taps: Taps | None = None) -> Array:
         """x (B, C, N, N), offsets (B, C, 2), probe (1, 1, N, N), all float64/complex128.
@@ -304,7 +300,7 @@ class ReferenceModel:
         amplitude = self.branch("amp", features, taps)
         phase = self.branch("phase", features, taps)
         patches = self.object_patches(amplitude, phase, taps)
-        canvas = self.canvas(patches, offsets, taps)
+        canvas = self.merge(patches, offsets, taps)
         self.trim(canvas, taps)
         psi = self.illuminate(self.reextract(canvas, offsets, taps), probe, taps)
         amp_pred, intensity = self.outputs(self.diffract(psi, taps), taps)
@@ -313,50 +309,62 @@ class ReferenceModel:
 
     # ---- float32 error scales (see error_model) -------------------------------------------------
 
-    def error_scales(self, taps: Mapping[str, Array], offsets: Array, probe: Array) -> dict[str, Array]:
+    def error_scales(
+        self, taps: Mapping[str, Array], offsets: Array, probe: Array, local: bool = False
+    ) -> dict[str, Array]:
         """The float32 error scale of every tap of one forward pass, from that pass's own taps.
 
         Walks the model in the order of ``forward``: each stage's scale is computed from its
         reference input and that input's scale (error_model), so the scales carry error forward the
-        way a float32 implementation does.
+        way a float32 implementation does. ``local``: every stage (``parity.stages``) starts from its
+        reference inputs rounded to float32, carrying nothing in, as layer-local parity feeds it.
         """
+
+        def enter(x: Array, s: Array) -> Array:
+            return em.input_scale(x) if local else s
+
         S: dict[str, Array] = {name: em.input_scale(taps[name]) for name in ("input.x", "input.offsets", "input.probe")}
         S["input.scaled"] = em.scaled_input_scale(taps["input.scaled"])
         x, s_x = taps["input.scaled"], S["input.scaled"]
         for block in self.encoder:
-            x, s_x = self._block_scales(block, x, s_x, taps, S)
+            x, s_x = self._block_scales(block, x, enter(x, s_x), taps, S)
         features, s_features = x, s_x
         final: dict[str, tuple[Array, Array]] = {}
         for h, head in self.heads.items():
-            final[h] = self._head_scales(h, head, features, s_features, taps, S)
-        (amplitude, s_amp), (_, s_phase) = final["amp"], final["phase"]
-        S["object.patches"] = em.patches_scale(amplitude, s_phase, s_amp)
+            final[h] = self._head_scales(h, head, features, s_features, taps, S, enter)
+        (amplitude, s_amp), (phase, s_phase) = final["amp"], final["phase"]
+        S["object.patches"] = em.patches_scale(amplitude, enter(phase, s_phase), enter(amplitude, s_amp))
         patches = taps["object.patches"]
         canvas = taps["object.canvas"]
+        s_patches = enter(patches, S["object.patches"])
         if self.object_big:
-            S["object.canvas"] = em.merge_scale(patches, S["object.patches"], offsets, canvas, self.M)
+            S["object.canvas"] = em.merge_scale(patches, s_patches, offsets, canvas, self.M)
         else:
-            S["object.canvas"] = em.padded(S["object.patches"], (self.M - self.N) // 2)
+            S["object.canvas"] = em.padded(s_patches, (self.M - self.N) // 2)
         S["object.trimmed"] = em.crop(S["object.canvas"], self.N)
         B, C = offsets.shape[:2]
         wide = (B, C, self.M, self.M)
-        moved = em.translate_scale(np.broadcast_to(canvas, wide), np.broadcast_to(S["object.canvas"], wide), offsets)
+        s_canvas = enter(canvas, S["object.canvas"])
+        moved = em.translate_scale(np.broadcast_to(canvas, wide), np.broadcast_to(s_canvas, wide), offsets)
         S["object.reextracted"] = em.crop(moved, self.N)
+        reextracted, illuminated = taps["object.reextracted"], taps["physics.illuminated"]
         S["physics.illuminated"] = em.illumination_scale(
-            taps["object.reextracted"], S["object.reextracted"], probe, self.illumination_mask
+            reextracted, enter(reextracted, S["object.reextracted"]), probe, self.illumination_mask
         )
         S["physics.diffraction"] = em.diffraction_scale(
-            taps["physics.illuminated"], S["physics.illuminated"], taps["physics.diffraction"]
+            illuminated, enter(illuminated, S["physics.illuminated"]), taps["physics.diffraction"]
         )
+        diffraction = taps["physics.diffraction"]
         S["output.amplitude"] = em.amplitude_scale(
-            taps["physics.diffraction"], S["physics.diffraction"], taps["output.amplitude"], float(self.log_scale)
+            diffraction, enter(diffraction, S["physics.diffraction"]), taps["output.amplitude"], float(self.log_scale)
         )
         S["output.intensity"] = em.intensity_scale(
             taps["output.amplitude"], S["output.amplitude"], taps["output.intensity"]
         )
         x_in = np.asarray(taps["input.x"], dtype=np.float64)
-        S["loss.poisson_nll"] = em.poisson_nll_scale(taps["output.intensity"], S["output.intensity"], x_in)
-        S["loss.mae"] = em.mae_scale(taps["output.amplitude"], S["output.amplitude"], x_in)
+        amp_out, intensity = taps["output.amplitude"], taps["output.intensity"]
+        S["loss.poisson_nll"] = em.poisson_nll_scale(intensity, enter(intensity, S["output.intensity"]), x_in)
+        S["loss.mae"] = em.mae_scale(amp_out, enter(amp_out, S["output.amplitude"]), x_in)
         return em.as_scales({name: S[name] for name in taps})
 
     @staticmethod
@@ -380,12 +388,21 @@ class ReferenceModel:
         return out, em.relu_pass_on(out, s_out)
 
     def _head_scales(
-        self, h: str, head: Head, features: Array, s_features: Array, taps: Mapping[str, Array], S: dict[str, Array]
+        self,
+        h: str,
+        head: Head,
+        features: Array,
+        s_features: Array,
+        taps: Mapping[str, Array],
+        S: dict[str, Array],
+        enter: Callable[[Array, Array], Array],
     ) -> tuple[Array, Array]:
-        """Scales of one branch; returns its final map and that map's scale."""
+        """Scales of one branch; returns its final map and that map's scale. ``enter`` gives the
+        error a stage's input carries (all of it end to end, only its rounding layer-locally)."""
         x, s_x = features, s_features
         for block in head.decoder:
-            x, s_x = self._block_scales(block, x, s_x, taps, S)
+            x, s_x = self._block_scales(block, x, enter(x, s_x), taps, S)
+        s_x = enter(x, s_x)
         activation = _ACTIVATION_NAMES[head.activation]
         if head.full is not None and head.full_out is not None:
             up, s_up = self._block_scales(head.full, x, s_x, taps, S)

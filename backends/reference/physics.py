@@ -14,7 +14,9 @@ import numpy as np
 from backends.reference.ops import Array, pad_spatial
 
 # Added to the canvas denominator so pixels no central window covers divide by 0.001, not by 0.
-CANVAS_EPSILON = 0.001
+MERGE_EPSILON = 0.001
+# Clamp inside the Poisson log (spec, section 4).
+NLL_FLOOR = 1e-12
 
 
 def complex_from_parts(real: Array, imag: Array) -> Array:
@@ -43,6 +45,15 @@ def centre_mask(N: int) -> Array:
 
 def border_mask(N: int) -> Array:
     return 1.0 - centre_mask(N)
+
+
+def disk_mask(N: int) -> Array:
+    """The hard disk of probe_mask: pixel centres at (i - N/2 + 0.5, j - N/2 + 0.5), inside when the
+    radius is below N/4. The reference keeps its own copy: an arbiter must not share the harness's
+    (parity.batch) or a bug there would be copied into the arbiter too."""
+    c = np.arange(N) - N / 2 + 0.5
+    r2 = c[:, None] ** 2 + c[None, :] ** 2
+    return (r2 < (N / 4) ** 2).astype(np.float64)
 
 
 def translate(images: Array, offsets: Array) -> Array:
@@ -78,7 +89,7 @@ def translate(images: Array, offsets: Array) -> Array:
     return out.reshape(*lead, H, W)
 
 
-def centre_crop(images: Array, size: int) -> Array:
+def crop_centre(images: Array, size: int) -> Array:
     """Rows and columns [(M - size)/2, (M - size)/2 + size) of the last two axes."""
     start = (images.shape[-1] - size) // 2
     return images[..., start : start + size, start : start + size]
@@ -97,7 +108,7 @@ def merge(patches: Array, offsets: Array, M: int) -> Array:
     shift = -(d - d.reshape(-1, 2).mean(axis=0))
     numerator = translate(pad_spatial(patches, pad), shift).sum(axis=1, keepdims=True)
     coverage = translate(pad_spatial(centre_mask(N), pad), shift).sum(axis=1, keepdims=True)
-    return divide_complex(numerator, coverage + CANVAS_EPSILON)
+    return divide_complex(numerator, coverage + MERGE_EPSILON)
 
 
 def pad_to_canvas(patch: Array, M: int) -> Array:
@@ -107,7 +118,7 @@ def pad_to_canvas(patch: Array, M: int) -> Array:
 
 def reextract(canvas: Array, offsets: Array, N: int) -> Array:
     """Canvas (B, 1, M, M) moved by each raw offset (B, C, 2), centre N x N kept: (B, C, N, N)."""
-    return centre_crop(translate(canvas, offsets), N)
+    return crop_centre(translate(canvas, offsets), N)
 
 
 def illuminate(patches: Array, probe: Array, mask: Array | None = None) -> Array:
@@ -124,3 +135,11 @@ def diffract(field: Array) -> Array:
     spectrum = np.fft.fft2(field, axes=(-2, -1))
     intensity = (spectrum.real**2 + spectrum.imag**2) / N**2
     return np.asarray(np.sqrt(np.fft.fftshift(intensity, axes=(-2, -1))))
+
+
+def losses(amplitude: Array, intensity: Array, x: Array) -> tuple[Array, Array]:
+    """Per-group Poisson NLL (clamped log) and MAE, means over (C, H, W); x is the unscaled input."""
+    axes = (1, 2, 3)
+    nll = (intensity - x**2 * np.log(np.maximum(intensity, NLL_FLOOR))).mean(axis=axes, keepdims=True)
+    mae = np.abs(amplitude - x).mean(axis=axes, keepdims=True)
+    return nll, mae

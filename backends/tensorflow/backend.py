@@ -1,4 +1,4 @@
-"""The harness adapter for the TensorFlow model: precision controls, taps as NumPy, environment."""
+"""The harness adapter for the TensorFlow model: devices, precision controls, taps as NumPy, environment."""
 
 from __future__ import annotations
 
@@ -12,13 +12,37 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from backends.tensorflow import physics
 from backends.tensorflow.model import AMP_ACTIVATIONS, EXECUTION, SEED, PtychoModel
 from parity.backend import Backend, Taps
 from parity.batch import CanonicalBatch
 from parity.config import ModelConfig
+from parity.errors import ParityInputError
+from parity.stages import Stage
 from parity.taps import tap_specs
 from parity.weights import parameter_shapes, validate_weights
+
+_DEVICES = {"cpu": "/CPU:0", "cuda": "/GPU:0"}
+
+
+def device_problem(device: str) -> str | None:
+    """Why TensorFlow cannot run on ``device`` here, or None."""
+    if device not in _DEVICES:
+        return f"device {device!r} is not supported by the tensorflow backend; use 'cpu' or 'cuda'"
+    if device == "cuda" and not tf.config.list_physical_devices("GPU"):
+        return (
+            "tensorflow backend: device 'cuda' was requested but TensorFlow sees no GPU "
+            "(tf.config.list_physical_devices('GPU') is empty); install tensorflow[and-cuda] on a "
+            "CUDA machine, or run with device 'cpu'"
+        )
+    return None
+
+
+def tf_device(device: str) -> str:
+    """TensorFlow device string for the harness's device option; fails loudly, never falls back."""
+    problem = device_problem(device)
+    if problem is not None:
+        raise ParityInputError(problem)
+    return _DEVICES[device]
 
 
 def set_precision_controls() -> None:
@@ -49,22 +73,26 @@ def _onednn_enabled() -> bool | None:
 
 
 class TensorFlowBackend(Backend):
-    """PtychoPINN forward model in TensorFlow / Keras 3, float32, one tf.function per instance."""
+    """PtychoPINN forward model in TensorFlow / Keras 3, float32, one tf.function per instance.
+
+    ``model_class`` is what gets built: a subclass naming a PtychoModel subclass is a mutant backend.
+    """
 
     name: str = "tensorflow"
     precision: str = "float32"
+    model_class: type[PtychoModel] = PtychoModel
 
     @classmethod
     def device_problem(cls, device: str) -> str | None:
-        return physics.device_problem(device)
+        return device_problem(device)
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], device: str = "cpu") -> None:
         validate_weights(weights, config)
         super().__init__(config, weights, device)
-        self._tf_device = physics.tf_device(device)
+        self._tf_device = tf_device(device)
         set_precision_controls()
         with tf.device(self._tf_device):
-            self.model = PtychoModel(config)
+            self.model = self.model_class(config)
             self.model.load_weights(weights)
         # A fixed signature with a free batch size: one trace per instance, whatever the batch.
         self._graph = tf.function(
@@ -74,6 +102,7 @@ class TensorFlowBackend(Backend):
             autograph=False,
         )
         self._concrete: Any = None
+        self._stage_graphs: dict[str, Any] = {}
 
     def _traced(self) -> Any:
         """The forward graph, traced on first use (keeps construction fast for builds never run).
@@ -104,6 +133,28 @@ class TensorFlowBackend(Backend):
         taps.update({name: arr for name, arr in produced.items() if name not in taps})
         return taps
 
+    runs_stages = True
+
+    def run_stage(self, stage: Stage, inputs: Mapping[str, np.ndarray]) -> Taps:
+        """The stage in a tf.function of its own, as the forward runs (eager execution rounds
+        differently), traced once per stage and instance."""
+        graph = self._stage_graphs.get(stage.name)
+        if graph is None:
+            # A concrete function per stage with a free batch size, called directly (as the forward's
+            # is): one trace each, and no retracing warnings from a dozen stages sharing one lambda.
+            specs = [
+                tf.TensorSpec([None, *np.shape(inputs[n])[1:]], tf.as_dtype(np.asarray(inputs[n]).dtype))
+                for n in stage.inputs
+            ]
+            with tf.device(self._tf_device):
+                graph = tf.function(
+                    lambda *tensors: self.model.run_stage(stage, list(tensors)), jit_compile=False, autograph=False
+                ).get_concrete_function(*specs)
+            self._stage_graphs[stage.name] = graph
+        with tf.device(self._tf_device):
+            computed = graph(*(tf.constant(np.asarray(inputs[n])) for n in stage.inputs))
+        return {name: np.asarray(computed[name].numpy()) for name in stage.outputs if name in computed}
+
     def tracing_count(self) -> int:
         """How often the forward graph was traced (1 after any number of calls, if all is well)."""
         return int(self._graph.experimental_get_tracing_count())
@@ -119,7 +170,8 @@ class TensorFlowBackend(Backend):
         N = int(m.input_spec[0].shape[-1])
         gridsize = math.isqrt(int(first.kernel.shape[2]))
         pad_object = amp.centre is not None
-        activation = next(k for k, fn in AMP_ACTIVATIONS.items() if fn is amp.activation)
+        # Read back from the built head; a subclass's own activation falls back to the name it was built for.
+        activation = next((k for k, fn in AMP_ACTIVATIONS.items() if fn is amp.activation), m.amp_activation_name)
         offset = self.config.offset  # only enters through M, together with the jitter margin
         return {
             "N": N,

@@ -9,6 +9,11 @@ return channels-last tensors; their taps are transposed to (B, C, H, W) only whe
 The whole forward runs inside one ``tf.function`` (no XLA). Eager, graph and XLA execution of the
 same Keras model differ by up to ~1e-5, as much as TF differs from PyTorch, so the mode is fixed here
 and reported in ``environment()`` rather than left to whoever calls the model.
+
+Stage methods carry the same names and argument orders as the torch model's. The pieces a porting
+bug typically gets wrong (activation, pooling, upsampling, masks, translation) are built or called
+through ``make_*`` and ``translate`` methods: a subclass overriding one changes the model, which is
+how tests plant a bug without patching module globals.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from backends.tensorflow import physics
-from parity.batch import disk_mask
 from parity.config import ModelConfig
+from parity.stages import Stage
 from parity.taps import HEADS
 
 Tensor = Any  # tf.Tensor; TensorFlow ships no type stubs
@@ -88,19 +93,23 @@ def _nhwc(t: Tensor) -> Tensor:
     return tf.transpose(t, [0, 2, 3, 1])
 
 
-class ConvBlock:
-    """Two ReLU convs then a resampling layer: a down block (max-pool) or an up block (upsample)."""
+def _offsets(tap: Tensor) -> Tensor:
+    """The offsets tap (B, C, 1, 2) as the physics takes them, (B, C, 2)."""
+    return tf.reshape(tap, [tf.shape(tap)[0], tf.shape(tap)[1], 2])
 
-    def __init__(self, prefix: str, cin: int, filters: int, size: int, down: bool) -> None:
+
+class ConvBlock:
+    """Two ReLU convs then a resampling layer: a down block (tap ``pool``) or an up block (``up``).
+
+    The resampling layer is the model's (``make_pool`` / ``make_upsample``), so a subclass can swap it.
+    """
+
+    def __init__(self, prefix: str, cin: int, filters: int, size: int, resample: Any, resample_tap: str) -> None:
         self.prefix = prefix
         self.conv0 = _conv(f"{prefix}.conv0", cin, filters, size, relu=True)
         self.conv1 = _conv(f"{prefix}.conv1", filters, filters, size, relu=True)
-        if down:
-            self.resample = keras.layers.MaxPooling2D(2, strides=2, padding="valid", name=f"{prefix}.pool")
-            self.resample_tap = "pool"
-        else:
-            self.resample = keras.layers.UpSampling2D(2, interpolation="nearest", name=f"{prefix}.up")
-            self.resample_tap = "up"
+        self.resample = resample
+        self.resample_tap = resample_tap
 
     def convs(self) -> dict[str, Any]:
         return {self.conv0.name: self.conv0, self.conv1.name: self.conv1}
@@ -118,7 +127,14 @@ class ConvBlock:
 class Head:
     """One output branch (amplitude or phase): its decoder and its head, with separate weights."""
 
-    def __init__(self, name: str, config: ModelConfig, activation: Activation) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: ModelConfig,
+        activation: Activation,
+        make_upsample: Callable[[], Any],
+        border_mask: np.ndarray,
+    ) -> None:
         self.name = name
         self.activation = activation
         N, F, g, out = config.N, config.F, config.head_up_filters, config.out_ch
@@ -126,7 +142,7 @@ class Head:
         cin = config.encoder_filters[-1]
         self.decoder: list[ConvBlock] = []
         for i, f in enumerate(config.decoder_filters):
-            self.decoder.append(ConvBlock(f"{name}.decoder.block{i}", cin, f, size, down=False))
+            self.decoder.append(ConvBlock(f"{name}.decoder.block{i}", cin, f, size, make_upsample(), "up"))
             cin, size = f, size * 2
         half = N // 2
         self.centre: Any = None
@@ -137,13 +153,13 @@ class Head:
         if config.pad_object:
             self.centre = _conv(f"{name}.head.centre", F - 4, out, half, relu=False)
             if config.probe_big:
-                self.border = ConvBlock(f"{name}.head.border", 4, g, half, down=False)
+                self.border = ConvBlock(f"{name}.head.border", 4, g, half, make_upsample(), "up")
                 self.border_out = _conv(f"{name}.head.border.out", g, out, N, relu=False)
         else:
-            self.full = ConvBlock(f"{name}.head.full", F, g, half, down=False)
+            self.full = ConvBlock(f"{name}.head.full", F, g, half, make_upsample(), "up")
             self.full_out = _conv(f"{name}.head.full.out", g, out, N, relu=False)
         self.N = N
-        self.border_mask = tf.constant((1.0 - physics.centre_mask(N))[None, :, :, None])
+        self.border_mask = tf.constant(np.asarray(border_mask, dtype=np.float32)[None, :, :, None])
 
     def convs(self) -> dict[str, Any]:
         """This head's convs in canonical parameter order (decoder, centre, border or full branch)."""
@@ -207,7 +223,11 @@ class Head:
 
 
 class PtychoModel:
-    """The canonical model built for one configuration; weights are loaded separately."""
+    """The canonical model built for one configuration; weights are loaded separately.
+
+    Subclasses change the model through the ``make_*`` build hooks and ``translate`` (see the module
+    docstring); the defaults build the canonical model.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -215,22 +235,58 @@ class PtychoModel:
         self.N, self.M, self.C = N, config.M, C
         self.object_big = config.object_big
         self._probe_big = config.probe_big  # read back only where no border branch can show it
+        # effective_config reads the activation back by identity; a hook's own function has no name.
+        self.amp_activation_name = config.amp_activation
         self.log_scale = tf.Variable(0.0, dtype=tf.float32, trainable=True, name="log_scale")
         self.encoder: list[ConvBlock] = []
         cin, size = C, N
         for i, f in enumerate(config.encoder_filters):
-            self.encoder.append(ConvBlock(f"encoder.block{i}", cin, f, size, down=True))
+            self.encoder.append(ConvBlock(f"encoder.block{i}", cin, f, size, self.make_pool(), "pool"))
             cin, size = f, size // 2
+        self.centre_mask = np.asarray(self.make_centre_mask(N), dtype=np.float32)
+        border = np.asarray(self.make_border_mask(N), dtype=np.float32)
         self.heads = {
-            "amp": Head("amp", config, AMP_ACTIVATIONS[config.amp_activation]),
-            "phase": Head("phase", config, _pi_tanh),
+            "amp": Head("amp", config, self.make_activation(config.amp_activation), self.make_upsample, border),
+            "phase": Head("phase", config, _pi_tanh, self.make_upsample, border),
         }
-        self.probe_mask = tf.constant(disk_mask(N).astype(np.float32)) if config.probe_mask else None
+        self.probe_mask = (
+            tf.constant(np.asarray(self.make_disk_mask(N), dtype=np.float32)) if config.probe_mask else None
+        )
         self.input_spec = (
             tf.TensorSpec([None, C, N, N], tf.float32, name="x"),
             tf.TensorSpec([None, C, 2], tf.float32, name="offsets"),
             tf.TensorSpec([N, N], tf.complex64, name="probe"),
         )
+
+    # Build hooks (override in a subclass to change the model) --------------------------------------
+
+    def make_activation(self, name: str) -> Activation:
+        """The amplitude head's activation for ``amp_activation`` ``name``."""
+        return AMP_ACTIVATIONS[name]
+
+    def make_pool(self) -> Any:
+        """The 2x2 max-pool ending a down block; called once per encoder block."""
+        return keras.layers.MaxPooling2D(2, strides=2, padding="valid")
+
+    def make_upsample(self) -> Any:
+        """The x2 nearest upsampling ending an up block (decoder blocks, border and full heads)."""
+        return keras.layers.UpSampling2D(2, interpolation="nearest")
+
+    def make_centre_mask(self, N: int) -> np.ndarray:
+        """(N, N) float32 window whose moved copies the merge counts in its denominator."""
+        return physics.centre_mask(N)
+
+    def make_border_mask(self, N: int) -> np.ndarray:
+        """(N, N) float32 mask multiplied into the border branch's output."""
+        return physics.border_mask(N)
+
+    def make_disk_mask(self, N: int) -> np.ndarray:
+        """(N, N) float32 hard disk multiplied into the field when probe_mask is on."""
+        return physics.disk_mask(N)
+
+    def translate(self, images: Tensor, offsets: Tensor) -> Tensor:
+        """The bilinear translation used by both merge and reextract."""
+        return physics.translate(images, offsets)
 
     # Parameters -----------------------------------------------------------------------------------
 
@@ -273,41 +329,78 @@ class PtychoModel:
             h = block(h, taps)
         return h, taps
 
-    def decode(self, head: str, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.heads[head].decode(z)
+    def decode(self, branch: str, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.heads[branch].decode(z)
 
-    def head(self, head: str, features: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.heads[head].head(features)
+    def head(self, branch: str, features: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.heads[branch].head(features)
 
-    def combine(self, amplitude: Tensor, phase: Tensor) -> Tensor:
+    def object_patches(self, amplitude: Tensor, phase: Tensor) -> Tensor:
         """Object patches A·exp(iφ) (B, out_ch, N, N) from the two heads' channels-last maps."""
         A, phi = _nchw(amplitude), _nchw(phase)
         return tf.complex(A * tf.cos(phi), A * tf.sin(phi))
 
     def merge(self, patches: Tensor, offsets: Tensor) -> Tensor:
         if self.object_big:
-            return physics.merge_tf(patches, offsets, self.M)
-        return physics.pad_canvas_tf(patches, self.M)
+            return physics.merge(patches, offsets, self.M, translate=self.translate, centre_mask=self.centre_mask)
+        return physics.pad_to_canvas(patches, self.M)
 
     def trim(self, canvas: Tensor) -> Tensor:
-        return physics.trim_tf(canvas, self.N)
+        return physics.crop_centre(canvas, self.N)
 
     def reextract(self, canvas: Tensor, offsets: Tensor) -> Tensor:
-        return physics.reextract_tf(canvas, offsets, self.N)
+        return physics.reextract(canvas, offsets, self.N, translate=self.translate)
 
     def illuminate(self, patches: Tensor, probe: Tensor) -> Tensor:
-        return physics.illuminate_tf(patches, probe, self.probe_mask)
+        return physics.illuminate(patches, probe, self.probe_mask)
 
     def diffract(self, field: Tensor) -> Tensor:
-        return physics.diffract_tf(field)
+        return physics.diffract(field)
 
     def outputs(self, diffraction: Tensor) -> tuple[Tensor, Tensor]:
         """Predicted amplitude (diffraction · exp(log_scale)) and intensity (its square)."""
         amplitude = diffraction * tf.exp(self.log_scale)
         return amplitude, tf.square(amplitude)
 
-    def losses(self, intensity: Tensor, amplitude: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        return physics.poisson_nll_tf(intensity, x), physics.mae_tf(amplitude, x)
+    def losses(self, amplitude: Tensor, intensity: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-group Poisson NLL and MAE, (B, 1, 1, 1) each."""
+        return physics.losses(amplitude, intensity, x)
+
+    def run_stage(self, stage: Stage, inputs: list[Tensor]) -> dict[str, Tensor]:
+        """One stage (``parity.stages``) on the given inputs, canonical (B, C, H, W) layout in and out."""
+        kind, first = stage.kind, inputs[0]
+        if kind == "input":
+            return {"input.scaled": self.scale_input(first)}
+        taps: dict[str, Tensor] = {}
+        if kind == "encoder":
+            assert stage.block is not None
+            self.encoder[stage.block](_nhwc(first), taps)
+        elif kind == "decoder":
+            assert stage.branch is not None and stage.block is not None
+            self.heads[stage.branch].decoder[stage.block](_nhwc(first), taps)
+        elif kind == "head":
+            assert stage.branch is not None
+            taps = self.head(stage.branch, _nhwc(first))[1]
+        if taps:
+            return {name: _nchw(value) for name, value in taps.items()}
+        if kind == "patches":
+            return {"object.patches": self.object_patches(_nhwc(first), _nhwc(inputs[1]))}
+        if kind == "merge":
+            canvas = self.merge(first, _offsets(inputs[1]))
+            return {"object.canvas": canvas, "object.trimmed": self.trim(canvas)}
+        if kind == "reextract":
+            return {"object.reextracted": self.reextract(first, _offsets(inputs[1]))}
+        if kind == "illuminate":
+            return {"physics.illuminated": self.illuminate(first, tf.reshape(inputs[1], [self.N, self.N]))}
+        if kind == "diffract":
+            return {"physics.diffraction": self.diffract(first)}
+        if kind == "output":
+            amplitude, intensity = self.outputs(first)
+            return {"output.amplitude": amplitude, "output.intensity": intensity}
+        if kind == "loss":
+            nll, mae = self.losses(first, inputs[1], inputs[2])
+            return {"loss.poisson_nll": nll, "loss.mae": mae}
+        raise ValueError(f"tensorflow backend: unknown stage kind {kind!r} of stage {stage.name!r}")
 
     def forward(self, x: Tensor, offsets: Tensor, probe: Tensor) -> dict[str, Tensor]:
         """All taps except the three input taps, each in the canonical (B, C, H, W) layout."""
@@ -324,7 +417,7 @@ class PtychoModel:
             final[h], t = self.head(h, features)
             network.update(t)
         taps.update({name: _nchw(value) for name, value in network.items()})
-        patches = self.combine(final["amp"], final["phase"])
+        patches = self.object_patches(final["amp"], final["phase"])
         taps["object.patches"] = patches
         canvas = self.merge(patches, offsets)
         taps["object.canvas"] = canvas
@@ -338,5 +431,5 @@ class PtychoModel:
         amplitude, intensity = self.outputs(diffraction)
         taps["output.amplitude"] = amplitude
         taps["output.intensity"] = intensity
-        taps["loss.poisson_nll"], taps["loss.mae"] = self.losses(intensity, amplitude, x)
+        taps["loss.poisson_nll"], taps["loss.mae"] = self.losses(amplitude, intensity, x)
         return taps

@@ -11,20 +11,22 @@ visible in the code instead of resting on an op's fill-mode semantics. It uses t
 coordinates and the same association of products as that op's bilinear kernel, and the tests check
 that the two agree bit for bit on CPU (the original PtychoPINN translates with that op).
 
-The ``*_tf`` functions take and return TensorFlow tensors (they are what the model's graph calls);
-the plain names are thin NumPy-in/NumPy-out wrappers for tests and for layer-local comparisons.
+Every function takes and returns TensorFlow tensors (they are what the model's graph calls), under
+the same names as the other backends' physics modules; ``backends.tensorflow`` wraps a few of them
+as NumPy-in, NumPy-out functions for tests and layer-local checks. The masks are NumPy float32
+arrays built here, not imported from ``parity``: each backend keeps its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from parity.errors import ParityInputError
-
 Tensor = Any  # tf.Tensor; TensorFlow ships no type stubs
+Translate = Callable[[Tensor, Tensor], Tensor]
 
 MERGE_EPSILON = 0.001  # added to the merge denominator (spec, section 4)
 NLL_FLOOR = 1e-12  # clamp inside the Poisson log (spec, section 4)
@@ -37,7 +39,26 @@ def centre_mask(N: int) -> np.ndarray:
     return mask
 
 
-def _translate_real_tf(images: Tensor, offsets: Tensor) -> Tensor:
+def border_mask(N: int) -> np.ndarray:
+    """1 - centre_mask: where the border branch predicts; float32 (N, N)."""
+    return np.asarray(1.0 - centre_mask(N), dtype=np.float32)
+
+
+def disk_mask(N: int) -> np.ndarray:
+    """The hard probe disk, float32 (N, N): pixel centres at i - N/2 + 0.5, inside when r^2 < (N/4)^2.
+
+    Squared radii are compared in float64, where they are exact, so the boundary pixels are the
+    spec's own.
+    """
+    c = np.arange(N, dtype=np.float64) - N / 2 + 0.5
+    r2 = c[:, None] ** 2 + c[None, :] ** 2
+    return (r2 < (N / 4) ** 2).astype(np.float32)
+
+
+_default_centre_mask = centre_mask  # merge's keyword of the same name hides the function
+
+
+def _translate_real(images: Tensor, offsets: Tensor) -> Tensor:
     """Bilinear translation of real images (K, H, W) by offsets (K, 2) = [dx, dy]."""
     H, W = int(images.shape[-2]), int(images.shape[-1])
     K = tf.shape(images)[0]
@@ -73,7 +94,7 @@ def _translate_real_tf(images: Tensor, offsets: Tensor) -> Tensor:
     return (y1 - y) * top + (y - y0) * bottom
 
 
-def translate_tf(images: Tensor, offsets: Tensor) -> Tensor:
+def translate(images: Tensor, offsets: Tensor) -> Tensor:
     """Translate images (..., H, W) by offsets (..., 2) = [dx, dy]: out(x, y) = in(x - dx, y - dy).
 
     Complex images are translated as real and imaginary parts with the same weights.
@@ -86,53 +107,62 @@ def translate_tf(images: Tensor, offsets: Tensor) -> Tensor:
     if images.dtype.is_complex:
         flat = tf.reshape(images, [-1, H, W])
         parts = tf.concat([tf.math.real(flat), tf.math.imag(flat)], axis=0)
-        moved = _translate_real_tf(parts, tf.concat([flat_off, flat_off], axis=0))
+        moved = _translate_real(parts, tf.concat([flat_off, flat_off], axis=0))
         re, im = tf.split(moved, 2, axis=0)
         return tf.reshape(tf.complex(re, im), out_shape)
     flat = tf.reshape(tf.cast(images, tf.float32), [-1, H, W])
-    return tf.reshape(_translate_real_tf(flat, flat_off), out_shape)
+    return tf.reshape(_translate_real(flat, flat_off), out_shape)
 
 
-def merge_tf(patches: Tensor, offsets: Tensor, M: int) -> Tensor:
+def pad_to_canvas(images: Tensor, M: int) -> Tensor:
+    """Zero-pad the last two axes symmetrically from N to M ((M - N) / 2 on each side)."""
+    p = (M - int(images.shape[-1])) // 2
+    return tf.pad(images, [[0, 0]] * (len(images.shape) - 2) + [[p, p], [p, p]])
+
+
+def crop_centre(images: Tensor, N: int) -> Tensor:
+    """The central N x N window of the last two axes (start (M - N) // 2)."""
+    p = (int(images.shape[-1]) - N) // 2
+    return images[..., p : p + N, p : p + N]
+
+
+def merge(
+    patches: Tensor,
+    offsets: Tensor,
+    M: int,
+    *,
+    translate: Translate = translate,
+    centre_mask: Any = None,
+    epsilon: float = MERGE_EPSILON,
+) -> Tensor:
     """Canvas (B, 1, M, M) from patches (B, C, N, N) placed at -(offset - batch mean offset).
 
-    The numerator sums the full patches while the denominator counts only their central windows;
-    that mismatch is the original's behaviour and is kept on purpose (spec, section 4).
+    The numerator sums the full patches while the denominator counts only the moved ``centre_mask``
+    windows (default this module's); that mismatch is the original's behaviour and is kept on
+    purpose (spec, section 4). ``translate`` is the caller's, so a model that moves images
+    differently moves them differently here too.
     """
     N = int(patches.shape[-1])
-    p = (M - N) // 2
+    window = _default_centre_mask(N) if centre_mask is None else centre_mask
     offsets = tf.convert_to_tensor(offsets, dtype=tf.float32)
     dbar = tf.reduce_mean(offsets, axis=[0, 1])  # over all B*C offsets, dx and dy separately
     shift = -(offsets - dbar)
-    pad = [[0, 0], [0, 0], [p, p], [p, p]]
-    numerator = tf.reduce_sum(translate_tf(tf.pad(patches, pad), shift), axis=1, keepdims=True)
-    mask = tf.pad(tf.constant(centre_mask(N))[None, None], pad)
+    numerator = tf.reduce_sum(translate(pad_to_canvas(patches, M), shift), axis=1, keepdims=True)
+    mask = pad_to_canvas(tf.convert_to_tensor(window, dtype=tf.float32)[None, None], M)
     masks = tf.broadcast_to(mask, tf.concat([tf.shape(shift)[:2], [M, M]], axis=0))
-    denominator = tf.reduce_sum(translate_tf(masks, shift), axis=1, keepdims=True) + MERGE_EPSILON
+    denominator = tf.reduce_sum(translate(masks, shift), axis=1, keepdims=True) + epsilon
     return tf.complex(tf.math.real(numerator) / denominator, tf.math.imag(numerator) / denominator)
 
 
-def pad_canvas_tf(patch: Tensor, M: int) -> Tensor:
-    """object_big=false: the one patch (B, 1, N, N) zero-padded to the canvas (B, 1, M, M)."""
-    p = (M - int(patch.shape[-1])) // 2
-    return tf.pad(patch, [[0, 0], [0, 0], [p, p], [p, p]])
-
-
-def trim_tf(canvas: Tensor, N: int) -> Tensor:
-    """Centre N x N crop of a canvas (B, 1, M, M)."""
-    p = (int(canvas.shape[-1]) - N) // 2
-    return canvas[:, :, p : p + N, p : p + N]
-
-
-def reextract_tf(canvas: Tensor, offsets: Tensor, N: int) -> Tensor:
-    """Patches (B, C, N, N): the group's canvas translated by each raw offset, centre-cropped."""
+def reextract(canvas: Tensor, offsets: Tensor, N: int, *, translate: Translate = translate) -> Tensor:
+    """Patches (B, C, N, N): the group's canvas (B, 1, M, M) moved by each raw offset, centre-cropped."""
     offsets = tf.convert_to_tensor(offsets, dtype=tf.float32)
     M = int(canvas.shape[-1])
     tiled = tf.broadcast_to(canvas, tf.concat([tf.shape(offsets)[:2], [M, M]], axis=0))
-    return trim_tf(translate_tf(tiled, offsets), N)
+    return crop_centre(translate(tiled, offsets), N)
 
 
-def illuminate_tf(patches: Tensor, probe: Tensor, mask: Tensor | None = None) -> Tensor:
+def illuminate(patches: Tensor, probe: Tensor, mask: Any = None) -> Tensor:
     """probe * patch (probe (N, N) broadcast over B and C), then times the disk mask if given."""
     psi = tf.convert_to_tensor(probe, dtype=tf.complex64)[None, None] * patches
     if mask is None:
@@ -143,7 +173,7 @@ def illuminate_tf(patches: Tensor, probe: Tensor, mask: Tensor | None = None) ->
     return tf.complex(tf.math.real(psi) * m, tf.math.imag(psi) * m)
 
 
-def intensity_tf(field: Tensor) -> Tensor:
+def intensity(field: Tensor) -> Tensor:
     """|fft2(field)|^2 / N^2 over the two innermost axes, not yet shifted."""
     F = tf.signal.fft2d(tf.convert_to_tensor(field, dtype=tf.complex64))
     re, im = tf.math.real(F), tf.math.imag(F)
@@ -151,79 +181,14 @@ def intensity_tf(field: Tensor) -> Tensor:
     return (re * re + im * im) / n2
 
 
-def diffract_tf(field: Tensor) -> Tensor:
+def diffract(field: Tensor) -> Tensor:
     """Amplitude sqrt(fftshift(|fft2(field)|^2 / N^2)), the shift over the spatial axes only."""
-    return tf.sqrt(tf.signal.fftshift(intensity_tf(field), axes=(-2, -1)))
+    return tf.sqrt(tf.signal.fftshift(intensity(field), axes=(-2, -1)))
 
 
-def poisson_nll_tf(intensity: Tensor, x: Tensor) -> Tensor:
-    """Per-group mean over (C, H, W) of I - x^2 log(max(I, 1e-12)); shape (B, 1, 1, 1)."""
+def losses(amplitude: Tensor, intensity: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-group Poisson NLL I - x^2 log(max(I, 1e-12)) and MAE |A - x|, means over (C, H, W);
+    each of shape (B, 1, 1, 1)."""
     nll = intensity - tf.square(x) * tf.math.log(tf.maximum(intensity, NLL_FLOOR))
-    return tf.reduce_mean(nll, axis=[1, 2, 3], keepdims=True)
-
-
-def mae_tf(amplitude: Tensor, x: Tensor) -> Tensor:
-    """Per-group mean over (C, H, W) of |A - x|; shape (B, 1, 1, 1)."""
-    return tf.reduce_mean(tf.abs(amplitude - x), axis=[1, 2, 3], keepdims=True)
-
-
-# NumPy wrappers ---------------------------------------------------------------------------------
-
-_DEVICES = {"cpu": "/CPU:0", "cuda": "/GPU:0"}
-
-
-def device_problem(device: str) -> str | None:
-    """Why TensorFlow cannot run on ``device`` here, or None."""
-    if device not in _DEVICES:
-        return f"device {device!r} is not supported by the tensorflow backend; use 'cpu' or 'cuda'"
-    if device == "cuda" and not tf.config.list_physical_devices("GPU"):
-        return (
-            "tensorflow backend: device 'cuda' was requested but TensorFlow sees no GPU "
-            "(tf.config.list_physical_devices('GPU') is empty); install tensorflow[and-cuda] on a "
-            "CUDA machine, or run with device 'cpu'"
-        )
-    return None
-
-
-def tf_device(device: str) -> str:
-    """TensorFlow device string for the harness's device option; fails loudly, never falls back."""
-    problem = device_problem(device)
-    if problem is not None:
-        raise ParityInputError(problem)
-    return _DEVICES[device]
-
-
-def _run(fn: Any, *args: Any, device: str) -> np.ndarray:
-    with tf.device(tf_device(device)):
-        return np.asarray(fn(*args).numpy())
-
-
-def translate(images: np.ndarray, offsets: np.ndarray, device: str = "cpu") -> np.ndarray:
-    """NumPy wrapper of :func:`translate_tf` (float32 or complex64 images)."""
-    images = np.asarray(images)
-    dtype = np.complex64 if np.iscomplexobj(images) else np.float32
-    return _run(translate_tf, images.astype(dtype, copy=False), np.asarray(offsets, dtype=np.float32), device=device)
-
-
-def merge(patches: np.ndarray, offsets: np.ndarray, M: int, device: str = "cpu") -> np.ndarray:
-    """NumPy wrapper of :func:`merge_tf`: (B, C, N, N) complex patches → (B, 1, M, M) canvas."""
-    return _run(
-        merge_tf, np.asarray(patches, dtype=np.complex64), np.asarray(offsets, dtype=np.float32), M, device=device
-    )
-
-
-def reextract(canvas: np.ndarray, offsets: np.ndarray, N: int, device: str = "cpu") -> np.ndarray:
-    """NumPy wrapper of :func:`reextract_tf`: (B, 1, M, M) canvas → (B, C, N, N) patches."""
-    return _run(
-        reextract_tf, np.asarray(canvas, dtype=np.complex64), np.asarray(offsets, dtype=np.float32), N, device=device
-    )
-
-
-def diffract(field: np.ndarray, device: str = "cpu") -> np.ndarray:
-    """NumPy wrapper of :func:`diffract_tf`: complex field (..., N, N) → float32 amplitude."""
-    return _run(diffract_tf, np.asarray(field, dtype=np.complex64), device=device)
-
-
-def intensity(field: np.ndarray, device: str = "cpu") -> np.ndarray:
-    """NumPy wrapper of :func:`intensity_tf` (unshifted |fft2|^2 / N^2)."""
-    return _run(intensity_tf, np.asarray(field, dtype=np.complex64), device=device)
+    mae = tf.abs(amplitude - x)
+    return tf.reduce_mean(nll, axis=[1, 2, 3], keepdims=True), tf.reduce_mean(mae, axis=[1, 2, 3], keepdims=True)

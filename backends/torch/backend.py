@@ -15,12 +15,12 @@ from backends.torch.model import (
     ACTIVATION_NAMES,
     PtychoPINN,
     export_canonical_weights,
-    load_canonical_weights,
 )
 from parity.backend import Backend, Taps
 from parity.batch import CanonicalBatch
 from parity.config import ModelConfig
 from parity.errors import ParityInputError
+from parity.stages import Stage
 from parity.taps import tap_specs
 from parity.weights import parameter_shapes, validate_weights
 
@@ -73,6 +73,8 @@ class TorchBackend(Backend):
 
     name: str = "torch"
     precision: str = "float32"
+    # The model built; a subclass of PtychoPINN overriding a stage or build hook plants a bug (a seam).
+    model_class: type[PtychoPINN] = PtychoPINN
 
     @classmethod
     def device_problem(cls, device: str) -> str | None:
@@ -83,8 +85,8 @@ class TorchBackend(Backend):
         super().__init__(config, weights, device)
         self.torch_device = resolve_device(device)
         set_precision_controls(self.torch_device)
-        model = PtychoPINN(config)
-        load_canonical_weights(model, weights)
+        model = self.model_class(config)
+        model.load_weights(weights)
         self.model = model.to(self.torch_device).eval()
 
     def forward(self, batch: CanonicalBatch) -> Taps:
@@ -105,6 +107,14 @@ class TorchBackend(Backend):
             }
             taps = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in tensors.items()}
         return self._in_spec_order(taps, B)
+
+    runs_stages = True
+
+    def run_stage(self, stage: Stage, inputs: Mapping[str, np.ndarray]) -> Taps:
+        with torch.inference_mode():
+            tensors = [torch.tensor(np.asarray(inputs[n]), device=self.torch_device) for n in stage.inputs]
+            computed = self.model.run_stage(stage, tensors)
+            return {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in computed.items()}
 
     def _in_spec_order(self, taps: dict[str, np.ndarray], B: int) -> Taps:
         """Order taps as tap_specs lists them. Shapes, dtypes and missing or extra taps are the
@@ -131,7 +141,9 @@ class TorchBackend(Backend):
             "N": N,
             "gridsize": gridsize,
             "n_filters_scale": conv0.out_channels // base,
-            "amp_activation": ACTIVATION_NAMES[type(amp_head.activation)],
+            # The class read back where it is one of the four; a subclass's own module (a planted
+            # bug) reports the name it was built for, as a port's own name table would.
+            "amp_activation": ACTIVATION_NAMES.get(type(amp_head.activation), m.amp_activation_name),
             "object_big": m.object_big,
             "probe_big": probe_big,
             "probe_mask": m.disk is not None,

@@ -13,7 +13,7 @@ canonical tap name.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 
 from backends.torch import physics
 from parity.config import ModelConfig
+from parity.stages import Stage
 from parity.taps import HEADS
 
 Tensor = torch.Tensor
@@ -29,6 +30,11 @@ TensorTaps = dict[str, Tensor]
 
 # Canonical parameter suffix -> torch parameter suffix.
 _SUFFIX = {"kernel": "weight", "bias": "bias"}
+
+
+def _offsets(tap: Tensor) -> Tensor:
+    """The offsets tap (B, C, 1, 2) as the physics takes them, (B, C, 2)."""
+    return tap.reshape(tap.shape[0], tap.shape[1], 2)
 
 
 class Swish(nn.Module):
@@ -74,13 +80,13 @@ def conv3x3(cin: int, cout: int) -> nn.Conv2d:
 
 
 class DownBlock(nn.Module):
-    """conv → ReLU → conv → ReLU → max-pool 2x2."""
+    """conv → ReLU → conv → ReLU → max-pool 2x2 (the model's ``make_pool``)."""
 
-    def __init__(self, cin: int, f: int) -> None:
+    def __init__(self, cin: int, f: int, pool: nn.Module) -> None:
         super().__init__()
         self.conv0 = conv3x3(cin, f)
         self.conv1 = conv3x3(f, f)
-        self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.pool = pool
 
     def forward(self, x: Tensor, prefix: str) -> tuple[Tensor, TensorTaps]:
         a = fn.relu(self.conv0(x))
@@ -90,13 +96,14 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """conv → ReLU → conv → ReLU → nearest upsample x2 (also the first half of border/full heads)."""
+    """conv → ReLU → conv → ReLU → nearest upsample x2 (the model's ``make_upsample``); also the
+    first half of the border and full heads."""
 
-    def __init__(self, cin: int, f: int) -> None:
+    def __init__(self, cin: int, f: int, up: nn.Module) -> None:
         super().__init__()
         self.conv0 = conv3x3(cin, f)
         self.conv1 = conv3x3(f, f)
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.up = up
 
     def forward(self, x: Tensor, prefix: str) -> tuple[Tensor, TensorTaps]:
         a = fn.relu(self.conv0(x))
@@ -108,8 +115,8 @@ class UpBlock(nn.Module):
 class UpHead(UpBlock):
     """An up block followed by the output conv: the border branch and the pad_object=false head."""
 
-    def __init__(self, cin: int, f: int, cout: int) -> None:
-        super().__init__(cin, f)
+    def __init__(self, cin: int, f: int, cout: int, up: nn.Module) -> None:
+        super().__init__(cin, f, up)
         self.out = conv3x3(f, cout)
 
 
@@ -129,7 +136,7 @@ class Blocks(nn.Module):
 class Head(nn.Module):
     """Final layers of one branch: centre conv (+ border branch), or the full up-head."""
 
-    def __init__(self, config: ModelConfig, activation: nn.Module) -> None:
+    def __init__(self, config: ModelConfig, activation: nn.Module, up: Callable[[], nn.Module]) -> None:
         super().__init__()
         F_, g, out = config.F, config.head_up_filters, config.out_ch
         self.activation = activation
@@ -139,28 +146,38 @@ class Head(nn.Module):
         if config.pad_object:
             self.centre = conv3x3(F_ - 4, out)
             if config.probe_big:
-                self.border = UpHead(4, g, out)
+                self.border = UpHead(4, g, out, up())
                 self.border_activation = Swish()
         else:
-            self.full = UpHead(F_, g, out)
+            self.full = UpHead(F_, g, out, up())
 
 
 class Branch(nn.Module):
     """One decoder plus its head; amplitude and phase each have one, with separate weights."""
 
-    def __init__(self, config: ModelConfig, activation: nn.Module, bottleneck: int) -> None:
+    def __init__(
+        self, config: ModelConfig, activation: nn.Module, bottleneck: int, up: Callable[[], nn.Module]
+    ) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         cin = bottleneck
         for f in config.decoder_filters:
-            blocks.append(UpBlock(cin, f))
+            blocks.append(UpBlock(cin, f, up()))
             cin = f
         self.decoder = Blocks(blocks)
-        self.head = Head(config, activation)
+        self.head = Head(config, activation, up)
 
 
 class PtychoPINN(nn.Module):
-    """The whole forward model; ``forward`` returns every tap in order of computation."""
+    """The whole forward model; ``forward`` returns every tap in order of computation.
+
+    The seam for planting bugs (docs/mutations.md, "Seams"): a subclass may override any stage
+    method below, ``translate`` (the merge and the re-extraction move images with it), or a build
+    hook (``make_activation``, ``make_pool``, ``make_upsample``, ``make_centre_mask``,
+    ``make_border_mask``, ``make_disk_mask``, ``load_weights``), which the model calls while it is
+    built; ``TorchBackend`` subclasses then set ``model_class`` to it. The TensorFlow model has the
+    same hooks under the same names.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -169,19 +186,55 @@ class PtychoPINN(nn.Module):
         blocks: list[nn.Module] = []
         cin = C
         for f in config.encoder_filters:
-            blocks.append(DownBlock(cin, f))
+            blocks.append(DownBlock(cin, f, self.make_pool()))
             cin = f
         self.encoder = Blocks(blocks)
-        self.amp = Branch(config, make_activation(config.amp_activation), cin)
-        self.phase = Branch(config, PiTanh(), cin)
+        # Read back by effective_config() when the activation's class is not one it knows.
+        self.amp_activation_name = config.amp_activation
+        self.amp = Branch(config, self.make_activation(config.amp_activation), cin, self.make_upsample)
+        self.phase = Branch(config, PiTanh(), cin, self.make_upsample)
         # The merge branches on this flag; effective_config() reads it back from here.
         self.object_big = config.object_big
         # Recorded for pad_object=false, where the flag builds nothing and so cannot be read back.
         self.probe_big_requested = config.probe_big
-        self.register_buffer("centre_mask", physics.centre_mask(N))
-        self.register_buffer("border_mask", 1.0 - physics.centre_mask(N))
+        self.register_buffer("centre_mask", self.make_centre_mask(N))
+        self.register_buffer("border_mask", self.make_border_mask(N))
         self.canvas_size = M
-        self.register_buffer("probe_disk", physics.disk_mask(N) if config.probe_mask else None)
+        self.register_buffer("probe_disk", self.make_disk_mask(N) if config.probe_mask else None)
+
+    # --- build hooks (called by __init__) -----------------------------------------------------------
+
+    def make_activation(self, name: str) -> nn.Module:
+        """The amplitude head's activation for ``name``."""
+        return make_activation(name)
+
+    def make_pool(self) -> nn.Module:
+        """The 2x2 max-pool of one down block."""
+        return nn.MaxPool2d(kernel_size=2, stride=2)
+
+    def make_upsample(self) -> nn.Module:
+        """The x2 nearest upsampling of one up block (decoder, border and full heads)."""
+        return nn.Upsample(scale_factor=2, mode="nearest")
+
+    def make_centre_mask(self, N: int) -> Tensor:
+        """The central window the merge counts in its denominator."""
+        return physics.centre_mask(N)
+
+    def make_border_mask(self, N: int) -> Tensor:
+        """What the border branch's output is multiplied by."""
+        return physics.border_mask(N)
+
+    def make_disk_mask(self, N: int) -> Tensor:
+        """The hard disk multiplied into the illuminated field when probe_mask is on."""
+        return physics.disk_mask(N)
+
+    def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Copy canonical arrays into the model (every parameter exactly once)."""
+        load_canonical_weights(self, weights)
+
+    def translate(self, images: Tensor, offsets: Tensor) -> Tensor:
+        """How the merge and the re-extraction move images."""
+        return physics.translate(images, offsets)
 
     @property
     def patch_size(self) -> int:
@@ -253,41 +306,74 @@ class PtychoPINN(nn.Module):
         taps[f"{h}.head.full.out"] = out
         return out, taps
 
-    @staticmethod
-    def object_patches(amplitude: Tensor, phase: Tensor) -> Tensor:
+    def object_patches(self, amplitude: Tensor, phase: Tensor) -> Tensor:
         """O = A·exp(iφ) as A·cos φ + i·A·sin φ; A may be negative in the border, so no polar()."""
         return torch.complex(amplitude * torch.cos(phase), amplitude * torch.sin(phase))
 
     def merge(self, patches: Tensor, offsets: Tensor) -> Tensor:
         M = self.canvas_size
         if self.object_big:
-            return physics.merge(patches, offsets, M)
-        return physics.pad_to(patches, M)
+            mask = self.centre_mask
+            assert isinstance(mask, Tensor)
+            return physics.merge(patches, offsets, M, translate=self.translate, centre_mask=mask)
+        return physics.pad_to_canvas(patches, M)
 
     def trim(self, canvas: Tensor) -> Tensor:
         return physics.crop_centre(canvas, self.patch_size)
 
     def reextract(self, canvas: Tensor, offsets: Tensor) -> Tensor:
-        return physics.reextract(canvas, offsets, self.patch_size)
+        return physics.reextract(canvas, offsets, self.patch_size, translate=self.translate)
 
     def illuminate(self, patches: Tensor, probe: Tensor) -> Tensor:
         return physics.illuminate(patches, probe, self.disk)
 
-    @staticmethod
-    def diffract(field: Tensor) -> Tensor:
+    def diffract(self, field: Tensor) -> Tensor:
         return physics.diffract(field)
 
     def outputs(self, diffraction: Tensor) -> tuple[Tensor, Tensor]:
         amplitude = diffraction * torch.exp(self.log_scale)
         return amplitude, amplitude.square()
 
-    @staticmethod
-    def losses(amplitude: Tensor, intensity: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-group Poisson NLL (clamped log, the project's choice) and MAE, shape (B, 1, 1, 1)."""
-        dims = (1, 2, 3)
-        nll = (intensity - x.square() * torch.log(intensity.clamp_min(1e-12))).mean(dim=dims, keepdim=True)
-        mae = (amplitude - x).abs().mean(dim=dims, keepdim=True)
-        return nll, mae
+    def losses(self, amplitude: Tensor, intensity: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-group Poisson NLL and MAE, shape (B, 1, 1, 1)."""
+        return physics.losses(amplitude, intensity, x)
+
+    def run_stage(self, stage: Stage, inputs: list[Tensor]) -> TensorTaps:
+        """One stage (``parity.stages``) on the given input tensors, canonical layout in and out."""
+        kind, first = stage.kind, inputs[0]
+        if kind == "input":
+            return {"input.scaled": self.scale_input(first)}
+        if kind == "encoder":
+            assert stage.block is not None
+            block: nn.Module = self.encoder.blocks()[stage.block]
+            taps: TensorTaps = block(first, stage.name)[1]
+            return taps
+        if kind == "decoder":
+            assert stage.branch is not None and stage.block is not None
+            block = self.branch(stage.branch).decoder.blocks()[stage.block]
+            taps = block(first, stage.name)[1]
+            return taps
+        if kind == "head":
+            assert stage.branch is not None
+            return self.head(stage.branch, first)[1]
+        if kind == "patches":
+            return {"object.patches": self.object_patches(first, inputs[1])}
+        if kind == "merge":
+            canvas = self.merge(first, _offsets(inputs[1]))
+            return {"object.canvas": canvas, "object.trimmed": self.trim(canvas)}
+        if kind == "reextract":
+            return {"object.reextracted": self.reextract(first, _offsets(inputs[1]))}
+        if kind == "illuminate":
+            return {"physics.illuminated": self.illuminate(first, inputs[1])}
+        if kind == "diffract":
+            return {"physics.diffraction": self.diffract(first)}
+        if kind == "output":
+            amplitude, intensity = self.outputs(first)
+            return {"output.amplitude": amplitude, "output.intensity": intensity}
+        if kind == "loss":
+            nll, mae = self.losses(first, inputs[1], inputs[2])
+            return {"loss.poisson_nll": nll, "loss.mae": mae}
+        raise ValueError(f"torch backend: unknown stage kind {kind!r} of stage {stage.name!r}")
 
     # --- whole pass ---------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ with weights (x0 + 1 - x) and (x - x0).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +28,8 @@ _broadcast_shapes: Any = torch.broadcast_shapes  # untyped in torch's stubs
 
 # Added to the merge denominator so canvas pixels no central window reaches stay finite.
 MERGE_EPSILON = 0.001
+# Clamp inside the Poisson log (spec, section 4).
+NLL_FLOOR = 1e-12
 
 
 def centre_mask(N: int, device: torch.device | str = "cpu") -> Tensor:
@@ -34,6 +37,14 @@ def centre_mask(N: int, device: torch.device | str = "cpu") -> Tensor:
     mask = torch.zeros((N, N), dtype=torch.float32, device=device)
     mask[N // 4 : 3 * N // 4, N // 4 : 3 * N // 4] = 1.0
     return mask
+
+
+_centre_window = centre_mask  # for merge, whose parameter of that name shadows it
+
+
+def border_mask(N: int, device: torch.device | str = "cpu") -> Tensor:
+    """1 - centre_mask: where the border branch predicts."""
+    return 1.0 - centre_mask(N, device)
 
 
 def disk_mask(N: int, device: torch.device | str = "cpu") -> Tensor:
@@ -110,7 +121,7 @@ def translate(images: Tensor, offsets: Tensor) -> Tensor:
     return _translate_real(imgs, dx, dy)
 
 
-def pad_to(images: Tensor, M: int) -> Tensor:
+def pad_to_canvas(images: Tensor, M: int) -> Tensor:
     """Zero-pad the last two axes symmetrically from N to M ((M - N) / 2 on each side)."""
     N = images.shape[-1]
     p = (M - N) // 2
@@ -125,26 +136,38 @@ def crop_centre(images: Tensor, N: int) -> Tensor:
     return images[..., p : p + N, p : p + N]
 
 
-def merge(patches: Tensor, offsets: Tensor, M: int) -> Tensor:
+def merge(
+    patches: Tensor,
+    offsets: Tensor,
+    M: int,
+    *,
+    translate: Callable[[Tensor, Tensor], Tensor] = translate,
+    centre_mask: Tensor | None = None,
+    epsilon: float = MERGE_EPSILON,
+) -> Tensor:
     """Canvas (B, 1, M, M) complex64 from patches (B, C, N, N) complex64 at offsets (B, C, 2).
 
     Each patch is padded to M and moved by -(d_bc - d̄), d̄ the mean of all B·C offsets of the batch;
-    the sum of full patches is divided by the summed, equally moved centre masks plus 0.001, real and
-    imaginary parts separately (not a complex division, which would round differently).
+    the sum of full patches is divided by the summed, equally moved centre masks (``centre_mask``,
+    default this module's) plus ``epsilon``, real and imaginary parts separately (not a complex
+    division, which would round differently). ``translate`` is the model's, so a model that moves
+    images differently moves them differently here too.
     """
     N = patches.shape[-1]
     dbar = offsets.reshape(-1, 2).mean(dim=0)
     shift = -(offsets - dbar)
-    mask = pad_to(centre_mask(N, patches.device), M).expand(*patches.shape[:-2], M, M)
-    padded = pad_to(patches, M)
-    stacked = torch.stack((padded.real, padded.imag, mask))
-    moved = _translate_real(stacked, shift[..., 0].unsqueeze(0), shift[..., 1].unsqueeze(0))
-    summed = moved.sum(dim=2, keepdim=True)  # over C: (3, B, 1, M, M)
-    denominator = summed[2] + MERGE_EPSILON
-    return torch.complex(summed[0] / denominator, summed[1] / denominator)
+    window = _centre_window(N, patches.device) if centre_mask is None else centre_mask
+    mask = pad_to_canvas(window, M).expand(*patches.shape[:-2], M, M)
+    moved = translate(pad_to_canvas(patches, M), shift)
+    counts = translate(mask, shift)
+    numerator = moved.sum(dim=1, keepdim=True)  # over C: (B, 1, M, M)
+    denominator = counts.sum(dim=1, keepdim=True) + epsilon
+    return torch.complex(numerator.real / denominator, numerator.imag / denominator)
 
 
-def reextract(canvas: Tensor, offsets: Tensor, N: int) -> Tensor:
+def reextract(
+    canvas: Tensor, offsets: Tensor, N: int, *, translate: Callable[[Tensor, Tensor], Tensor] = translate
+) -> Tensor:
     """Patches (B, C, N, N): the group's canvas (B, 1, M, M) moved by the raw +d_bc, centre-cropped."""
     B, C = offsets.shape[:2]
     moved = translate(canvas.expand(B, C, *canvas.shape[-2:]), offsets)
@@ -168,3 +191,11 @@ def diffract(field: Tensor) -> Tensor:
     spectrum = torch.fft.fft2(field, dim=(-2, -1))
     intensity = (spectrum.real.square() + spectrum.imag.square()) / float(N * N)
     return torch.sqrt(torch.fft.fftshift(intensity, dim=(-2, -1)))
+
+
+def losses(amplitude: Tensor, intensity: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-group Poisson NLL (clamped log, the project's choice) and MAE, shape (B, 1, 1, 1)."""
+    dims = (1, 2, 3)
+    nll = (intensity - x.square() * torch.log(intensity.clamp_min(NLL_FLOOR))).mean(dim=dims, keepdim=True)
+    mae = (amplitude - x).abs().mean(dim=dims, keepdim=True)
+    return nll, mae

@@ -108,6 +108,11 @@ def test_the_tensorflow_original_passes_every_tap_it_exposes(changes: dict[str, 
     losses = {t.name: t for t in result.taps if t.name.startswith("loss.")}
     assert set(losses) == {"loss.poisson_nll", "loss.mae"}
     assert all(t.not_exposed == [TF] and t.status == "pass" for t in losses.values())  # tensorflow vs reference
+    # The wrapped original cannot run a stage alone: end-to-end parity only, and the report says so,
+    # while the project's own backend is also checked stage by stage.
+    assert result.local_unsupported == [TF] and result.first_local_divergence is None
+    assert "end-to-end parity only (cannot run stages alone): " + TF in result.describe_divergence()
+    assert all({c.a for c in t.local} == {"tensorflow"} for t in result.taps if t.stage is not None)
 
 
 # --- the PyTorch original: the heads pass, the merge diverges ----------------------------------------

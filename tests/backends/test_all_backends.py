@@ -116,3 +116,37 @@ def test_a_declared_canvas_difference_is_compared_on_the_window_both_canvases_ho
     assert next(t for t in res.taps if t.name == "object.trimmed").status == "pass"
     # Re-extraction reads the ring the smaller canvas never held: a real consequence, named there.
     assert res.first_divergence is not None and res.first_divergence["tap"] == "object.reextracted"
+
+
+STAGE_CONFIGS = [
+    ModelConfig(),
+    ModelConfig(pad_object=False),
+    ModelConfig(gridsize=1, probe_big=False, probe_mask=True, amp_activation="relu"),
+    ModelConfig(object_big=False, amp_activation="softplus"),
+]
+
+
+@pytest.mark.parametrize("cfg", STAGE_CONFIGS, ids=ModelConfig.short_id)
+def test_every_stage_run_alone_gives_what_the_forward_gives(cfg):
+    """Each backend's stage, fed its own forward's inputs to that stage, reproduces its own forward:
+    the reference to the bit, the float32 backends to within float32 re-rounding of the same ops.
+    Layer-local parity rests on this: a stage run alone is the stage the forward runs."""
+    from parity.stages import stages
+
+    weights = generate_weights(cfg)
+    fixture = load_fixture(bundled_fixture("n64_g2_lines" if cfg.gridsize == 2 else "n64_g1_grf"), cfg)
+    batch = next(iter_batches(fixture, cfg, batch_size=2))
+    for name in BACKENDS:
+        be = load_backend(name)(cfg, weights, "cpu")
+        assert be.runs_stages, name
+        taps = be.forward(batch)
+        for stage in stages(cfg):
+            out = be.run_stage(stage, {n: taps[n] for n in stage.inputs})
+            assert list(out) == list(stage.outputs), (name, stage.name)
+            for tap, value in out.items():
+                assert value.shape == taps[tap].shape and value.dtype == taps[tap].dtype, (name, tap)
+                if name == "reference":
+                    np.testing.assert_array_equal(value, taps[tap], err_msg=tap)
+                else:
+                    scale = np.abs(taps[tap]).max() + 1e-30
+                    np.testing.assert_allclose(value, taps[tap], rtol=0, atol=1e-5 * scale, err_msg=f"{name} {tap}")

@@ -16,8 +16,8 @@ import pytest
 
 from backends.reference import (
     ReferenceBackend,
-    centre_crop,
     centre_mask,
+    crop_centre,
     diffract,
     merge,
     pad_to_canvas,
@@ -379,7 +379,7 @@ def test_integer_offsets_merge_and_reextract_are_exact() -> None:
     for b in range(B):
         for c in range(C):
             dx, dy = offsets[b, c].astype(int)
-            expected[b, c] = centre_crop(shift_zero_fill(canvas[b, 0], dx, dy), N)
+            expected[b, c] = crop_centre(shift_zero_fill(canvas[b, 0], dx, dy), N)
     np.testing.assert_array_equal(reextract(canvas, offsets, N), expected)
 
 
@@ -403,7 +403,7 @@ def test_pad_to_canvas() -> None:
     patch = np.ones((1, 1, 4, 4), dtype=np.complex128)
     canvas = pad_to_canvas(patch, 8)
     assert canvas.shape == (1, 1, 8, 8)
-    np.testing.assert_array_equal(centre_crop(canvas, 4), patch)
+    np.testing.assert_array_equal(crop_centre(canvas, 4), patch)
     assert np.sum(np.abs(canvas)) == 16
 
 

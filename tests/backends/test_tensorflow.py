@@ -1,4 +1,4 @@
-"""Tests of the TensorFlow backend on its own: structure, physics, weights, controls.
+"""Tests of the TensorFlow backend on its own: structure, physics, weights, controls, build hooks.
 
 Comparisons against the other backends live with the harness; everything here checks the TF model
 against the spec directly (exact properties, or small NumPy float64 computations).
@@ -6,8 +6,10 @@ against the spec directly (exact properties, or small NumPy float64 computations
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,12 +19,18 @@ from parity.plugin import import_framework
 
 tf = import_framework("tensorflow")
 
+import keras  # noqa: E402
 from numpy.lib.stride_tricks import sliding_window_view  # noqa: E402
 
 from backends.tensorflow import TensorFlowBackend, diffract, intensity, merge, reextract, translate  # noqa: E402
+from backends.tensorflow import physics as tfp  # noqa: E402
+from backends.tensorflow.model import PtychoModel  # noqa: E402
 from parity.batch import CanonicalBatch, random_batch  # noqa: E402
+from parity.batch import disk_mask as spec_disk_mask  # noqa: E402
 from parity.config import ModelConfig  # noqa: E402
 from parity.errors import ParityInputError, WeightsError  # noqa: E402
+from parity.fixture import bundled_fixture, iter_batches, load_fixture  # noqa: E402
+from parity.stages import stages  # noqa: E402
 from parity.taps import tap_specs  # noqa: E402
 from parity.weights import count_conv_parameters, generate_weights, parameter_shapes  # noqa: E402
 
@@ -417,3 +425,232 @@ def test_unknown_device_and_missing_gpu_fail_clearly() -> None:
         TensorFlowBackend(config, weights, device="cuda")
     assert "no GPU" in (TensorFlowBackend.device_problem("cuda") or "")
     assert TensorFlowBackend.device_problem("cpu") is None
+
+
+# 6. Physics in tensors: masks, keyword defaults, losses ---------------------------------------------------
+
+
+@pytest.mark.parametrize("N", [8, 15, 64, 128])
+def test_masks_are_the_specs_and_the_backends_own(N: int) -> None:
+    centre, border, disk = tfp.centre_mask(N), tfp.border_mask(N), tfp.disk_mask(N)
+    for mask in (centre, border, disk):
+        assert mask.dtype == np.float32 and mask.shape == (N, N)
+    assert np.array_equal(border, 1.0 - centre)
+    assert np.array_equal(disk, spec_disk_mask(N).astype(np.float32))
+
+
+def test_merge_keywords_default_to_the_canonical_merge() -> None:
+    rng = np.random.default_rng(8)
+    patches = tf.constant(_random_field((2, 4, 16, 16), seed=8))
+    offsets = tf.constant(rng.uniform(-3, 3, size=(2, 4, 2)).astype(np.float32))
+    default = tfp.merge(patches, offsets, 24).numpy()
+    spelled = tfp.merge(
+        patches, offsets, 24, translate=tfp.translate, centre_mask=tfp.centre_mask(16), epsilon=tfp.MERGE_EPSILON
+    ).numpy()
+    assert default.tobytes() == spelled.tobytes()
+    assert np.array_equal(merge(patches.numpy(), offsets.numpy(), 24), default)
+    moved: list[Any] = []
+
+    def recording(images: Any, offs: Any) -> Any:
+        moved.append(offs)
+        return tfp.translate(images, offs)
+
+    assert tfp.merge(patches, offsets, 24, translate=recording).numpy().tobytes() == default.tobytes()
+    assert len(moved) == 2  # the patches and the centre masks
+    ones = tfp.merge(patches, offsets, 24, centre_mask=np.ones((16, 16), np.float32)).numpy()
+    assert not np.array_equal(ones, default)
+    back = tfp.reextract(tf.constant(default), offsets, 16).numpy()
+    assert back.tobytes() == tfp.reextract(tf.constant(default), offsets, 16, translate=recording).numpy().tobytes()
+    assert len(moved) == 3
+
+
+def test_losses_take_amplitude_then_intensity() -> None:
+    rng = np.random.default_rng(9)
+    amplitude = rng.uniform(0.1, 2, size=(2, 4, 8, 8)).astype(np.float32)
+    intensity_ = rng.uniform(0.1, 2, size=(2, 4, 8, 8)).astype(np.float32)
+    x = rng.uniform(0, 2, size=(2, 4, 8, 8)).astype(np.float32)
+    nll, mae = (t.numpy() for t in tfp.losses(tf.constant(amplitude), tf.constant(intensity_), tf.constant(x)))
+    a, i, x64 = (v.astype(np.float64) for v in (amplitude, intensity_, x))
+    np.testing.assert_allclose(nll, np.mean(i - x64**2 * np.log(i), axis=(1, 2, 3), keepdims=True), rtol=1e-5)
+    np.testing.assert_allclose(mae, np.mean(np.abs(a - x64), axis=(1, 2, 3), keepdims=True), rtol=1e-5)
+
+
+# 7. Stage names and build hooks: the seam through which tests plant porting bugs ------------------------
+
+
+def test_stage_methods_have_the_uniform_names_and_argument_orders() -> None:
+    expected = {
+        "scale_input": ["x"],
+        "encode": ["h"],
+        "decode": ["branch", "z"],
+        "head": ["branch", "features"],
+        "object_patches": ["amplitude", "phase"],
+        "merge": ["patches", "offsets"],
+        "trim": ["canvas"],
+        "reextract": ["canvas", "offsets"],
+        "illuminate": ["patches", "probe"],
+        "diffract": ["field"],
+        "outputs": ["diffraction"],
+        "losses": ["amplitude", "intensity", "x"],
+        "make_activation": ["name"],
+        "make_pool": [],
+        "make_upsample": [],
+        "make_centre_mask": ["N"],
+        "make_border_mask": ["N"],
+        "make_disk_mask": ["N"],
+        "load_weights": ["weights"],
+        "translate": ["images", "offsets"],
+    }
+    for name, params in expected.items():
+        assert list(inspect.signature(getattr(PtychoModel, name)).parameters)[1:] == params, name
+    assert TensorFlowBackend.model_class is PtychoModel
+
+
+def test_build_hooks_are_called_once_per_use() -> None:
+    calls: list[str] = []
+
+    class Recording(PtychoModel):
+        def make_activation(self, name: str) -> Any:
+            calls.append(f"activation:{name}")
+            return super().make_activation(name)
+
+        def make_pool(self) -> Any:
+            calls.append("pool")
+            return super().make_pool()
+
+        def make_upsample(self) -> Any:
+            calls.append("upsample")
+            return super().make_upsample()
+
+        def make_centre_mask(self, N: int) -> np.ndarray:
+            calls.append("centre")
+            return super().make_centre_mask(N)
+
+        def make_border_mask(self, N: int) -> np.ndarray:
+            calls.append("border")
+            return super().make_border_mask(N)
+
+        def make_disk_mask(self, N: int) -> np.ndarray:
+            calls.append("disk")
+            return super().make_disk_mask(N)
+
+    config = ModelConfig(amp_activation="swish", probe_mask=True)
+    Recording(config)
+    n_up = 2 * (len(config.decoder_filters) + 1)  # decoder blocks and the border branch, per head
+    assert sorted(calls) == sorted(
+        ["activation:swish", "centre", "border", "disk"] + ["pool"] * len(config.encoder_filters) + ["upsample"] * n_up
+    )
+    calls.clear()
+    Recording(ModelConfig(pad_object=False))
+    assert calls.count("upsample") == 2 * (len(ModelConfig().decoder_filters) + 1)  # the full heads
+    assert "disk" not in calls
+
+
+@pytest.fixture(scope="module")
+def fixture_batch() -> CanonicalBatch:
+    config = ModelConfig()
+    return next(iter_batches(load_fixture(bundled_fixture("n64_g2_lines"), config), config, batch_size=2))
+
+
+def _mutant(model: type[PtychoModel], **changes: Any) -> TensorFlowBackend:
+    """A backend built from a PtychoModel subclass: naming it as model_class is all it takes."""
+
+    class Mutant(TensorFlowBackend):
+        model_class = model
+
+    config = ModelConfig().replace(**changes)
+    return Mutant(config, generate_weights(config, seed=11))  # the weights of backend_for's
+
+
+def _changed(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> list[str]:
+    """Taps whose bytes differ, in tap order (both dicts come in that order)."""
+    assert list(ours) == list(theirs)
+    return [name for name in ours if ours[name].tobytes() != theirs[name].tobytes()]
+
+
+class AveragePool(PtychoModel):
+    def make_pool(self) -> Any:
+        return keras.layers.AveragePooling2D(2, strides=2, padding="valid")
+
+
+class BilinearUp(PtychoModel):
+    def make_upsample(self) -> Any:
+        return keras.layers.UpSampling2D(2, interpolation="bilinear")
+
+
+class HalfSigmoid(PtychoModel):
+    def make_activation(self, name: str) -> Callable[[Any], Any]:
+        return lambda x: 0.5 * tf.sigmoid(x)
+
+
+class NoBorderMask(PtychoModel):
+    def make_border_mask(self, N: int) -> np.ndarray:
+        return np.ones((N, N), np.float32)
+
+
+class FullWindowMerge(PtychoModel):
+    def make_centre_mask(self, N: int) -> np.ndarray:
+        return np.ones((N, N), np.float32)
+
+
+class QuarterPixelShift(PtychoModel):
+    def translate(self, images: Any, offsets: Any) -> Any:
+        return super().translate(images, offsets + 0.25)
+
+
+class WideDisk(PtychoModel):
+    def make_disk_mask(self, N: int) -> np.ndarray:
+        return np.ones((N, N), np.float32)
+
+
+@pytest.mark.parametrize(
+    ("model", "changes", "first", "also"),
+    [
+        (AveragePool, {}, "encoder.block0.pool", ["encoder.block1.conv0"]),
+        (BilinearUp, {}, "amp.decoder.block0.up", ["phase.decoder.block0.up", "amp.head.border.up"]),
+        (HalfSigmoid, {}, "amp.head.centre", ["amp.head.sum", "object.patches"]),
+        (NoBorderMask, {}, "amp.head.border.masked", ["amp.head.sum", "phase.head.border.masked"]),
+        (FullWindowMerge, {}, "object.canvas", ["object.reextracted"]),
+        (QuarterPixelShift, {}, "object.canvas", ["object.trimmed", "object.reextracted"]),
+        (WideDisk, {"probe_mask": True}, "physics.illuminated", ["output.amplitude", "loss.mae"]),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else None,
+)
+def test_a_subclass_hook_changes_the_model_from_its_tap_on(
+    model: type[PtychoModel], changes: dict[str, Any], first: str, also: list[str], fixture_batch: CanonicalBatch
+) -> None:
+    """Everything before the hooked piece stays bit-identical; the hooked tap and what follows move."""
+    default = backend_for(**changes)
+    mutant = _mutant(model, **changes)
+    ours, theirs = mutant.forward(fixture_batch), default.forward(fixture_batch)
+    changed = _changed(ours, theirs)
+    assert changed and changed[0] == first, changed[:3]
+    assert set(also) <= set(changed)
+    # The mutation is numerical, not structural: the harness compares it rather than stopping on config.
+    assert mutant.effective_config() == default.effective_config() == default.config.resolved_dict()
+
+
+def test_a_pool_hook_shows_in_its_block_and_its_stage(fixture_batch: CanonicalBatch) -> None:
+    default, mutant = backend_for(), _mutant(AveragePool)
+    ours, theirs = mutant.forward(fixture_batch), default.forward(fixture_batch)
+    assert ours["encoder.block0.conv1"].tobytes() == theirs["encoder.block0.conv1"].tobytes()
+    assert not np.array_equal(ours["encoder.block0.pool"], theirs["encoder.block0.pool"])
+    # Layer-local: fed the default's input, the mutant's block differs at the pool and only there.
+    stage = next(s for s in stages(default.config) if s.name == "encoder.block0")
+    inputs = {n: theirs[n] for n in stage.inputs}
+    local = _changed(mutant.run_stage(stage, inputs), default.run_stage(stage, inputs))
+    assert local == ["encoder.block0.pool"]
+
+
+def test_a_translate_override_moves_both_merge_and_reextract(fixture_batch: CanonicalBatch) -> None:
+    default, mutant = backend_for(), _mutant(QuarterPixelShift)
+    theirs = default.forward(fixture_batch)
+    for name in ("object.merge", "object.reextract"):
+        stage = next(s for s in stages(default.config) if s.name == name)
+        inputs = {n: theirs[n] for n in stage.inputs}
+        assert _changed(mutant.run_stage(stage, inputs), default.run_stage(stage, inputs)) == list(stage.outputs)
+
+
+def test_effective_config_survives_an_activation_it_cannot_name() -> None:
+    effective = _mutant(HalfSigmoid, amp_activation="relu").effective_config()
+    assert effective["amp_activation"] == "relu"

@@ -49,6 +49,17 @@ def test_run_passes_exits_0_and_writes_every_report(good_report):
     assert data["groups"] == 1
     assert "**PASS**" in (folder / "report.md").read_text()
     assert (folder / "report.html").read_text().lstrip().lower().startswith("<!doctype html")
+    # Layer-local parity is on by default: both float32 backends ran every stage on its own.
+    scaled = next(t for t in data["taps"] if t["name"] == "input.scaled")
+    assert {c["a"] for c in scaled["local"]} == {"torch", "tensorflow"} and data["local_unsupported"] == []
+
+
+def test_no_local_runs_end_to_end_only(tmp_path, capsys):
+    report = tmp_path / "report"
+    code = main(["run", *SMALL, "--backends", "reference,torch", "--no-local", "--report", str(report), "--no-html"])
+    assert code == 0, capsys.readouterr().out
+    data = json.loads((report / "report.json").read_text())
+    assert all(t["local"] == [] for t in data["taps"]) and data["first_local_divergence"] is None
 
 
 def test_diverging_run_exits_1_and_names_the_first_diverging_tap(tmp_path, capsys):

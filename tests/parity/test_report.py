@@ -117,3 +117,29 @@ def test_the_shipped_schema_rejects_a_report_that_breaks_it(tol, tmp_path):
     del missing["first_divergence"]
     with pytest.raises(jsonschema.ValidationError, match="'first_divergence' is a required property"):
         jsonschema.validate(missing, schema)
+
+
+def test_layer_local_results_are_in_every_report_and_the_json_validates(tol, tmp_path):
+    """Both columns per tap, the first stage that differs, and the backends without stages."""
+    import jsonschema
+
+    from parity.report import schema_file
+
+    from .test_runner import STAGES, Staged, Staged32
+
+    wrong_out = type("WrongOut", (Staged32,), {"out_scale": 2.01})
+    backends = {"reference": Staged(None, W), "torch": wrong_out(None, W), "plain": Toy32(None, W)}
+    result = run_parity(backends, _batches(), tol, expected=_expected, reference="reference", stages=STAGES)
+    paths = write_reports(result, tmp_path / "rep")
+    data = json.loads(paths["json"].read_text())
+    jsonschema.validate(data, json.loads(schema_file().read_text()))
+    assert data["first_local_divergence"]["stage"] == "out" and data["first_local_divergence"]["backends"] == ["torch"]
+    assert data["local_unsupported"] == ["plain"]
+    out = next(t for t in data["taps"] if t["name"] == "toy.out")
+    assert out["stage"] == "out" and [c["kind"] for c in out["local"]] == ["local_vs_reference"]
+    assert out["local"][0]["passed"] is False
+    markdown = paths["markdown"].read_text()
+    assert "**First stage that computes differently** (fed the reference's own inputs): `out`" in markdown
+    assert "| torch local |" in markdown and "End-to-end parity only for `plain`" in markdown
+    html_text = (tmp_path / "rep" / "report.html").read_text()
+    assert "First stage that computes differently" in html_text and "torch locally" in html_text

@@ -5,6 +5,7 @@ import pytest
 
 from parity.backend import Backend
 from parity.runner import run_parity
+from parity.stages import Stage
 from parity.taps import TapSpec
 from parity.tolerances import load_tolerances
 
@@ -393,3 +394,122 @@ def test_non_finite_inputs_are_named_as_inputs(tol):
     batches[0][1, 0, 0, 0] = np.inf
     with pytest.raises(ArbiterOutOfRangeError, match=r"the batch holds NaN or Inf at input.x\[1, 0, 0, 0\]"):
         run_parity({"reference": WithInput(None, W), "a": Toy32(None, W)}, batches, tol, reference="reference")
+
+
+# --- layer-local parity ----------------------------------------------------------------------------
+
+STAGES = [
+    Stage("hidden", "toy", ("toy.in",), ("toy.hidden",)),
+    Stage("out", "toy", ("toy.hidden",), ("toy.out",)),
+]
+
+
+class Staged(Toy):
+    """Toy that can run each stage alone; ``gain`` perturbs the hidden layer, ``out_scale`` the output."""
+
+    runs_stages = True
+    gain = 1.0
+    out_scale = 2.0
+
+    def _hidden(self, x):
+        return np.maximum(np.einsum("bchw,cd->bdhw", x, self.w), 0) * self.precision_type(self.gain)
+
+    def _out(self, h):
+        return np.tanh(h * self.precision_type(self.out_scale))
+
+    @property
+    def precision_type(self):
+        return np.dtype(self.precision).type
+
+    def forward(self, batch):
+        x = np.asarray(batch, dtype=self.precision)
+        h = self._hidden(x)
+        return {"toy.in": x, "toy.hidden": h, "toy.out": self._out(h)}
+
+    def run_stage(self, stage, inputs):
+        (value,) = (np.asarray(inputs[n]) for n in stage.inputs)
+        return {"toy.hidden": self._hidden(value)} if stage.name == "hidden" else {"toy.out": self._out(value)}
+
+
+class Staged32(Staged):
+    precision = "float32"
+
+
+def _local_run(tol, **others):
+    backends = {"reference": Staged(None, W), **{n: cls(None, W) for n, cls in others.items()}}
+    return run_parity(backends, _batches(), tol, expected=_expected, reference="reference", stages=STAGES)
+
+
+def _local(res, tap, backend):
+    (found,) = [c for t in res.taps if t.name == tap for c in t.local if c.a == backend]
+    return found
+
+
+def test_clean_stages_pass_locally_with_their_own_column(tol):
+    res = _local_run(tol, a=Staged32)
+    assert res.passed and res.first_local_divergence is None and res.local_unsupported == []
+    assert [t.stage for t in res.taps] == [None, "hidden", "out"]
+    for tap in ("toy.hidden", "toy.out"):
+        c = _local(res, tap, "a")
+        assert c.kind == "local_vs_reference" and c.b == "reference" and c.passed and c.numel == 6 * 5 * 16
+
+
+def test_upstream_error_is_told_apart_from_a_downstream_bug(tol):
+    """The hidden layer is off (carried into everything after it) and the output layer has a bug of
+    its own: end to end only the first is named; locally both are, and nothing between them."""
+    both = type("Both", (Staged32,), {"gain": 1.001, "out_scale": 2.01})
+    res = _local_run(tol, bad=both)
+    assert res.verdict == "fail"
+    assert res.first_divergence["tap"] == "toy.hidden" and res.first_divergence["blamed"] == ["bad"]
+    assert res.first_local_divergence["stage"] == "hidden"
+    assert not _local(res, "toy.hidden", "bad").passed
+    assert not _local(res, "toy.out", "bad").passed  # its own bug, seen on the reference's input
+    assert "first stage that computes differently (fed the reference's inputs): hidden" in res.describe_failure()
+
+
+def test_error_carried_in_from_upstream_passes_locally_downstream(tol):
+    upstream = type("Upstream", (Staged32,), {"gain": 1.001})
+    res = _local_run(tol, bad=upstream)
+    e2e = next(c for c in res.taps[2].comparisons if c.a == "bad" and c.kind == "vs_reference")
+    assert not e2e.passed  # the output is off end to end ...
+    assert _local(res, "toy.out", "bad").passed  # ... but computes right from the reference's input
+    assert res.first_local_divergence["tap"] == "toy.hidden"
+
+
+def test_a_bug_only_visible_locally_fails_the_run(tol):
+    """A stage that run alone differs fails the verdict even when end to end hides it: here the
+    backend's forward is right but its stage entry point is not."""
+
+    class StageBug(Staged32):
+        def run_stage(self, stage, inputs):
+            out = super().run_stage(stage, inputs)
+            return {k: v * np.float32(1.01) for k, v in out.items()} if stage.name == "out" else out
+
+    res = _local_run(tol, bad=StageBug)
+    assert res.first_divergence is None and res.verdict == "fail" and not res.passed
+    assert res.first_local_divergence["tap"] == "toy.out" and res.first_local_divergence["backends"] == ["bad"]
+    assert [c.tap for c in res.failures()] == ["toy.out"]
+
+
+def test_a_backend_that_cannot_run_stages_keeps_end_to_end_parity_and_says_so(tol):
+    from parity.report import to_json_dict, to_markdown
+
+    res = _local_run(tol, plain=Toy32, staged=Staged32)
+    assert res.passed and res.local_unsupported == ["plain"]
+    assert all(c.a == "staged" for t in res.taps for c in t.local)
+    markdown = to_markdown(res)
+    assert "End-to-end parity only for `plain`" in markdown
+    header = next(line for line in markdown.splitlines() if line.startswith("| tap |"))
+    assert "| staged local |" in header and "plain local" not in header
+    assert to_json_dict(res)["local_unsupported"] == ["plain"]
+
+
+def test_a_stage_that_raises_fails_its_taps_locally_with_the_reason(tol):
+    class Raises(Staged32):
+        def run_stage(self, stage, inputs):
+            raise RuntimeError("no such layer")
+
+    res = _local_run(tol, bad=Raises)
+    c = _local(res, "toy.hidden", "bad")
+    assert not c.passed and c.reason == "stage hidden of bad raised RuntimeError: no such layer"
+    assert res.verdict == "fail"
