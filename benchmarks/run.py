@@ -1,0 +1,186 @@
+"""The whole benchmark table in one command: what the parity harness costs, side by side.
+
+    python benchmarks/run.py [--batch 16] [--repeats 5] [--no-suite] [--device cpu]
+
+Rows (all measured in this one run, on this machine):
+
+- forward time of each backend at batch ``--batch``, default config (median after one warm-up);
+- reference / TensorFlow forward time;
+- harness / bare forwards: a full end-to-end parity run (comparisons, statistics, error scales) of the
+  same backends on the same batches over their bare forward passes, and the same with layer-local
+  parity on (each stage run again on the reference's inputs);
+- peak RSS of a fresh process running the harness on 10x the batches over 1x (each in its own
+  subprocess, so nothing from the other run is counted);
+- wall time of ``pytest -m parity`` (unless ``--no-suite``).
+
+Timings vary with the machine and its load; they are recorded here and in benchmarks/README.md,
+never asserted by the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("reference", "torch", "tensorflow")
+
+# Run in a child process: the harness on ``n`` batches, then this process's peak RSS.
+_RSS_CHILD = """
+import json, resource, sys
+from parity.batch import random_batch
+from parity.config import ModelConfig
+from parity.registry import load_backend
+from parity.runner import run_parity
+from parity.stages import stages
+from parity.taps import tap_specs
+from parity.tolerances import load_tolerances
+from parity.weights import generate_weights
+n, size, device = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+BACKENDS = sys.argv[4].split(",")
+config = ModelConfig()
+weights = generate_weights(config)
+backends = {b: load_backend(b)(config, weights, device if b != "reference" else "cpu") for b in BACKENDS}
+batches = (random_batch(config, size, seed=i) for i in range(n))
+run_parity(backends, batches, load_tolerances(profile=device), config=config,
+           expected=lambda k: tap_specs(config, k), reference="reference", stages=stages(config))
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+"""
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timed(fn: Any, repeats: int) -> float:
+    fn()  # warm-up: tracing, caches
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_rss_mib(n: int, size: int, device: str) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, str(n), str(size), device, ",".join(BACKENDS)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout
+    return float(json.loads(out.strip().splitlines()[-1])) / 1024.0  # ru_maxrss is in KiB on Linux
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16, help="groups per batch for the forward times")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--harness-batches", type=int, default=4, help="batches of 4 groups for the overhead rows")
+    ap.add_argument("--device", default="cpu", help="device of the float32 backends (the reference is CPU only)")
+    ap.add_argument("--no-suite", action="store_true", help="skip timing pytest -m parity")
+    args = ap.parse_args()
+
+    from parity.batch import random_batch
+    from parity.config import ModelConfig
+    from parity.registry import load_backend
+    from parity.runner import run_parity
+    from parity.stages import stages
+    from parity.taps import tap_specs
+    from parity.tolerances import load_tolerances
+    from parity.weights import generate_weights
+
+    config = ModelConfig()
+    weights = generate_weights(config)
+    backends = {b: load_backend(b)(config, weights, args.device if b != "reference" else "cpu") for b in BACKENDS}
+    rows: list[tuple[str, str]] = []
+
+    batch = random_batch(config, args.batch, seed=1)
+    forward = {b: timed(lambda be=be: be.forward(batch), args.repeats) for b, be in backends.items()}
+    for b, t in forward.items():
+        rows.append((f"forward, {b}, batch {args.batch}", f"{t:.3f} s"))
+    rows.append(("reference / tensorflow forward", f"{forward['reference'] / forward['tensorflow']:.2f}"))
+
+    batches = [random_batch(config, 4, seed=i) for i in range(args.harness_batches)]
+    tol = load_tolerances(profile=args.device)
+
+    def bare() -> None:
+        for b in batches:
+            for be in backends.values():
+                be.forward(b)
+
+    def harness(local: bool) -> None:
+        run_parity(
+            backends,
+            batches,
+            tol,
+            config=config,
+            expected=lambda k: tap_specs(config, k),
+            reference="reference",
+            stages=stages(config) if local else (),
+        )
+
+    t_bare = timed(bare, args.repeats)
+    t_e2e = timed(lambda: harness(False), args.repeats)
+    t_local = timed(lambda: harness(True), args.repeats)
+    shape = f"{args.harness_batches} batches of 4"
+    rows.append((f"bare forwards, three backends, {shape}", f"{t_bare:.2f} s"))
+    rows.append(("harness / bare forwards, end to end", f"{t_e2e / t_bare:.2f}"))
+    rows.append(("harness / bare forwards, with layer-local parity", f"{t_local / t_bare:.2f}"))
+
+    one, ten = peak_rss_mib(1, 4, args.device), peak_rss_mib(10, 4, args.device)
+    rows.append(("peak RSS, 1 batch of 4 / 10 batches of 4", f"{one:.0f} MiB / {ten:.0f} MiB"))
+    rows.append(("peak RSS ratio, 10x / 1x batches", f"{ten / one:.3f}"))
+
+    if not args.no_suite:
+        t0 = time.perf_counter()
+        code = subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-m",
+                "parity",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                f"--parity-device={args.device}",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+        rows.append((f"pytest -m parity (exit {code})", f"{time.perf_counter() - t0:.0f} s"))
+
+    import numpy
+    import tensorflow
+    import torch
+
+    print(
+        f"{datetime.date.today().isoformat()}, {cpu_model()}, {os.cpu_count()} CPUs, device {args.device}; "
+        f"numpy {numpy.__version__}, torch {torch.__version__}, tensorflow {tensorflow.__version__}\n"
+    )
+    print("| measure | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
