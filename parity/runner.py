@@ -25,7 +25,7 @@ from parity.config import config_diff
 from parity.deviations import NOT_REPRODUCED, Deviation, DeviationLedger
 from parity.errors import ParityInputError
 from parity.stages import Stage
-from parity.stats import StatsAccumulator, summarise
+from parity.stats import StatsAccumulator, patch_statistics, summarise
 from parity.taps import TapSelection, TapSpec
 from parity.tolerances import ConfigLike, Tolerances, config_values, magnitude_scale
 from parity.verdict import decide
@@ -373,6 +373,7 @@ def run_parity(
         outputs = {name: {t: v for t, v in out.items() if selected(t)} for name, out in raw.items()}
         del raw
         bounds: dict[str, dict[str, dict[str, np.ndarray]]] = {n: {} for n in backends}
+        patch_stats: dict[str, dict[str, dict[str, np.ndarray]]] = {n: {} for n in backends}
         for tap in _tap_order(specs, outputs, ref):
             if tap not in order:
                 order.append(tap)
@@ -426,12 +427,15 @@ def run_parity(
                 acc.add(xa, xb, atol)
             for n, arr in present.items():
                 s = _fitting_scale(scale, arr)
-                bounds[n][tap] = tolerances.statistic_tolerances(tap, arr, s, backends[n].precision)
+                patch_stats[n][tap] = patch_statistics(arr)  # once: for the bounds and the accumulator
+                bounds[n][tap] = tolerances.statistic_tolerances(
+                    tap, arr, s, backends[n].precision, statistics=patch_stats[n][tap]
+                )
             if batch_index == 0:
                 for n, arr in present.items():
                     result.samples.setdefault(n, {})[tap] = np.array(arr[:SAMPLES_KEPT])
         for name, produced_taps in outputs.items():
-            stats[name].add(produced_taps, bounds[name])
+            stats[name].add(produced_taps, bounds[name], statistics=patch_stats[name])
         rows += size
         result.batches += 1
     result.groups = rows

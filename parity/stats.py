@@ -152,13 +152,16 @@ def _phase_bounds(z: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def perturbation_bounds(tap: np.ndarray, tol: np.ndarray, rounding: float = 0.0) -> dict[str, np.ndarray]:
+def perturbation_bounds(
+    tap: np.ndarray, tol: np.ndarray, rounding: float = 0.0, statistics: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """{statistic: (patches,)}: how much each statistic of ``tap`` can change when every element
     changes by at most ``tol`` (same shape), plus ``rounding`` times the statistic (the rounding of
-    storing it). Counts must match exactly (COUNT_TOLERANCE)."""
+    storing it). Counts must match exactly (COUNT_TOLERANCE). ``statistics``: ``patch_statistics(tap)``
+    when the caller has them already (the runner computes them once per tap and backend)."""
     arr = np.asarray(tap)
     t = _flat(np.broadcast_to(np.asarray(tol, dtype=np.float64), arr.shape))
-    stats = patch_statistics(arr)
+    stats = patch_statistics(arr) if statistics is None else statistics
     if np.iscomplexobj(arr):
         z = _flat(np.asarray(arr, dtype=np.complex128))
         parts = {"amplitude": _real_bounds(t), "phase": _phase_bounds(z, t)}
@@ -187,10 +190,17 @@ class StatsAccumulator:
         self._parts: dict[str, dict[str, list[np.ndarray]]] = {}
         self._bounds: dict[str, dict[str, list[np.ndarray]]] = {}
 
-    def add(self, taps: Mapping[str, np.ndarray], bounds: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
+    def add(
+        self,
+        taps: Mapping[str, np.ndarray],
+        bounds: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+        statistics: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    ) -> None:
+        """``statistics``: {tap: patch_statistics(tensor)} for taps whose statistics are known already."""
         for name, tensor in taps.items():
             per_stat = self._parts.setdefault(name, {})
-            for stat, values in patch_statistics(tensor).items():
+            known = statistics.get(name) if statistics is not None else None
+            for stat, values in (patch_statistics(tensor) if known is None else known).items():
                 per_stat.setdefault(stat, []).append(values)
             if bounds is not None and name in bounds:
                 per_bound = self._bounds.setdefault(name, {})

@@ -136,7 +136,12 @@ class Tolerances:
         return np.asarray(scale, dtype=np.float64) * f
 
     def statistic_tolerances(
-        self, tap: str, values: np.ndarray, scale: np.ndarray, precision: str | None
+        self,
+        tap: str,
+        values: np.ndarray,
+        scale: np.ndarray,
+        precision: str | None,
+        statistics: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Per-patch tolerances of every statistic of ``values`` against a baseline of the same backend.
 
@@ -145,7 +150,7 @@ class Tolerances:
         each statistic once more.
         """
         t = self.baseline_factor * (self.atol(tap, scale, precision=precision) + self.rtol(precision) * np.abs(values))
-        return perturbation_bounds(values, t, rounding=UNIT_ROUNDOFF["float32"])
+        return perturbation_bounds(values, t, rounding=UNIT_ROUNDOFF["float32"], statistics=statistics)
 
     def rule(self) -> str:
         return (

@@ -111,3 +111,22 @@ def test_phase_bounds_are_tight_where_the_amplitude_is_large():
     z = 3.0 * np.exp(1j * np.linspace(-1, 1, 16)).reshape(1, 1, 4, 4)
     b = perturbation_bounds(z, np.full(z.shape, 3e-6))
     assert b["phase.mean"][0] < 2e-6 and b["phase.max"][0] < 2e-6  # asin(1e-6) per pixel, not π
+
+
+def test_statistics_handed_in_are_used_as_computed_here():
+    """The runner computes each tap's statistics once and hands them to both the bounds and the
+    accumulator: the results are those of computing them again."""
+    from parity.stats import StatsAccumulator, patch_statistics, perturbation_bounds
+
+    rng = np.random.default_rng(7)
+    taps = {"real": rng.normal(size=(2, 3, 4, 4)), "cplx": rng.normal(size=(2, 1, 4, 4)) * np.exp(1j * rng.normal())}
+    known = {name: patch_statistics(v) for name, v in taps.items()}
+    again, handed = StatsAccumulator(), StatsAccumulator()
+    again.add(taps)
+    handed.add(taps, statistics=known)
+    for name, tap in taps.items():
+        for stat, values in again.result()[name].items():
+            np.testing.assert_array_equal(handed.result()[name][stat], values)
+        tol = np.full(tap.shape, 1e-3)
+        for stat, values in perturbation_bounds(tap, tol, 1e-7).items():
+            np.testing.assert_array_equal(perturbation_bounds(tap, tol, 1e-7, statistics=known[name])[stat], values)
