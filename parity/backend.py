@@ -94,6 +94,18 @@ class Backend(abc.ABC):
         """
         raise NotImplementedError(f"backend {self.name!r} does not run stages alone")
 
+    # Whether gradients is implemented: gradient parity compares only the backends that say so.
+    computes_gradients: bool = False
+
+    def gradients(self, batch: Any) -> Taps:
+        """Gradients of both losses, each summed over the batch, w.r.t. every parameter and ``x``.
+
+        Returns every tap of ``parity.taps.gradient_tap_specs`` for this batch, in that order and
+        in the canonical parameter layout, computed at the loaded weights (nothing is updated). A
+        float32 backend uses its framework's autograd; the float64 arbiter has its own adjoints.
+        """
+        raise NotImplementedError(f"backend {self.name!r} does not compute gradients")
+
     @abc.abstractmethod
     def effective_config(self) -> dict[str, Any]:
         """The configuration the backend really built, read back from the built model where possible."""

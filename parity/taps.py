@@ -17,6 +17,9 @@ from parity.config import ModelConfig
 from parity.errors import ParityInputError
 
 HEADS = ("amp", "phase")
+# The two per-group losses whose gradients are compared, each summed over the batch.
+LOSSES = ("poisson_nll", "mae")
+GRAD = "grad"
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,28 @@ def tap_specs(config: ModelConfig, batch_size: int) -> list[TapSpec]:
         TapSpec("loss.mae", (B, 1, 1, 1)),
     ]
     return specs
+
+
+def gradient_tap_specs(config: ModelConfig, batch_size: int) -> list[TapSpec]:
+    """Gradients of each loss (summed over the batch) w.r.t. every parameter and the input ``x``,
+    named ``grad.<loss>.<parameter>`` and listed in backward order, so the first diverging one is the
+    gradient nearest the loss that differs.
+
+    Backward order is the reverse of the canonical parameter order (the phase head's last conv first,
+    encoder block 0 last), then ``log_scale`` and ``input.x``: both are finished only when the backward
+    pass reaches the input (log_scale also divides the input; x also enters the losses directly), so
+    an error anywhere upstream reaches them and they must not be blamed before the convolutions.
+    Shapes are the canonical parameter layouts (kernels (kh, kw, in, out), biases (out,), log_scale ()).
+    """
+    from parity.weights import parameter_shapes  # weights imports this module for HEADS
+
+    shapes = parameter_shapes(config)
+    convs = [name for name in shapes if name != "log_scale"]
+    order: list[tuple[str, tuple[int, ...]]] = []
+    for i in range(len(convs) - 2, -1, -2):  # (kernel, bias) pairs, last conv first
+        order += [(convs[i], shapes[convs[i]]), (convs[i + 1], shapes[convs[i + 1]])]
+    order += [("log_scale", ()), ("input.x", (batch_size, config.C, config.N, config.N))]
+    return [TapSpec(f"{GRAD}.{loss}.{name}", shape) for loss in LOSSES for name, shape in order]
 
 
 def tap_names(config: ModelConfig) -> list[str]:
