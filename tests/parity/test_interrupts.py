@@ -2,19 +2,23 @@
 
 The commands run in child processes of their own session, and the interrupt is sent to that whole
 process group, as a terminal's Ctrl-C is: ``regen-baselines`` runs pytest in a grandchild, which gets
-it too. The moments are spread over the command's run, so they fall in different phases (starting
-up, the regeneration pass, writing baselines, the verification pass). What pytest prints when it is
-interrupted (where it was, in some phases a traceback of its own) is pytest's; the exit code, the
-files and this tool's last line are what these tests hold.
+it too. The moments are read off the command's own progress output, so each falls in its phase
+(starting up, the regeneration pass once a baseline is written, the verification pass) on any
+machine, and none is skipped for coming too late. What pytest prints when it is interrupted (where
+it was, in some phases a traceback of its own) is pytest's; the exit code, the files and this tool's
+last line are what these tests hold.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +40,8 @@ ARGS = ["--", "--parity-backends", "reference", "--parity-report-dir", "rep"]
 
 
 def _start(project: Path, *argv: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # Unbuffered, so pytest's progress reaches the pipe as it happens (the moments are read off it).
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     env.pop("PTYCHO_PARITY_REQUIRE_BACKENDS", None)
     return subprocess.Popen(
         [sys.executable, "-m", "parity.cli", *argv],
@@ -60,24 +65,60 @@ def _baselines(project: Path) -> dict[str, dict[str, np.ndarray]]:
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("interrupts")
     (root / "test_inner.py").write_text(INNER)
-    started = time.monotonic()
     proc = _start(root, "regen-baselines", "--all", *ARGS)
     out = proc.communicate(timeout=600)[0].decode()
     assert proc.returncode == 0, out
-    return root, time.monotonic() - started
+    return root
 
 
-@pytest.mark.parametrize("fraction", [0.2, 0.5, 0.8])
-def test_one_ctrl_c_ends_regen_baselines_with_130_and_no_torn_baseline(project, fraction):
-    root, duration = project
+# A progress line of pytest -q starts with the first finished test's dot; a summary line ends a pass.
+PROGRESS = re.compile(rb"^\.", re.MULTILINE)
+SUMMARY = re.compile(rb"\d+ (passed|failed|errors?)\b[^\n]* in [0-9.]+s")
+
+
+def _verifying(out: bytes) -> bool:
+    first = SUMMARY.search(out)
+    return first is not None and PROGRESS.search(out, first.end()) is not None
+
+
+# When to interrupt, read off what the command has printed so far (pytest's progress dots, flushed
+# as each test ends), so each moment falls in its phase however fast or slow the machine is.
+MOMENTS: dict[str, Callable[[bytes], bool]] = {
+    "starting up": lambda out: True,
+    "regeneration pass, after the first baseline": lambda out: PROGRESS.search(out) is not None,
+    "verification pass": _verifying,
+}
+
+
+def _wait_for(proc: subprocess.Popen[bytes], moment: str, timeout: float = 300) -> bytearray:
+    """Read the command's output until ``moment`` is reached; the bytes read so far are returned."""
+    assert proc.stdout is not None
+    out = bytearray()
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    while not MOMENTS[moment](bytes(out)):
+        if select.select([fd], [], [], 0.05)[0]:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                proc.wait(timeout=60)
+                pytest.fail(f"the command ended (exit {proc.returncode}) before {moment!r}:\n{out.decode()}")
+            out += chunk
+        elif time.monotonic() > deadline:
+            pytest.fail(f"{moment!r} did not come within {timeout} s:\n{out.decode()}")
+    return out
+
+
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_one_ctrl_c_ends_regen_baselines_with_130_and_no_torn_baseline(project, moment):
+    root = project
     before = _baselines(root)
     assert len(before) == 3
     proc = _start(root, "regen-baselines", "--all", *ARGS)
-    time.sleep(fraction * duration)
-    if proc.poll() is not None:
-        pytest.skip(f"the command finished within {fraction * duration:.1f} s, before the interrupt")
+    if moment == "starting up":
+        time.sleep(1.0)  # Python's own handler is installed: a Ctrl-C before that is the shell's business
+    head = _wait_for(proc, moment)
     os.killpg(proc.pid, signal.SIGINT)  # one Ctrl-C, to the whole process group
-    out = proc.communicate(timeout=120)[0].decode()
+    out = (head + proc.communicate(timeout=120)[0]).decode()
     assert proc.returncode == 130, out
     assert out.rstrip().endswith("ptycho-parity: interrupted; every file is as it was or completely written")
     # Every baseline is the old one or a complete new one (here with the same statistics), never torn,
