@@ -26,6 +26,10 @@ RULE = "|a - b| <= atol_i + rtol * |b_i|  (b: reference side; complex: modulus o
 HIST_MIN_EXP, HIST_MAX_EXP = -54, 28
 HIST_EDGES = 2.0 ** np.arange(HIST_MIN_EXP, HIST_MAX_EXP + 1, dtype=np.float64)
 
+# Elements per work block: the dozen elementwise steps of a comparison then run on data that stays in
+# the CPU cache, instead of each step streaming the whole tap through memory (benchmarks/README.md).
+BLOCK = 1 << 15
+
 
 @dataclass
 class ComparisonResult:
@@ -123,87 +127,116 @@ class ElementwiseComparison:
     def add(self, a: np.ndarray, b: np.ndarray, atol: np.ndarray | float | None = None) -> None:
         """Compare one batch; ``atol`` (broadcastable to the batch) is the elementwise atol."""
         r = self.result
-        atol_field = np.asarray(self._atol if atol is None else atol, dtype=np.float64)
         if r.reason is not None:
             return
         if a.shape != b.shape:
             self.fail(f"shape mismatch: {r.a} has {a.shape}, {r.b} has {b.shape}")
             return
-        dtype = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(b) else np.float64
-        # No upcast copies: subtract and abs promote to float64/complex128 themselves.
-        a64 = np.asarray(a, dtype=dtype)  # a view when already wide (the reference side usually is)
-        b64 = np.asarray(b, dtype=dtype)
+        atol_field = np.asarray(self._atol if atol is None else atol, dtype=np.float64)
+        a_flat, b_flat = np.ravel(a), np.ravel(b)  # views of contiguous taps
+        atol_flat = None if atol_field.size == 1 else np.ravel(np.broadcast_to(atol_field, a.shape))
+        atol_scalar = float(atol_field.reshape(-1)[0]) if atol_flat is None else 0.0
+        wide = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(b) else np.float64
+        for start in range(0, a_flat.size, BLOCK):
+            stop = min(start + BLOCK, a_flat.size)
+            block_atol = atol_scalar if atol_flat is None else atol_flat[start:stop]
+            self._add_block(a, b, a_flat[start:stop], b_flat[start:stop], block_atol, start, wide)
+        self._rows += a.shape[0] if a.ndim else 1
+
+    def _add_block(
+        self,
+        a: np.ndarray,
+        b: np.ndarray,
+        a_blk: np.ndarray,
+        b_blk: np.ndarray,
+        atol: np.ndarray | float,
+        offset: int,
+        wide: type,
+    ) -> None:
+        """One block of a batch (flat elements ``offset`` on), small enough to stay in cache."""
+        r = self.result
         with np.errstate(invalid="ignore", over="ignore"):
-            diff = np.subtract(a64, b64)
-            err = np.abs(diff, out=diff) if dtype == np.float64 else np.abs(diff)
-        mag_b = np.abs(b64)
-        both: np.ndarray | None = None  # None: every element finite on both sides (the usual case)
-        n_bad_nonfinite = 0
-        if not np.isfinite(err).all():
+            diff = np.subtract(a_blk, b_blk, dtype=wide)
+            err = np.abs(diff, out=diff) if wide is np.float64 else np.abs(diff)
+            mag_b = np.abs(b_blk, dtype=np.float64) if wide is np.float64 else np.abs(np.asarray(b_blk, wide))
+            total = float(err.sum())
+        bad: np.ndarray | None = None  # non-finite on one side only, or different non-finite values
+        finite = math.isfinite(total)
+        if not finite:
+            a64: np.ndarray = np.asarray(a_blk, dtype=wide)
+            b64: np.ndarray = np.asarray(b_blk, dtype=wide)
             fin_a, fin_b = np.isfinite(a64), np.isfinite(b64)
             both = fin_a & fin_b
             # Non-finite values agree only when both sides hold the same NaN/Inf at the same place.
-            same_nonfinite = (~fin_a & ~fin_b) & ((np.isnan(a64) & np.isnan(b64)) | (a64 == b64))
-            bad_nonfinite = ~both & ~same_nonfinite
-            n_bad_nonfinite = int(np.count_nonzero(bad_nonfinite))
+            same = (~fin_a & ~fin_b) & ((np.isnan(a64) & np.isnan(b64)) | (a64 == b64))
+            bad = ~both & ~same
             err[~both] = 0.0
             mag_b[~both] = 0.0
-        del a64, b64
-
+            total = float(err.sum())
+            self._finite_numel += int(np.count_nonzero(both))
+            n_bad = int(np.count_nonzero(bad))
+            r.nonfinite_mismatch += n_bad
+            if not n_bad:
+                bad = None
+        else:
+            self._finite_numel += err.size
         r.numel += err.size
-        r.nonfinite_mismatch += n_bad_nonfinite
-        self._sum_abs += float(err.sum())
-        self._finite_numel += err.size if both is None else int(np.count_nonzero(both))
-        if err.size:
-            flat_worst = int(np.argmax(err)) if not n_bad_nonfinite else int(np.argmax(bad_nonfinite))
-            worst = float(np.inf) if n_bad_nonfinite else float(err.flat[flat_worst])
-            if r.worst_index is None or worst > r.max_abs:
-                idx = list(np.unravel_index(flat_worst, err.shape))
-                idx[0] += self._rows
-                r.worst_index = [int(i) for i in idx]
-                r.worst_a = a.flat[flat_worst].item()
-                r.worst_b = b.flat[flat_worst].item()
-                r.max_abs = worst
-            positive = mag_b > 0
-            rel = np.divide(err, mag_b, out=np.zeros_like(err), where=positive)
+        self._sum_abs += total
+
+        def where(flat: int) -> list[int]:
+            idx = list(np.unravel_index(offset + flat, a.shape))
+            idx[0] += self._rows
+            return [int(i) for i in idx]
+
+        flat_worst = int(np.argmax(err)) if bad is None else int(np.argmax(bad))
+        worst = float(err[flat_worst]) if bad is None else float("inf")
+        if r.worst_index is None or worst > r.max_abs:
+            r.worst_index = where(flat_worst)
+            r.worst_a = a.flat[offset + flat_worst].item()
+            r.worst_b = b.flat[offset + flat_worst].item()
+            r.max_abs = worst
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.divide(err, mag_b, out=np.zeros_like(err), where=mag_b > 0)
             r.max_rel = max(r.max_rel, float(rel.max()))
-            del rel, positive
-            # excess = err - rtol·|b|, computed in mag_b's buffer: the element passes when excess <= atol.
-            excess = np.subtract(err, np.multiply(mag_b, r.rtol, out=mag_b), out=mag_b)
-            out = excess > atol_field
-            if both is not None:
-                out |= bad_nonfinite
+            tol = np.multiply(mag_b, r.rtol, out=mag_b)  # rtol·|b|, then the whole tolerance
+            excess = np.subtract(err, tol, out=rel)  # what atol alone would have to cover
+            max_excess = float(excess.max())
+            tol += atol
+            out = err > tol
+            if bad is not None:
+                out |= bad
             r.mismatched += int(np.count_nonzero(out))
-            r.min_atol_to_pass = max(r.min_atol_to_pass, float(excess.max()), 0.0)
-            # margin = err / (atol + rtol·|b|) = err / (err - excess + atol); 0/0 (exact zeros) is 0.
-            tol = np.add(np.subtract(err, excess), atol_field)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.divide(err, tol, out=np.where(err > 0, np.inf, 0.0), where=tol > 0)
-            if n_bad_nonfinite:
-                ratio[bad_nonfinite] = np.inf
+            r.min_atol_to_pass = max(r.min_atol_to_pass, max_excess, 0.0)
+            # margin = err / (atol + rtol·|b|); 0/0 (an exact zero under a zero tolerance) is 0.
+            ratio = np.divide(err, tol, out=np.where(err > 0, np.inf, 0.0), where=tol > 0)
+            if bad is not None:
+                ratio[bad] = np.inf
             flat_m = int(np.argmax(ratio))
-            m = float(ratio.flat[flat_m])
+            m = float(ratio[flat_m])
             if r.margin_index is None or m > r.margin:
-                idx = list(np.unravel_index(flat_m, ratio.shape))
-                idx[0] += self._rows
-                r.margin_index = [int(i) for i in idx]
+                r.margin_index = where(flat_m)
                 r.margin = m
-                r.atol = float(np.broadcast_to(atol_field, ratio.shape).flat[flat_m])
+                r.atol = float(atol if np.ndim(atol) == 0 else np.asarray(atol)[flat_m])
             if r.factor:
                 # atol_i / factor is u·S_i: the excess over it is the factor this batch needed.
-                unit = np.broadcast_to(atol_field / r.factor, excess.shape)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    need = np.divide(excess, unit, out=np.where(excess > 0, np.inf, 0.0), where=unit > 0)
-                if n_bad_nonfinite:
-                    need[bad_nonfinite] = np.inf
-                r.min_factor_to_pass = max(r.min_factor_to_pass or 0.0, float(need.max()), 0.0)
-            if n_bad_nonfinite:
-                r.min_atol_to_pass = float("inf")
-            nz = err[err > 0]
-            if nz.size:
-                bins = np.clip(np.frexp(nz)[1] - HIST_MIN_EXP, 0, self._hist.size - 1)
-                self._hist += np.bincount(bins, minlength=self._hist.size)
-        self._rows += a.shape[0] if a.ndim else 1
+                if np.ndim(atol) == 0:
+                    unit = float(atol) / r.factor
+                    need = max_excess / unit if unit > 0 else (np.inf if max_excess > 0 else 0.0)
+                else:
+                    units = np.asarray(atol) / r.factor
+                    scaled = np.divide(excess, units, out=np.where(excess > 0, np.inf, 0.0), where=units > 0)
+                    need = float(scaled.max())
+                if bad is not None:
+                    need = np.inf
+                r.min_factor_to_pass = max(r.min_factor_to_pass or 0.0, float(need), 0.0)
+        if bad is not None:
+            r.min_atol_to_pass = float("inf")
+        # Histogram bins straight from the float64 exponent field: frexp's exponent is field - 1022.
+        # Exact zeros (field 0) fall in bin 0 and are taken out again; subnormals belong there anyway.
+        exponent = (err.view(np.int64) >> 52) - (1022 + HIST_MIN_EXP)
+        bins = np.clip(exponent, 0, self._hist.size - 1)
+        self._hist += np.bincount(bins, minlength=self._hist.size)
+        self._hist[0] -= err.size - int(np.count_nonzero(err))
 
     def finish(self) -> ComparisonResult:
         r = self.result

@@ -118,3 +118,34 @@ def test_margin_across_batches_keeps_the_worst_and_its_index():
 def test_nan_mismatch_has_infinite_margin():
     r = compare_arrays(np.array([[np.nan]]), np.array([[1.0]]), 1.0, 0.0)
     assert r.margin == float("inf") and not r.passed
+
+
+@pytest.mark.parametrize("atol_shape", [(), (1, 3, 1, 1), (2, 3, 4, 5)])
+def test_blocks_give_the_whole_array_result(monkeypatch, atol_shape):
+    """The work runs in cache-sized blocks; where a block ends must not change any number kept, even
+    with a NaN mismatch, an exact zero and matching infinities in different blocks."""
+    from parity import compare
+
+    rng = np.random.default_rng(1)
+    b = rng.normal(size=(2, 3, 4, 5))
+    a = (b + rng.normal(scale=1e-3, size=b.shape)).astype(np.float32)
+    a.flat[3], b.flat[3] = np.inf, np.inf
+    b.flat[40] = a.flat[40]
+    a.flat[77] = np.nan
+    atol = np.abs(rng.normal(scale=1e-3, size=atol_shape)) if atol_shape else 1e-3
+
+    def run(block: int) -> compare.ComparisonResult:
+        monkeypatch.setattr(compare, "BLOCK", block)
+        acc = ElementwiseComparison("k", "t", "a", "b", 0.0, 1e-4, factor=2.0)
+        acc.add(a, b, atol)
+        acc.add(a[:1], b[:1], atol if not atol_shape else np.broadcast_to(atol, b.shape)[:1])
+        return acc.finish()
+
+    whole, blocked = run(1 << 20), run(7)
+    for key, value in whole.to_dict().items():
+        if isinstance(value, float):
+            assert blocked.to_dict()[key] == pytest.approx(value, rel=1e-12), key
+        else:
+            assert blocked.to_dict()[key] == value, key
+    assert blocked.histogram == whole.histogram and sum(whole.histogram) == (120 - 3) + (60 - 2)
+    assert whole.nonfinite_mismatch == 1 and whole.worst_index == [1, 0, 3, 2]  # the NaN, flat 77
