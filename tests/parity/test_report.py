@@ -103,25 +103,25 @@ def test_html_report_touches_no_global_matplotlib_state(tol, tmp_path):
 
 
 def test_the_shipped_schema_rejects_a_report_that_breaks_it(tol, tmp_path):
-    import jsonschema
+    import jsonschema_rs as jsonschema
 
     from parity.report import schema_file
 
-    schema = json.loads(schema_file().read_text())
+    validator = jsonschema.validator_for(json.loads(schema_file().read_text()))
     data = json.loads(write_reports(_result(tol), tmp_path / "rep")["json"].read_text())
-    jsonschema.validate(data, schema)
+    validator.validate(data)
     for broken in ({**data, "verdict": "maybe"}, {**data, "taps": [{**data["taps"][0], "scale": 3}]}):
         with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate(broken, schema)
+            validator.validate(broken)
     missing = dict(data)
     del missing["first_divergence"]
-    with pytest.raises(jsonschema.ValidationError, match="'first_divergence' is a required property"):
-        jsonschema.validate(missing, schema)
+    with pytest.raises(jsonschema.ValidationError, match='"first_divergence" is a required property'):
+        validator.validate(missing)
 
 
 def test_layer_local_results_are_in_every_report_and_the_json_validates(tol, tmp_path):
     """Both columns per tap, the first stage that differs, and the backends without stages."""
-    import jsonschema
+    import jsonschema_rs as jsonschema
 
     from parity.report import schema_file
 
@@ -132,7 +132,7 @@ def test_layer_local_results_are_in_every_report_and_the_json_validates(tol, tmp
     result = run_parity(backends, _batches(), tol, expected=_expected, reference="reference", stages=STAGES)
     paths = write_reports(result, tmp_path / "rep")
     data = json.loads(paths["json"].read_text())
-    jsonschema.validate(data, json.loads(schema_file().read_text()))
+    jsonschema.validator_for(json.loads(schema_file().read_text())).validate(data)
     assert data["first_local_divergence"]["stage"] == "out" and data["first_local_divergence"]["backends"] == ["torch"]
     assert data["local_unsupported"] == ["plain"]
     out = next(t for t in data["taps"] if t["name"] == "toy.out")
