@@ -8,12 +8,14 @@ from typing import Any
 
 import numpy as np
 
+from backends.reference import backward
 from backends.reference.model import ReferenceModel
 from parity.backend import Backend, Taps
 from parity.batch import CanonicalBatch
 from parity.config import ModelConfig
 from parity.errors import ParityInputError
 from parity.stages import Stage
+from parity.taps import GRAD, gradient_tap_specs
 from parity.weights import validate_weights
 
 _THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -71,13 +73,30 @@ class ReferenceBackend(Backend):
         )
         return {name: np.ascontiguousarray(value) for name, value in taps.items()}
 
-    def error_scales(self, batch: CanonicalBatch, taps: Taps) -> Taps:
-        """The float32 error scale of every tap (``error_model``), from this backend's taps of ``batch``."""
+    computes_gradients = True
+
+    def gradients(self, batch: CanonicalBatch) -> Taps:
+        """Both losses' gradients from the hand-written adjoints (``backward``), in float64, with the
+        batch widened exactly as ``forward`` widens it, so they are the derivatives of its taps."""
+        batch.validate(self.config)
         N = self.config.N
-        return self.model.error_scales(
-            {name: np.asarray(v) for name, v in taps.items()},
+        grads = backward.gradients(
+            self.model,
+            batch.x.astype(np.float64),
             batch.offsets.astype(np.float64),
             batch.probe.astype(np.complex128).reshape(1, 1, N, N),
+        )
+        # np.asarray, not ascontiguousarray, which would turn log_scale's 0-d gradient into shape (1,).
+        return {s.name: np.asarray(grads[s.name], order="C") for s in gradient_tap_specs(self.config, batch.size)}
+
+    def error_scales(self, batch: CanonicalBatch, taps: Taps) -> Taps:
+        """The float32 error scale of every forward tap (``error_model``), from this backend's taps of
+        ``batch``. Gradient taps get none yet: the harness scales their tolerances by the magnitude of
+        the reference's gradient (docs/tolerances.md, "Gradients")."""
+        N = self.config.N
+        forward = {name: np.asarray(v) for name, v in taps.items() if not name.startswith(GRAD + ".")}
+        return self.model.error_scales(
+            forward, batch.offsets.astype(np.float64), batch.probe.astype(np.complex128).reshape(1, 1, N, N)
         )
 
     def local_error_scales(self, batch: CanonicalBatch, taps: Taps) -> Taps:
@@ -85,7 +104,7 @@ class ReferenceBackend(Backend):
         float32 (layer-local parity)."""
         N = self.config.N
         return self.model.error_scales(
-            {name: np.asarray(v) for name, v in taps.items()},
+            {name: np.asarray(v) for name, v in taps.items() if not name.startswith(GRAD + ".")},
             batch.offsets.astype(np.float64),
             batch.probe.astype(np.complex128).reshape(1, 1, N, N),
             local=True,
