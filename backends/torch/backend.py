@@ -15,13 +15,14 @@ from backends.torch.model import (
     ACTIVATION_NAMES,
     PtychoPINN,
     export_canonical_weights,
+    torch_parameter_name,
 )
 from parity.backend import Backend, Taps
 from parity.batch import CanonicalBatch
 from parity.config import ModelConfig
 from parity.errors import ParityInputError
 from parity.stages import Stage
-from parity.taps import tap_specs
+from parity.taps import GRAD, LOSSES, gradient_tap_specs, tap_specs
 from parity.weights import parameter_shapes, validate_weights
 
 SEED = 0
@@ -68,6 +69,17 @@ def set_precision_controls(device: torch.device) -> None:
     torch.manual_seed(SEED)
 
 
+def _canonical_gradient(name: str, grad: torch.Tensor) -> np.ndarray:
+    """The gradient w.r.t. ``name`` (a canonical parameter or ``input.x``) as a float32 array in the
+    canonical layout. A kernel's (out, in, kh, kw) becomes (kh, kw, in, out), the permutation
+    ``export_canonical_weights`` applies, so a gradient and its parameter share one layout; chosen by
+    name, not by rank, because the input's gradient is 4-D too and already canonical."""
+    arr = grad.detach().cpu().numpy()
+    if name.endswith(".kernel"):
+        arr = arr.transpose(2, 3, 1, 0)
+    return np.array(arr, dtype=np.float32, order="C")
+
+
 class TorchBackend(Backend):
     """PtychoPINN in PyTorch, float32 / complex64, on CPU or one CUDA device."""
 
@@ -107,6 +119,39 @@ class TorchBackend(Backend):
             }
             taps = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in tensors.items()}
         return self._in_spec_order(taps, B)
+
+    computes_gradients = True
+
+    def gradients(self, batch: CanonicalBatch) -> Taps:
+        """One forward pass with autograd on, then one ``torch.autograd.grad`` per loss.
+
+        The graph is built here rather than in ``forward``, which stays under inference mode and
+        so as fast as before. ``autograd.grad`` returns the gradients instead of accumulating them
+        into ``.grad``, so nothing is left on the model, and the parameters are only read. The model
+        is ``model_class``'s, so a planted bug changes the gradients as it changes the forward.
+        """
+        batch.validate(self.config)
+        dev = self.torch_device
+        names = list(parameter_shapes(self.config))
+        params = dict(self.model.named_parameters())
+        sources = [params[torch_parameter_name(name)] for name in names]
+        # Explicitly out of inference mode and into grad mode, whatever the caller's context is.
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.tensor(batch.x, device=dev, requires_grad=True)
+            offsets = torch.tensor(batch.offsets, device=dev)
+            probe = torch.tensor(batch.probe, device=dev)
+            computed = self.model(x, offsets, probe)
+            found: dict[str, np.ndarray] = {}
+            for i, loss in enumerate(LOSSES):
+                total = computed[f"loss.{loss}"].sum()
+                # The graph is kept for the next loss only. materialize_grads: a parameter a mutated
+                # model leaves unused has gradient zero, not None.
+                grads = torch.autograd.grad(
+                    total, [*sources, x], retain_graph=i + 1 < len(LOSSES), materialize_grads=True
+                )
+                for name, grad in zip([*names, "input.x"], grads, strict=True):
+                    found[f"{GRAD}.{loss}.{name}"] = _canonical_gradient(name, grad)
+        return {spec.name: found[spec.name] for spec in gradient_tap_specs(self.config, batch.size)}
 
     runs_stages = True
 
