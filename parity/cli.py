@@ -105,6 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         allow_config_diff=args.allow_config_diff,
         shipped_deviations=not args.no_shipped_deviations,
         local=not args.no_local,
+        gradients=args.gradients,
     )
     # Every input is read and checked, then the report folder is claimed, before any backend is built:
     # bad input leaves nothing behind, and a folder that is a file, unwritable or in use by another run
@@ -418,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-local",
         action="store_true",
         help="end-to-end parity only: skip running each stage on the reference's inputs (layer-local parity)",
+    )
+    r.add_argument(
+        "--gradients",
+        action="store_true",
+        help="gradient parity too: both losses' gradients w.r.t. every parameter and the input, per backend",
     )
     r.set_defaults(func=cmd_run)
 

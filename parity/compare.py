@@ -185,7 +185,8 @@ class ElementwiseComparison:
 
         def where(flat: int) -> list[int]:
             idx = list(np.unravel_index(offset + flat, a.shape))
-            idx[0] += self._rows
+            if idx:  # a 0-d tap (a scalar such as log_scale's gradient) has the empty index
+                idx[0] += self._rows
             return [int(i) for i in idx]
 
         flat_worst = int(np.argmax(err)) if bad is None else int(np.argmax(bad))

@@ -26,7 +26,7 @@ from parity.compare import ComparisonResult, _jsonable
 from parity.errors import ParityInputError
 from parity.runner import ParityResult, TapResult, statistics_summary
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 JSON_NAME, MARKDOWN_NAME, HTML_NAME, STATS_NAME = "report.json", "report.md", "report.html", "statistics.npz"
 LOCK_NAME = ".ptycho-parity.lock"
 SIDE_BY_SIDE = ("mean", "std", "var_zero_mean", "min", "max", "l2")
@@ -92,6 +92,7 @@ def to_json_dict(result: ParityResult) -> Any:
             "first_divergence": result.first_divergence,
             "first_local_divergence": result.first_local_divergence,
             "local_unsupported": result.local_unsupported,
+            "gradients": {"enabled": result.gradients, "unsupported": result.gradients_unsupported},
             "reference": result.reference,
             "config": result.config,
             "config_diff": result.config_diff,
@@ -172,6 +173,13 @@ def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
             "End-to-end parity only for "
             + ", ".join(f"`{n}`" for n in result.local_unsupported)
             + ": it cannot run a stage alone, so its local column is empty.",
+            "",
+        ]
+    if result.gradients_unsupported:
+        lines += [
+            "Forward parity only for "
+            + ", ".join(f"`{n}`" for n in result.gradients_unsupported)
+            + ": it computes no gradients, so its `grad.*` taps are not exposed.",
             "",
         ]
     stale = result.stale_deviations()

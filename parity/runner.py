@@ -26,7 +26,7 @@ from parity.deviations import NOT_REPRODUCED, Deviation, DeviationLedger
 from parity.errors import ParityInputError
 from parity.stages import Stage
 from parity.stats import StatsAccumulator, patch_statistics, summarise
-from parity.taps import TapSelection, TapSpec
+from parity.taps import GRAD, TapSelection, TapSpec
 from parity.tolerances import ConfigLike, Tolerances, config_values, magnitude_scale
 from parity.verdict import decide
 
@@ -93,6 +93,10 @@ class ParityResult:
     # could not run stages alone (end-to-end parity only for them).
     first_local_divergence: dict[str, Any] | None = None
     local_unsupported: list[str] = field(default_factory=list)
+    # Gradient parity (``gradients=True``): whether it ran, and the backends that cannot compute
+    # gradients (compared on the forward taps only).
+    gradients: bool = False
+    gradients_unsupported: list[str] = field(default_factory=list)
     fixture: dict[str, Any] | None = None
     weights_sha256: str | None = None
     tolerance_source: str = ""
@@ -164,6 +168,8 @@ class ParityResult:
             )
         if self.local_unsupported:
             lines.append(f"  end-to-end parity only (cannot run stages alone): {', '.join(self.local_unsupported)}")
+        if self.gradients_unsupported:
+            lines.append(f"  forward parity only (no gradients): {', '.join(self.gradients_unsupported)}")
         fails = self.failures()
         lines += ["  " + c.summary() for c in fails[:limit]]
         if len(fails) > limit:
@@ -201,6 +207,7 @@ def run_parity(
     fixture: Mapping[str, Any] | None = None,
     weights_sha256: str | None = None,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    gradients: bool = False,
 ) -> ParityResult:
     """Run every batch through every backend and compare; see the module docstring.
 
@@ -212,6 +219,9 @@ def run_parity(
     ``stages`` (``parity.stages``) turn on layer-local parity: every backend that can runs each
     stage on the reference's inputs to it, compared with the reference's outputs under the error
     model's local scales; ``deviations`` are the declared, accepted differences (``parity.deviations``).
+    ``gradients``: every backend that can (``Backend.computes_gradients``) also returns its gradient
+    taps (``parity.taps.gradient_tap_specs``), which are compared like any other tap after the
+    forward taps, in backward order; the others are compared on the forward taps only.
     """
     if reference is not None and reference not in backends and reference not in (unavailable or {}):
         raise ParityInputError(
@@ -257,6 +267,7 @@ def run_parity(
         tolerance_profile=tolerances.profile,
         rule=tolerances.rule(),
         blame_ratio=tolerances.blame_ratio,
+        gradients=gradients,
     )
     if result.config_diff:
         result.deviations = ledger.report(())
@@ -278,6 +289,7 @@ def run_parity(
     local_comps: dict[tuple[str, str], ElementwiseComparison] = {}
     stage_by_tap = {t: st.name for st in stages for t in st.outputs}
     local_unsupported: list[str] = []
+    no_gradients = [n for n, be in backends.items() if gradients and not be.computes_gradients]
 
     def local_comparison(tap: str, a: str) -> ElementwiseComparison:
         key = (tap, a)
@@ -306,6 +318,8 @@ def run_parity(
         return selection is None or selection(name)
 
     def hidden(name: str, tap: str) -> bool:
+        if name in no_gradients and tap.startswith(GRAD + "."):
+            return True
         listed = exposed.get(name)
         return listed is not None and tap not in listed
 
@@ -325,6 +339,8 @@ def run_parity(
         for name, be in list(backends.items()):
             try:
                 raw[name] = be.forward(batch)
+                if gradients and be.computes_gradients:
+                    raw[name] = {**raw[name], **be.gradients(batch)}
             except ParityInputError:
                 raise
             except Exception:
@@ -346,6 +362,8 @@ def run_parity(
             selection.check({t for out in raw.values() for t in out}, "what the backends produce")
         if scaler is not None and (ref is not None or scale_source is not None):
             own = raw[ref] if ref is not None and scaler is backends[ref] else scaler.forward(batch)
+            if gradients and scaler.computes_gradients and not (ref is not None and scaler is backends[ref]):
+                own = {**own, **scaler.gradients(batch)}
             scales = {t: np.asarray(v) for t, v in scaler.error_scales(batch, dict(own)).items() if selected(t)}
         else:
             scales = {}
@@ -433,7 +451,7 @@ def run_parity(
                 )
             if batch_index == 0:
                 for n, arr in present.items():
-                    result.samples.setdefault(n, {})[tap] = np.array(arr[:SAMPLES_KEPT])
+                    result.samples.setdefault(n, {})[tap] = np.array(arr[:SAMPLES_KEPT] if np.ndim(arr) else arr)
         for name, produced_taps in outputs.items():
             stats[name].add(produced_taps, bounds[name], statistics=patch_stats[name])
         rows += size
@@ -475,6 +493,7 @@ def run_parity(
     result.first_divergence = _first_divergence(result.taps, ref, tolerances.blame_ratio)
     result.first_local_divergence = _first_local_divergence(result.taps)
     result.local_unsupported = [n for n in local_unsupported if n in backends]
+    result.gradients_unsupported = [n for n in no_gradients if n in backends]
     result.verdict = decide(result)
     return result
 

@@ -21,7 +21,7 @@ from parity.errors import BackendUnavailableError, ParityInputError
 from parity.registry import load_backend
 from parity.runner import ArbiterOutOfRangeError, ParityResult, run_parity
 from parity.stages import stages
-from parity.taps import TapSelection, tap_specs
+from parity.taps import TapSelection, TapSpec, gradient_tap_specs, tap_specs
 from parity.tolerances import Tolerances, load_tolerances
 from parity.weights import DEFAULT_SEED, generate_weights, load_weights, validate_weights, weights_sha256
 
@@ -81,6 +81,12 @@ class RunSpec:
     allow_config_diff: Sequence[str] = ()  # one-off declared config differences, any backend
     shipped_deviations: bool = True  # apply the deviation files the backends ship
     local: bool = True  # layer-local parity: each stage also fed the reference's inputs to it
+    gradients: bool = False  # gradient parity: both losses' gradients w.r.t. every parameter and x
+
+    def expected(self, batch_size: int) -> list[TapSpec]:
+        """Every tap this run compares, forward taps first, then gradients in backward order."""
+        specs = tap_specs(self.config, batch_size)
+        return specs + gradient_tap_specs(self.config, batch_size) if self.gradients else specs
 
 
 def resolve_weights(spec: RunSpec) -> dict[str, np.ndarray]:
@@ -196,7 +202,7 @@ class PreparedRun:
                 iter_batches(self.fixture, spec.config, spec.batch_size, spec.max_groups),
                 self.tolerances,
                 config=spec.config,
-                expected=lambda b: tap_specs(spec.config, b),
+                expected=spec.expected,
                 reference=spec.reference,
                 scale_source=_scale_source(backends, spec, weights),
                 unavailable=missing,
@@ -207,6 +213,7 @@ class PreparedRun:
                 taps=spec.taps,
                 stages=stages(spec.config) if spec.local else (),
                 deviations=self.deviations,
+                gradients=spec.gradients,
             )
         except ArbiterOutOfRangeError as exc:
             raise ParityInputError(f"{exc}; {_magnitude_hint(exc.tap, spec.config)}") from None
@@ -227,7 +234,7 @@ def prepare(
             f"reference backend {spec.reference!r} is not among the backends ({', '.join(spec.backends) or 'none'})"
         )
     tol = tolerances or load_tolerances(spec.tolerances, profile=spec.device)
-    names = [s.name for s in tap_specs(spec.config, 1)]
+    names = [s.name for s in spec.expected(1)]
     for name in names:
         tol.family(name)  # every tap of this config has a tolerance family
     selection = TapSelection.parse(spec.taps)

@@ -124,10 +124,13 @@ def tap_names(config: ModelConfig) -> list[str]:
 
 @lru_cache(maxsize=1)
 def all_tap_names() -> frozenset[str]:
-    """Every tap name any valid configuration can produce (used to reject typos in tolerance files)."""
+    """Every tap name any valid configuration can produce, gradients included (used to reject typos in
+    tolerance files and tap patterns)."""
     names: set[str] = set()
     for N, pad, big in itertools.product((64, 128), (True, False), (True, False)):
-        names.update(tap_names(ModelConfig(N=N, pad_object=pad, probe_big=big)))
+        config = ModelConfig(N=N, pad_object=pad, probe_big=big)
+        names.update(tap_names(config))
+        names.update(s.name for s in gradient_tap_specs(config, 1))
     return frozenset(names)
 
 

@@ -715,3 +715,71 @@ def test_default_that_differs_stops_the_run_with_the_differing_key(tmp_path: Pat
     paths = write_reports(result, tmp_path, html=True)
     report = json.loads(paths["json"].read_text(encoding="utf-8"))
     assert report["verdict"] == "config_mismatch"
+
+
+# --- gradient parity: bugs only the backward pass shows ----------------------------------------------
+
+
+def _t_amp_decoder_detached(self: PtychoPINN, h: str, features: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    y, taps = PtychoPINN.decode(self, h, features)
+    return (y.detach() if h == "amp" else y), taps  # BUG: a stop-gradient left in from debugging
+
+
+def _f_log_scale_output_constant(self: PtychoModel, diffraction: Tensor) -> tuple[Tensor, Tensor]:
+    amplitude = diffraction * tf.stop_gradient(tf.exp(self.log_scale))  # BUG: log_scale's output path cut
+    return amplitude, tf.square(amplitude)
+
+
+GRADIENT_MUTATIONS = {
+    # The amplitude decoder's output is detached: every forward tap is identical, and in backward order
+    # the first gradient it changes is the amplitude decoder's last conv (the heads' own parameters and
+    # the whole phase branch still get theirs).
+    "amp_decoder_detached": _t(
+        "amp_decoder_detached",
+        "grad.poisson_nll.amp.decoder.block1.conv1.kernel",
+        "stop-gradient on the amplitude decoder's output",
+        overrides={"decode": _t_amp_decoder_detached},
+    ),
+    # log_scale's gradient keeps only its input path: nothing else changes, so log_scale is named.
+    "log_scale_output_constant": _f(
+        "log_scale_output_constant",
+        "grad.poisson_nll.log_scale",
+        "exp(log_scale) treated as a constant at the output",
+        overrides={"outputs": _f_log_scale_output_constant},
+    ),
+}
+
+
+def _gradient_run(mutation: Mutation | None) -> ParityResult:
+    overrides = {n: _clean(n, CONFIG) for n in ("reference", "torch", "tensorflow")}
+    if mutation is not None:
+        overrides[mutation.backend] = mutant_backend(mutation)
+    spec = RunSpec(config=CONFIG, batch_size=BATCH_SIZE, max_groups=MAX_GROUPS, require=True, gradients=True)
+    return run(spec, backend_overrides=overrides)
+
+
+@pytest.mark.parametrize("bug", list(GRADIENT_MUTATIONS))
+def test_gradient_bug_is_named_at_its_first_gradient_in_backward_order(bug: str) -> None:
+    m = GRADIENT_MUTATIONS[bug]
+    result = _gradient_run(m)
+
+    assert not result.passed and result.gradients and not result.gradients_unsupported
+    fd = result.first_divergence
+    assert fd is not None and fd["tap"] == m.first_tap, result.describe_failure()
+    assert fd["blamed"] == [m.backend], result.describe_failure()
+    failing = {c.tap for c in result.failures()}
+    assert all(t.startswith("grad.") for t in failing), failing  # the forward pass is untouched
+    other = "tensorflow" if m.backend == "torch" else "torch"
+    assert _comparison(result, m.first_tap, "vs_reference", other).passed
+
+
+def test_gradients_of_unmutated_backends_pass_and_follow_the_forward_taps() -> None:
+    result = _gradient_run(None)
+
+    assert result.passed, result.describe_failure()
+    names = [t.name for t in result.taps]
+    first_gradient = names.index("grad.poisson_nll.phase.head.border.out.kernel")
+    assert not any(n.startswith("grad.") for n in names[:first_gradient])
+    assert names[-1] == "grad.mae.input.x" and names[first_gradient - 1] == "loss.mae"
+    for t in result.taps[first_gradient:]:
+        assert {c.a for c in t.comparisons if c.kind == "vs_reference"} == {"torch", "tensorflow"}, t.name

@@ -149,3 +149,13 @@ def test_blocks_give_the_whole_array_result(monkeypatch, atol_shape):
             assert blocked.to_dict()[key] == value, key
     assert blocked.histogram == whole.histogram and sum(whole.histogram) == (120 - 3) + (60 - 2)
     assert whole.nonfinite_mismatch == 1 and whole.worst_index == [1, 0, 3, 2]  # the NaN, flat 77
+
+
+def test_a_scalar_compares_like_any_tap():
+    """0-d values (log_scale's gradient) compare with the empty index, batch after batch."""
+    acc = ElementwiseComparison("k", "t", "a", "b", 1e-3, 0.0)
+    acc.add(np.asarray(1.0), np.asarray(1.0005))
+    acc.add(np.asarray(2.0), np.asarray(2.01))
+    r = acc.finish()
+    assert not r.passed and r.mismatched == 1 and r.numel == 2
+    assert r.worst_index == [] and r.max_abs == pytest.approx(0.01)
