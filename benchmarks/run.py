@@ -6,9 +6,12 @@ Rows (all measured in this one run, on this machine):
 
 - forward time of each backend at batch ``--batch``, default config (median after one warm-up);
 - reference / TensorFlow forward time;
+- each backend's gradients of both losses (``Backend.gradients``) at the same batch, and their cost
+  in forward passes;
 - harness / bare forwards: a full end-to-end parity run (comparisons, statistics, error scales) of the
   same backends on the same batches over their bare forward passes, and the same with layer-local
-  parity on (each stage run again on the reference's inputs);
+  parity on (each stage run again on the reference's inputs), and the end-to-end run with gradient
+  parity on (``--gradients``) over the one without;
 - peak RSS of a fresh process running the harness on 10x the batches over 1x (each in its own
   subprocess, so nothing from the other run is counted);
 - wall time of ``pytest -m parity`` (unless ``--no-suite``).
@@ -103,7 +106,7 @@ def main() -> int:
     from parity.registry import load_backend
     from parity.runner import run_parity
     from parity.stages import stages
-    from parity.taps import tap_specs
+    from parity.taps import gradient_tap_specs, tap_specs
     from parity.tolerances import load_tolerances
     from parity.weights import generate_weights
 
@@ -117,6 +120,9 @@ def main() -> int:
     for b, t in forward.items():
         rows.append((f"forward, {b}, batch {args.batch}", f"{t:.3f} s"))
     rows.append(("reference / tensorflow forward", f"{forward['reference'] / forward['tensorflow']:.2f}"))
+    for b, be in backends.items():
+        t = timed(lambda be=be: be.gradients(batch), args.repeats)
+        rows.append((f"gradients (both losses), {b}, batch {args.batch}", f"{t:.3f} s = {t / forward[b]:.1f}x forward"))
 
     batches = [random_batch(config, 4, seed=i) for i in range(args.harness_batches)]
     tol = load_tolerances(profile=args.device)
@@ -126,15 +132,16 @@ def main() -> int:
             for be in backends.values():
                 be.forward(b)
 
-    def harness(local: bool) -> None:
+    def harness(local: bool, gradients: bool = False) -> None:
         run_parity(
             backends,
             batches,
             tol,
             config=config,
-            expected=lambda k: tap_specs(config, k),
+            expected=lambda k: tap_specs(config, k) + (gradient_tap_specs(config, k) if gradients else []),
             reference="reference",
             stages=stages(config) if local else (),
+            gradients=gradients,
         )
 
     t_bare = timed(bare, args.repeats)
@@ -144,6 +151,8 @@ def main() -> int:
     rows.append((f"bare forwards, three backends, {shape}", f"{t_bare:.2f} s"))
     rows.append(("harness / bare forwards, end to end", f"{t_e2e / t_bare:.2f}"))
     rows.append(("harness / bare forwards, with layer-local parity", f"{t_local / t_bare:.2f}"))
+    t_grad = timed(lambda: harness(False, gradients=True), args.repeats)
+    rows.append(("harness with gradients / harness, end to end", f"{t_grad / t_e2e:.2f}"))
 
     one, ten = peak_rss_mib(1, 4, args.device), peak_rss_mib(10, 4, args.device)
     rows.append(("peak RSS, 1 batch of 4 / 10 batches of 4", f"{one:.0f} MiB / {ten:.0f} MiB"))

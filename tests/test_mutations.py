@@ -730,6 +730,51 @@ def _f_log_scale_output_constant(self: PtychoModel, diffraction: Tensor) -> tupl
     return amplitude, tf.square(amplitude)
 
 
+class _TranslateBackwardWrongSign(torch.autograd.Function):
+    """A hand-written translation op (as a port adds for speed): forward right, backward wrong."""
+
+    @staticmethod
+    def forward(ctx: Any, images: Tensor, offsets: Tensor) -> Tensor:
+        ctx.save_for_backward(offsets)
+        return torch_physics.translate(images, offsets)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (offsets,) = ctx.saved_tensors
+        return torch_physics.translate(grad, offsets), None  # BUG: shifts by +d again; the adjoint shifts by -d
+
+
+class _TranslateBackwardInverse(torch.autograd.Function):
+    """The backward is the inverse translation, by -d: for a bilinear shift with zero fill that IS the
+    adjoint (the same two weights, read from the other side), so this is no bug."""
+
+    @staticmethod
+    def forward(ctx: Any, images: Tensor, offsets: Tensor) -> Tensor:
+        ctx.save_for_backward(offsets)
+        return torch_physics.translate(images, offsets)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (offsets,) = ctx.saved_tensors
+        return torch_physics.translate(grad, -offsets), None
+
+
+def _t_translate_backward_wrong_sign(self: PtychoPINN, images: Tensor, offsets: Tensor) -> Tensor:
+    return _TranslateBackwardWrongSign.apply(images, offsets)
+
+
+def _t_translate_backward_inverse(self: PtychoPINN, images: Tensor, offsets: Tensor) -> Tensor:
+    return _TranslateBackwardInverse.apply(images, offsets)
+
+
+def _f_merge_patches_detached(self: PtychoModel, patches: Tensor, offsets: Tensor) -> Tensor:
+    return PtychoModel.merge(self, tf.stop_gradient(patches), offsets)  # BUG: a stop-gradient left in
+
+
+def _f_probe_detached(self: PtychoModel, patches: Tensor, probe: Tensor) -> Tensor:
+    return PtychoModel.illuminate(self, patches, tf.stop_gradient(probe))  # the probe is an input: harmless
+
+
 GRADIENT_MUTATIONS = {
     # The amplitude decoder's output is detached: every forward tap is identical, and in backward order
     # the first gradient it changes is the amplitude decoder's last conv (the heads' own parameters and
@@ -747,6 +792,36 @@ GRADIENT_MUTATIONS = {
         "exp(log_scale) treated as a constant at the output",
         overrides={"outputs": _f_log_scale_output_constant},
     ),
+    # The merge's patches detached: the network's parameters get no gradient at all, log_scale and x
+    # keep only their paths around the network; the first in backward order is the last conv's kernel.
+    "merge_patches_detached": _f(
+        "merge_patches_detached",
+        "grad.poisson_nll.phase.head.border.out.kernel",
+        "stop-gradient on the merge's input patches",
+        overrides={"merge": _f_merge_patches_detached},
+    ),
+    # A custom translation whose backward shifts the cotangent by +d instead of -d: the merge and the
+    # re-extraction carry every parameter's gradient, so the first in backward order is named.
+    "translate_backward_wrong_sign": _t(
+        "translate_backward_wrong_sign",
+        "grad.poisson_nll.phase.head.border.out.kernel",
+        "a custom translation whose backward is its forward shift, not its adjoint",
+        overrides={"translate": _t_translate_backward_wrong_sign},
+    ),
+}
+
+# Stop-gradients and "wrong" backwards that change nothing: the harness must stay green. The probe is
+# an input, not differentiated; a bilinear shift's inverse is its adjoint (docs/mutations.md).
+HARMLESS_GRADIENT_CHANGES = {
+    "probe_detached": _f(
+        "probe_detached", "", "stop-gradient on the probe", overrides={"illuminate": _f_probe_detached}
+    ),
+    "translate_backward_inverse": _t(
+        "translate_backward_inverse",
+        "",
+        "a custom translation whose backward is its inverse",
+        overrides={"translate": _t_translate_backward_inverse},
+    ),
 }
 
 
@@ -754,7 +829,10 @@ def _gradient_run(mutation: Mutation | None) -> ParityResult:
     overrides = {n: _clean(n, CONFIG) for n in ("reference", "torch", "tensorflow")}
     if mutation is not None:
         overrides[mutation.backend] = mutant_backend(mutation)
-    spec = RunSpec(config=CONFIG, batch_size=BATCH_SIZE, max_groups=MAX_GROUPS, require=True, gradients=True)
+    fixture = None if mutation is None else mutation.fixture
+    spec = RunSpec(
+        config=CONFIG, fixture=fixture, batch_size=BATCH_SIZE, max_groups=MAX_GROUPS, require=True, gradients=True
+    )
     return run(spec, backend_overrides=overrides)
 
 
@@ -783,3 +861,9 @@ def test_gradients_of_unmutated_backends_pass_and_follow_the_forward_taps() -> N
     assert names[-1] == "grad.mae.input.x" and names[first_gradient - 1] == "loss.mae"
     for t in result.taps[first_gradient:]:
         assert {c.a for c in t.comparisons if c.kind == "vs_reference"} == {"torch", "tensorflow"}, t.name
+
+
+@pytest.mark.parametrize("change", list(HARMLESS_GRADIENT_CHANGES))
+def test_gradient_changes_that_change_no_gradient_pass(change: str) -> None:
+    result = _gradient_run(HARMLESS_GRADIENT_CHANGES[change])
+    assert result.passed and result.gradients, result.describe_failure()
