@@ -168,20 +168,12 @@ def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
             "",
         ]
         lines += [f"- {s}" for s in local["comparisons"]] + [""]
-    if result.local_unsupported:
-        lines += [
-            "End-to-end parity only for "
-            + ", ".join(f"`{n}`" for n in result.local_unsupported)
-            + ": it cannot run a stage alone, so its local column is empty.",
-            "",
-        ]
-    if result.gradients_unsupported:
-        lines += [
-            "Forward parity only for "
-            + ", ".join(f"`{n}`" for n in result.gradients_unsupported)
-            + ": it computes no gradients, so its `grad.*` taps are not exposed.",
-            "",
-        ]
+    for names, what, why in (
+        (result.local_unsupported, "End-to-end", "it cannot run a stage alone, so its local column is empty"),
+        (result.gradients_unsupported, "Forward", "it computes no gradients, so its `grad.*` taps are not exposed"),
+    ):
+        if names:
+            lines += [f"{what} parity only for {', '.join(f'`{n}`' for n in names)}: {why}.", ""]
     stale = result.stale_deviations()
     if stale or result.deviations:
         lines += ["## Declared deviations", ""]

@@ -338,9 +338,10 @@ def run_parity(
         raw: dict[str, Mapping[str, np.ndarray]] = {}
         for name, be in list(backends.items()):
             try:
-                raw[name] = be.forward(batch)
+                produced = be.forward(batch)
                 if gradients and be.computes_gradients:
-                    raw[name] = {**raw[name], **be.gradients(batch)}
+                    produced = {**produced, **be.gradients(batch)}
+                raw[name] = produced  # only once all of it is there: a crash in gradients drops the forward too
             except ParityInputError:
                 raise
             except Exception:

@@ -730,33 +730,27 @@ def _f_log_scale_output_constant(self: PtychoModel, diffraction: Tensor) -> tupl
     return amplitude, tf.square(amplitude)
 
 
-class _TranslateBackwardWrongSign(torch.autograd.Function):
-    """A hand-written translation op (as a port adds for speed): forward right, backward wrong."""
+def _translation_op(backward_sign: float) -> Any:
+    """A hand-written translation op, as a port adds for speed: the forward shifts by +d, the backward
+    shifts the cotangent by ``backward_sign``·d. The adjoint of a bilinear shift with zero fill is the
+    shift by -d (the same two weights, read from the other side), so -1 is right and +1 a bug."""
 
-    @staticmethod
-    def forward(ctx: Any, images: Tensor, offsets: Tensor) -> Tensor:
-        ctx.save_for_backward(offsets)
-        return torch_physics.translate(images, offsets)
+    class Translate(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, images: Tensor, offsets: Tensor) -> Tensor:
+            ctx.save_for_backward(offsets)
+            return torch_physics.translate(images, offsets)
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (offsets,) = ctx.saved_tensors
-        return torch_physics.translate(grad, offsets), None  # BUG: shifts by +d again; the adjoint shifts by -d
+        @staticmethod
+        def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+            (offsets,) = ctx.saved_tensors
+            return torch_physics.translate(grad, backward_sign * offsets), None
+
+    return Translate
 
 
-class _TranslateBackwardInverse(torch.autograd.Function):
-    """The backward is the inverse translation, by -d: for a bilinear shift with zero fill that IS the
-    adjoint (the same two weights, read from the other side), so this is no bug."""
-
-    @staticmethod
-    def forward(ctx: Any, images: Tensor, offsets: Tensor) -> Tensor:
-        ctx.save_for_backward(offsets)
-        return torch_physics.translate(images, offsets)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (offsets,) = ctx.saved_tensors
-        return torch_physics.translate(grad, -offsets), None
+_TranslateBackwardWrongSign = _translation_op(+1.0)  # BUG: shifts by +d again
+_TranslateBackwardInverse = _translation_op(-1.0)  # the inverse, which is the adjoint: no bug
 
 
 def _t_translate_backward_wrong_sign(self: PtychoPINN, images: Tensor, offsets: Tensor) -> Tensor:

@@ -513,3 +513,66 @@ def test_a_stage_that_raises_fails_its_taps_locally_with_the_reason(tol):
     c = _local(res, "toy.hidden", "bad")
     assert not c.passed and c.reason == "stage hidden of bad raised RuntimeError: no such layer"
     assert res.verdict == "fail"
+
+
+# --- gradient parity: a backend that computes none still gets its forward compared ---------------------
+
+
+class ToyGrad(Toy):
+    """Toy plus the gradient of sum(relu(x·w)) with respect to w, as a gradient tap."""
+
+    computes_gradients = True
+    gain = 1.0
+
+    def gradients(self, batch):
+        x = np.asarray(batch, dtype=self.precision)
+        active = (np.einsum("bchw,cd->bdhw", x, self.w) > 0).astype(self.precision)
+        return {"grad.toy.w": np.einsum("bchw,bdhw->cd", x, active) * np.dtype(self.precision).type(self.gain)}
+
+
+class ToyGrad32(ToyGrad):
+    precision = "float32"
+
+
+def _gradient_run(tmp_path, **others):
+    p = tmp_path / "g.toml"
+    p.write_text(TOL_TEXT + '\n[[family]]\npattern = "grad.*"\nfactor = 64.0\n')
+    tol = load_tolerances(p, known_taps=[*TAPS, "grad.toy.w"])
+    backends = {"reference": ToyGrad(None, W), **{n: cls(None, W) for n, cls in others.items()}}
+    return run_parity(
+        backends,
+        _batches(),
+        tol,
+        expected=lambda b: [*_expected(b), TapSpec("grad.toy.w", (3, 5))],
+        reference="reference",
+        gradients=True,
+    )
+
+
+def test_a_backend_without_gradients_keeps_forward_parity_and_says_so(tmp_path):
+    from parity.report import to_json_dict, to_markdown
+
+    res = _gradient_run(tmp_path, grads=ToyGrad32, plain=Toy32)
+    assert res.passed and res.gradients and res.gradients_unsupported == ["plain"]
+    (grad,) = [t for t in res.taps if t.name == "grad.toy.w"]
+    assert {(c.a, c.b) for c in grad.comparisons} == {("grads", "reference")}
+    assert all({c.a for c in t.comparisons} == {"grads", "plain"} for t in res.taps if t.name.startswith("toy."))
+    assert "Forward parity only for `plain`" in to_markdown(res)
+    assert to_json_dict(res)["gradients"] == {"enabled": True, "unsupported": ["plain"]}
+
+
+def test_a_wrong_gradient_fails_at_its_tap_while_the_forward_passes(tmp_path):
+    wrong = type("WrongGrad", (ToyGrad32,), {"gain": 1.01})
+    res = _gradient_run(tmp_path, grads=wrong, plain=Toy32)
+    assert not res.passed and [c.tap for c in res.failures()] == ["grad.toy.w"]
+    assert res.first_divergence["tap"] == "grad.toy.w" and res.first_divergence["blamed"] == ["grads"]
+
+
+def test_a_backend_whose_gradients_crash_is_reported_and_the_others_go_on(tmp_path):
+    class GradientsCrash(ToyGrad32):
+        def gradients(self, batch):
+            raise RuntimeError("no backward for this op")
+
+    res = _gradient_run(tmp_path, grads=ToyGrad32, broken=GradientsCrash)
+    assert not res.passed and "no backward for this op" in res.backends["broken"].crashed
+    assert all(c.a == "grads" for t in res.taps for c in t.comparisons if c.kind == "vs_reference")
