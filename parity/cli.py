@@ -248,7 +248,20 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
     if args.safety < 1:
         raise ParityInputError(f"option --safety must be >= 1, got {args.safety}")
-    if args.emulate is not None:
+    families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
+    if families == ["grad"]:  # shorthand: every gradient family
+        families = measure.gradient_families(template)
+    if families is not None:
+        measure.check_families(template, families)
+        if any(f.startswith("grad.") for f in families) and not (args.gradients or args.from_json):
+            raise ParityInputError("option --families names gradient families: add --gradients to measure them")
+    if args.from_json:
+        measurement = measure.Measurement()
+        for source in args.from_json:
+            measurement.merge(measure.load_measurement(source))
+        # the machines are the labels the records were taken under (the first word of each "where")
+        settings = sorted({where.split(" ", 1)[0] for where in measurement.where.values() if where})
+    elif args.emulate is not None:
         settings = args.emulate or list(SETTINGS)
         unknown = [s for s in settings if s not in SETTINGS]
         if unknown:
@@ -256,11 +269,15 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
         child = ["--cases", str(args.cases), "--seed", str(args.seed), "--template", str(template.source)]
         child += ["--matrix"] if args.matrix else []
         child += ["--backends", args.backends] if args.backends else []
+        child += ["--gradients"] if args.gradients else []
+        child += ["--families", ",".join(families)] if families is not None else []
         settings = runnable(settings)
         measurement = measure.measure_emulated(settings, child)
     else:
         settings = []
-        measurement = measure.measure_cases(template, args.cases, args.seed, args.matrix, backends, args.label)
+        measurement = measure.measure_cases(
+            template, args.cases, args.seed, args.matrix, backends, args.label, args.gradients, families
+        )
     if args.json:
         from parity.atomic import write_text
 
@@ -268,13 +285,18 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
     for fam in template.families:
         need = measurement.needed.get(fam.pattern)
         where = measurement.where.get(fam.pattern, "")
-        print(f"{fam.pattern:24s} needed {need if need is not None else float('nan'):8.3g}   {where}")
+        needed = f"{need:8.3g}" if need is not None else "     n/a"  # not measured by these runs
+        print(f"{fam.pattern:24s} needed {needed}   {where}")
     measure.check_sane(measurement, template)
     if args.out:
         from parity.atomic import write_text
 
         command = "ptycho-parity " + " ".join(args.argv)
-        header = measure.header_lines(command, measurement, args.safety, settings)
+        if families is None:
+            header = measure.header_lines(command, measurement, args.safety, settings)
+        else:
+            text = Path(template.source).read_text(encoding="utf-8")
+            header = measure.remeasured_header(text, command, measurement, args.safety, settings, families)
         cuda = load_tolerances(args.template, profile="cuda").device_factor
         write_text(Path(args.out), measure.render(template, measurement, args.safety, args.minimum, header, cuda))
         load_tolerances(args.out)  # what was written must load
@@ -328,6 +350,7 @@ def cmd_make_fixture(args: argparse.Namespace) -> int:
         step=args.step,
         jitter=args.jitter,
         nphotons=args.nphotons,
+        beamstop=args.beamstop,
         probe_phase=args.probe_phase,
     )
     path = write_fixture(out, simulate(params))
@@ -485,6 +508,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SETTING",
         help="measure in a child process per emulated machine (all settings when none named)",
     )
+    m.add_argument(
+        "--gradients",
+        action="store_true",
+        help="also compare both losses' gradients in every run, so the grad.* families are measured",
+    )
+    m.add_argument(
+        "--families",
+        help="comma-separated family patterns to measure and rewrite (the others keep their factors and "
+        "records); 'grad' means every gradient family",
+    )
+    m.add_argument(
+        "--from-json",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: merge raw measurements written by --json (e.g. the matrix on one machine, random "
+        "cases under every emulated one) and write the tolerance file from them",
+    )
     m.add_argument("--label", default="native", help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_measure_tolerances)
 
@@ -509,6 +549,12 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--nphotons", type=float, default=1e9, help="mean counts per pattern (default: %(default)g)")
     mf.add_argument(
         "--probe-phase", type=float, default=0.5, help="probe's quadratic phase, radians (default: %(default)s)"
+    )
+    mf.add_argument(
+        "--beamstop",
+        type=int,
+        default=0,
+        help="side, even, of the central detector square that reads 0, pixels (default: %(default)s)",
     )
     mf.add_argument("--force", action="store_true", help="replace an existing file")
     mf.set_defaults(func=cmd_make_fixture)

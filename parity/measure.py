@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +59,18 @@ class Measurement:
         return cls(dict(data["needed"]), dict(data["where"]), int(data["runs"]))
 
 
-def measured_factors(results: Iterable[Any], tolerances: Tolerances, label: str = "") -> Measurement:
-    """The factor each family of ``tolerances`` needed over ``results`` (ParityResults)."""
+def measured_factors(
+    results: Iterable[Any], tolerances: Tolerances, label: str = "", families: Sequence[str] | None = None
+) -> Measurement:
+    """The factor each family of ``tolerances`` needed over ``results`` (ParityResults); with
+    ``families``, only the families of those patterns are measured."""
     m = Measurement()
     for result in results:
         m.runs += 1
         for tap in result.taps:
             family = tolerances.family(tap.name).pattern
+            if families is not None and family not in families:
+                continue
             m.needed.setdefault(family, 0.0)
             for c in tap.comparisons:
                 if c.kind not in ("vs_reference", "backend_vs_backend") or c.min_factor_to_pass is None:
@@ -74,6 +79,42 @@ def measured_factors(results: Iterable[Any], tolerances: Tolerances, label: str 
                 # device factor multiplies every family's factor, so it is divided out.
                 m.add(family, c.min_factor_to_pass / tolerances.device_factor, f"{label} {tap.name} {c.a} vs {c.b}")
     return m
+
+
+def load_measurement(path: str | os.PathLike[str]) -> Measurement:
+    """A raw measurement written by ``measure-tolerances --json``; a bad file is an error naming it."""
+    where = f"option --from-json: {path}"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ParityInputError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ParityInputError(f"{where}: not JSON ({exc})") from None
+    try:
+        m = Measurement.from_dict(data)
+        bad = [k for k, v in m.needed.items() if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ParityInputError(
+            f"{where}: not a measurement written by --json (it needs keys 'needed', 'where', 'runs'; {exc!r})"
+        ) from None
+    if bad:
+        raise ParityInputError(f"{where}: family {bad[0]!r} needed {m.needed[bad[0]]!r}, not a number >= 0")
+    return m
+
+
+def gradient_families(tolerances: Tolerances) -> list[str]:
+    """The patterns of the families that hold gradient taps (``grad.…``)."""
+    return [fam.pattern for fam in tolerances.families if fam.pattern.startswith("grad.")]
+
+
+def check_families(tolerances: Tolerances, families: Sequence[str]) -> None:
+    known = {fam.pattern for fam in tolerances.families}
+    unknown = [f for f in families if f not in known]
+    if unknown:
+        raise ParityInputError(
+            f"measure-tolerances: {unknown[0]!r} is not a family of {tolerances.source}; "
+            f"families: {', '.join(sorted(known))}"
+        )
 
 
 def check_sane(measurement: Measurement, tolerances: Tolerances) -> None:
@@ -121,6 +162,8 @@ def render(
         lines += ["", "[[family]]", f'pattern = "{fam.pattern}"', f"factor = {_num(factor)}"]
         if need:  # a family that needed nothing (identical bytes) records no measurement, not a zero
             lines.append(f"measured = {_num(round_up(need))}")
+        elif need is None and fam.measured is not None:  # not measured this time: keep its record
+            lines.append(f"measured = {_num(fam.measured)}")
     lines += ["", "[profiles.cuda]", f"device_factor = {_num(cuda_factor)}"]
     return "\n".join(lines) + "\n"
 
@@ -128,6 +171,35 @@ def render(
 def _num(x: float) -> str:
     text = f"{x:.6g}"
     return text if any(c in text for c in ".e") else text + ".0"
+
+
+def remeasured_header(
+    template_text: str,
+    command: str,
+    measurement: Measurement,
+    safety: float,
+    settings: Sequence[str],
+    families: Sequence[str],
+) -> list[str]:
+    """The template's header, kept, with a record of which families were re-measured and how (a
+    measurement of some families leaves the others, and the record of their measurement, alone)."""
+    kept = []
+    for line in template_text.splitlines():
+        if not line.startswith("#"):
+            break
+        text = line[1:].strip() if line.strip() == "#" else line[2:] if line.startswith("# ") else line[1:]
+        if text.startswith("Edit by re-measuring"):
+            continue
+        kept.append(text)
+    today = datetime.date.today().isoformat()
+    return [
+        *kept,
+        f"Families {', '.join(families)} re-measured (factor = {safety:g} x measured) by:",
+        f"  {command}",
+        f"on {today}, {platform.machine()} {platform.processor() or ''}".rstrip()
+        + f", {measurement.runs} runs, emulated machines: {', '.join(settings) or 'native only'}.",
+        "Edit by re-measuring, not by hand.",
+    ]
 
 
 def header_lines(command: str, measurement: Measurement, safety: float, settings: Sequence[str]) -> list[str]:
@@ -147,27 +219,41 @@ def header_lines(command: str, measurement: Measurement, safety: float, settings
 
 
 def measure_cases(
-    template: Tolerances, cases: int, seed: int, matrix: bool, backends: Sequence[str] | None, label: str
+    template: Tolerances,
+    cases: int,
+    seed: int,
+    matrix: bool,
+    backends: Sequence[str] | None,
+    label: str,
+    gradients: bool = False,
+    families: Sequence[str] | None = None,
 ) -> Measurement:
-    """Run the parity matrix (bundled fixtures) and ``cases`` random cases; measure every comparison."""
+    """Run the parity matrix (bundled fixtures) and ``cases`` random cases; measure every comparison.
+
+    ``gradients``: the runs also compare both losses' gradients (``RunSpec.gradients``), so the
+    gradient families are measured too. ``families``: only these families are measured; when none
+    of them is a forward family, the runs skip layer-local parity, which measures nothing here.
+    """
     import numpy as np
 
     from parity.session import RunSpec, run
     from parity.sweep import PARITY_MATRIX, random_case, run_case
 
+    local = families is None or any(not f.startswith("grad.") for f in families)
     m = Measurement()
     if matrix:
         for config in PARITY_MATRIX:
-            spec = RunSpec(config=config, batch_size=2, max_groups=2, require=True)
+            spec = RunSpec(config=config, batch_size=2, max_groups=2, require=True, gradients=gradients, local=local)
             if backends:
-                spec = RunSpec(config=config, backends=tuple(backends), batch_size=2, max_groups=2, require=True)
-            m.merge(measured_factors([run(spec, tolerances=template)], template, f"{label} matrix {config.short_id()}"))
+                spec = replace(spec, backends=tuple(backends))
+            where = f"{label} matrix {config.short_id()}"
+            m.merge(measured_factors([run(spec, tolerances=template)], template, where, families))
             print(f"measured matrix {config.short_id()}", file=sys.stderr, flush=True)
     rng = np.random.default_rng(seed)
     for i in range(cases):
         case = random_case(rng)
-        result = run_case(case, backends, tolerances=template)
-        m.merge(measured_factors([result], template, f"{label} case {i} ({case.describe()})"))
+        result = run_case(case, backends, tolerances=template, gradients=gradients, local=local)
+        m.merge(measured_factors([result], template, f"{label} case {i} ({case.describe()})", families))
         print(f"measured case {i + 1}/{cases}", file=sys.stderr, flush=True)
     return m
 

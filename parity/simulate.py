@@ -73,6 +73,7 @@ class SimulationParams:
     line_density: float = 1 / 150  # lines per object pixel ('lines')
     grf_exponent: float = 3.0  # power spectrum ∝ (k² + k0²)^(−exponent/2) ('grf')
     offsets_origin: str = "group_mean"  # see OFFSETS_ORIGINS
+    beamstop: int = 0  # side, in detector pixels, of the central square a beamstop shadows (reads 0)
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> ParityInputError:
@@ -101,6 +102,8 @@ class SimulationParams:
             raise bad("probe_phase", "a finite number")
         if self.offsets_origin not in OFFSETS_ORIGINS:
             raise bad("offsets_origin", f"one of {', '.join(OFFSETS_ORIGINS)}")
+        if not 0 <= self.beamstop <= self.N or self.beamstop % 2:
+            raise bad("beamstop", f"an even number of pixels from 0 to N={self.N}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -109,6 +112,8 @@ class SimulationParams:
             # Added after the first fixtures were made: left out at its default, so those fixtures'
             # params, and hence their bytes, are unchanged.
             del d["offsets_origin"]
+        if self.beamstop == 0:
+            del d["beamstop"]  # likewise
         d["generator_version"] = GENERATOR_VERSION
         return d
 
@@ -131,6 +136,11 @@ BUNDLED_FIXTURES: dict[str, SimulationParams] = {
     "n128_g2_lines": SimulationParams(kind="lines", N=128, gridsize=2, seed=1003, scan_shape=(8, 8)),
     # So that every config has a default fixture: N=128 at gridsize 1.
     "n128_g1_grf": SimulationParams(kind="grf", N=128, gridsize=1, seed=1004, scan_shape=(3, 3), nphotons=1e8),
+    # A beamstop's shadow: the central 16x16 detector pixels read 0. The encoder sees a flat region
+    # there, so its first block's max-pool windows hold exact ties of positive values, and the rule
+    # that routes a tie's gradient matters (docs/mutations.md, "Gradient bugs"). Never a default: the
+    # lines fixture of its N and gridsize comes first.
+    "n64_g2_beamstop": SimulationParams(kind="lines", N=64, gridsize=2, seed=1006, scan_shape=(3, 3), beamstop=16),
     # Stored offsets relative to each group's first member: not centred, so a batch's mean offset d̄ is
     # nonzero and a merge that ignores d̄, or takes it per group, shows. Last, so that it is never the
     # default fixture of a config (parity.session takes the first match).
@@ -280,9 +290,10 @@ def expected_intensity(probe: np.ndarray, patches: np.ndarray) -> np.ndarray:
 
 
 def diffraction_amplitudes(
-    probe: np.ndarray, patches: np.ndarray, nphotons: float, rng: np.random.Generator
+    probe: np.ndarray, patches: np.ndarray, nphotons: float, rng: np.random.Generator, beamstop: int = 0
 ) -> np.ndarray:
-    """sqrt of Poisson counts whose mean total per pattern, over the data set, is ``nphotons``.
+    """sqrt of Poisson counts whose mean total per pattern, over the data set, is ``nphotons``; the
+    central ``beamstop`` x ``beamstop`` pixels count nothing (drawn first, so the rest is unchanged).
 
     One scale for the whole data set (not per pattern), so patterns keep their natural differences
     in total intensity, as in a measurement with a steady beam.
@@ -290,6 +301,10 @@ def diffraction_amplitudes(
     intensity = expected_intensity(probe, patches)
     scale = nphotons / float(np.mean(np.sum(intensity, axis=(-2, -1))))
     counts = rng.poisson(_quantise(intensity * scale, _COUNT_BITS))
+    if beamstop:
+        # Centred on the zero frequency and on even pixels, so a flat square fills whole pool windows.
+        lo = (probe.shape[-1] - beamstop) // 4 * 2
+        counts[..., lo : lo + beamstop, lo : lo + beamstop] = 0
     return np.sqrt(counts.astype(np.float64)).astype(np.float32)
 
 
@@ -335,7 +350,9 @@ def simulate(params: SimulationParams) -> FixtureData:
     probe = make_probe(params.N, params.probe_phase)
     xcoords, ycoords = scan_positions(params, np.random.default_rng(pos_seq))
     patches = extract_patches(obj, xcoords, ycoords, params.N)
-    diffraction = diffraction_amplitudes(probe, patches, params.nphotons, np.random.default_rng(noise_seq))
+    diffraction = diffraction_amplitudes(
+        probe, patches, params.nphotons, np.random.default_rng(noise_seq), params.beamstop
+    )
     groups = nearest_neighbour_groups(xcoords, ycoords, params.gridsize**2)
     offsets = first_member_offsets(xcoords, ycoords, groups) if params.offsets_origin == "first_member" else None
     return FixtureData(

@@ -316,6 +316,26 @@ CASES: dict[str, Case] = {
     "measure-unknown-emulation": Case(
         lambda t: ["measure-tolerances", "--emulate", "threads=7"], "option --emulate: unknown setting 'threads=7'"
     ),
+    "measure-unknown-family": Case(
+        lambda t: ["measure-tolerances", "--families", "grad.nope", "--gradients"], "'grad.nope' is not a family of"
+    ),
+    "measure-gradient-family-without-gradients": Case(
+        lambda t: ["measure-tolerances", "--families", "grad"], "add --gradients to measure them"
+    ),
+    "measure-from-json-missing": Case(
+        lambda t: ["measure-tolerances", "--from-json", str(t / "m.json"), "--out", str(t / "t.toml")],
+        "option --from-json: {t}/m.json: cannot read it",
+    ),
+    "measure-from-json-not-a-measurement": Case(
+        lambda t: [
+            "measure-tolerances",
+            "--from-json",
+            str(_write(t / "m.json", '{"needed": {"grad.*.kernel": "big"}, "where": {}, "runs": 1}')),
+            "--out",
+            str(t / "t.toml"),
+        ],
+        "option --from-json: {t}/m.json: family 'grad.*.kernel' needed 'big', not a number >= 0",
+    ),
     "emulate-without-command": Case(lambda t: ["emulate"], "emulate: give the command to run after --"),
     "emulate-unknown-setting": Case(
         lambda t: ["emulate", "--settings", "nosuch", "--", "true"], "option --settings: unknown setting 'nosuch'"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from backends.torch.model import PtychoPINN
 from parity.backend import Backend
 from parity.compare import ComparisonResult
 from parity.config import ModelConfig
+from parity.fixture import bundled_fixture, iter_batches, load_fixture
 from parity.report import write_reports
 from parity.runner import ParityResult
 from parity.session import RunSpec, resolve_weights, run
@@ -753,12 +754,39 @@ _TranslateBackwardWrongSign = _translation_op(+1.0)  # BUG: shifts by +d again
 _TranslateBackwardInverse = _translation_op(-1.0)  # the inverse, which is the adjoint: no bug
 
 
+class _PoolTiesToLast(torch.autograd.Function):
+    """A hand-written 2x2 max-pool whose backward sends a tie's gradient to the last maximal element."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.nn.functional.max_pool2d(x, 2, 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        B, C, H, W = x.shape
+        windows = x.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(B, C, H // 2, W // 2, 4)
+        last = 3 - windows.flip(-1).argmax(dim=-1)  # BUG: the spec (and both frameworks) route to the first
+        routed = torch.nn.functional.one_hot(last, 4).to(grad.dtype) * grad[..., None]
+        return routed.reshape(B, C, H // 2, W // 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(B, C, H, W)
+
+
+class _PoolModule(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return _PoolTiesToLast.apply(x)
+
+
 def _t_translate_backward_wrong_sign(self: PtychoPINN, images: Tensor, offsets: Tensor) -> Tensor:
     return _TranslateBackwardWrongSign.apply(images, offsets)
 
 
 def _t_translate_backward_inverse(self: PtychoPINN, images: Tensor, offsets: Tensor) -> Tensor:
     return _TranslateBackwardInverse.apply(images, offsets)
+
+
+def _t_pool_ties_to_last(self: PtychoPINN) -> nn.Module:
+    return _PoolModule()
 
 
 def _f_merge_patches_detached(self: PtychoModel, patches: Tensor, offsets: Tensor) -> Tensor:
@@ -801,6 +829,16 @@ GRADIENT_MUTATIONS = {
         "grad.poisson_nll.phase.head.border.out.kernel",
         "a custom translation whose backward is its forward shift, not its adjoint",
         overrides={"translate": _t_translate_backward_wrong_sign},
+    ),
+    # Ties exist only where the input is flat (the beamstop's shadow), in the first block's pool; there
+    # the tied windows read identical patches, so every parameter's gradient is unchanged and only the
+    # input's moves (float64: 12 % of its largest value for the NLL, 42 % for the MAE).
+    "pool_ties_to_last": _t(
+        "pool_ties_to_last",
+        "grad.poisson_nll.input.x",
+        "a max-pool whose backward routes a tie to the last maximal element",
+        overrides={"make_pool": _t_pool_ties_to_last},
+        fixture="n64_g2_beamstop",
     ),
 }
 
@@ -861,3 +899,18 @@ def test_gradients_of_unmutated_backends_pass_and_follow_the_forward_taps() -> N
 def test_gradient_changes_that_change_no_gradient_pass(change: str) -> None:
     result = _gradient_run(HARMLESS_GRADIENT_CHANGES[change])
     assert result.passed and result.gradients, result.describe_failure()
+
+
+def test_the_beamstop_fixture_gives_the_clean_backends_tied_pools_and_no_false_alarm() -> None:
+    """What makes ``pool_ties_to_last`` a fair test: on this fixture the clean backends route ties as
+    the reference does, and there are ties (the mutant would pass on a fixture without them)."""
+    clean = _gradient_run(replace(GRADIENT_MUTATIONS["pool_ties_to_last"], model=PtychoPINN))
+    assert clean.passed, clean.describe_failure()
+    reference = _clean("reference", CONFIG)
+    fixture = load_fixture(bundled_fixture("n64_g2_beamstop"), CONFIG)
+    batch = next(iter_batches(fixture, CONFIG, BATCH_SIZE, max_groups=MAX_GROUPS))
+    pooled = reference.forward(batch)["encoder.block0.conv1"]
+    B, C, H, W = pooled.shape
+    windows = pooled.reshape(B, C, H // 2, 2, W // 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(B, C, H // 2, W // 2, 4)
+    top = windows.max(axis=-1)
+    assert np.sum(((windows == top[..., None]).sum(axis=-1) > 1) & (top > 0)) > 100

@@ -9,13 +9,14 @@ from typing import Any
 import numpy as np
 
 from backends.reference import backward
+from backends.reference.gradient_error_model import gradient_error_scales
 from backends.reference.model import ReferenceModel
 from parity.backend import Backend, Taps
 from parity.batch import CanonicalBatch
 from parity.config import ModelConfig
 from parity.errors import ParityInputError
 from parity.stages import Stage
-from parity.taps import GRAD, gradient_tap_specs
+from parity.taps import GRAD, gradient_tap_specs, tap_specs
 from parity.weights import validate_weights
 
 _THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -90,14 +91,29 @@ class ReferenceBackend(Backend):
         return {s.name: np.asarray(grads[s.name], order="C") for s in gradient_tap_specs(self.config, batch.size)}
 
     def error_scales(self, batch: CanonicalBatch, taps: Taps) -> Taps:
-        """The float32 error scale of every forward tap (``error_model``), from this backend's taps of
-        ``batch``. Gradient taps get none yet: the harness scales their tolerances by the magnitude of
-        the reference's gradient (docs/tolerances.md, "Gradients")."""
+        """The float32 error scale of every tap in ``taps`` (``error_model`` for the forward taps,
+        ``gradient_error_model`` for the gradient taps), from this backend's taps of ``batch``.
+
+        The gradient scales need the whole forward pass (its taps and their scales); when ``taps``
+        holds gradients but not every forward tap, the forward pass is run again here.
+        """
         N = self.config.N
+        offsets = batch.offsets.astype(np.float64)
+        probe = batch.probe.astype(np.complex128).reshape(1, 1, N, N)
         forward = {name: np.asarray(v) for name, v in taps.items() if not name.startswith(GRAD + ".")}
-        return self.model.error_scales(
-            forward, batch.offsets.astype(np.float64), batch.probe.astype(np.complex128).reshape(1, 1, N, N)
-        )
+        wanted = [name for name in taps if name.startswith(GRAD + ".")]
+        if not wanted:
+            return self.model.error_scales(forward, offsets, probe)
+        if any(s.name not in forward for s in tap_specs(self.config, batch.size)):
+            forward = {**self.forward(batch), **forward}
+        scales = self.model.error_scales(forward, offsets, probe)
+        values = {name: np.asarray(taps[name]) for name in wanted}
+        if any(s.name not in values for s in gradient_tap_specs(self.config, batch.size)):
+            values = {**self.gradients(batch), **values}
+        grads = gradient_error_scales(self.model, forward, scales, offsets, probe, values)
+        out = {name: scales[name] for name in taps if name in scales}
+        out.update({name: grads[name] for name in wanted if name in grads})
+        return out
 
     def local_error_scales(self, batch: CanonicalBatch, taps: Taps) -> Taps:
         """The error scale of every tap when its stage starts from the reference's inputs rounded to

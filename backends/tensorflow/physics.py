@@ -182,8 +182,14 @@ def intensity(field: Tensor) -> Tensor:
 
 
 def diffract(field: Tensor) -> Tensor:
-    """Amplitude sqrt(fftshift(|fft2(field)|^2 / N^2)), the shift over the spatial axes only."""
-    return tf.sqrt(tf.signal.fftshift(intensity(field), axes=(-2, -1)))
+    """Amplitude sqrt(fftshift(|fft2(field)|^2 / N^2)), the shift over the spatial axes only.
+
+    sqrt has no derivative at 0: its gradient's inf there turns into inf/NaN gradients wherever a faint
+    field's spectrum is exactly 0. The spec's subgradient there is 0 (reference backward.diffract_vjp);
+    the values are sqrt's, bit for bit."""
+    shifted = tf.signal.fftshift(intensity(field), axes=(-2, -1))
+    dark = tf.equal(shifted, 0.0)  # not "> 0": a NaN must stay a NaN
+    return tf.where(dark, tf.zeros_like(shifted), tf.sqrt(tf.where(dark, tf.ones_like(shifted), shifted)))
 
 
 def losses(amplitude: Tensor, intensity: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -189,8 +189,12 @@ def diffract(field: Tensor) -> Tensor:
     """
     N = field.shape[-1]
     spectrum = torch.fft.fft2(field, dim=(-2, -1))
-    intensity = (spectrum.real.square() + spectrum.imag.square()) / float(N * N)
-    return torch.sqrt(torch.fft.fftshift(intensity, dim=(-2, -1)))
+    intensity = torch.fft.fftshift((spectrum.real.square() + spectrum.imag.square()) / float(N * N), dim=(-2, -1))
+    # sqrt has no derivative at 0: autograd's inf there turns into NaN gradients wherever a faint field's
+    # spectrum is exactly 0. The spec's subgradient there is 0 (reference backward.diffract_vjp); the
+    # values are sqrt's, bit for bit (a NaN stays a NaN).
+    dark = intensity == 0
+    return torch.where(dark, 0.0, torch.sqrt(torch.where(dark, 1.0, intensity)))
 
 
 def losses(amplitude: Tensor, intensity: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:

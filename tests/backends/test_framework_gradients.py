@@ -250,3 +250,43 @@ def test_gradients_change_neither_weights_nor_forward(backend: str) -> None:
     if isinstance(be, TensorFlowBackend):
         assert be.tracing_count() == 1
         assert be.gradient_tracing_count() == 1
+
+
+def test_diffraction_of_a_dark_frequency_has_the_spec_subgradient_not_nan() -> None:
+    """Where a faint field's spectrum is exactly 0, sqrt has no derivative: both frameworks' diffract
+    must pass the spec's subgradient 0 (reference backward.diffract_vjp), not autograd's inf, which made
+    every gradient NaN; and the values stay sqrt's."""
+    from backends.tensorflow import physics as tf_physics
+    from backends.torch import physics as torch_physics
+
+    field = np.zeros((1, 1, 8, 8), dtype=np.complex64)
+    field[0, 0, 0, 0] = 1.0  # a delta: a flat spectrum, nowhere 0 ...
+    field[0, 0, 0, 1] = -1.0  # ... minus its neighbour: the zero frequency is exactly 0
+    t = torch.tensor(field, requires_grad=True)
+    a_t = torch_physics.diffract(t)
+    (g_t,) = torch.autograd.grad(a_t.sum(), t)
+    v = tf.constant(field)
+    with tf.GradientTape() as tape:
+        tape.watch(v)
+        a_f = tf_physics.diffract(v)
+        total = tf.reduce_sum(a_f)
+    g_f = tape.gradient(total, v)
+    for a, g in ((a_t.detach().numpy(), g_t.numpy()), (a_f.numpy(), g_f.numpy())):
+        assert a[0, 0, 4, 4] == 0.0 and np.isfinite(g).all()
+        assert np.allclose(a, np.sqrt(np.abs(np.fft.fftshift(np.fft.fft2(field))) ** 2 / 64), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_a_nan_field_still_diffracts_to_nan(framework: str) -> None:
+    """The zero-safe square root must not hide a broken field: NaN in, NaN out (the harness names it)."""
+    from backends.tensorflow import physics as tf_physics
+    from backends.torch import physics as torch_physics
+
+    field = np.ones((1, 1, 8, 8), dtype=np.complex64)
+    field[0, 0, 3, 3] = np.nan
+    out = (
+        torch_physics.diffract(torch.tensor(field)).numpy()
+        if framework == "torch"
+        else tf_physics.diffract(field).numpy()
+    )
+    assert np.isnan(out).all()

@@ -291,3 +291,26 @@ def test_regen_baselines_rewrites_then_verifies(tmp_path, monkeypatch, capsys):
     assert main(["regen-baselines", *inner]) == 0
     with np.load(npz) as data:
         assert not np.array_equal(data["output.amplitude"], arrays["output.amplitude"])
+
+
+def test_measure_from_json_rewrites_only_the_families_asked_for(tmp_path, capsys):
+    """Raw measurements from two machines merged: each gradient family gets 2.5 x the larger need,
+    every other family and its record stay as they were, and the header says what was re-measured."""
+    from parity.tolerances import load_tolerances
+
+    a = {"needed": {"grad.*.kernel": 40.0, "grad.*.bias": 3.0}, "where": {"grad.*.kernel": "native m"}, "runs": 2}
+    b = {"needed": {"grad.*.kernel": 77.0}, "where": {"grad.*.kernel": "threads=1 c"}, "runs": 3}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    out = tmp_path / "t.toml"
+    argv = ["measure-tolerances", "--from-json", str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    assert main([*argv, "--families", "grad", "--out", str(out)]) == 0
+    before, after = load_tolerances(default_tolerance_file()), load_tolerances(out)
+    assert after.factor("grad.mae.encoder.block0.conv0.kernel") == 200.0  # 2.5 x 77 = 192.5, rounded up
+    assert after.factor("grad.poisson_nll.encoder.block0.conv0.bias") == 7.5
+    for fam in before.families:
+        if not fam.pattern.startswith("grad."):
+            mine = next(f for f in after.families if f.pattern == fam.pattern)
+            assert (mine.factor, mine.measured) == (fam.factor, fam.measured), fam.pattern
+    text = out.read_text()
+    assert "re-measured" in text and "5 runs" in text and "native, threads=1" in text

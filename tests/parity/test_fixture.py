@@ -123,7 +123,8 @@ def test_make_fixtures_script_checks_and_fails_on_a_difference(tmp_path, capsys,
 def test_bundled_fixture_lookup_and_unknown_name():
     assert bundled_fixture("n64_g1_grf") == bundled_fixture("n64_g1_grf.h5")
     with pytest.raises(
-        FixtureError, match="available: n128_g1_grf, n128_g2_lines, n64_g1_grf, n64_g2_lines, n64_g2_offcentre"
+        FixtureError,
+        match="available: n128_g1_grf, n128_g2_lines, n64_g1_grf, n64_g2_beamstop, n64_g2_lines, n64_g2_offcentre",
     ):
         bundled_fixture("n32_g2_lines")
 

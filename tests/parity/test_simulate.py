@@ -56,7 +56,7 @@ def test_outputs_have_the_schema_dtypes_and_shapes():
 
 @pytest.mark.parametrize("name", sorted(BUNDLED_FIXTURES))
 def test_amplitudes_are_nonnegative_and_mean_counts_match_nphotons(name):
-    params = BUNDLED_FIXTURES[name]
+    params = dataclasses.replace(BUNDLED_FIXTURES[name], beamstop=0)  # a beamstop's shadow is tested below
     d = simulate(params)
     assert np.all(np.isfinite(d.diffraction)) and d.diffraction.min() >= 0
     counts = d.diffraction.astype(np.float64) ** 2
@@ -158,8 +158,22 @@ def test_groups_with_duplicate_positions_and_chunking_match_brute_force():
         ({"nphotons": 0.0}, "nphotons"),
         ({"scan_shape": (1, 2)}, "scan_shape"),
         ({"seed": True}, "seed"),
+        ({"beamstop": 3}, "beamstop"),
+        ({"beamstop": 66}, "beamstop"),
     ],
 )
 def test_invalid_parameters_are_rejected_by_name(changes, key):
     with pytest.raises(ParityInputError, match=repr(key)):
         dataclasses.replace(SMALL, **changes)
+
+
+def test_beamstop_zeroes_a_centred_square_of_whole_pool_windows_and_changes_nothing_else():
+    """The shadow is what makes max-pool ties real (docs/mutations.md): a flat square, aligned to the
+    2x2 windows, centred on the zero frequency; every other count is the unshadowed draw's."""
+    shadowed = simulate(dataclasses.replace(SMALL, beamstop=16))
+    open_beam = simulate(SMALL)
+    inside = np.zeros((64, 64), dtype=bool)
+    inside[24:40, 24:40] = True
+    assert np.all(shadowed.diffraction[:, inside] == 0) and np.mean(open_beam.diffraction[:, inside] > 0) > 0.9
+    assert np.array_equal(shadowed.diffraction[:, ~inside], open_beam.diffraction[:, ~inside])
+    assert shadowed.params["beamstop"] == 16 and "beamstop" not in open_beam.params

@@ -1,0 +1,682 @@
+"""A model of float32 error for every gradient tap: the backward counterpart of ``error_model``.
+
+Beside each gradient ``grad.<loss>.<param>`` (and ``grad.<loss>.input.x``) the reference computes an
+error scale S, real, of the gradient's shape and in its units, such that a faithful float32
+implementation's gradient is expected to be off by about u·S, u = 2⁻²⁴. The harness turns S into a
+tolerance exactly as for forward taps (``factor·u·S`` per family, ``parity/tolerances.toml``).
+
+S is built by one backward sweep that mirrors ``backward.backward`` stage by stage. Beside every
+cotangent g it carries E, the error scale of the cotangent a float32 backend holds at that point (in
+g's units divided by u). The forward error scales (``ReferenceModel.error_scales``) supply the errors
+of the forward values the adjoints' coefficients are made of. Choices, and why:
+
+- **Quadrature.** Independent errors add as a sum of squares (the "expected", not the worst-case
+  bound), as the forward conv model does: over the ~20 adjoints of the deepest path, worst-case
+  bounds grow far faster than real errors. Each operation's own rounding is a textbook count of u's
+  at the magnitude of its result.
+- **Kinks are all or nothing, weighted by their probability.** A ReLU mask, a max-pool's argmax, the
+  MAE's sign: where the forward value that decides the branch (the pre-activation z, the gap between
+  a window's top two values, A − x) lies within float32 noise of the switch, a float32 backend may
+  take the other branch and pass (or withhold) the whole cotangent g there. The switch happens with
+  probability p = ½·erfc(|z| / (√2·KINK_SIGMA·u·S_z)) (S_z the forward error scale of the deciding
+  value, KINK_SIGMA its measured spread in units of u·S_z), and its variance p·g² enters E² as
+  p·(g/u)². A unit far from the kink adds nothing; a unit inside the band adds its full |g|/u. The
+  pre-activations are not taps, so they are recomputed (in float32: only |z| against the band
+  matters). A first model that counted a whole band (p = 1 inside ±c·u·S) gave scales 10⁴–10¹⁰ too
+  large: the band holds many units but few switch.
+- **The Poisson NLL's ill-conditioning, saturated and sampled.** ∂NLL/∂A = 2(A − x²/A)/K. Its
+  error from the amplitude's own error δA is 2(1 + x²/A²)·δA/K, and so is the error of the spectrum's
+  phase (δθ = δA/A) that the FFT adjoint multiplies it with. Where the model predicts far less than
+  was measured (x²/A² up to 1e13) this dominates every NLL gradient. δA here is not the forward
+  scale of ``output.amplitude``, which bounds the largest error of that tap for its tolerance and
+  is 10³–10⁴ times the typical error of a dark pixel (measured): it is the RMS error of a float32
+  amplitude, the field's relative error spread evenly over the spectrum (Parseval),
+  (AMP_KAPPA·‖S_O‖₂/‖O‖₂ + √log₂(N²))·u·‖A‖₂/N plus two roundings of A (``_amplitude_noise``).
+  Where that relative error q = δA/A would exceed 1, float32 holds an amplitude of the size of its
+  noise, not of A, and its x²/A is *smaller* than the reference's, not arbitrarily large: the term
+  enters with the saturated relative error q/(1 + q), linear while q ≪ 1 and the term's whole size
+  once A is lost in noise. The same saturation bounds the phase error and the direct
+  ∂NLL/∂x = −2x·log(max(I, 1e-12))/K (error 2|x|·log1p(2q)/K). These errors are independent per
+  frequency, but after the FFT adjoint each is a plane wave over the whole patch, and every later
+  adjoint sums it against smooth weights, where it largely cancels; squared adjoints (below) assume
+  independent pixels and overstated the NLL's bias and log_scale scales 10–1000 times. So this one
+  error is carried as MC_SAMPLES seeded random realisations through the reference's own (linear)
+  adjoints, which keep every cancellation, and enters E² as their mean square, averaged over each
+  kernel's 3x3 taps and over 3x3 neighbourhoods of x to steady a 4-sample estimate (``_sampled``).
+- **Correlated errors are carried as the algebra cancels them, not as independent terms.**
+  ∂NLL/∂log_scale sums ∂NLL/∂A·A = 2(I − x²)/K: a float32 backend forms it from one amplitude, so
+  the error of A cancels in A·x²/A² and only δI remains. Adding A²·δ(∂/∂A)² and (∂/∂A)²·δA² as if
+  independent overstates it by the ill-conditioning above.
+- **Convolution adjoints**, for dz the cotangent of a conv's output and x its input:
+  input cotangent E_dx² = (W²)ᵀ∗(E_dz² + dz²) (the carried errors and the dot products' own
+  rounding, as the forward conv); kernel E² = Σ_pixels x²·(E_dz² + (1 + log₂n)·dz²) + S_x²·dz²,
+  n = B·H·W the pixels summed (a reduction this long rounds at every level of a pairwise or blocked
+  sum); bias E² = Σ_pixels (E_dz² + (1 + log₂n)·dz²). Only units active in the reference carry the
+  forward error S_x (``error_model.relu_pass_on``).
+- **Smooth head activations:** E_dz² = f'(z)²·E_dy² + (f''(z)·dy·S_z)² + (2·f'(z)·dy)², f' and f''
+  exact at the reference's z; ReLU as a kink.
+- **Max-pool:** the cotangent follows the argmax; where the window's top two values (both positive)
+  are within noise of each other, p·(dy/u)² goes to both. An exact tie is not noise: it comes from
+  identical inputs (a flat region, a padded border), which float32 computes identically, so the tie
+  rule routes it (to the first maximum, as the spec and both frameworks do) and a backend that
+  routes ties elsewhere stays detectable. Upsampling's adjoint sums four cotangents.
+- **Translation adjoints** (reextraction, merge): the bilinear weights are positive, so E translates
+  with them as in the forward model, plus the float32 sampling coordinate's rounding
+  (u·extent·|∇g|) and four roundings; the C patches' errors add in quadrature. The merge's division
+  by the coverage carries the coverage's error like the forward ``merge_scale``.
+- **FFT adjoint:** ψ̄ = 2·ifft2(ds·F) has |ds·F| = N·|∂/∂a|/2 per frequency; errors spread over all
+  pixels (Parseval), so per pixel E_ψ̄ = √(Σ_freq E_w² + log₂(N²)²·Σ_freq |∂/∂a|²)/N, the second term
+  the FFT's own rounding. No peak factor: ψ̄ is summed again by every later adjoint, so its RMS is what
+  propagates; the tail of the largest compared element is the tolerance factor's business.
+- **Complex object, illumination, pad/crop, scale_input, outputs:** first-order propagation,
+  E_Ā² = E_g² + |g|²·S_φ² + (2|g|)², E_φ̄² = A²·(E_g² + |g|²·S_φ²) + |g|²·S_A² + (3A|g|)²;
+  conj(P)·ψ̄ scales E by |P|; crops and pads move E with the cotangent.
+- **Floors:** every scale is at least TINY (what flush-to-zero may lose), and a derivative of a head
+  activation below float32's normal range may be lost whole. Each gradient tap also gets one
+  rounding at its RMS magnitude (per sample for x): float32 convolution algorithms (blocked GEMM,
+  Winograd, FFT) mix values across a tile, so an element that is tiny in exact arithmetic (a bias
+  of a channel with two live units, 10⁻³³ of the tap's largest value) still carries the rounding
+  of its neighbours; without it such elements needed factors of 10⁵–10²⁰.
+
+What the model cannot know (how a framework orders a sum, which kernel it picks, the tail of the
+largest of ~10⁶ compared elements) is left to the per-family factors measured by
+``ptycho-parity measure-tolerances --gradients``.
+
+Cost: about three times the reference's backward pass (default config, B = 2: backward 2 s, scales
+6–7 s on a 2-core CPU): one sweep with the squared fields in float32, rescaled per sample and column
+to a peak of 1 like ``error_model.conv_scale`` (float32 conv recomputing the pre-activations, two
+transposed convs and two kernel sums per conv), and the sampled NLL error through the float64
+adjoints with four realisations. Folding the samples into the float32 sweep would bring it near one
+backward pass; it was not done here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from backends.reference import backward as bw
+from backends.reference import error_model as em
+from backends.reference import physics
+from backends.reference.model import Conv, ConvBlock, Head, ReferenceModel
+from backends.reference.ops import Activation, Array, conv2d, pad_spatial, pi_tanh, relu, sigmoid, softplus, swish
+from parity.taps import GRAD, LOSSES
+
+U32 = em.U32
+TINY = em.TINY
+# Spread of a float32 pre-activation around the reference's, in units of u·S_z (S_z its forward
+# error scale), as it enters a switch's probability. Measured over the live units of every ReLU conv
+# (default config, random batches): RMS 4.1 (torch) and 1.5 (TensorFlow), 99th percentile 15 and 4.5,
+# largest 55 and 12; the forward network families needed up to 116 over the whole measurement. A
+# switch is a tail event, so the tail sets this: with 4 (the RMS), an encoder kernel of a wide
+# (n_filters_scale=4) random case needed a factor of 1700; with 16 it needed 22, and the default
+# config's scales grew by less than 1.5x.
+KINK_SIGMA = 16.0
+
+# The float32 amplitude's error at the loss, per pixel: the field's relative error spread evenly over
+# the spectrum (Parseval), ε·u·‖A‖₂/N with ε = AMP_KAPPA·‖S_O‖₂/‖O‖₂ + √log₂(N²) (the object's
+# forward relative error scale, and the FFT's rounding as an RMS, not a bound), plus two roundings of
+# A itself. The forward S of the amplitude bounds the largest error of a tap for its tolerance and is
+# 10³–10⁴ times the typical error of a dark pixel (measured), which is what the NLL's conditioning
+# multiplies. Measured (default config, random batches, torch and TensorFlow): the RMS dark-pixel
+# error is 1.4–2.2 u·‖A‖₂/N at weight scales 0.3–1 (‖S_O‖₂/‖O‖₂ ≈ 7, so the FFT term dominates) and
+# 140–300 at weight scale 3 (‖S_O‖₂/‖O‖₂ ≈ 10⁴); AMP_KAPPA = 0.2 puts the model within ~4x of both.
+AMP_KAPPA = 0.2
+
+# Realisations of the NLL's ill-conditioned loss-stage error carried through the adjoints (_sampled).
+MC_SAMPLES = 4
+_MC_SEED = 20261201
+
+_IM2COL_MAX_ELEMENTS = 8_000_000
+
+
+# ---- float32 helpers for squared error fields ---------------------------------------------------
+
+
+def _peak(a: Array) -> float:
+    p = float(np.max(np.abs(a), initial=0.0))
+    return p if p > 0 and math.isfinite(p) else 1.0
+
+
+def _conv32(x: Array, kernel: Array) -> Array:
+    """'same' 3x3 cross-correlation in float32, each sample of x rescaled to a peak of 1 and the
+    kernel too, scaled back in float64 (the squared error fields span far more than float32's range
+    across samples and losses, never within one sample's sum)."""
+    px = np.abs(x).reshape(x.shape[0], -1).max(axis=1)
+    px = np.where((px > 0) & np.isfinite(px), px, 1.0)[:, None, None, None]
+    pk = _peak(kernel)
+    out = conv2d(
+        (x / px).astype(np.float32),
+        (kernel / pk).astype(np.float32),
+        np.zeros(kernel.shape[-1], np.float32),
+        dtype=np.float32,
+    )
+    return np.asarray(out, dtype=np.float64) * (px * pk)
+
+
+def _input_adjoint32(kernel: Array, dy: Array) -> Array:
+    """Wᵀ∗dy for stacked dy (S, B, out, H, W): the flipped-kernel convolution, float32 inside."""
+    S, B, cout, H, W = dy.shape
+    flipped = np.ascontiguousarray(kernel[::-1, ::-1].transpose(0, 1, 3, 2))
+    return _conv32(dy.reshape(S * B, cout, H, W), flipped).reshape(S, B, kernel.shape[2], H, W)
+
+
+def _kernel_sum(a: Array, q: Array) -> Array:
+    """Σ_pixels im2col(a)ᵀ·q: a (B, in, H, W), q (S, B, out, H, W) -> (S, 3, 3, in, out).
+
+    float32 inside, with every input channel of a and every (loss, output channel) column of q
+    rescaled to a peak of 1 (a column scaling commutes with the product, so this is exact). Terms
+    far below their column's peak may underflow; the elements made of nothing else get the tile
+    floor (``_tile_floor``) instead."""
+    B, cin, H, W = a.shape
+    S, _, cout = q.shape[:3]
+    pa = np.abs(a).max(axis=(0, 2, 3))
+    pa = np.where((pa > 0) & np.isfinite(pa), pa, 1.0)
+    pq = np.abs(q).max(axis=(1, 3, 4))  # (S, out)
+    pq = np.where((pq > 0) & np.isfinite(pq), pq, 1.0)
+    padded = np.zeros((B, H + 2, W + 2, cin), dtype=np.float32)
+    padded[:, 1:-1, 1:-1] = (a / pa[None, :, None, None]).transpose(0, 2, 3, 1)
+    windows = sliding_window_view(padded, (3, 3), axis=(1, 2))
+    rows_all = (q / pq[:, None, :, None, None]).astype(np.float32).transpose(1, 3, 4, 0, 2)  # (B, H, W, S, out)
+    acc = np.zeros((9 * cin, S * cout), dtype=np.float32)
+    step = max(1, _IM2COL_MAX_ELEMENTS // (H * W * 9 * cin))
+    for start in range(0, B, step):
+        cols = windows[start : start + step].transpose(0, 1, 2, 4, 5, 3).reshape(-1, 9 * cin)
+        acc += cols.T @ rows_all[start : start + step].reshape(-1, S * cout)
+    out = acc.astype(np.float64).reshape(3, 3, cin, S, cout).transpose(3, 0, 1, 2, 4)
+    return np.ascontiguousarray(out) * pa[None, None, None, :, None] * pq[:, None, None, None, :]
+
+
+def _erfc(t: Array) -> Array:
+    """erfc for t >= 0 (Abramowitz & Stegun 7.1.26: absolute error < 1.5e-7, and exp(-t²) keeps the
+    tail's relative size): a probability of a switch needs no more, and NumPy has no erfc."""
+    t = np.asarray(t, dtype=np.float64)
+    k = 1.0 / (1.0 + 0.3275911 * t)
+    poly = k * (0.254829592 + k * (-0.284496736 + k * (1.421413741 + k * (-1.453152027 + k * 1.061405429))))
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        return np.asarray(np.where(np.isfinite(t), poly * np.exp(-t * t), 0.0))
+
+
+def _flip_probability(z: Array, s_z: Array) -> Array:
+    """Probability that float32 puts z on the other side of 0: ½·erfc(|z| / (√2·σ)), σ = KINK_SIGMA·u·S_z."""
+    sigma = KINK_SIGMA * U32 * np.asarray(s_z, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(sigma > 0, np.abs(z) / (math.sqrt(2.0) * np.where(sigma > 0, sigma, 1.0)), np.inf)
+    return np.asarray(0.5 * _erfc(t))
+
+
+def _saturated(q: Array) -> Array:
+    """A relative error q = u·S/|value| that cannot exceed the whole value: q / (1 + q)."""
+    return np.asarray(q / (1.0 + q))
+
+
+# ---- stage adjoints: (cotangent, its error scale) -> (input cotangent, its error scale) ---------
+
+
+class _Sweep:
+    """State of one backward error sweep: the model, its taps and forward scales, the results."""
+
+    def __init__(self, model: ReferenceModel, taps: Mapping[str, Array], scales: Mapping[str, Array]) -> None:
+        self.model = model
+        self.taps = taps
+        self.S = scales
+        self.kernel_sq: dict[str, tuple[Array, Array]] = {}  # conv name -> (E² kernel (S, ...), E² bias (S, out))
+
+    def passed_on(self, name: str) -> Array:
+        """The forward error a tap's consumer receives: only from units active in the reference."""
+        return em.relu_pass_on(self.taps[name], self.S[name])
+
+    # -- convolutions --
+
+    def conv(self, conv: Conv, x: Array, s_x: Array, dz: Array, e_dz2: Array) -> tuple[Array, Array]:
+        """Adjoint of z = W∗x + b at the cotangent dz of z (E² e_dz2); stores the parameter E²."""
+        n = dz.shape[1] * dz.shape[3] * dz.shape[4]
+        dz2 = dz * dz
+        reduction = e_dz2 + (1.0 + math.log2(max(n, 2))) * dz2
+        k2 = _kernel_sum(x * x, reduction) + _kernel_sum(s_x * s_x, dz2)
+        b2 = reduction.sum(axis=(1, 3, 4))
+        self.kernel_sq[conv.name] = (k2, b2)
+        w2 = conv.kernel * conv.kernel
+        dx = _input_adjoint32(conv.kernel, dz)
+        e_dx2 = _input_adjoint32(w2, e_dz2 + dz2)
+        return dx, e_dx2
+
+    def relu(self, conv: Conv, x: Array, y: Array, dy: Array, e_dy2: Array) -> tuple[Array, Array]:
+        """ReLU adjoint at conv's output y = relu(z): the mask, and the kink's switches."""
+        z = _conv32(x, conv.kernel) + conv.bias[None, :, None, None]
+        p = _flip_probability(z, self.S[conv.name])
+        live = y > 0
+        dz = np.where(live, dy, 0.0)
+        e2 = np.where(live, e_dy2, 0.0) + p * (dy / U32) ** 2
+        return dz, e2
+
+    def activation(
+        self, activation: Activation, conv: Conv, x: Array, s_x: Array, dy: Array, e_dy2: Array
+    ) -> tuple[Array, Array]:
+        """Adjoint of a head activation at its recomputed pre-activation: f', f'' and the kink of ReLU."""
+        z = _conv32(x, conv.kernel) + conv.bias[None, :, None, None]
+        s_z = em.conv_scale(x, s_x, conv.kernel, conv.bias)
+        if activation is relu:
+            live = z > 0
+            p = _flip_probability(z, s_z)
+            return np.where(live, dy, 0.0), np.where(live, e_dy2, 0.0) + p * (dy / U32) ** 2
+        d1, d2 = _derivatives(activation, z)
+        dz = dy * d1
+        # A derivative below float32's normal range (σ(z) for z < -87) is subnormal or flushed to
+        # zero: its whole value may be lost (carried linearly, as the forward model does).
+        lost = np.where(d1 < TINY * U32, d1, 0.0) / U32
+        e2 = d1 * d1 * e_dy2 + (d2 * dy * s_z) ** 2 + (2.0 * dz) ** 2 + (lost * dy) ** 2
+        return dz, e2
+
+    def block(self, block: ConvBlock, x: Array, s_x: Array, dy: Array, e_dy2: Array) -> tuple[Array, Array]:
+        """Adjoint of a down or up block whose input was x (forward error s_x passed on)."""
+        conv0, conv1 = block.conv0, block.conv1
+        y0, y1 = self.taps[conv0.name], self.taps[conv1.name]
+        if block.resample_tap == "pool":
+            d, e2 = _pool_adjoint(y1, self.S[conv1.name], dy, e_dy2)
+        else:
+            d = bw.upsample2_vjp(dy)
+            e2 = bw.upsample2_vjp(e_dy2) + (2.0 * d) ** 2
+        d, e2 = self.relu(conv1, y0, y1, d, e2)
+        d, e2 = self.conv(conv1, y0, self.passed_on(conv0.name), d, e2)
+        d, e2 = self.relu(conv0, x, y0, d, e2)
+        return self.conv(conv0, x, s_x, d, e2)
+
+    def head(self, head: Head, features: Array, s_features: Array, dy: Array, e_dy2: Array) -> tuple[Array, Array]:
+        """Adjoint of one branch's head w.r.t. its decoder's output."""
+        m, h = self.model, head.name
+        if head.full is not None and head.full_out is not None:
+            up_name = f"{h}.head.full.up"
+            up, s_up = self.taps[up_name], self.passed_on(up_name)
+            d, e2 = self.activation(head.activation, head.full_out, up, s_up, dy, e_dy2)
+            d, e2 = self.conv(head.full_out, up, s_up, d, e2)
+            return self.block(head.full, features, s_features, d, e2)
+        assert head.centre is not None
+        dfeatures = np.zeros((*dy.shape[:2], *features.shape[1:]))
+        efeatures = np.zeros_like(dfeatures)
+        width = m.N // 4
+        dc, ec = bw.pad_spatial_vjp(dy, width), bw.pad_spatial_vjp(e_dy2, width)
+        xc, sc = features[:, :-4], s_features[:, :-4]
+        dc, ec = self.activation(head.activation, head.centre, xc, sc, dc, ec)
+        dfeatures[:, :, :-4], efeatures[:, :, :-4] = self.conv(head.centre, xc, sc, dc, ec)
+        if head.border is not None and head.border_out is not None:
+            up_name = f"{h}.head.border.up"
+            up, s_up = self.taps[up_name], self.passed_on(up_name)
+            mask = m.border_mask
+            db, eb = self.activation(swish, head.border_out, up, s_up, dy * mask, e_dy2 * mask)
+            db, eb = self.conv(head.border_out, up, s_up, db, eb)
+            dfeatures[:, :, -4:], efeatures[:, :, -4:] = self.block(
+                head.border, features[:, -4:], s_features[:, -4:], db, eb
+            )
+        return dfeatures, efeatures
+
+
+def _derivatives(activation: Activation, z: Array) -> tuple[Array, Array]:
+    """f'(z) and |f''(z)| of a smooth head activation, in forms that keep their precision."""
+    s, sn = sigmoid(z), sigmoid(-z)
+    ds = s * sn  # σ'
+    if activation is sigmoid:
+        return ds, np.abs(ds * (sn - s))
+    if activation is softplus:
+        return s, ds
+    if activation is swish:
+        return s * (1.0 + z * sn), np.abs(ds * (2.0 + z * (sn - s)))
+    if activation is pi_tanh:
+        e = np.exp(-2.0 * np.abs(z))
+        sech2 = 4.0 * e / (1.0 + e) ** 2
+        return math.pi * sech2, np.abs(2.0 * math.pi * np.tanh(z) * sech2)
+    raise ValueError(f"gradient error model: no derivatives for activation {activation!r}")
+
+
+def _pool_adjoint(x: Array, s_x: Array, dy: Array, e_dy2: Array) -> tuple[Array, Array]:
+    """Max-pool adjoint with its error: the cotangent and its E² follow the argmax (first maximum, as
+    ``backward.max_pool2_vjp``); a window whose top two positive values are within noise of each
+    other, but not equal, may route to the runner-up instead, adding p·(dy/u)² at both places."""
+    B, C, H, W = x.shape
+    h, w = H // 2, W // 2
+
+    def windows(a: Array) -> Array:
+        return np.asarray(a.reshape(B, C, h, 2, w, 2).transpose(0, 1, 2, 4, 3, 5).reshape(B, C, h, w, 4))
+
+    def back(a: Array) -> Array:
+        lead = a.shape[:-2]
+        return np.ascontiguousarray(a.reshape(*lead, w, 2, 2).swapaxes(-3, -2).reshape(*lead[:-1], H, W))
+
+    v, sv = windows(x), windows(s_x)
+    first = v.argmax(axis=-1)[..., None]
+    route = first == np.arange(4)
+    top = np.take_along_axis(v, first, axis=-1)[..., 0]
+    rest = np.where(route, -np.inf, v)
+    second = rest.argmax(axis=-1)[..., None]
+    runner = second == np.arange(4)
+    gap = top - np.take_along_axis(v, second, axis=-1)[..., 0]
+    s_gap = np.hypot(np.take_along_axis(sv, first, axis=-1)[..., 0], np.take_along_axis(sv, second, axis=-1)[..., 0])
+    # An exact tie (gap 0 in float64) comes from identical inputs (a flat region, a padded border):
+    # float32 computes those identically too, so the tie rule decides, not noise.
+    p = np.where((top > 0) & (gap > 0), _flip_probability(gap, s_gap), 0.0)
+    dx = back(np.where(route, dy[..., None], 0.0))
+    switch = (p * (dy / U32) ** 2)[..., None]
+    e2 = np.where(route, e_dy2[..., None] + switch, 0.0) + np.where(runner, switch, 0.0)
+    return dx, back(e2)
+
+
+def _slope(g: Array) -> Array:
+    return np.asarray(em._neighbour_slope(np.abs(g)))
+
+
+def _translate_adjoint(g: Array, e2: Array, shift: Array, extent: float) -> tuple[Array, Array]:
+    """translate_vjp of a complex cotangent and its E (linear with the positive weights, plus the
+    coordinate's rounding and four roundings); returns (value, E²)."""
+    source = np.sqrt(e2) + extent * _slope(g) + 4.0 * np.abs(g)
+    return bw.translate_vjp(g, shift), bw.translate_vjp(source, shift) ** 2
+
+
+# ---- the sweep ------------------------------------------------------------------------------------
+
+
+def _amplitude_noise(model: ReferenceModel, taps: Mapping[str, Array], S: Mapping[str, Array]) -> Array:
+    """The typical (RMS) error of the float32 predicted amplitude per pixel, in u-units (AMP_KAPPA)."""
+    A = taps["output.amplitude"]
+    N = model.N
+    patches, s_patches = taps["object.patches"], S["object.patches"]
+    axes = tuple(range(1, patches.ndim))
+    norm = np.sqrt(np.sum(np.abs(patches) ** 2, axis=axes, keepdims=True))
+    rel = np.sqrt(np.sum(s_patches**2, axis=axes, keepdims=True)) / np.where(norm > 0, norm, 1.0)
+    eps = AMP_KAPPA * rel + math.sqrt(math.log2(N * N))
+    l2 = np.sqrt(np.sum(A * A, axis=(-2, -1), keepdims=True))
+    return np.asarray(eps * l2 / N + 2.0 * np.abs(A) + TINY)
+
+
+def _loss_stage(
+    model: ReferenceModel, taps: Mapping[str, Array], S: Mapping[str, Array], x: Array
+) -> tuple[Array, Array, Array, Array, Array, Array, Array, Array]:
+    """Cotangents at the diffraction amplitude a (values and E²), the log_scale parts from the
+    outputs, and x's direct parts. Returns (d_a, E²_w (the error of d_a·e^{iθ} but the NLL's
+    ill-conditioned part), the NLL's ill-conditioned amplitude error (real units), the saturated
+    relative amplitude error ρ, dls_out, E²_dls_out, dx_direct, E²_dx_direct), stacked (S, ...) in
+    LOSSES order where they have a loss axis."""
+    A, intensity = taps["output.amplitude"], taps["output.intensity"]
+    s_A = _amplitude_noise(model, taps, S)
+    s_I = 2.0 * A * s_A + np.abs(intensity)
+    ls = float(model.log_scale)
+    g = math.exp(ls)
+    K = x[0].size
+    d_amp, d_int, dx_direct = bw.losses_vjp(A, intensity, x)
+    d_a, dls_out = bw.outputs_vjp(A, ls, d_amp, d_int)
+    safe_A = np.where(A > 0, A, 1.0)
+    q = np.where(A > 0, U32 * s_A / safe_A, np.inf)
+    rho = np.where(np.isfinite(q), _saturated(np.where(np.isfinite(q), q, 0.0)), 1.0)
+    above = intensity > physics.NLL_FLOOR
+    x2 = x * x
+    # Poisson NLL: d_a = e^ls·2(A − x²/A)/K; the x²/A part with the saturated relative error.
+    sensitive = np.where(above, g * 2.0 * x2 / safe_A / K, 0.0)
+    e_nll = g * 2.0 * s_A / K  # the ill-conditioned part (sensitive·rho) is sampled, see _sampled
+    # Where |F|² underflows float32 (a faint field), a float32 backend holds the amplitude 0: it passes
+    # nothing through the square root (its subgradient there) while the reference passes d_a, and the
+    # MAE's sign(A − x) is taken at 0 (the forward model's ``squared_away``, carried backwards).
+    lost = taps["physics.diffraction"] * model.N < 2.0 * math.sqrt(TINY * U32)
+    # MAE: d_a = e^ls·sign(A − x)/K; a sign switch changes it by 2e^ls/K.
+    p_sign = np.where(lost, 1.0, _flip_probability(A - x, s_A))
+    e_mae = np.sqrt(p_sign) * 2.0 * g / K / U32
+    phase = np.abs(d_a[1]) * rho / U32  # the spectrum's phase error, δθ = δA/A saturated
+    e2_w = np.stack([e_nll**2, e_mae**2 + phase**2]) + (3.0 * d_a) ** 2
+    # log_scale through the outputs: Σ ∂/∂A·A = Σ 2(I − x²)/K (NLL), Σ sign·A/K (MAE).
+    red = 1.0 + math.log2(max(K, 2))  # the reduction's depth (per group; the batch adds a level or two)
+    nll_terms = 2.0 * (intensity - x2) / K
+    e2_ls_nll = np.sum((2.0 * s_I / K) ** 2 + red * nll_terms**2 + (2.0 * (np.abs(intensity) + x2) / K) ** 2)
+    e2_ls_mae = np.sum((s_A / K) ** 2 + p_sign * (2.0 * A / K / U32) ** 2 + red * (A / K) ** 2)
+    # x directly: NLL −2x·log(max(I, floor))/K, error 2|x|·log1p(2q)/K; MAE −sign/K switches.
+    log_err = 2.0 * np.abs(x) * np.log1p(2.0 * np.where(np.isfinite(q), q, 1e30)) / K / U32
+    e2_x_nll = log_err**2 + (3.0 * dx_direct[0]) ** 2
+    e2_x_mae = p_sign * (2.0 / K / U32) ** 2
+    return (
+        d_a,
+        e2_w,
+        sensitive * rho,
+        rho,
+        dls_out,
+        np.array([e2_ls_nll, e2_ls_mae]),
+        dx_direct,
+        np.stack([e2_x_nll, e2_x_mae]),
+    )
+
+
+def _final_tap(head: Head) -> str:
+    return bw._final_tap(head)
+
+
+def gradient_error_scales(
+    model: ReferenceModel,
+    taps: Mapping[str, Array],
+    scales: Mapping[str, Array],
+    offsets: Array,
+    probe: Array,
+    gradients: Mapping[str, Array] | None = None,
+) -> dict[str, Array]:
+    """The error scale of every gradient tap (``parity.taps.gradient_tap_specs`` names) of one batch.
+
+    ``taps`` are the reference's forward taps of the batch (float64 or the float32 inputs),
+    ``scales`` their forward error scales (``ReferenceModel.error_scales``), offsets (B, C, 2) and
+    probe (1, 1, N, N) as the model takes them; ``gradients``, the reference's gradient taps of the
+    batch, add the tile floor (one rounding at the tap's RMS magnitude, see the module docstring).
+    Returns float64 arrays of the gradients' shapes.
+    """
+    N, M = model.N, model.M
+    x = np.asarray(taps["input.x"], dtype=np.float64)
+    ls = float(model.log_scale)
+    sw = _Sweep(model, taps, scales)
+
+    d_a, e2_w, ill, rho, dls_out, e2_ls_out, _, e2_x_direct = _loss_stage(model, taps, scales, x)
+    sampled = _sampled(model, taps, offsets, probe, d_a[0], ill, rho)
+    # FFT adjoint: ψ̄ = 2·ifft2(ds·F); per pixel error √(Σ E_w² + log₂(N²)²·Σ|d_a|²)/N.
+    field, diffraction = taps["physics.illuminated"], taps["physics.diffraction"]
+    dpsi = bw.diffract_vjp(field, diffraction, d_a)
+    spatial = (-2, -1)
+    fft_round = math.log2(N * N) ** 2 * np.sum(d_a**2, axis=spatial, keepdims=True)
+    e2_psi = np.broadcast_to((np.sum(e2_w, axis=spatial, keepdims=True) + fft_round) / (N * N), dpsi.shape)
+    # illumination: conj(P)·mask·ψ̄.
+    p_abs = np.abs(probe)
+    if model.illumination_mask is not None:
+        p_abs = p_abs * model.illumination_mask
+    dre = bw.illuminate_vjp(dpsi, probe, model.illumination_mask)
+    e2_re = p_abs**2 * (e2_psi + (2.0 * np.abs(dpsi)) ** 2)
+    # re-extraction: crop adjoint (pad), translation adjoint, sum over the C patches in quadrature.
+    off = np.asarray(offsets, dtype=np.float64)
+    extent = em._extent((M, M), off)
+    g_pad = bw.crop_centre_vjp(dre, M)
+    e_pad = bw.crop_centre_vjp(e2_re, M)
+    moved, e2_moved = _translate_adjoint(g_pad, e_pad, off, extent)
+    dcanvas = moved.sum(axis=-3, keepdims=True)
+    e2_canvas = e2_moved.sum(axis=-3, keepdims=True) + (math.log2(max(off.shape[1], 2)) * np.abs(dcanvas)) ** 2
+    # merge (object_big) or the canvas's padding.
+    if model.object_big:
+        pad = (M - N) // 2
+        shift = bw.merge_shift(off)
+        mask = pad_spatial(physics.centre_mask(N), pad)
+        den = physics.translate(mask, shift).sum(axis=1, keepdims=True) + physics.MERGE_EPSILON
+        m_extent = em._extent((M, M), shift)
+        s_den = physics.translate(em._translation_source(mask, np.zeros_like(mask), m_extent), shift).sum(
+            axis=1, keepdims=True
+        )
+        s_den = s_den + off.shape[1] * den
+        dnum = physics.divide_complex(dcanvas, den)
+        e2_num = e2_canvas / den**2 + (np.abs(dnum) * s_den / den) ** 2 + (np.abs(dnum)) ** 2
+        C = off.shape[1]
+        wide = (*dnum.shape[:-3], C, M, M)
+        moved_p, e2_p = _translate_adjoint(np.broadcast_to(dnum, wide), np.broadcast_to(e2_num, wide), shift, m_extent)
+        dpatches = bw.pad_spatial_vjp(moved_p, pad)
+        e2_patches = bw.pad_spatial_vjp(e2_p, pad)
+    else:
+        dpatches = bw.pad_to_canvas_vjp(dcanvas, N)
+        e2_patches = bw.pad_to_canvas_vjp(e2_canvas, N)
+    # complex object O = A·exp(iφ).
+    amp_tap, phase_tap = _final_tap(model.heads["amp"]), _final_tap(model.heads["phase"])
+    A_h, phi = taps[amp_tap], taps[phase_tap]
+    s_Ah, s_phi = scales[amp_tap], scales[phase_tap]
+    d_amp_h, d_phase_h = bw.complex_object_vjp(A_h, phi, dpatches)
+    gmag2 = np.abs(dpatches) ** 2
+    e2_amp_h = e2_patches + gmag2 * s_phi**2 + 4.0 * gmag2
+    e2_phase_h = A_h**2 * (e2_patches + gmag2 * s_phi**2) + gmag2 * s_Ah**2 + 9.0 * A_h**2 * gmag2
+    # network.
+    depth = len(model.encoder)
+    feat_name = f"encoder.block{depth - 1}.pool"
+    features = taps[feat_name]
+    dfeatures = np.zeros((len(LOSSES), *features.shape))
+    e2_features = np.zeros_like(dfeatures)
+    s_feat = sw.passed_on(feat_name)
+    for h, dy, e2 in (("amp", d_amp_h, e2_amp_h), ("phase", d_phase_h, e2_phase_h)):
+        head = model.heads[h]
+        last = f"{h}.decoder.block{len(head.decoder) - 1}.up"
+        d, e = sw.head(head, taps[last], sw.passed_on(last), dy, e2)
+        for i in range(len(head.decoder) - 1, -1, -1):
+            if i:
+                name = f"{h}.decoder.block{i - 1}.up"
+                block_in, s_in = taps[name], sw.passed_on(name)
+            else:
+                block_in, s_in = features, s_feat
+            d, e = sw.block(head.decoder[i], block_in, s_in, d, e)
+        dfeatures += d
+        e2_features += e
+    d, e = dfeatures, e2_features
+    for i in range(depth - 1, -1, -1):
+        if i:
+            name = f"encoder.block{i - 1}.pool"
+            block_in, s_in = taps[name], sw.passed_on(name)
+        else:
+            block_in, s_in = taps["input.scaled"], scales["input.scaled"]
+        d, e = sw.block(model.encoder[i], block_in, s_in, d, e)
+    # scale_input: x_s = x / e^ls; d_x = d_s / e^ls, d_ls = −Σ d_s·x_s.
+    scaled, s_scaled = taps["input.scaled"], scales["input.scaled"]
+    inv = math.exp(-ls)
+    e2_x = (e + (2.0 * d) ** 2) * inv**2 + e2_x_direct
+    lead = d.shape[0]
+    n_in = scaled.size
+    red = 1.0 + math.log2(max(n_in, 2))
+    e2_ls_in = (scaled**2 * (e + red * d * d) + d * d * s_scaled**2).reshape(lead, -1).sum(axis=1)
+    e2_ls = e2_ls_out + e2_ls_in + (2.0 * (np.abs(dls_out) + np.abs((d * scaled).reshape(lead, -1).sum(axis=1)))) ** 2
+
+    out: dict[str, Array] = {}
+    convs = list(model.convs())
+    for s, loss in enumerate(LOSSES):
+        prefix = f"{GRAD}.{loss}"
+        for conv in reversed(convs):
+            k2, b2 = sw.kernel_sq[conv.name]
+            out[f"{prefix}.{conv.name}.kernel"] = np.sqrt(k2[s]) + TINY
+            out[f"{prefix}.{conv.name}.bias"] = np.sqrt(b2[s]) + TINY
+        out[f"{prefix}.log_scale"] = np.asarray(math.sqrt(float(e2_ls[s])) + TINY)
+        out[f"{prefix}.input.x"] = np.sqrt(e2_x[s]) + TINY
+    nll = f"{GRAD}.{LOSSES[0]}"
+    for name, e2 in sampled.items():
+        out[f"{nll}.{name}"] = np.sqrt(out[f"{nll}.{name}"] ** 2 + e2)
+    lost = taps["physics.diffraction"] * N < 2.0 * math.sqrt(TINY * U32)  # as in _loss_stage
+    if lost.any():
+        for name, e2 in _underflow_lost(model, taps, offsets, probe, d_a, lost).items():
+            for s, loss in enumerate(LOSSES):
+                out[f"{GRAD}.{loss}.{name}"] = np.sqrt(out[f"{GRAD}.{loss}.{name}"] ** 2 + e2[s])
+    if gradients is not None:
+        for name, value in gradients.items():
+            if name in out:
+                out[name] = np.hypot(out[name], _tile_floor(np.asarray(value, dtype=np.float64)))
+    return {name: np.asarray(v, dtype=np.float64, order="C") for name, v in out.items()}
+
+
+def _carried(
+    model: ReferenceModel, taps: Mapping[str, Array], offsets: Array, probe: Array, perturbation: Array
+) -> tuple[bw.ConvGradients, Array, Array]:
+    """Perturbations (K, B, C, N, N) of the cotangent at the diffraction amplitude (real part) and of
+    the spectrum's phase (imaginary part), carried through the reference's own linear adjoints to
+    every parameter, x and log_scale's input path: (conv gradients, dx, dls), K leading."""
+    N, M = model.N, model.M
+    K = perturbation.shape[0]
+    a = taps["physics.diffraction"]
+    lit = a > 0
+    ds = np.where(lit, perturbation / np.where(lit, 2.0 * a, 1.0), 0.0)
+    spectrum = np.fft.fft2(taps["physics.illuminated"], axes=(-2, -1))
+    dpsi = 2.0 * np.fft.ifft2(np.fft.ifftshift(ds, axes=(-2, -1)) * spectrum, axes=(-2, -1))
+    off = np.asarray(offsets, dtype=np.float64)
+    dre = bw.illuminate_vjp(dpsi, probe, model.illumination_mask)
+    dcanvas = bw.reextract_vjp(dre, off, M)
+    dpatches = bw.merge_vjp(dcanvas, off, N) if model.object_big else bw.pad_to_canvas_vjp(dcanvas, N)
+    final = {h: taps[_final_tap(head)] for h, head in model.heads.items()}
+    d_amp, d_phase = bw.complex_object_vjp(final["amp"], final["phase"], dpatches)
+    depth = len(model.encoder)
+    features = taps[f"encoder.block{depth - 1}.pool"]
+    grads: bw.ConvGradients = {}
+    dfeatures = np.zeros((K, *features.shape))
+    for h, dy in (("amp", d_amp), ("phase", d_phase)):
+        head = model.heads[h]
+        d = bw._head_vjp(model, head, taps[f"{h}.decoder.block{len(head.decoder) - 1}.up"], dict(taps), dy, grads)
+        for i in range(len(head.decoder) - 1, -1, -1):
+            block_in = taps[f"{h}.decoder.block{i - 1}.up"] if i else features
+            d = bw._block_vjp(head.decoder[i], block_in, dict(taps), d, grads)
+        dfeatures += d
+    d = dfeatures
+    for i in range(depth - 1, -1, -1):
+        block_in = taps[f"encoder.block{i - 1}.pool"] if i else taps["input.scaled"]
+        d = bw._block_vjp(model.encoder[i], block_in, dict(taps), d, grads)
+    dx, dls = bw.scale_input_vjp(taps["input.scaled"], float(model.log_scale), d)
+    return grads, dx, dls
+
+
+def _underflow_lost(
+    model: ReferenceModel, taps: Mapping[str, Array], offsets: Array, probe: Array, d_a: Array, lost: Array
+) -> dict[str, Array]:
+    """E² (u-units) per loss and gradient tap of what float32 loses where |F|² underflows: there it
+    holds the amplitude 0 and passes no cotangent through the square root, the reference passes d_a.
+    That loss is one deterministic perturbation, the same in every float32 backend, so it is carried
+    exactly through the adjoints (linear in the cotangent), not as a variance: in quadrature, the
+    hundreds of lost pixels of a faint field under-counted it (biases needed 1.1x their factor)."""
+    grads, dx, dls = _carried(model, taps, offsets, probe, np.where(lost, d_a, 0.0).astype(complex))
+    out: dict[str, Array] = {}
+    for name, (dk, db) in grads.items():
+        out[f"{name}.kernel"] = dk**2 / U32**2
+        out[f"{name}.bias"] = db**2 / U32**2
+    out["log_scale"] = np.asarray(dls) ** 2 / U32**2
+    out["input.x"] = dx**2 / U32**2
+    return out
+
+
+def _sampled(
+    model: ReferenceModel,
+    taps: Mapping[str, Array],
+    offsets: Array,
+    probe: Array,
+    d_a: Array,
+    ill: Array,
+    rho: Array,
+) -> dict[str, Array]:
+    """E² (u-units) of the NLL's gradients from its ill-conditioned loss stage, by sampling.
+
+    The amplitude's and the spectrum's phase errors at the dark pixels are independent per
+    frequency, but after the FFT adjoint each is a plane wave over the whole patch, and every later
+    adjoint sums it against smooth weights, where it largely cancels. A variance propagated through
+    squared adjoints assumes independent pixels and misses that cancellation (10–1000× too large on
+    biases and log_scale, measured). So this error is carried as MC_SAMPLES random realisations
+    (seeded, so a scale is reproducible) through the reference's own linear adjoints, which keep
+    every cancellation; E² is their mean square, averaged over each kernel's 3x3 taps and x's 3x3
+    pixel neighbourhoods to steady the estimate.
+    """
+    K = MC_SAMPLES
+    rng = np.random.default_rng(_MC_SEED)
+    shape = (K, *d_a.shape)
+    perturbation = physics.complex_from_parts(rng.standard_normal(shape) * ill, rng.standard_normal(shape) * rho * d_a)
+    grads, dx, dls = _carried(model, taps, offsets, probe, perturbation)
+    out: dict[str, Array] = {}
+    for name, (dk, db) in grads.items():
+        out[f"{name}.kernel"] = np.broadcast_to(np.mean(dk**2, axis=(0, 1, 2), keepdims=True)[0], dk.shape[1:]) / U32**2
+        out[f"{name}.bias"] = np.mean(db**2, axis=0) / U32**2
+    out["log_scale"] = np.asarray(np.mean(dls**2)) / U32**2
+    box = np.mean(dx**2, axis=0)
+    p = np.pad(box, [(0, 0), (0, 0), (1, 1), (1, 1)], mode="edge")
+    out["input.x"] = sliding_window_view(p, (3, 3), axis=(-2, -1)).mean(axis=(-2, -1)) / U32**2
+    return out
+
+
+def _tile_floor(value: Array) -> Array:
+    """One rounding at the RMS magnitude of a gradient (per sample for input.x, whole for a parameter)."""
+    if value.ndim == 4:  # input.x: per sample
+        return np.asarray(np.sqrt(np.mean(value * value, axis=(1, 2, 3), keepdims=True)) + np.zeros_like(value))
+    return np.asarray(np.sqrt(np.mean(value * value)) + np.zeros_like(value))
