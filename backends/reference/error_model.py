@@ -177,6 +177,13 @@ def illumination_scale(patches: Array, s_patches: Array, probe: Array, mask: Arr
     return np.asarray(s if mask is None else s * mask + TINY)
 
 
+def squared_underflows(diffraction: Array) -> Array:
+    """Where float32's |F|² (over N², before the square root) may underflow to 0, for the diffraction
+    amplitude sqrt(|F|²/N²) of N x N patches: below √(smallest normal) per part, |F|² is 0 in float32."""
+    N = diffraction.shape[-1]
+    return np.asarray(diffraction * N < 2.0 * math.sqrt(TINY * U32))
+
+
 def diffraction_scale(field: Array, s_field: Array, diffraction: Array) -> Array:
     """S of sqrt(fftshift(|fft2 ψ|²)/N²) per element: propagated input error and the FFT's own
     rounding; then the modulus and the square root.
@@ -201,7 +208,7 @@ def diffraction_scale(field: Array, s_field: Array, diffraction: Array) -> Array
     s_spectrum = carried + flushed + math.log2(N * N) * l2
     # |F|² is formed in float32: below √(smallest normal) per part it underflows, and the square
     # root of that zero loses the whole value (1e-33 becomes 0, not 1e-33 ± 1e-38).
-    squared_away = np.where(diffraction * N < 2.0 * math.sqrt(TINY * U32), diffraction, 0.0) / U32
+    squared_away = np.where(squared_underflows(diffraction), diffraction, 0.0) / U32
     return np.asarray(s_spectrum / N + 3.0 * diffraction + squared_away) + TINY
 
 

@@ -417,7 +417,7 @@ def _loss_stage(
     # Where |F|² underflows float32 (a faint field), a float32 backend holds the amplitude 0: it passes
     # nothing through the square root (its subgradient there) while the reference passes d_a, and the
     # MAE's sign(A − x) is taken at 0 (the forward model's ``squared_away``, carried backwards).
-    lost = taps["physics.diffraction"] * model.N < 2.0 * math.sqrt(TINY * U32)
+    lost = em.squared_underflows(taps["physics.diffraction"])
     # MAE: d_a = e^ls·sign(A − x)/K; a sign switch changes it by 2e^ls/K.
     p_sign = np.where(lost, 1.0, _flip_probability(A - x, s_A))
     e_mae = np.sqrt(p_sign) * 2.0 * g / K / U32
@@ -571,7 +571,7 @@ def gradient_error_scales(
     nll = f"{GRAD}.{LOSSES[0]}"
     for name, e2 in sampled.items():
         out[f"{nll}.{name}"] = np.sqrt(out[f"{nll}.{name}"] ** 2 + e2)
-    lost = taps["physics.diffraction"] * N < 2.0 * math.sqrt(TINY * U32)  # as in _loss_stage
+    lost = em.squared_underflows(taps["physics.diffraction"])
     if lost.any():
         for name, e2 in _underflow_lost(model, taps, offsets, probe, d_a, lost).items():
             for s, loss in enumerate(LOSSES):
