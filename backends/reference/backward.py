@@ -283,12 +283,6 @@ def crop_centre_vjp(dy: Array, size: int) -> Array:
     return pad_spatial(dy, (size - dy.shape[-1]) // 2)
 
 
-def merge_shift(offsets: Array) -> Array:
-    """The shift ``physics.merge`` moves each padded patch by: -(d - d̄), d̄ the batch mean."""
-    d = np.asarray(offsets, dtype=np.float64)
-    return np.asarray(-(d - d.reshape(-1, 2).mean(axis=0)))
-
-
 def merge_vjp(dcanvas: Array, offsets: Array, N: int) -> Array:
     """Adjoint of ``physics.merge`` w.r.t. the patches; the coverage (denominator) depends on the
     offsets only, so it is a constant here.
@@ -299,7 +293,7 @@ def merge_vjp(dcanvas: Array, offsets: Array, N: int) -> Array:
     """
     M = dcanvas.shape[-1]
     pad = (M - N) // 2
-    shift = merge_shift(offsets)
+    shift = physics.merge_shift(offsets)
     coverage = physics.translate(pad_spatial(physics.centre_mask(N), pad), shift).sum(axis=1, keepdims=True)
     dnumerator = physics.divide_complex(dcanvas, coverage + physics.MERGE_EPSILON)
     return pad_spatial_vjp(translate_vjp(dnumerator, shift), pad)

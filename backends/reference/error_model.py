@@ -98,12 +98,17 @@ def activation_scale(name: str, out: Array, s_z: Array, z_bound: Array | None = 
     elif name == "softplus":
         slope = -np.expm1(-out)  # sigmoid(z) = 1 - exp(-softplus(z))
     elif name == "relu":
-        return np.asarray(s_z + np.abs(out) + TINY)
+        return np.asarray(s_z + activation_rounding(name, out) + TINY)
     elif name == "swish":
         slope = np.full_like(out, 1.1)  # |d/dz z·sigmoid(z)| <= 1.0998
     else:
         raise ValueError(f"no error model for activation {name!r}")
-    return np.asarray(np.abs(slope) * s_z + 3.0 * np.abs(out) + TINY)
+    return np.asarray(np.abs(slope) * s_z + activation_rounding(name, out) + TINY)
+
+
+def activation_rounding(name: str, out: Array) -> Array:
+    """The head activation's own rounding in its S (the rest is the pre-activation's error carried)."""
+    return np.asarray((1.0 if name == "relu" else 3.0) * np.abs(out))
 
 
 def pool_scale(s: Array) -> Array:

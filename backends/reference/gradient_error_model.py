@@ -31,7 +31,9 @@ of the forward values the adjoints' coefficients are made of. Choices, and why:
   scale of ``output.amplitude``, which bounds the largest error of that tap for its tolerance and
   is 10³–10⁴ times the typical error of a dark pixel (measured): it is the RMS error of a float32
   amplitude, the field's relative error spread evenly over the spectrum (Parseval),
-  (AMP_KAPPA·‖S_O‖₂/‖O‖₂ + √log₂(N²))·u·‖A‖₂/N plus two roundings of A (``_amplitude_noise``).
+  (1 + AMP_KAPPA·‖C_O‖₂/‖O‖₂ + √log₂(N²))·u·‖A‖₂/N plus two roundings of A (``_amplitude_noise``),
+  C_O the part of the object's forward scale the network carries into it (its heads' own rounding
+  taken out).
   Where that relative error q = δA/A would exceed 1, float32 holds an amplitude of the size of its
   noise, not of A, and its x²/A is *smaller* than the reference's, not arbitrarily large: the term
   enters with the saturated relative error q/(1 + q), linear while q ≪ 1 and the term's whole size
@@ -43,6 +45,15 @@ of the forward values the adjoints' coefficients are made of. Choices, and why:
   error is carried as MC_SAMPLES seeded random realisations through the reference's own (linear)
   adjoints, which keep every cancellation, and enters E² as their mean square, averaged over each
   kernel's 3x3 taps and over 3x3 neighbourhoods of x to steady a 4-sample estimate (``_sampled``).
+  The MAE's sign switches and its spectrum phase error are per-frequency errors too and are sampled
+  the same way (squared, they gave the MAE's phase head scales 10⁴ times its float32 error).
+- **Errors of one sign are carried whole.** Where A is lost in noise, float32's x²/A is smaller at
+  every such pixel, in the same direction: its mean, the term times ρ², is one deterministic
+  perturbation through the adjoints. Where the reference clamps the NLL (I ≤ 1e-12), float32's noise
+  can lift the pixel above the clamp, and it then holds −x²/A₃₂ for any A₃₂ down to √1e-12: that
+  bound is carried per pixel, along the spectrum's phase and across it (float32's phase there is
+  its noise). Measured: the Nyquist corner of a smooth field, 2e-7 in float64 and 1e-6 to 1e-5 in
+  float32, moved every NLL gradient of its batch by percents in both frameworks.
 - **Correlated errors are carried as the algebra cancels them, not as independent terms.**
   ∂NLL/∂log_scale sums ∂NLL/∂A·A = 2(I − x²)/K: a float32 backend forms it from one amplitude, so
   the error of A cancels in A·x²/A² and only δI remains. Adding A²·δ(∂/∂A)² and (∂/∂A)²·δA² as if
@@ -54,7 +65,15 @@ of the forward values the adjoints' coefficients are made of. Choices, and why:
   sum); bias E² = Σ_pixels (E_dz² + (1 + log₂n)·dz²). Only units active in the reference carry the
   forward error S_x (``error_model.relu_pass_on``).
 - **Smooth head activations:** E_dz² = f'(z)²·E_dy² + (f''(z)·dy·S_z)² + (2·f'(z)·dy)², f' and f''
-  exact at the reference's z; ReLU as a kink.
+  exact at the reference's z; ReLU as a kink. The sigmoid and tanh are differentiated from their
+  float32 outputs (y(1 − y), 1 − t²), whose error of about u does not shrink as f' does where they
+  saturate: that adds (dy·|∂f'/∂y|·2|y|)² (``_derivative_from_output``; at weights ×2.8 it is 3 %
+  of the largest phase-kernel gradient, and without it a sweep example failed at 9.4·10⁴ times
+  its tolerance).
+- **The sampling coordinates' rounding moves whole patches.** A float32 backend rounds j − d to
+  float32 once per patch and axis; in log_scale's output part, a sum over every pixel, that error
+  is coherent, not the per-pixel quadrature the rest assumes (``_coordinate_rounding``: each
+  patch's sensitivity by central differences through the physics, times u·extent).
 - **Max-pool:** the cotangent follows the argmax; where the window's top two values (both positive)
   are within noise of each other, p·(dy/u)² goes to both. An exact tie is not noise: it comes from
   identical inputs (a flat region, a padded border), which float32 computes identically, so the tie
@@ -82,12 +101,12 @@ What the model cannot know (how a framework orders a sum, which kernel it picks,
 largest of ~10⁶ compared elements) is left to the per-family factors measured by
 ``ptycho-parity measure-tolerances --gradients``.
 
-Cost: about three times the reference's backward pass (default config, B = 2: backward 2 s, scales
-6–7 s on a 2-core CPU): one sweep with the squared fields in float32, rescaled per sample and column
-to a peak of 1 like ``error_model.conv_scale`` (float32 conv recomputing the pre-activations, two
-transposed convs and two kernel sums per conv), and the sampled NLL error through the float64
-adjoints with four realisations. Folding the samples into the float32 sweep would bring it near one
-backward pass; it was not done here.
+Cost: one sweep with the squared fields in float32, rescaled per sample and column to a peak of 1
+like ``error_model.conv_scale`` (float32 conv recomputing the pre-activations, two transposed convs
+and two kernel sums per conv), and the float64 adjoints carried for nine realisations (four per
+loss sampled, one for the NLL's one-signed bias; a few more where the clamp is lifted). The carried
+realisations dominate (in a profiled N=128 run, 20 s of the 32 s of gradient scales); running them
+in float32 would about halve that, not done here.
 """
 
 from __future__ import annotations
@@ -101,7 +120,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from backends.reference import backward as bw
 from backends.reference import error_model as em
 from backends.reference import physics
-from backends.reference.model import Conv, ConvBlock, Head, ReferenceModel
+from backends.reference.model import _ACTIVATION_NAMES, Conv, ConvBlock, Head, ReferenceModel
 from backends.reference.ops import Activation, Array, conv2d, pad_spatial, pi_tanh, relu, sigmoid, softplus, swish
 from parity.taps import GRAD, LOSSES
 
@@ -117,16 +136,19 @@ TINY = em.TINY
 KINK_SIGMA = 16.0
 
 # The float32 amplitude's error at the loss, per pixel: the field's relative error spread evenly over
-# the spectrum (Parseval), ε·u·‖A‖₂/N with ε = AMP_KAPPA·‖S_O‖₂/‖O‖₂ + √log₂(N²) (the object's
-# forward relative error scale, and the FFT's rounding as an RMS, not a bound), plus two roundings of
-# A itself. The forward S of the amplitude bounds the largest error of a tap for its tolerance and is
-# 10³–10⁴ times the typical error of a dark pixel (measured), which is what the NLL's conditioning
-# multiplies. Measured (default config, random batches, torch and TensorFlow): the RMS dark-pixel
-# error is 1.4–2.2 u·‖A‖₂/N at weight scales 0.3–1 (‖S_O‖₂/‖O‖₂ ≈ 7, so the FFT term dominates) and
-# 140–300 at weight scale 3 (‖S_O‖₂/‖O‖₂ ≈ 10⁴); AMP_KAPPA = 0.2 puts the model within ~4x of both.
-AMP_KAPPA = 0.2
+# the spectrum (Parseval), ε·u·‖A‖₂/N with ε = 1 + AMP_KAPPA·‖C_O‖₂/‖O‖₂ + √log₂(N²): the object's
+# own roundings (about one u, measured), the error the network carries into it (C_O: the object's
+# forward scale without its heads' rounding terms, which are ~4x the real rounding at small weights)
+# and the FFT's rounding as an RMS, not a bound; plus two roundings of A itself. Measured (three
+# configs, weights x0.3 to x3, torch and TensorFlow): the object's real relative ℓ2 error is about
+# 1 u where ‖C_O‖₂/‖O‖₂ < 1.2, and 0.7–7.5 times ‖C_O‖₂/‖O‖₂ where the network's error dominates
+# (‖C_O‖₂/‖O‖₂ = 25–18000); AMP_KAPPA = 8 covers the largest of those ratios. The MAE's sign
+# switches sit in the tail of this noise, so an under-estimate costs them most: with 4 (the middle of
+# the ratios), a phase-decoder kernel at weights x2.5 needed 99, with 8 it needs 58. (The previous
+# 0.2·‖S_O‖₂/‖O‖₂ was 30x low at weights x2 and made the NLL's kernels need factors of 72.)
+AMP_KAPPA = 8.0
 
-# Realisations of the NLL's ill-conditioned loss-stage error carried through the adjoints (_sampled).
+# Realisations per loss of the loss stage's per-frequency errors carried through the adjoints (_sampled).
 MC_SAMPLES = 4
 _MC_SEED = 20261201
 
@@ -268,7 +290,8 @@ class _Sweep:
         # A derivative below float32's normal range (σ(z) for z < -87) is subnormal or flushed to
         # zero: its whole value may be lost (carried linearly, as the forward model does).
         lost = np.where(d1 < TINY * U32, d1, 0.0) / U32
-        e2 = d1 * d1 * e_dy2 + (d2 * dy * s_z) ** 2 + (2.0 * dz) ** 2 + (lost * dy) ** 2
+        from_output = _derivative_from_output(activation, z)
+        e2 = d1 * d1 * e_dy2 + (d2 * dy * s_z) ** 2 + (2.0 * dz) ** 2 + ((lost + from_output) * dy) ** 2
         return dz, e2
 
     def block(self, block: ConvBlock, x: Array, s_x: Array, dy: Array, e_dy2: Array) -> tuple[Array, Array]:
@@ -331,6 +354,24 @@ def _derivatives(activation: Activation, z: Array) -> tuple[Array, Array]:
     raise ValueError(f"gradient error model: no derivatives for activation {activation!r}")
 
 
+def _derivative_from_output(activation: Activation, z: Array) -> Array:
+    """Error (u-units) of f'(z) where float32 autograd forms it from the rounded output, not from z.
+
+    torch and TensorFlow differentiate sigmoid and tanh from their saved outputs: σ' = y(1 − y) and
+    tanh' = 1 − t². Where the activation saturates, y rounds to within u of 1 and f' keeps an error
+    of about u while itself going to 0, so its relative error is unbounded (phase head, weights ×2.8:
+    both frameworks 3 % off the largest kernel gradient, in opposite directions). The error is the
+    derivative's slope in the output times the output's error, two roundings (exp, the division or
+    tanh's own): 2·|1 − 2y|·y for the sigmoid, 4π·t² for π·tanh. Activations differentiated from z
+    (softplus, swish) keep a relative error."""
+    if activation is sigmoid:
+        y = sigmoid(z)
+        return np.asarray(2.0 * np.abs(1.0 - 2.0 * y) * y)
+    if activation is pi_tanh:
+        return np.asarray(4.0 * math.pi * np.tanh(z) ** 2)
+    return np.zeros_like(z)
+
+
 def _pool_adjoint(x: Array, s_x: Array, dy: Array, e_dy2: Array) -> tuple[Array, Array]:
     """Max-pool adjoint with its error: the cotangent and its E² follow the argmax (first maximum, as
     ``backward.max_pool2_vjp``); a window whose top two positive values are within noise of each
@@ -381,23 +422,84 @@ def _amplitude_noise(model: ReferenceModel, taps: Mapping[str, Array], S: Mappin
     """The typical (RMS) error of the float32 predicted amplitude per pixel, in u-units (AMP_KAPPA)."""
     A = taps["output.amplitude"]
     N = model.N
-    patches, s_patches = taps["object.patches"], S["object.patches"]
+    patches = taps["object.patches"]
+    amp, phase = _final_tap(model.heads["amp"]), _final_tap(model.heads["phase"])
+    a, phi = taps[amp], taps[phase]
+    carried_a = np.maximum(S[amp] - em.activation_rounding(_ACTIVATION_NAMES[model.heads["amp"].activation], a), 0.0)
+    carried_phi = np.maximum(S[phase] - em.activation_rounding("pi_tanh", phi), 0.0)
     axes = tuple(range(1, patches.ndim))
     norm = np.sqrt(np.sum(np.abs(patches) ** 2, axis=axes, keepdims=True))
-    rel = np.sqrt(np.sum(s_patches**2, axis=axes, keepdims=True)) / np.where(norm > 0, norm, 1.0)
-    eps = AMP_KAPPA * rel + math.sqrt(math.log2(N * N))
+    carried = np.sqrt(np.sum(carried_a**2 + (a * carried_phi) ** 2, axis=axes, keepdims=True))
+    rel = carried / np.where(norm > 0, norm, 1.0)
+    eps = 1.0 + AMP_KAPPA * rel + math.sqrt(math.log2(N * N))
     l2 = np.sqrt(np.sum(A * A, axis=(-2, -1), keepdims=True))
     return np.asarray(eps * l2 / N + 2.0 * np.abs(A) + TINY)
 
 
+# Step of the central differences that give the amplitude's sensitivity to a sampling coordinate:
+# bilinear interpolation is linear in the coordinate within a pixel, so any step well inside one is
+# exact up to the amplitude's own curvature.
+_COORD_STEP = 1e-3
+
+
+def _coordinate_rounding(
+    model: ReferenceModel, taps: Mapping[str, Array], offsets: Array, probe: Array, x: Array
+) -> Array:
+    """E² (u-units) per loss of log_scale's output path from the float32 sampling coordinates.
+
+    A float32 backend rounds each patch's coordinate j − d to float32, an error of up to u·extent
+    that is the same for the whole patch (its sign and size depend on d's low bits). It moves every
+    pixel of the patch together, so its effect on a sum over the patch is coherent: in log_scale's
+    Σ 2(I − x²)/K and Σ sign·A/K it does not average out as the per-pixel errors in quadrature
+    assume (N=128, a canvas 16000x brighter than the data: both frameworks off by 17 u·|∂/∂log_scale|,
+    the same in both, while the quadrature model allowed 2.2). Each patch's sensitivity to its
+    coordinates (reextraction, and the merge's for object_big) is taken by central differences
+    through the reference's physics; patches and axes round independently, so they add in quadrature.
+    """
+    N, M = model.N, model.M
+    K = x[0].size
+    A = taps["output.amplitude"]
+    # ∂(∂loss/∂log_scale)/∂a per loss: NLL ∂(2A²/K)/∂A, MAE sign(A − x)/K, times ∂A/∂a = e^log_scale.
+    weights = np.stack([4.0 * A, np.sign(A - x)]) * (math.exp(float(model.log_scale)) / K)
+    mask = model.illumination_mask
+    off = np.asarray(offsets, dtype=np.float64)
+
+    def amplitude(canvas: Array, d: Array) -> Array:
+        return physics.diffract(physics.illuminate(physics.reextract(canvas, d, N), probe, mask))
+
+    def moved(plus: Array, minus: Array) -> Array:
+        return np.asarray(np.sum(weights * (plus - minus) / (2.0 * _COORD_STEP), axis=(-2, -1)))  # (S, B, C)
+
+    e2 = np.zeros(len(LOSSES))
+    canvas = taps["object.canvas"]
+    extent = em._extent((M, M), off)
+    for k in (0, 1):
+        step = np.zeros_like(off)
+        step[..., k] = _COORD_STEP
+        sensitivity = moved(amplitude(canvas, off + step), amplitude(canvas, off - step))
+        e2 += extent**2 * np.sum(sensitivity**2, axis=(1, 2))
+    if model.object_big:
+        patches, shift = taps["object.patches"], physics.merge_shift(off)
+        extent = em._extent((M, M), shift)
+        for c in range(off.shape[1]):
+            for k in (0, 1):
+                step = np.zeros_like(shift)
+                step[:, c, k] = _COORD_STEP
+                plus = amplitude(physics.merge_shifted(patches, shift + step, M), off)
+                minus = amplitude(physics.merge_shifted(patches, shift - step, M), off)
+                e2 += extent**2 * np.sum(moved(plus, minus).sum(axis=-1) ** 2, axis=1)
+    return e2
+
+
 def _loss_stage(
     model: ReferenceModel, taps: Mapping[str, Array], S: Mapping[str, Array], x: Array
-) -> tuple[Array, Array, Array, Array, Array, Array, Array, Array]:
+) -> tuple[Array, Array, Array, Array, Array, Array, Array, Array, Array, Array]:
     """Cotangents at the diffraction amplitude a (values and E²), the log_scale parts from the
     outputs, and x's direct parts. Returns (d_a, E²_w (the error of d_a·e^{iθ} but the NLL's
     ill-conditioned part), the NLL's ill-conditioned amplitude error (real units), the saturated
-    relative amplitude error ρ, dls_out, E²_dls_out, dx_direct, E²_dx_direct), stacked (S, ...) in
-    LOSSES order where they have a loss axis."""
+    relative amplitude error ρ, dls_out, E²_dls_out, dx_direct, E²_dx_direct, the NLL's cotangent a
+    float32 backend may gain where the reference clamps, the RMS of the MAE's sign switches (both
+    real units)), stacked (S, ...) in LOSSES order where they have a loss axis."""
     A, intensity = taps["output.amplitude"], taps["output.intensity"]
     s_A = _amplitude_noise(model, taps, S)
     s_I = 2.0 * A * s_A + np.abs(intensity)
@@ -414,19 +516,27 @@ def _loss_stage(
     # Poisson NLL: d_a = e^ls·2(A − x²/A)/K; the x²/A part with the saturated relative error.
     sensitive = np.where(above, g * 2.0 * x2 / safe_A / K, 0.0)
     e_nll = g * 2.0 * s_A / K  # the ill-conditioned part (sensitive·rho) is sampled, see _sampled
+    # At or below the NLL's floor the reference clamps (no x² term); float32's noise can lift the
+    # pixel above it, and then it holds −x²/A₃₂ for an amplitude anywhere down to √floor (measured:
+    # the Nyquist corner of a smooth field, 2e-7 in float64, 1e-6 to 1e-5 in float32, so one pixel
+    # per patch moved every NLL gradient by percents). The bound at √floor, one sign, is carried whole.
+    clamped = (~above) & (A + U32 * s_A > math.sqrt(physics.NLL_FLOOR))
+    lifted = np.where(clamped, g * 2.0 * x2 / math.sqrt(physics.NLL_FLOOR) / K, 0.0)
     # Where |F|² underflows float32 (a faint field), a float32 backend holds the amplitude 0: it passes
     # nothing through the square root (its subgradient there) while the reference passes d_a, and the
     # MAE's sign(A − x) is taken at 0 (the forward model's ``squared_away``, carried backwards).
     lost = em.squared_underflows(taps["physics.diffraction"])
     # MAE: d_a = e^ls·sign(A − x)/K; a sign switch changes it by 2e^ls/K.
     p_sign = np.where(lost, 1.0, _flip_probability(A - x, s_A))
-    e_mae = np.sqrt(p_sign) * 2.0 * g / K / U32
-    phase = np.abs(d_a[1]) * rho / U32  # the spectrum's phase error, δθ = δA/A saturated
-    e2_w = np.stack([e_nll**2, e_mae**2 + phase**2]) + (3.0 * d_a) ** 2
+    # The switches, like the spectrum's phase error (δθ = δA/A saturated) of both losses, are
+    # independent per frequency and sampled (``_sampled``, from the returned ``flips``).
+    flips = np.sqrt(p_sign) * 2.0 * g / K
+    e2_w = np.stack([e_nll**2, np.zeros_like(e_nll)]) + (3.0 * d_a) ** 2
     # log_scale through the outputs: Σ ∂/∂A·A = Σ 2(I − x²)/K (NLL), Σ sign·A/K (MAE).
     red = 1.0 + math.log2(max(K, 2))  # the reduction's depth (per group; the batch adds a level or two)
     nll_terms = 2.0 * (intensity - x2) / K
     e2_ls_nll = np.sum((2.0 * s_I / K) ** 2 + red * nll_terms**2 + (2.0 * (np.abs(intensity) + x2) / K) ** 2)
+    e2_ls_nll += (np.sum(np.where(clamped, 2.0 * x2 / K, 0.0)) / U32) ** 2  # the clamp's −x² term, one sign
     e2_ls_mae = np.sum((s_A / K) ** 2 + p_sign * (2.0 * A / K / U32) ** 2 + red * (A / K) ** 2)
     # x directly: NLL −2x·log(max(I, floor))/K, error 2|x|·log1p(2q)/K; MAE −sign/K switches.
     log_err = 2.0 * np.abs(x) * np.log1p(2.0 * np.where(np.isfinite(q), q, 1e30)) / K / U32
@@ -441,6 +551,8 @@ def _loss_stage(
         np.array([e2_ls_nll, e2_ls_mae]),
         dx_direct,
         np.stack([e2_x_nll, e2_x_mae]),
+        lifted,
+        flips,
     )
 
 
@@ -469,8 +581,9 @@ def gradient_error_scales(
     ls = float(model.log_scale)
     sw = _Sweep(model, taps, scales)
 
-    d_a, e2_w, ill, rho, dls_out, e2_ls_out, _, e2_x_direct = _loss_stage(model, taps, scales, x)
-    sampled = _sampled(model, taps, offsets, probe, d_a[0], ill, rho)
+    d_a, e2_w, ill, rho, dls_out, e2_ls_out, _, e2_x_direct, lifted, flips = _loss_stage(model, taps, scales, x)
+    # the NLL's ill-conditioned amplitude error, the MAE's sign switches, both losses' phase error
+    sampled = _sampled(model, taps, offsets, probe, [(ill, rho * d_a[0]), (flips, rho * d_a[1])])
     # FFT adjoint: ψ̄ = 2·ifft2(ds·F); per pixel error √(Σ E_w² + log₂(N²)²·Σ|d_a|²)/N.
     field, diffraction = taps["physics.illuminated"], taps["physics.diffraction"]
     dpsi = bw.diffract_vjp(field, diffraction, d_a)
@@ -494,7 +607,7 @@ def gradient_error_scales(
     # merge (object_big) or the canvas's padding.
     if model.object_big:
         pad = (M - N) // 2
-        shift = bw.merge_shift(off)
+        shift = physics.merge_shift(off)
         mask = pad_spatial(physics.centre_mask(N), pad)
         den = physics.translate(mask, shift).sum(axis=1, keepdims=True) + physics.MERGE_EPSILON
         m_extent = em._extent((M, M), shift)
@@ -556,6 +669,7 @@ def gradient_error_scales(
     n_in = scaled.size
     red = 1.0 + math.log2(max(n_in, 2))
     e2_ls_in = (scaled**2 * (e + red * d * d) + d * d * s_scaled**2).reshape(lead, -1).sum(axis=1)
+    e2_ls_out = e2_ls_out + _coordinate_rounding(model, taps, offsets, probe, x)
     e2_ls = e2_ls_out + e2_ls_in + (2.0 * (np.abs(dls_out) + np.abs((d * scaled).reshape(lead, -1).sum(axis=1)))) ** 2
 
     out: dict[str, Array] = {}
@@ -568,9 +682,21 @@ def gradient_error_scales(
             out[f"{prefix}.{conv.name}.bias"] = np.sqrt(b2[s]) + TINY
         out[f"{prefix}.log_scale"] = np.asarray(math.sqrt(float(e2_ls[s])) + TINY)
         out[f"{prefix}.input.x"] = np.sqrt(e2_x[s]) + TINY
+    for s, loss in enumerate(LOSSES):
+        for name, e2 in sampled[s].items():
+            out[f"{GRAD}.{loss}.{name}"] = np.sqrt(out[f"{GRAD}.{loss}.{name}"] ** 2 + e2)
     nll = f"{GRAD}.{LOSSES[0]}"
-    for name, e2 in sampled.items():
-        out[f"{nll}.{name}"] = np.sqrt(out[f"{nll}.{name}"] ** 2 + e2)
+    # The NLL's dark pixels are also biased: where the reference's A is below float32's noise, a
+    # float32 amplitude is the size of the noise, so x²/A is smaller at every such pixel, in the same
+    # direction: a coherent error that the zero-mean samples above cannot show (N=128, weights ×0.37:
+    # both frameworks 2.5 % off a phase kernel's largest gradient, on the same side). Its mean, the
+    # term times ρ² (the whole term once A is lost in noise, second order where it is not), is carried
+    # whole through the adjoints.
+    for name, e2 in _carried_square(model, taps, offsets, probe, (ill * rho)[None].astype(complex)).items():
+        out[f"{nll}.{name}"] = np.sqrt(out[f"{nll}.{name}"] ** 2 + e2[0])
+    if np.any(lifted):
+        for name, e2 in _lifted_square(model, taps, offsets, probe, lifted).items():
+            out[f"{nll}.{name}"] = np.sqrt(out[f"{nll}.{name}"] ** 2 + e2)
     lost = em.squared_underflows(taps["physics.diffraction"])
     if lost.any():
         for name, e2 in _underflow_lost(model, taps, offsets, probe, d_a, lost).items():
@@ -629,7 +755,41 @@ def _underflow_lost(
     That loss is one deterministic perturbation, the same in every float32 backend, so it is carried
     exactly through the adjoints (linear in the cotangent), not as a variance: in quadrature, the
     hundreds of lost pixels of a faint field under-counted it (biases needed 1.1x their factor)."""
-    grads, dx, dls = _carried(model, taps, offsets, probe, np.where(lost, d_a, 0.0).astype(complex))
+    return _carried_square(model, taps, offsets, probe, np.where(lost, d_a, 0.0).astype(complex))
+
+
+# Up to this many lifted pixels are carried one by one; more are sampled (MC_SAMPLES realisations).
+_LIFTED_EXACT = 8
+
+
+def _lifted_square(
+    model: ReferenceModel, taps: Mapping[str, Array], offsets: Array, probe: Array, lifted: Array
+) -> dict[str, Array]:
+    """E² (u-units) per NLL gradient tap of the cotangent float32 may gain where the reference clamps.
+
+    There float32's spectrum is its own noise, so its phase is unrelated to the reference's: each
+    pixel's cotangent points anywhere in the complex plane, independently of the other pixels'. So
+    pixels add in quadrature, each carried along the reference's spectrum phase and across it (one
+    by one when few, as random complex combinations otherwise: the same mean square)."""
+    where = np.argwhere(lifted != 0)
+    if len(where) <= _LIFTED_EXACT:
+        stack = np.zeros((2 * len(where), *lifted.shape), dtype=complex)
+        for i, pixel in enumerate(map(tuple, where)):
+            stack[(2 * i, *pixel)] = lifted[pixel]
+            stack[(2 * i + 1, *pixel)] = 1j * lifted[pixel]
+        return {name: e2.sum(axis=0) for name, e2 in _carried_square(model, taps, offsets, probe, stack).items()}
+    rng = np.random.default_rng(_MC_SEED + 1)
+    shape = (MC_SAMPLES, *lifted.shape)
+    stack = physics.complex_from_parts(rng.standard_normal(shape) * lifted, rng.standard_normal(shape) * lifted)
+    return {name: e2.mean(axis=0) for name, e2 in _carried_square(model, taps, offsets, probe, stack).items()}
+
+
+def _carried_square(
+    model: ReferenceModel, taps: Mapping[str, Array], offsets: Array, probe: Array, perturbation: Array
+) -> dict[str, Array]:
+    """E² (u-units) per gradient tap of one deterministic perturbation (K, B, C, N, N) of the loss
+    stage (``_carried``), K leading: a systematic error, carried whole rather than as a variance."""
+    grads, dx, dls = _carried(model, taps, offsets, probe, perturbation)
     out: dict[str, Array] = {}
     for name, (dk, db) in grads.items():
         out[f"{name}.kernel"] = dk**2 / U32**2
@@ -644,35 +804,43 @@ def _sampled(
     taps: Mapping[str, Array],
     offsets: Array,
     probe: Array,
-    d_a: Array,
-    ill: Array,
-    rho: Array,
-) -> dict[str, Array]:
-    """E² (u-units) of the NLL's gradients from its ill-conditioned loss stage, by sampling.
+    parts: list[tuple[Array, Array]],
+) -> list[dict[str, Array]]:
+    """E² (u-units) per loss of the gradients from the loss stage's dark-pixel errors, by sampling.
 
-    The amplitude's and the spectrum's phase errors at the dark pixels are independent per
-    frequency, but after the FFT adjoint each is a plane wave over the whole patch, and every later
-    adjoint sums it against smooth weights, where it largely cancels. A variance propagated through
-    squared adjoints assumes independent pixels and misses that cancellation (10–1000× too large on
-    biases and log_scale, measured). So this error is carried as MC_SAMPLES random realisations
-    (seeded, so a scale is reproducible) through the reference's own linear adjoints, which keep
-    every cancellation; E² is their mean square, averaged over each kernel's 3x3 taps and x's 3x3
-    pixel neighbourhoods to steady the estimate.
+    ``parts`` holds, per loss, the RMS error of the cotangent at the amplitude and of the spectrum's
+    phase term (real units, (B, C, N, N) each). These errors are independent per frequency, but after
+    the FFT adjoint each is a plane wave over the whole patch, and every later adjoint sums it against
+    smooth weights, where it largely cancels. A variance propagated through squared adjoints assumes
+    independent pixels and misses that cancellation (10–1000× too large on the NLL's biases and
+    log_scale, 10⁴× on the MAE's phase head, measured). So these errors are carried as MC_SAMPLES
+    random realisations per loss (seeded, so a scale is reproducible) through the reference's own
+    linear adjoints, which keep every cancellation; E² is their mean square, averaged over each
+    kernel's 3x3 taps and x's 3x3 pixel neighbourhoods to steady the estimate.
     """
     K = MC_SAMPLES
     rng = np.random.default_rng(_MC_SEED)
-    shape = (K, *d_a.shape)
-    perturbation = physics.complex_from_parts(rng.standard_normal(shape) * ill, rng.standard_normal(shape) * rho * d_a)
-    grads, dx, dls = _carried(model, taps, offsets, probe, perturbation)
-    out: dict[str, Array] = {}
-    for name, (dk, db) in grads.items():
-        out[f"{name}.kernel"] = np.broadcast_to(np.mean(dk**2, axis=(0, 1, 2), keepdims=True)[0], dk.shape[1:]) / U32**2
-        out[f"{name}.bias"] = np.mean(db**2, axis=0) / U32**2
-    out["log_scale"] = np.asarray(np.mean(dls**2)) / U32**2
-    box = np.mean(dx**2, axis=0)
-    p = np.pad(box, [(0, 0), (0, 0), (1, 1), (1, 1)], mode="edge")
-    out["input.x"] = sliding_window_view(p, (3, 3), axis=(-2, -1)).mean(axis=(-2, -1)) / U32**2
-    return out
+    realisations = []
+    for real, imag in parts:
+        shape = (K, *real.shape)
+        realisations.append(
+            physics.complex_from_parts(rng.standard_normal(shape) * real, rng.standard_normal(shape) * imag)
+        )
+    grads, dx, dls = _carried(model, taps, offsets, probe, np.concatenate(realisations))
+    outs: list[dict[str, Array]] = []
+    for i in range(len(parts)):
+        mine = slice(i * K, (i + 1) * K)
+        out: dict[str, Array] = {}
+        for name, (dk, db) in grads.items():
+            k2 = np.mean(dk[mine] ** 2, axis=(0, 1, 2), keepdims=True)[0]
+            out[f"{name}.kernel"] = np.broadcast_to(k2, dk.shape[1:]) / U32**2
+            out[f"{name}.bias"] = np.mean(db[mine] ** 2, axis=0) / U32**2
+        out["log_scale"] = np.asarray(np.mean(dls[mine] ** 2)) / U32**2
+        box = np.mean(dx[mine] ** 2, axis=0)
+        p = np.pad(box, [(0, 0), (0, 0), (1, 1), (1, 1)], mode="edge")
+        out["input.x"] = sliding_window_view(p, (3, 3), axis=(-2, -1)).mean(axis=(-2, -1)) / U32**2
+        outs.append(out)
+    return outs
 
 
 def _tile_floor(value: Array) -> Array:

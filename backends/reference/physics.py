@@ -56,25 +56,28 @@ def disk_mask(N: int) -> Array:
     return (r2 < (N / 4) ** 2).astype(np.float64)
 
 
-def translate(images: Array, offsets: Array) -> Array:
+def translate(images: Array, offsets: Array, coordinates: type = np.float64) -> Array:
     """Bilinear translation: out[i, j] samples the zero-extended image at (x=j-dx, y=i-dy).
 
     images: (..., H, W) real or complex; offsets: (..., 2) as [dx, dy], broadcast against the
     leading axes of ``images``. A neighbour outside the image contributes 0 with its weight
     unchanged. The coordinates are computed per output pixel in float64, where ``j - dx`` is exact
-    for float32 offsets, so an integer offset gives an exact shift.
+    for float32 offsets, so an integer offset gives an exact shift. ``coordinates=np.float32``
+    rounds them as a float32 backend does (the rest stays float64): the error model's tests use it.
     """
     images = np.asarray(images)
     if np.iscomplexobj(images):
-        return complex_from_parts(translate(images.real, offsets), translate(images.imag, offsets))
+        return complex_from_parts(
+            translate(images.real, offsets, coordinates), translate(images.imag, offsets, coordinates)
+        )
     offsets = np.asarray(offsets, dtype=np.float64)
     H, W = images.shape[-2:]
     lead = np.broadcast_shapes(images.shape[:-2], offsets.shape[:-1])
     img = np.broadcast_to(np.asarray(images, dtype=np.float64), (*lead, H, W)).reshape(-1, H, W)
-    off = np.broadcast_to(offsets, (*lead, 2)).reshape(-1, 2)
+    off: Array = np.broadcast_to(offsets, (*lead, 2)).reshape(-1, 2).astype(coordinates)
 
-    x = np.arange(W, dtype=np.float64)[None, None, :] - off[:, 0, None, None]  # (K, 1, W)
-    y = np.arange(H, dtype=np.float64)[None, :, None] - off[:, 1, None, None]  # (K, H, 1)
+    x = (np.arange(W, dtype=coordinates)[None, None, :] - off[:, 0, None, None]).astype(np.float64)  # (K, 1, W)
+    y = (np.arange(H, dtype=coordinates)[None, :, None] - off[:, 1, None, None]).astype(np.float64)  # (K, H, 1)
     x_floor, y_floor = np.floor(x), np.floor(y)
     fx, fy = x - x_floor, y - y_floor
     x0, y0 = x_floor.astype(np.intp), y_floor.astype(np.intp)
@@ -102,10 +105,19 @@ def merge(patches: Array, offsets: Array, M: int) -> Array:
     numerator sums full patches while the denominator counts only their central windows, as the
     original does, so outside every central window the canvas is about 1000x the patch values.
     """
+    return merge_shifted(patches, merge_shift(offsets), M)
+
+
+def merge_shift(offsets: Array) -> Array:
+    """The shift ``merge`` moves each padded patch by: -(d - d̄), d̄ the batch mean."""
+    d = np.asarray(offsets, dtype=np.float64)
+    return np.asarray(-(d - d.reshape(-1, 2).mean(axis=0)))
+
+
+def merge_shifted(patches: Array, shift: Array, M: int) -> Array:
+    """``merge`` with each patch's shift (B, C, 2) given, so one patch's can be moved alone."""
     N = patches.shape[-1]
     pad = (M - N) // 2
-    d = np.asarray(offsets, dtype=np.float64)
-    shift = -(d - d.reshape(-1, 2).mean(axis=0))
     numerator = translate(pad_spatial(patches, pad), shift).sum(axis=1, keepdims=True)
     coverage = translate(pad_spatial(centre_mask(N), pad), shift).sum(axis=1, keepdims=True)
     return divide_complex(numerator, coverage + MERGE_EPSILON)
