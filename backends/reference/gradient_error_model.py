@@ -75,10 +75,13 @@ of the forward values the adjoints' coefficients are made of. Choices, and why:
   is coherent, not the per-pixel quadrature the rest assumes (``_coordinate_rounding``: each
   patch's sensitivity by central differences through the physics, times u·extent).
 - **Max-pool:** the cotangent follows the argmax; where the window's top two values (both positive)
-  are within noise of each other, p·(dy/u)² goes to both. An exact tie is not noise: it comes from
-  identical inputs (a flat region, a padded border), which float32 computes identically, so the tie
-  rule routes it (to the first maximum, as the spec and both frameworks do) and a backend that
-  routes ties elsewhere stays detectable. Upsampling's adjoint sums four cotangents.
+  are within noise of each other, p·(dy/u)² goes to both. An exact tie of the first block is not
+  noise: it comes from identical values of the scaled input, which float32 convolves identically, so
+  the tie rule routes it (to the first maximum, as the spec and both frameworks do) and a backend
+  that routes ties elsewhere stays detectable. Deeper, TensorFlow's convolutions round identical
+  windows differently by position and break such ties, so there p = ½; that switch only moves a
+  cotangent inside its window, so the bias of the conv before the pool does not get it.
+  Upsampling's adjoint sums four cotangents.
 - **Translation adjoints** (reextraction, merge): the bilinear weights are positive, so E translates
   with them as in the forward model, plus the float32 sampling coordinate's rounding
   (u·extent·|∇g|) and four roundings; the C patches' errors add in quadrature. The merge's division
@@ -253,13 +256,17 @@ class _Sweep:
 
     # -- convolutions --
 
-    def conv(self, conv: Conv, x: Array, s_x: Array, dz: Array, e_dz2: Array) -> tuple[Array, Array]:
-        """Adjoint of z = W∗x + b at the cotangent dz of z (E² e_dz2); stores the parameter E²."""
+    def conv(
+        self, conv: Conv, x: Array, s_x: Array, dz: Array, e_dz2: Array, moves_within: Array | None = None
+    ) -> tuple[Array, Array]:
+        """Adjoint of z = W∗x + b at the cotangent dz of z (E² e_dz2); stores the parameter E².
+        ``moves_within`` is the part of e_dz2 that only moves a cotangent between pixels, which the
+        bias, a plain sum over pixels, does not see (a max-pool tie routed to its other maximum)."""
         n = dz.shape[1] * dz.shape[3] * dz.shape[4]
         dz2 = dz * dz
         reduction = e_dz2 + (1.0 + math.log2(max(n, 2))) * dz2
         k2 = _kernel_sum(x * x, reduction) + _kernel_sum(s_x * s_x, dz2)
-        b2 = reduction.sum(axis=(1, 3, 4))
+        b2 = (reduction if moves_within is None else reduction - moves_within).sum(axis=(1, 3, 4))
         self.kernel_sq[conv.name] = (k2, b2)
         w2 = conv.kernel * conv.kernel
         dx = _input_adjoint32(conv.kernel, dz)
@@ -298,13 +305,19 @@ class _Sweep:
         """Adjoint of a down or up block whose input was x (forward error s_x passed on)."""
         conv0, conv1 = block.conv0, block.conv1
         y0, y1 = self.taps[conv0.name], self.taps[conv1.name]
+        ties = None
         if block.resample_tap == "pool":
-            d, e2 = _pool_adjoint(y1, self.S[conv1.name], dy, e_dy2)
+            # Only the first block's ties are exact in float32 too: its input is the scaled measurement,
+            # whose identical values every float32 conv treats identically. Deeper inputs are float32
+            # conv outputs, and TensorFlow's convolutions round identical windows differently by position
+            # (measured: a 95 %-zero low-photon input, 84 of 12,178 exact ties of blocks 1 and 2 broken,
+            # 48 routed elsewhere; torch broke none): there a tie may go either way.
+            d, e2, ties = _pool_adjoint(y1, self.S[conv1.name], dy, e_dy2, block.prefix != "encoder.block0")
         else:
             d = bw.upsample2_vjp(dy)
             e2 = bw.upsample2_vjp(e_dy2) + (2.0 * d) ** 2
         d, e2 = self.relu(conv1, y0, y1, d, e2)
-        d, e2 = self.conv(conv1, y0, self.passed_on(conv0.name), d, e2)
+        d, e2 = self.conv(conv1, y0, self.passed_on(conv0.name), d, e2, ties)
         d, e2 = self.relu(conv0, x, y0, d, e2)
         return self.conv(conv0, x, s_x, d, e2)
 
@@ -372,10 +385,14 @@ def _derivative_from_output(activation: Activation, z: Array) -> Array:
     return np.zeros_like(z)
 
 
-def _pool_adjoint(x: Array, s_x: Array, dy: Array, e_dy2: Array) -> tuple[Array, Array]:
+def _pool_adjoint(
+    x: Array, s_x: Array, dy: Array, e_dy2: Array, ties_are_noise: bool = False
+) -> tuple[Array, Array, Array]:
     """Max-pool adjoint with its error: the cotangent and its E² follow the argmax (first maximum, as
     ``backward.max_pool2_vjp``); a window whose top two positive values are within noise of each
-    other, but not equal, may route to the runner-up instead, adding p·(dy/u)² at both places."""
+    other may route to the runner-up instead, adding p·(dy/u)² at both places. An exact tie routes
+    by the tie rule unless ``ties_are_noise`` (then either way, p = ½). Returns (dx, E², the part of
+    E² from exact ties)."""
     B, C, H, W = x.shape
     h, w = H // 2, W // 2
 
@@ -396,12 +413,14 @@ def _pool_adjoint(x: Array, s_x: Array, dy: Array, e_dy2: Array) -> tuple[Array,
     gap = top - np.take_along_axis(v, second, axis=-1)[..., 0]
     s_gap = np.hypot(np.take_along_axis(sv, first, axis=-1)[..., 0], np.take_along_axis(sv, second, axis=-1)[..., 0])
     # An exact tie (gap 0 in float64) comes from identical inputs (a flat region, a padded border):
-    # float32 computes those identically too, so the tie rule decides, not noise.
-    p = np.where((top > 0) & (gap > 0), _flip_probability(gap, s_gap), 0.0)
+    # where float32 computes those identically too, the tie rule decides, not noise.
+    tie = (top > 0) & (gap == 0) if ties_are_noise else np.zeros(top.shape, dtype=bool)
+    p = np.where((top > 0) & (gap > 0), _flip_probability(gap, s_gap), np.where(tie, 0.5, 0.0))
     dx = back(np.where(route, dy[..., None], 0.0))
     switch = (p * (dy / U32) ** 2)[..., None]
     e2 = np.where(route, e_dy2[..., None] + switch, 0.0) + np.where(runner, switch, 0.0)
-    return dx, back(e2)
+    tied = np.where(tie[..., None] & (route | runner), switch, 0.0)
+    return dx, back(e2), back(tied)
 
 
 def _slope(g: Array) -> Array:
