@@ -1,9 +1,9 @@
 """Network operations of the float64 reference, written out in plain NumPy.
 
 Every operation keeps the canonical (B, channels, H, W) layout at its boundary so a tap is the very
-array the next stage consumes. Convolutions go through im2col and one BLAS matrix product: the
-canonical kernel layout (kh, kw, in, out) is exactly the row order of a channels-last im2col matrix,
-so the kernel needs no reshuffling at all, only a reshape.
+array the next stage consumes. Convolutions are BLAS matrix products on channels-last copies: im2col
+in general (the canonical kernel layout (kh, kw, in, out) is exactly the row order of a channels-last
+im2col matrix), and an output-side sum where the outputs are far fewer than the inputs.
 """
 
 from __future__ import annotations
@@ -30,17 +30,43 @@ def conv2d(x: Array, kernel: Array, bias: Array, dtype: type = np.float64) -> Ar
     kh, kw, kin, cout = kernel.shape
     if (kh, kw) != (3, 3) or kin != cin:
         raise ValueError(f"conv2d: kernel {kernel.shape} does not fit input {x.shape}")
-    # Channels-last, zero-padded copy; its 3x3 windows flattened as (kh, kw, in) match the kernel rows.
+    # Channels-last, zero-padded copy.
     padded = np.zeros((B, H + 2, W + 2, cin), dtype=dtype)
     padded[:, 1:-1, 1:-1, :] = x.transpose(0, 2, 3, 1)
+    if 9 * cout <= cin:
+        out = _conv2d_output_side(padded, kernel.astype(dtype, copy=False), H, W)
+    else:
+        out = _conv2d_im2col(padded, kernel.astype(dtype, copy=False), H, W)
+    out += bias
+    return out.transpose(0, 3, 1, 2)
+
+
+def _conv2d_im2col(padded: Array, kernel: Array, H: int, W: int) -> Array:
+    """Every 3x3 window flattened as (kh, kw, in), which is the kernel's row order, times the kernel:
+    one BLAS product per chunk of images, moving 9x the input through memory."""
+    B, cin, cout = padded.shape[0], kernel.shape[2], kernel.shape[3]
     windows = sliding_window_view(padded, (3, 3), axis=(1, 2))  # (B, H, W, in, kh, kw)
-    weights: Array = kernel.reshape(9 * cin, cout).astype(dtype, copy=False)
-    out: Array = np.empty((B, H, W, cout), dtype=dtype)
+    weights = kernel.reshape(9 * cin, cout)
+    out: Array = np.empty((B, H, W, cout), dtype=padded.dtype)
     step = max(1, _IM2COL_MAX_ELEMENTS // (H * W * 9 * cin))
     for start in range(0, B, step):
         cols = windows[start : start + step].transpose(0, 1, 2, 4, 5, 3).reshape(-1, 9 * cin)
-        out[start : start + step] = (cols @ weights + bias).reshape(-1, H, W, cout)
-    return out.transpose(0, 3, 1, 2)
+        out[start : start + step] = (cols @ weights).reshape(-1, H, W, cout)
+    return out
+
+
+def _conv2d_output_side(padded: Array, kernel: Array, H: int, W: int) -> Array:
+    """For few output channels (the heads' 64 -> 4): each input pixel times all nine taps of the
+    kernel in one product, then the nine shifted partial outputs summed. That moves 9 x out values
+    per pixel instead of im2col's 9 x in, which is what made those convolutions the slowest."""
+    B, cin, cout = padded.shape[0], kernel.shape[2], kernel.shape[3]
+    by_tap = kernel.transpose(2, 0, 1, 3).reshape(cin, 9 * cout)
+    partial = (padded.reshape(-1, cin) @ by_tap).reshape(B, H + 2, W + 2, 3, 3, cout)
+    out: Array = np.zeros((B, H, W, cout), dtype=padded.dtype)
+    for dy in range(3):
+        for dx in range(3):
+            out += partial[:, dy : dy + H, dx : dx + W, dy, dx, :]
+    return out
 
 
 def max_pool2(x: Array) -> Array:

@@ -222,13 +222,16 @@ def test_probe_mask_applies_the_hard_disk() -> None:
 # ---- building blocks against naive implementations ---------------------------------------------
 
 
-def test_conv2d_is_cross_correlation_with_zero_padding_and_bias() -> None:
+@pytest.mark.parametrize(
+    ("cin", "cout"), [(3, 4), (20, 2)], ids=["im2col", "output-side (9 x out <= in, as the heads' last conv)"]
+)
+def test_conv2d_is_cross_correlation_with_zero_padding_and_bias(cin: int, cout: int) -> None:
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 3, 5, 6))
-    kernel = rng.normal(size=(3, 3, 3, 4))
-    bias = rng.normal(size=4)
+    x = rng.normal(size=(2, cin, 5, 6))
+    kernel = rng.normal(size=(3, 3, cin, cout))
+    bias = rng.normal(size=cout)
     padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    expected = np.zeros((2, 4, 5, 6))
+    expected = np.zeros((2, cout, 5, 6))
     for kh in range(3):
         for kw in range(3):
             expected += np.einsum("bchw,co->bohw", padded[:, :, kh : kh + 5, kw : kw + 6], kernel[kh, kw])
@@ -236,10 +239,10 @@ def test_conv2d_is_cross_correlation_with_zero_padding_and_bias() -> None:
     np.testing.assert_allclose(conv2d(x, kernel, bias), expected, rtol=1e-13, atol=1e-13)
 
     # A single 1 at the top-left kernel tap reads the pixel up and to the left (not flipped).
-    corner = np.zeros((3, 3, 1, 1))
+    corner = np.zeros((3, 3, cin, cout))
     corner[0, 0, 0, 0] = 1.0
-    img = rng.normal(size=(1, 1, 4, 4))
-    out = conv2d(img, corner, np.zeros(1))
+    img = rng.normal(size=(1, cin, 4, 4))
+    out = conv2d(img, corner, np.zeros(cout))
     np.testing.assert_array_equal(out[0, 0, 1:, 1:], img[0, 0, :-1, :-1])
     assert not out[0, 0, 0, :].any() and not out[0, 0, :, 0].any()
 
