@@ -259,8 +259,7 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
         measurement = measure.Measurement()
         for source in args.from_json:
             measurement.merge(measure.load_measurement(source))
-        # the machines are the labels the records were taken under (the first word of each "where")
-        settings = sorted({where.split(" ", 1)[0] for where in measurement.where.values() if where})
+        settings = sorted(measurement.machines)  # every machine a merged run was measured under
     elif args.emulate is not None:
         settings = args.emulate or list(SETTINGS)
         unknown = [s for s in settings if s not in SETTINGS]

@@ -40,6 +40,9 @@ class Measurement:
     needed: dict[str, float] = field(default_factory=dict)
     where: dict[str, str] = field(default_factory=dict)
     runs: int = 0
+    # Every machine (emulation label) a run was measured under, not only those of the worst cases:
+    # a merged file's header must say what the factors were measured over.
+    machines: set[str] = field(default_factory=set)
 
     def add(self, family: str, value: float, where: str) -> None:
         if value > self.needed.get(family, -1.0):
@@ -50,13 +53,16 @@ class Measurement:
         for fam, value in other.needed.items():
             self.add(fam, value, other.where.get(fam, ""))
         self.runs += other.runs
+        self.machines |= other.machines
 
     def to_dict(self) -> dict[str, Any]:
-        return {"needed": self.needed, "where": self.where, "runs": self.runs}
+        return {"needed": self.needed, "where": self.where, "runs": self.runs, "machines": sorted(self.machines)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Measurement:
-        return cls(dict(data["needed"]), dict(data["where"]), int(data["runs"]))
+        # Files written before "machines" was recorded name only the machines of their worst cases.
+        machines = data.get("machines") or [w.split(" ", 1)[0] for w in data["where"].values() if w]
+        return cls(dict(data["needed"]), dict(data["where"]), int(data["runs"]), {str(m) for m in machines})
 
 
 def measured_factors(
@@ -67,6 +73,8 @@ def measured_factors(
     m = Measurement()
     for result in results:
         m.runs += 1
+        if label:
+            m.machines.add(label.split(" ", 1)[0])
         for tap in result.taps:
             family = tolerances.family(tap.name).pattern
             if families is not None and family not in families:

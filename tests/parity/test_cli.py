@@ -314,3 +314,37 @@ def test_measure_from_json_rewrites_only_the_families_asked_for(tmp_path, capsys
             assert (mine.factor, mine.measured) == (fam.factor, fam.measured), fam.pattern
     text = out.read_text()
     assert "re-measured" in text and "5 runs" in text and "native, threads=1" in text
+
+
+def test_measure_from_json_header_names_every_machine_measured_not_only_the_worst_cases(tmp_path):
+    """A machine whose runs set no maximum was still measured over: the merged header must say so
+    (it once listed only the machines of the worst cases, so four emulated machines read as one)."""
+    a = {"needed": {"grad.*.kernel": 40.0}, "where": {"grad.*.kernel": "native m"}, "runs": 24, "machines": ["native"]}
+    b = {
+        "needed": {"grad.*.kernel": 10.0},
+        "where": {"grad.*.kernel": "threads=1 c"},
+        "runs": 16,
+        "machines": ["aten=default", "native", "tf-onednn=off", "threads=1"],
+    }
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    out = tmp_path / "t.toml"
+    argv = ["measure-tolerances", "--from-json", str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    assert main([*argv, "--families", "grad", "--out", str(out)]) == 0
+    assert "40 runs, emulated machines: aten=default, native, tf-onednn=off, threads=1." in out.read_text()
+
+
+def test_measurement_json_records_the_machine_of_every_run():
+    """What --json writes names the machine of each run, so a later --from-json can list them all."""
+    from types import SimpleNamespace
+
+    from parity.measure import Measurement, measured_factors
+    from parity.tolerances import load_tolerances
+
+    m = measured_factors([SimpleNamespace(taps=[])], load_tolerances(default_tolerance_file()), "threads=1 case 0")
+    assert m.machines == {"threads=1"}
+    other = Measurement.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert other.machines == {"threads=1"} and other.runs == 1
+    # a file from before the field existed falls back to the machines its worst cases name
+    old = Measurement.from_dict({"needed": {"f": 1.0}, "where": {"f": "tf-onednn=off case 2"}, "runs": 1})
+    assert old.machines == {"tf-onednn=off"}
