@@ -123,7 +123,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from backends.reference import backward as bw
 from backends.reference import error_model as em
 from backends.reference import physics
-from backends.reference.model import _ACTIVATION_NAMES, Conv, ConvBlock, Head, ReferenceModel
+from backends.reference.model import ACTIVATION_NAMES, Conv, ConvBlock, Head, ReferenceModel
 from backends.reference.ops import Activation, Array, conv2d, pad_spatial, pi_tanh, relu, sigmoid, softplus, swish
 from parity.taps import GRAD, LOSSES
 
@@ -444,7 +444,7 @@ def _amplitude_noise(model: ReferenceModel, taps: Mapping[str, Array], S: Mappin
     patches = taps["object.patches"]
     amp, phase = _final_tap(model.heads["amp"]), _final_tap(model.heads["phase"])
     a, phi = taps[amp], taps[phase]
-    carried_a = np.maximum(S[amp] - em.activation_rounding(_ACTIVATION_NAMES[model.heads["amp"].activation], a), 0.0)
+    carried_a = np.maximum(S[amp] - em.activation_rounding(ACTIVATION_NAMES[model.heads["amp"].activation], a), 0.0)
     carried_phi = np.maximum(S[phase] - em.activation_rounding("pi_tanh", phi), 0.0)
     axes = tuple(range(1, patches.ndim))
     norm = np.sqrt(np.sum(np.abs(patches) ** 2, axis=axes, keepdims=True))

@@ -38,8 +38,8 @@ Taps = dict[str, Array]
 # N is fixed by the encoder depth: the bottleneck is always 8 x 8.
 _N_BY_ENCODER_DEPTH = {3: 64, 4: 128}
 _ENCODER_BASE_FILTERS = {64: 32, 128: 16}
-# Activation -> its name in the error model.
-_ACTIVATION_NAMES: dict[Activation, str] = {**{f: n for n, f in AMP_ACTIVATIONS.items()}, pi_tanh: "pi_tanh"}
+# Activation -> its name in the error models (forward and gradient), which size its rounding by it.
+ACTIVATION_NAMES: dict[Activation, str] = {**{f: n for n, f in AMP_ACTIVATIONS.items()}, pi_tanh: "pi_tanh"}
 
 
 def _record(taps: Taps | None, name: str, value: Array) -> Array:
@@ -403,7 +403,7 @@ class ReferenceModel:
         for block in head.decoder:
             x, s_x = self._block_scales(block, x, enter(x, s_x), taps, S)
         s_x = enter(x, s_x)
-        activation = _ACTIVATION_NAMES[head.activation]
+        activation = ACTIVATION_NAMES[head.activation]
         if head.full is not None and head.full_out is not None:
             up, s_up = self._block_scales(head.full, x, s_x, taps, S)
             s_z = em.conv_scale(up, s_up, head.full_out.kernel, head.full_out.bias)
