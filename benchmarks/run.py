@@ -9,9 +9,10 @@ Rows (all measured in this one run, on this machine):
 - each backend's gradients of both losses (``Backend.gradients``) at the same batch, and their cost
   in forward passes;
 - harness / bare forwards: a full end-to-end parity run (comparisons, statistics, error scales) of the
-  same backends on the same batches over their bare forward passes, and the same with layer-local
-  parity on (each stage run again on the reference's inputs), and the end-to-end run with gradient
-  parity on (``--gradients``) over the one without;
+  same backends on the same batches over their bare forward passes (and the part of it spent in the
+  reference's error scales, which are the tolerances: a pass of the error model through the
+  network), and the same with layer-local parity on (each stage run again on the reference's
+  inputs), and the end-to-end run with gradient parity on (``--gradients``) over the one without;
 - peak RSS of a fresh process running the harness on 10x the batches over 1x (each in its own
   subprocess, so nothing from the other run is counted);
 - wall time of ``pytest -m parity`` (unless ``--no-suite``).
@@ -144,12 +145,35 @@ def main() -> int:
             gradients=gradients,
         )
 
+    # The reference's error scales are the tolerances themselves (a float32 pass of the error model
+    # through the network): timed apart, so the rest of the harness's cost is visible on its own.
+    reference = backends["reference"]
+    scales_of = reference.error_scales
+    in_scales: list[float] = []
+
+    def timed_scales(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        out = scales_of(*a, **k)
+        in_scales.append(time.perf_counter() - t0)
+        return out
+
+    reference.error_scales = timed_scales  # type: ignore[method-assign]
+
+    def harness_e2e() -> None:
+        in_scales.clear()
+        harness(False)
+        per_run.append(sum(in_scales))
+
+    per_run: list[float] = []
     t_bare = timed(bare, args.repeats)
-    t_e2e = timed(lambda: harness(False), args.repeats)
+    t_e2e = timed(harness_e2e, args.repeats)
+    t_scales = statistics.median(per_run[1:])  # the first run is the warm-up
     t_local = timed(lambda: harness(True), args.repeats)
     shape = f"{args.harness_batches} batches of 4"
     rows.append((f"bare forwards, three backends, {shape}", f"{t_bare:.2f} s"))
     rows.append(("harness / bare forwards, end to end", f"{t_e2e / t_bare:.2f}"))
+    rows.append(("of which the error scales (the tolerances) / bare forwards", f"{t_scales / t_bare:.2f}"))
+    rows.append(("harness / bare forwards, end to end, error scales left out", f"{(t_e2e - t_scales) / t_bare:.2f}"))
     rows.append(("harness / bare forwards, with layer-local parity", f"{t_local / t_bare:.2f}"))
     t_grad = timed(lambda: harness(False, gradients=True), args.repeats)
     rows.append(("harness with gradients / harness, end to end", f"{t_grad / t_e2e:.2f}"))
