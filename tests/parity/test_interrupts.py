@@ -43,14 +43,21 @@ def _start(project: Path, *argv: str) -> subprocess.Popen[bytes]:
     # Unbuffered, so pytest's progress reaches the pipe as it happens (the moments are read off it).
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     env.pop("PTYCHO_PARITY_REQUIRE_BACKENDS", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "parity.cli", *argv],
-        cwd=project,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the interrupt reaches it and its children only
-    )
+    # A runner started in the background (`nohup cmd &`) hands down SIGINT ignored, and a command
+    # started so would install no Ctrl-C handler. A handler of ours is reset to the default by exec,
+    # so while one is installed the command starts as it would from a terminal.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "parity.cli", *argv],
+            cwd=project,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the interrupt reaches it and its children only
+        )
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _baselines(project: Path) -> dict[str, dict[str, np.ndarray]]:
