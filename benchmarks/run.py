@@ -15,7 +15,7 @@ Rows (all measured in this one run, on this machine):
   inputs), and the end-to-end run with gradient parity on (``--gradients``) over the one without;
 - peak RSS of a fresh process running the harness on 10x the batches over 1x (each in its own
   subprocess, so nothing from the other run is counted);
-- wall time of ``pytest -m parity`` (unless ``--no-suite``).
+- wall time of ``pytest -m parity``, serially and on two workers (``-n 2``) (unless ``--no-suite``).
 
 Timings vary with the machine and its load; they are recorded here and in benchmarks/README.md,
 never asserted by the test suite.
@@ -99,7 +99,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--harness-batches", type=int, default=4, help="batches of 4 groups for the overhead rows")
     ap.add_argument("--device", default="cpu", help="device of the float32 backends (the reference is CPU only)")
-    ap.add_argument("--no-suite", action="store_true", help="skip timing pytest -m parity")
+    ap.add_argument("--no-suite", action="store_true", help="skip timing pytest -m parity (serially and with -n 2)")
     args = ap.parse_args()
 
     from parity.batch import random_batch
@@ -183,23 +183,21 @@ def main() -> int:
     rows.append(("peak RSS ratio, 10x / 1x batches", f"{ten / one:.3f}"))
 
     if not args.no_suite:
-        t0 = time.perf_counter()
-        code = subprocess.call(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-m",
-                "parity",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                f"--parity-device={args.device}",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-        )
-        rows.append((f"pytest -m parity (exit {code})", f"{time.perf_counter() - t0:.0f} s"))
+        suite = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "parity",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--parity-device={args.device}",
+        ]
+        for extra, what in (([], "pytest -m parity"), (["-n", "2"], "pytest -n 2 -m parity (pytest-xdist)")):
+            t0 = time.perf_counter()
+            code = subprocess.call([*suite, *extra], cwd=ROOT, stdout=subprocess.DEVNULL)
+            rows.append((f"{what} (exit {code})", f"{time.perf_counter() - t0:.0f} s"))
 
     import numpy
     import tensorflow

@@ -13,6 +13,8 @@ and the smallest model factor that would have passed.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +28,26 @@ RULE = "|a - b| <= atol_i + rtol * |b_i|  (b: reference side; complex: modulus o
 HIST_MIN_EXP, HIST_MAX_EXP = -54, 28
 HIST_EDGES = 2.0 ** np.arange(HIST_MIN_EXP, HIST_MAX_EXP + 1, dtype=np.float64)
 
-# Elements per work block: the dozen elementwise steps of a comparison then run on data that stays in
-# the CPU cache, instead of each step streaming the whole tap through memory (benchmarks/README.md).
-BLOCK = 1 << 15
+# Elements per unit of work: a tap larger than this is compared a chunk per core at once.
+CHUNK = 1 << 17
+_KERNEL_DTYPES = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.complex64, np.complex128))
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        _POOL = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="parity-compare")
+    return _POOL
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    """``x`` as the compiled loop reads it: flat, contiguous, a native float or complex type."""
+    flat = np.ravel(x)  # a view of a contiguous tap
+    if flat.dtype in _KERNEL_DTYPES:
+        return flat
+    return flat.astype(np.complex128 if np.iscomplexobj(flat) else np.float64)
 
 
 @dataclass
@@ -126,6 +145,8 @@ class ElementwiseComparison:
 
     def add(self, a: np.ndarray, b: np.ndarray, atol: np.ndarray | float | None = None) -> None:
         """Compare one batch; ``atol`` (broadcastable to the batch) is the elementwise atol."""
+        from parity.kernels import scan
+
         r = self.result
         if r.reason is not None:
             return
@@ -133,55 +154,42 @@ class ElementwiseComparison:
             self.fail(f"shape mismatch: {r.a} has {a.shape}, {r.b} has {b.shape}")
             return
         atol_field = np.asarray(self._atol if atol is None else atol, dtype=np.float64)
-        a_flat, b_flat = np.ravel(a), np.ravel(b)  # views of contiguous taps
-        atol_flat = None if atol_field.size == 1 else np.ravel(np.broadcast_to(atol_field, a.shape))
-        atol_scalar = float(atol_field.reshape(-1)[0]) if atol_flat is None else 0.0
-        wide = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(b) else np.float64
-        for start in range(0, a_flat.size, BLOCK):
-            stop = min(start + BLOCK, a_flat.size)
-            block_atol = atol_scalar if atol_flat is None else atol_flat[start:stop]
-            self._add_block(a, b, a_flat[start:stop], b_flat[start:stop], block_atol, start, wide)
+        a_flat, b_flat = _flat(a), _flat(b)
+        if atol_field.size == 1:
+            atol_flat = atol_field.reshape(1)
+        else:
+            atol_flat = np.ravel(np.broadcast_to(atol_field, a.shape))
+        chunks = [(s, min(s + CHUNK, a_flat.size)) for s in range(0, a_flat.size, CHUNK)]
+        factor = float(r.factor or 0.0)
+
+        def one(chunk: tuple[int, int]) -> tuple[tuple[Any, ...], np.ndarray]:
+            start, stop = chunk
+            hist = np.zeros(len(HIST_EDGES), dtype=np.int64)
+            part = atol_flat if atol_flat.size == 1 else atol_flat[start:stop]
+            return scan(a_flat[start:stop], b_flat[start:stop], part, r.rtol, factor, hist), hist
+
+        # Chunks of a large tap run on the cores at once (the compiled loop releases the GIL); they
+        # are merged in order, so the result is the same for any number of threads.
+        outs = list(_pool().map(one, chunks)) if len(chunks) > 1 else [one(c) for c in chunks]
+        for (start, stop), (out, hist) in zip(chunks, outs, strict=True):
+            self._merge(a, b, atol_flat, start, stop - start, out)
+            self._hist += hist
         self._rows += a.shape[0] if a.ndim else 1
 
-    def _add_block(
-        self,
-        a: np.ndarray,
-        b: np.ndarray,
-        a_blk: np.ndarray,
-        b_blk: np.ndarray,
-        atol: np.ndarray | float,
-        offset: int,
-        wide: type,
+    def _merge(
+        self, a: np.ndarray, b: np.ndarray, atol: np.ndarray, offset: int, size: int, out: tuple[Any, ...]
     ) -> None:
-        """One block of a batch (flat elements ``offset`` on), small enough to stay in cache."""
+        """Fold one chunk's numbers (flat elements ``offset`` on) into the result; an earlier
+        element keeps its place on a tie, as ``np.argmax`` would."""
         r = self.result
-        with np.errstate(invalid="ignore", over="ignore"):
-            diff = np.subtract(a_blk, b_blk, dtype=wide)
-            err = np.abs(diff, out=diff) if wide is np.float64 else np.abs(diff)
-            mag_b = np.abs(b_blk, dtype=np.float64) if wide is np.float64 else np.abs(np.asarray(b_blk, wide))
-            total = float(err.sum())
-        bad: np.ndarray | None = None  # non-finite on one side only, or different non-finite values
-        finite = math.isfinite(total)
-        if not finite:
-            a64: np.ndarray = np.asarray(a_blk, dtype=wide)
-            b64: np.ndarray = np.asarray(b_blk, dtype=wide)
-            fin_a, fin_b = np.isfinite(a64), np.isfinite(b64)
-            both = fin_a & fin_b
-            # Non-finite values agree only when both sides hold the same NaN/Inf at the same place.
-            same = (~fin_a & ~fin_b) & ((np.isnan(a64) & np.isnan(b64)) | (a64 == b64))
-            bad = ~both & ~same
-            err[~both] = 0.0
-            mag_b[~both] = 0.0
-            total = float(err.sum())
-            self._finite_numel += int(np.count_nonzero(both))
-            n_bad = int(np.count_nonzero(bad))
-            r.nonfinite_mismatch += n_bad
-            if not n_bad:
-                bad = None
-        else:
-            self._finite_numel += err.size
-        r.numel += err.size
-        self._sum_abs += total
+        (sum_abs, n_finite, n_bad, first_bad, worst_i, worst, max_rel, mismatched) = out[:8]
+        max_excess, margin_i, margin, need = out[8:]
+        r.numel += size
+        self._sum_abs += sum_abs
+        self._finite_numel += n_finite
+        r.nonfinite_mismatch += n_bad
+        r.mismatched += mismatched
+        r.max_rel = max(r.max_rel, max_rel)
 
         def where(flat: int) -> list[int]:
             idx = list(np.unravel_index(offset + flat, a.shape))
@@ -189,55 +197,25 @@ class ElementwiseComparison:
                 idx[0] += self._rows
             return [int(i) for i in idx]
 
-        flat_worst = int(np.argmax(err)) if bad is None else int(np.argmax(bad))
-        worst = float(err[flat_worst]) if bad is None else float("inf")
+        if n_bad:
+            worst_i, worst = first_bad, math.inf
         if r.worst_index is None or worst > r.max_abs:
-            r.worst_index = where(flat_worst)
-            r.worst_a = a.flat[offset + flat_worst].item()
-            r.worst_b = b.flat[offset + flat_worst].item()
+            r.worst_index = where(worst_i)
+            r.worst_a = a.flat[offset + worst_i].item()
+            r.worst_b = b.flat[offset + worst_i].item()
             r.max_abs = worst
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.divide(err, mag_b, out=np.zeros_like(err), where=mag_b > 0)
-            r.max_rel = max(r.max_rel, float(rel.max()))
-            tol = np.multiply(mag_b, r.rtol, out=mag_b)  # rtol·|b|, then the whole tolerance
-            excess = np.subtract(err, tol, out=rel)  # what atol alone would have to cover
-            max_excess = float(excess.max())
-            tol += atol
-            out = err > tol
-            if bad is not None:
-                out |= bad
-            r.mismatched += int(np.count_nonzero(out))
-            r.min_atol_to_pass = max(r.min_atol_to_pass, max_excess, 0.0)
-            # margin = err / (atol + rtol·|b|); 0/0 (an exact zero under a zero tolerance) is 0.
-            ratio = np.divide(err, tol, out=np.where(err > 0, np.inf, 0.0), where=tol > 0)
-            if bad is not None:
-                ratio[bad] = np.inf
-            flat_m = int(np.argmax(ratio))
-            m = float(ratio[flat_m])
-            if r.margin_index is None or m > r.margin:
-                r.margin_index = where(flat_m)
-                r.margin = m
-                r.atol = float(atol if np.ndim(atol) == 0 else np.asarray(atol)[flat_m])
-            if r.factor:
-                # atol_i / factor is u·S_i: the excess over it is the factor this batch needed.
-                if np.ndim(atol) == 0:
-                    unit = float(atol) / r.factor
-                    need = max_excess / unit if unit > 0 else (np.inf if max_excess > 0 else 0.0)
-                else:
-                    units = np.asarray(atol) / r.factor
-                    scaled = np.divide(excess, units, out=np.where(excess > 0, np.inf, 0.0), where=units > 0)
-                    need = float(scaled.max())
-                if bad is not None:
-                    need = np.inf
-                r.min_factor_to_pass = max(r.min_factor_to_pass or 0.0, float(need), 0.0)
-        if bad is not None:
-            r.min_atol_to_pass = float("inf")
-        # Histogram bins straight from the float64 exponent field: frexp's exponent is field - 1022.
-        # Exact zeros (field 0) fall in bin 0 and are taken out again; subnormals belong there anyway.
-        exponent = (err.view(np.int64) >> 52) - (1022 + HIST_MIN_EXP)
-        bins = np.clip(exponent, 0, self._hist.size - 1)
-        self._hist += np.bincount(bins, minlength=self._hist.size)
-        self._hist[0] -= err.size - int(np.count_nonzero(err))
+        if r.margin_index is None or margin > r.margin:
+            r.margin_index = where(margin_i)
+            r.margin = margin
+            r.atol = float(atol[0] if atol.size == 1 else atol[offset + margin_i])
+        r.min_atol_to_pass = math.inf if n_bad else max(r.min_atol_to_pass, max_excess, 0.0)
+        if r.factor:
+            if atol.size == 1:
+                unit = float(atol[0]) / r.factor  # atol / factor is u·S: the excess over it is the factor needed
+                need = max_excess / unit if unit > 0 else (math.inf if max_excess > 0 else 0.0)
+            if n_bad:
+                need = math.inf
+            r.min_factor_to_pass = max(r.min_factor_to_pass or 0.0, float(need), 0.0)
 
     def finish(self) -> ComparisonResult:
         r = self.result

@@ -15,6 +15,7 @@ A requested backend that cannot be loaded skips the test with the import error a
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -148,6 +149,14 @@ def import_framework(module: str) -> Any:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "parity: forward-parity tests comparing backends (select with -m parity)")
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if os.environ.get("PYTEST_XDIST_WORKER") and workers and workers.isdigit():
+        # A pytest-xdist worker: the frameworks are not imported yet, so their thread counts can still
+        # be set. Each worker gets its share of the cores (unless the user chose), not all of them.
+        from parity.emulation import share_cores
+
+        for key, value in share_cores(int(workers)).items():
+            os.environ.setdefault(key, value)
     options = _options(config)
     config.stash[_OPTIONS] = options
     _REQUIRE.append(options.require)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -100,8 +101,9 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def to_html(result: ParityResult, all_taps: bool = False) -> str:
-    data = to_json_dict(result)
+def to_html(result: ParityResult, all_taps: bool = False, data: Mapping[str, Any] | None = None) -> str:
+    """``data``: ``to_json_dict(result)``, when the caller has built it already (``write_reports``)."""
+    data = to_json_dict(result) if data is None else data
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>ptycho-parity report</title>",

@@ -33,28 +33,24 @@ def _flat(tap: np.ndarray) -> np.ndarray:
     return arr.reshape(-1, arr.shape[-2] * arr.shape[-1])
 
 
+def _rows(arr: np.ndarray) -> np.ndarray:
+    """(patches, H·W) rows of a real tap as the compiled loops read them: contiguous float32/64."""
+    rows = _flat(arr)
+    if rows.dtype not in (np.float32, np.float64):
+        rows = rows.astype(np.float64)
+    return np.ascontiguousarray(rows)
+
+
 def _real_patch_stats(flat: np.ndarray) -> dict[str, np.ndarray]:
-    """Statistics of (P, K) real float64 data, one row per patch (einsum: no squared temporaries)."""
-    n = flat.shape[1]
-    mean = flat.mean(axis=1)
-    dev = flat - mean[:, None]
-    var = np.einsum("ij,ij->i", dev, dev) / n
-    del dev
-    finite = bool(np.isfinite(flat).all())
-    zeros = np.zeros(flat.shape[0])
-    return {
-        "mean": mean,
-        "std": np.sqrt(var),
-        # The PtychoPINN team's "zero-mean variance": the mean squared deviation from the patch mean.
-        # Numerically the population variance; kept under its own name because that is what they read.
-        "var_zero_mean": var,
-        "min": flat.min(axis=1),
-        "max": flat.max(axis=1),
-        "mean_abs": np.abs(flat).mean(axis=1),
-        "l2": np.sqrt(np.einsum("ij,ij->i", flat, flat)),
-        "nan_count": zeros if finite else np.count_nonzero(np.isnan(flat), axis=1).astype(np.float64),
-        "inf_count": zeros.copy() if finite else np.count_nonzero(np.isinf(flat), axis=1).astype(np.float64),
-    }
+    """Statistics of (P, K) real data, one row per patch, computed in float64 (one compiled pass,
+    and a second for the deviations from the mean)."""
+    from parity.kernels import row_statistics
+
+    columns = row_statistics(flat)
+    # var_zero_mean: the PtychoPINN team's "zero-mean variance", the mean squared deviation from the
+    # patch mean. Numerically the population variance; kept under its own name because that is what
+    # they read.
+    return {name: np.ascontiguousarray(columns[:, i]) for i, name in enumerate(STATISTICS)}
 
 
 def phase(z: np.ndarray) -> np.ndarray:
@@ -93,29 +89,29 @@ def stat_names(is_complex: bool) -> list[str]:
 def patch_statistics(tap: np.ndarray) -> dict[str, np.ndarray]:
     """{statistic: (patches,) float64} for one tap of shape (B, C, H, W) (any leading dims)."""
     arr = np.asarray(tap)
-    wide = np.complex128 if np.iscomplexobj(arr) else np.float64
-    # One C-ordered float64 (complex128) copy; the reshape is then free even for transposed taps.
-    patches = _flat(np.asarray(arr, dtype=wide, order="C"))
-    if np.iscomplexobj(patches):
-        amplitude = np.abs(patches)
-        out = {f"amplitude.{k}": v for k, v in _real_patch_stats(amplitude).items()}
-        stats = _masked_patch_stats(phase(patches), amplitude != 0)  # NaN amplitude stays included
-        out.update({f"phase.{k}": v for k, v in stats.items()})
-        return out
-    return _real_patch_stats(patches)
+    if not np.iscomplexobj(arr):
+        return _real_patch_stats(_rows(arr))
+    # One C-ordered complex128 copy; the reshape is then free even for transposed taps.
+    patches = _flat(np.asarray(arr, dtype=np.complex128, order="C"))
+    amplitude = np.abs(patches)
+    out = {f"amplitude.{k}": v for k, v in _real_patch_stats(amplitude).items()}
+    stats = _masked_patch_stats(phase(patches), amplitude != 0)  # NaN amplitude stays included
+    out.update({f"phase.{k}": v for k, v in stats.items()})
+    return out
 
 
-def _real_bounds(t: np.ndarray) -> dict[str, np.ndarray]:
-    """How far each statistic of a row moves when every element moves by at most t (per row)."""
-    rms = np.sqrt(np.einsum("ij,ij->i", t, t) / t.shape[1])
+def _real_bounds(moments: np.ndarray) -> dict[str, np.ndarray]:
+    """How far each statistic of a row moves when every element moves by at most t, from t's
+    per-row (mean, rms, max, 2-norm) (``parity.kernels.row_tolerance_moments``)."""
+    mean, rms, top, l2 = (np.ascontiguousarray(moments[:, i]) for i in range(4))
     return {
-        "mean": t.mean(axis=1),
+        "mean": mean,
         "std": rms,  # |σ(a) − σ(b)| ≤ σ(a − b) ≤ rms(a − b)
         "var_zero_mean": rms * rms,  # plus 2·σ·rms, added by the caller, which knows σ
-        "min": t.max(axis=1),
-        "max": t.max(axis=1),
-        "mean_abs": t.mean(axis=1),
-        "l2": np.sqrt(np.einsum("ij,ij->i", t, t)),
+        "min": top,
+        "max": top,
+        "mean_abs": mean,
+        "l2": l2,
     }
 
 
@@ -153,20 +149,30 @@ def _phase_bounds(z: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def perturbation_bounds(
-    tap: np.ndarray, tol: np.ndarray, rounding: float = 0.0, statistics: Mapping[str, np.ndarray] | None = None
+    tap: np.ndarray,
+    tol: np.ndarray,
+    rounding: float = 0.0,
+    statistics: Mapping[str, np.ndarray] | None = None,
+    *,
+    proportional: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """{statistic: (patches,)}: how much each statistic of ``tap`` can change when every element
-    changes by at most ``tol`` (same shape), plus ``rounding`` times the statistic (the rounding of
-    storing it). Counts must match exactly (COUNT_TOLERANCE). ``statistics``: ``patch_statistics(tap)``
-    when the caller has them already (the runner computes them once per tap and backend)."""
+    changes by at most ``tol`` (broadcastable to the tap) plus ``proportional`` times its own modulus,
+    plus ``rounding`` times the statistic (the rounding of storing it). Counts must match exactly
+    (COUNT_TOLERANCE). ``statistics``: ``patch_statistics(tap)`` when the caller has them already (the
+    runner computes them once per tap and backend)."""
+    from parity.kernels import row_tolerance_moments
+
     arr = np.asarray(tap)
-    t = _flat(np.broadcast_to(np.asarray(tol, dtype=np.float64), arr.shape))
     stats = patch_statistics(arr) if statistics is None else statistics
+    t = _rows(np.broadcast_to(np.asarray(tol, dtype=np.float64), arr.shape))
     if np.iscomplexobj(arr):
         z = _flat(np.asarray(arr, dtype=np.complex128))
-        parts = {"amplitude": _real_bounds(t), "phase": _phase_bounds(z, t)}
+        if proportional:
+            t = t + proportional * np.abs(z)
+        parts = {"amplitude": _real_bounds(row_tolerance_moments(t, 1.0, t, 0.0)), "phase": _phase_bounds(z, t)}
     else:
-        parts = {"": _real_bounds(t)}
+        parts = {"": _real_bounds(row_tolerance_moments(t, 1.0, _rows(arr), proportional))}
     out: dict[str, np.ndarray] = {}
     for prefix, bounds in parts.items():
         names = {s: f"{prefix}.{s}" if prefix else s for s in STATISTICS}

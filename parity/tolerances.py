@@ -149,8 +149,13 @@ class Tolerances:
         of the exact values, hence ``baseline_factor``. Baselines are stored in float32, which rounds
         each statistic once more.
         """
-        t = self.baseline_factor * (self.atol(tap, scale, precision=precision) + self.rtol(precision) * np.abs(values))
-        return perturbation_bounds(values, t, rounding=UNIT_ROUNDOFF["float32"], statistics=statistics)
+        return perturbation_bounds(
+            values,
+            self.baseline_factor * self.atol(tap, scale, precision=precision),
+            rounding=UNIT_ROUNDOFF["float32"],
+            statistics=statistics,
+            proportional=self.baseline_factor * self.rtol(precision),
+        )
 
     def rule(self) -> str:
         return (

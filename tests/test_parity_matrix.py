@@ -15,6 +15,27 @@ from parity.sweep import MATRIX, OTHER_OPTIONS
 BATCH = 2
 
 
+# Gradient parity, first: its tests take the longest, and under pytest-xdist (`-n 2`) a long test
+# started last leaves the other worker idle. The default and three configs that between them take
+# every adjoint of the model (merge and re-extraction, zero padding, the disk mask, N=128's FFT, the
+# full head, softplus).
+GRADIENT_CONFIGS = [
+    ModelConfig(),
+    ModelConfig(gridsize=1, object_big=False, probe_mask=True),
+    ModelConfig(N=128),
+    ModelConfig(pad_object=False, amp_activation="softplus"),
+]
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("config", GRADIENT_CONFIGS, ids=lambda c: c.short_id())
+def test_gradient_parity(config, parity_run, parity_baseline):
+    """Both losses' gradients with respect to every parameter and to x, after the forward taps."""
+    result = parity_run(config, batch_size=BATCH, max_groups=BATCH, gradients=True)
+    assert result.gradients and not result.gradients_unsupported
+    parity_baseline.check(result)
+
+
 @pytest.mark.parity
 @pytest.mark.parametrize("config", MATRIX, ids=lambda c: c.short_id())
 def test_forward_parity(config, parity_run, parity_baseline):
@@ -35,23 +56,4 @@ def test_forward_parity_offsets_not_centred(parity_run, parity_baseline):
     """Offsets relative to each group's first member, as imported data may hold them: the batch's mean
     offset d̄ is not 0, so the merge's subtraction of it is exercised (the original accepts such data)."""
     result = parity_run(ModelConfig(), fixture="n64_g2_offcentre", batch_size=BATCH, max_groups=BATCH)
-    parity_baseline.check(result)
-
-
-# Gradient parity: the default and three configs that between them take every adjoint of the model
-# (merge and re-extraction, zero padding, the disk mask, N=128's FFT, the full head, softplus).
-GRADIENT_CONFIGS = [
-    ModelConfig(),
-    ModelConfig(gridsize=1, object_big=False, probe_mask=True),
-    ModelConfig(N=128),
-    ModelConfig(pad_object=False, amp_activation="softplus"),
-]
-
-
-@pytest.mark.parity
-@pytest.mark.parametrize("config", GRADIENT_CONFIGS, ids=lambda c: c.short_id())
-def test_gradient_parity(config, parity_run, parity_baseline):
-    """Both losses' gradients with respect to every parameter and to x, after the forward taps."""
-    result = parity_run(config, batch_size=BATCH, max_groups=BATCH, gradients=True)
-    assert result.gradients and not result.gradients_unsupported
     parity_baseline.check(result)

@@ -121,9 +121,9 @@ def test_nan_mismatch_has_infinite_margin():
 
 
 @pytest.mark.parametrize("atol_shape", [(), (1, 3, 1, 1), (2, 3, 4, 5)])
-def test_blocks_give_the_whole_array_result(monkeypatch, atol_shape):
-    """The work runs in cache-sized blocks; where a block ends must not change any number kept, even
-    with a NaN mismatch, an exact zero and matching infinities in different blocks."""
+def test_chunks_give_the_whole_array_result(monkeypatch, atol_shape):
+    """Large taps run in chunks, a core each; where a chunk ends must not change any number kept, even
+    with a NaN mismatch, an exact zero and matching infinities in different chunks."""
     from parity import compare
 
     rng = np.random.default_rng(1)
@@ -135,7 +135,7 @@ def test_blocks_give_the_whole_array_result(monkeypatch, atol_shape):
     atol = np.abs(rng.normal(scale=1e-3, size=atol_shape)) if atol_shape else 1e-3
 
     def run(block: int) -> compare.ComparisonResult:
-        monkeypatch.setattr(compare, "BLOCK", block)
+        monkeypatch.setattr(compare, "CHUNK", block)
         acc = ElementwiseComparison("k", "t", "a", "b", 0.0, 1e-4, factor=2.0)
         acc.add(a, b, atol)
         acc.add(a[:1], b[:1], atol if not atol_shape else np.broadcast_to(atol, b.shape)[:1])
@@ -159,3 +159,80 @@ def test_a_scalar_compares_like_any_tap():
     r = acc.finish()
     assert not r.passed and r.mismatched == 1 and r.numel == 2
     assert r.worst_index == [] and r.max_abs == pytest.approx(0.01)
+
+
+def _rule_in_numpy(a, b, atol, rtol, factor):
+    """The rule and its numbers written out directly in NumPy (whole arrays, no special cases beyond
+    the documented ones): what the compiled loop must reproduce."""
+    wide = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(b) else np.float64
+    a64, b64 = np.asarray(a, wide), np.asarray(b, wide)
+    atol = np.broadcast_to(np.asarray(atol, np.float64), a.shape)
+    both = np.isfinite(a64) & np.isfinite(b64)
+    same = ~np.isfinite(a64) & ~np.isfinite(b64) & ((np.isnan(a64) & np.isnan(b64)) | (a64 == b64))
+    bad = ~both & ~same
+    with np.errstate(invalid="ignore", over="ignore"):
+        err = np.where(both, np.abs(a64 - b64), 0.0)
+        mag = np.where(both, np.abs(b64), 0.0)
+    tol = atol + rtol * mag
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(tol > 0, err / tol, np.where(err > 0, np.inf, 0.0))
+        need = np.where(atol > 0, (err - rtol * mag) / (atol / factor), np.where(err > rtol * mag, np.inf, 0.0))
+        rel = np.where(mag > 0, err / mag, 0.0)
+    ratio[bad] = np.inf
+    worst = np.argmax(bad) if bad.any() else np.argmax(err)
+    nonzero = err[err > 0]
+    bins = np.clip(np.frexp(nonzero)[1] + 54, 0, 82)
+    return {
+        "mismatched": int(np.count_nonzero((err > tol) | bad)),
+        "worst_index": [int(i) for i in np.unravel_index(worst, a.shape)],
+        "max_abs": np.inf if bad.any() else float(err.max()),
+        "margin_index": [int(i) for i in np.unravel_index(np.argmax(ratio), a.shape)],
+        "margin": float(ratio.max()),
+        "max_rel": float(rel.max()),
+        "min_atol_to_pass": np.inf if bad.any() else max(float((err - rtol * mag).max()), 0.0),
+        "min_factor_to_pass": np.inf if bad.any() else max(float(need.max()), 0.0),
+        "mean_abs": float(err[both].mean()),
+        "histogram": np.bincount(bins, minlength=83).tolist(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("dtype_a", "dtype_b"),
+    [
+        (np.float32, np.float64),
+        (np.float32, np.float32),
+        (np.float64, np.float64),
+        (np.complex64, np.complex128),
+        (np.complex64, np.complex64),
+        (np.int16, np.float64),  # anything else is compared in float64
+    ],
+)
+@pytest.mark.parametrize("atol_kind", ["one", "per_element", "with_zeros"])
+def test_compiled_loop_equals_the_rule_written_in_numpy(dtype_a, dtype_b, atol_kind):
+    rng = np.random.default_rng(7)
+    shape = (3, 4, 16, 16)
+    b = rng.normal(size=shape) * 10.0 ** rng.integers(-8, 4, size=shape)
+    if np.issubdtype(dtype_b, np.complexfloating):
+        b = b + 1j * rng.normal(size=shape)
+    a = b * (1 + rng.normal(scale=3e-6, size=shape)) + rng.normal(scale=1e-7, size=shape)
+    a.flat[::97] = b.flat[::97]  # exact zeros
+    a.flat[50], b.flat[50] = np.nan, np.nan  # the same NaN: no difference
+    if np.issubdtype(dtype_a, np.integer):
+        base = np.round(np.nan_to_num(b) * 1e3).clip(-1000, 1000)
+        a, b = base, base + rng.integers(-1, 2, size=shape)
+    a, b = a.astype(dtype_a), b.astype(dtype_b)
+    atol = {"one": 2e-7, "per_element": np.abs(rng.normal(scale=2e-7, size=shape))}.get(
+        atol_kind, np.where(rng.random(shape) < 0.1, 0.0, 2e-7)
+    )
+    got = compare_arrays(a, b, atol, 1e-6)
+    got_factored = ElementwiseComparison("k", "t", "a", "b", 0.0, 1e-6, factor=4.0)
+    got_factored.add(a, b, atol)
+    want = _rule_in_numpy(a, b, atol, 1e-6, 4.0)
+    assert want["mismatched"] > 0 and want["histogram"] != [0] * 83  # the case exercises the numbers
+    for key, value in want.items():
+        if key == "min_factor_to_pass":
+            assert got_factored.finish().min_factor_to_pass == pytest.approx(value, rel=1e-12), key
+        elif isinstance(value, float):
+            assert getattr(got, key) == pytest.approx(value, rel=1e-12), key
+        else:
+            assert getattr(got, key) == value, key

@@ -28,6 +28,7 @@ def test_harness_modules_load_no_framework():
         for m in (
             "runner",
             "compare",
+            "kernels",
             "stats",
             "tolerances",
             "baseline",

@@ -6,6 +6,7 @@ an inner session imported.
 """
 
 import json
+import os
 import shutil
 
 import pytest
@@ -270,8 +271,9 @@ def _reports(folder):
 
 def test_two_workers_give_the_same_reports_and_baselines_as_one(pytester, monkeypatch):
     """`pytest -n 2 -m parity` (pytest-xdist) is the same run as a serial one: same verdicts, same
-    comparisons, bitwise the same statistics, and the serial run's baselines pass. (TensorFlow is
-    left out only to keep three child sessions quick; it runs in the workers like any backend.)"""
+    comparisons, bitwise the same statistics, and the serial run's baselines pass; each worker runs
+    on its share of the cores. (TensorFlow is left out only to keep three child sessions quick; it
+    runs in the workers like any backend.)"""
     import numpy as np
 
     monkeypatch.delenv(REQUIRE_ENV, raising=False)
@@ -282,6 +284,10 @@ def test_two_workers_give_the_same_reports_and_baselines_as_one(pytester, monkey
     parallel = pytester.runpytest_subprocess(*common, "-n", "2", "--parity-report-dir", "parallel")
     parallel.assert_outcomes(passed=4)
     parallel.stdout.fnmatch_lines(["*2 workers*"])
+    # Each worker had its share of the cores, not all of them (parity.emulation.share_cores).
+    cores = len(os.sched_getaffinity(0))
+    for path in (pytester.path / "parallel").glob("*/report.json"):
+        assert json.loads(path.read_text())["backends"]["torch"]["environment"]["threads"] == max(1, cores // 2)
     one, two = _reports(pytester.path / "serial"), _reports(pytester.path / "parallel")
     assert len(one) == 4 and one.keys() == two.keys()
     for name in one:

@@ -42,6 +42,10 @@ def test_nan_and_inf_are_counted_not_hidden():
     x[0, 0, 1, 1] = np.inf
     s = patch_statistics(x)
     assert s["nan_count"][0] == 1 and s["inf_count"][0] == 1 and np.isnan(s["mean"][0])
+    assert np.isnan(s["min"][0]) and np.isnan(s["max"][0])  # as np.min and np.max give them
+    x[0, 0, 0, 0] = -1.0
+    s = patch_statistics(x)
+    assert s["min"][0] == -1.0 and s["max"][0] == np.inf and s["nan_count"][0] == 0
 
 
 def test_accumulator_streams_batches_in_order():
@@ -85,9 +89,12 @@ def _perturbed_stat_changes(values, tol, rng, trials=20):
     return worst
 
 
+@pytest.mark.parametrize("proportional", [0.0, 3e-3])
 @pytest.mark.parametrize("is_complex", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_perturbation_bounds_hold_for_perturbations_within_tolerance(is_complex, seed):
+def test_perturbation_bounds_hold_for_perturbations_within_tolerance(is_complex, seed, proportional):
+    """Also with the tolerance given as a part plus a multiple of each element's modulus (how the
+    baselines' tolerances are given: atol_i + rtol·|v_i|, never made into an array)."""
     from parity.stats import perturbation_bounds
 
     rng = np.random.default_rng(seed)
@@ -97,8 +104,8 @@ def test_perturbation_bounds_hold_for_perturbations_within_tolerance(is_complex,
         values = values * np.exp(1j * rng.uniform(-np.pi, np.pi, size=shape))
         values[0, 0, :2] = 0  # zero amplitude: excluded from phase statistics
     tol = np.abs(values) * 10 ** rng.uniform(-4, -1) + 1e-3 * rng.uniform(size=shape)
-    bounds = perturbation_bounds(values, tol)
-    worst = _perturbed_stat_changes(values, tol, rng)
+    bounds = perturbation_bounds(values, tol, proportional=proportional)
+    worst = _perturbed_stat_changes(values, tol + proportional * np.abs(values), rng)
     for k, b in bounds.items():
         assert np.all(worst[k] <= b * (1 + 1e-9) + 1e-12), (k, worst[k], b)
     if is_complex:

@@ -1,0 +1,213 @@
+"""The harness's inner loops, compiled (numba): each reads a tap once and keeps every number it needs.
+
+``scan`` is the elementwise comparison's. ``parity.compare`` keeps a dozen numbers per comparison
+(mismatch count, greatest difference and where, margin and where, the smallest passing atol and
+factor, an error histogram...). In NumPy each is a pass over the tap, some two or three: about thirty
+passes a comparison, most of the harness's time. Here one loop reads each element once and keeps them
+all; the first index of each maximum wins, as ``np.argmax`` would pick it, so results do not depend on
+how a tap is split. ``row_statistics`` and ``row_tolerance_moments`` are ``parity.stats``'s, for real
+taps: the patch statistics, and what their bounds are made of, each without a temporary the size of
+the tap.
+
+Imported on first use only: numba's import and the compilation (cached on disk after the first run)
+are not paid by ``import parity`` or by a command that compares nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from parity.compare import HIST_MIN_EXP
+
+# Exponent field of a float64 |a - b| -> histogram bin: frexp's exponent is the field - 1022.
+_BIN_OFFSET = 1022 + HIST_MIN_EXP
+
+
+@njit(cache=True, inline="always")
+def _modulus(d: Any) -> Any:
+    """|d|, for real and complex d alike; the complex modulus without a libm call where it is safe."""
+    re = abs(d.real)
+    im = abs(d.imag)
+    if im == 0.0:
+        return re
+    if re == 0.0:
+        return im
+    s = re * re + im * im
+    if s == math.inf or s < 1e-290:  # overflow or underflow of the squares: the careful way
+        return math.hypot(re, im)
+    return math.sqrt(s)
+
+
+@njit(cache=True, nogil=True)
+def scan(a: Any, b: Any, atol: Any, rtol: float, factor: float, hist: Any) -> tuple[Any, ...]:
+    """One pass over flat ``a``, ``b`` (b: the reference side) under ``atol`` (length 1: one value
+    for all). Adds each nonzero |a - b| to ``hist``; returns, in order: the sum of |a - b| over the
+    elements finite on both sides, their count, the count of non-finite values on one side only (or
+    different ones), the first such index (-1: none), the index and value of the greatest |a - b|,
+    the greatest relative difference, the mismatch count, the greatest |a - b| - rtol·|b|, the index
+    and value of the greatest margin, and the greatest factor an elementwise atol needed (0 when
+    ``factor`` is 0 or atol is one value)."""
+    n = a.size
+    one_atol = atol.size == 1
+    inv_factor = 1.0 / factor if factor > 0.0 else 0.0
+    last = hist.size - 1
+    box = np.empty(1, np.float64)
+    bits = box.view(np.int64)
+    sum_abs = 0.0
+    n_finite = 0
+    n_bad = 0
+    first_bad = -1
+    worst_i = -1
+    worst = -1.0
+    max_rel = 0.0
+    mismatched = 0
+    max_excess = -math.inf
+    margin_i = -1
+    margin = -1.0
+    need = 0.0
+    for i in range(n):
+        x = a[i] * 1.0  # float64 (complex128) arithmetic whatever the sides' precision
+        y = b[i] * 1.0
+        t = atol[0] if one_atol else atol[i]
+        bad = False
+        if np.isfinite(x) and np.isfinite(y):
+            err = _modulus(x - y)
+            mag = _modulus(y)
+            n_finite += 1
+            sum_abs += err
+        else:
+            # Non-finite values agree only when both sides hold the same NaN/Inf at the same place;
+            # such an element then counts as no difference at all.
+            err = 0.0
+            mag = 0.0
+            same = not np.isfinite(x) and not np.isfinite(y) and ((np.isnan(x) and np.isnan(y)) or x == y)
+            if not same:
+                bad = True
+                n_bad += 1
+                if first_bad < 0:
+                    first_bad = i
+        if err > worst:
+            worst = err
+            worst_i = i
+        if mag > 0.0 and err > max_rel * mag:  # divisions only where the maximum may change
+            max_rel = err / mag
+        tol = mag * rtol
+        excess = err - tol  # what atol alone would have to cover
+        max_excess = max(max_excess, excess)
+        tol += t
+        if err > tol or bad:
+            mismatched += 1
+        if bad or margin < 0.0 or err > margin * tol:
+            if bad:
+                ratio = math.inf
+            elif tol > 0.0:
+                ratio = err / tol
+            else:
+                ratio = math.inf if err > 0.0 else 0.0  # 0/0: an exact zero under a zero tolerance
+            if ratio > margin:
+                margin = ratio
+                margin_i = i
+        if inv_factor > 0.0 and not one_atol:
+            unit = t * inv_factor  # atol_i / factor is u·S_i: excess / unit is the factor needed
+            if excess > need * unit:
+                if unit > 0.0:
+                    s = excess / unit
+                else:
+                    s = math.inf if excess > 0.0 else 0.0
+                need = max(need, s)
+        if err > 0.0:
+            box[0] = err
+            k = (bits[0] >> 52) - _BIN_OFFSET  # straight from the exponent field; inf lands last
+            hist[min(max(k, 0), last)] += 1
+    return (
+        sum_abs,
+        n_finite,
+        n_bad,
+        first_bad,
+        worst_i,
+        worst,
+        max_rel,
+        mismatched,
+        max_excess,
+        margin_i,
+        margin,
+        need,
+    )
+
+
+@njit(cache=True, nogil=True)
+def row_statistics(rows: Any) -> Any:
+    """(P, 9) float64: per row of real ``rows``, in ``parity.stats.STATISTICS`` order, mean, std,
+    var_zero_mean, min, max, mean_abs, l2, nan_count, inf_count. The variance takes a second pass
+    over the row's deviations from its mean (no cancellation of squares); a NaN anywhere in a row
+    makes its min and max NaN, as ``np.min`` would."""
+    p, k = rows.shape
+    out = np.empty((p, 9), np.float64)
+    for r in range(p):
+        total = 0.0
+        total_abs = 0.0
+        squares = 0.0
+        lo = math.inf
+        hi = -math.inf
+        nans = 0
+        infs = 0
+        for j in range(k):
+            x = rows[r, j] * 1.0
+            total += x
+            total_abs += abs(x)
+            squares += x * x
+            lo = min(lo, x)
+            hi = max(hi, x)
+            if math.isnan(x):
+                nans += 1
+            elif math.isinf(x):
+                infs += 1
+        mean = total / k
+        deviations = 0.0
+        for j in range(k):
+            d = rows[r, j] * 1.0 - mean
+            deviations += d * d
+        var = deviations / k
+        if nans:
+            lo = math.nan
+            hi = math.nan
+        out[r, 0] = mean
+        out[r, 1] = math.sqrt(var)
+        out[r, 2] = var
+        out[r, 3] = lo
+        out[r, 4] = hi
+        out[r, 5] = total_abs / k
+        out[r, 6] = math.sqrt(squares)
+        out[r, 7] = nans
+        out[r, 8] = infs
+    return out
+
+
+@njit(cache=True, nogil=True)
+def row_tolerance_moments(scale: Any, scale_coeff: float, values: Any, value_coeff: float) -> Any:
+    """(P, 4) float64: per row, the mean, root mean square, maximum and 2-norm of the elementwise
+    tolerance t = scale_coeff·scale + value_coeff·|values| (rows of the same shape), without
+    materialising t: what every bound of a real statistic is made of (``parity.stats``)."""
+    p, k = values.shape
+    out = np.empty((p, 4), np.float64)
+    for r in range(p):
+        total = 0.0
+        squares = 0.0
+        hi = 0.0
+        for j in range(k):
+            t = scale_coeff * scale[r, j]
+            if value_coeff != 0.0:
+                t += value_coeff * abs(values[r, j] * 1.0)
+            total += t
+            squares += t * t
+            if t > hi or math.isnan(t):
+                hi = t
+        out[r, 0] = total / k
+        out[r, 1] = math.sqrt(squares / k)
+        out[r, 2] = hi
+        out[r, 3] = math.sqrt(squares)
+    return out
