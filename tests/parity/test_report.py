@@ -53,6 +53,22 @@ def test_json_report_has_the_documented_fields(tol, tmp_path):
     assert set(tap["statistics"]["torch"]["var_zero_mean"]) == {"mean", "min", "max"}
 
 
+def test_json_report_has_a_line_per_tap_and_is_the_report_dictionary(tol, tmp_path):
+    """A tap is found on its own line (grep, a diff, an editor), and the text is exactly the JSON of
+    ``to_json_dict``: nothing is lost or changed by writing it a line per tap."""
+    from parity.report import to_json_dict
+
+    result = _result(tol)
+    paths = write_reports(result, tmp_path / "rep")
+    text = paths["json"].read_text()
+    assert json.loads(text) == json.loads(json.dumps(to_json_dict(result)))
+    lines = text.splitlines()
+    assert lines[0] == "{" and lines[-1] == "}"
+    for tap in result.taps:
+        (line,) = [ln for ln in lines if f'"name": "{tap.name}"' in ln]  # one line holds the whole tap
+        assert json.loads(line.strip().rstrip(","))["name"] == tap.name
+
+
 def test_statistics_npz_holds_every_patch(tol, tmp_path):
     res = _result(tol)
     paths = write_reports(res, tmp_path)
