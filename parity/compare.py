@@ -13,7 +13,6 @@ and the smallest model factor that would have passed.
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,8 +36,9 @@ _POOL: ThreadPoolExecutor | None = None
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        _POOL = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="parity-compare")
+        from parity.emulation import usable_cores
+
+        _POOL = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="parity-compare")
     return _POOL
 
 

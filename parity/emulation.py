@@ -85,11 +85,15 @@ def environment(setting: str, base: Mapping[str, str] | None = None) -> dict[str
     return env
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def share_cores(workers: int) -> dict[str, str]:
     """Thread settings that give each of ``workers`` processes its share of this machine's cores:
     for pytest-xdist workers, which otherwise each start as many threads as there are cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return {k: str(max(1, cores // max(1, workers))) for k in _ONE_THREAD}
+    return {k: str(max(1, usable_cores() // max(1, workers))) for k in _ONE_THREAD}
 
 
 def run_under(settings: Sequence[str], command: Sequence[str]) -> dict[str, int]:
