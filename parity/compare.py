@@ -13,7 +13,6 @@ and the smallest model factor that would have passed.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,19 +26,7 @@ RULE = "|a - b| <= atol_i + rtol * |b_i|  (b: reference side; complex: modulus o
 HIST_MIN_EXP, HIST_MAX_EXP = -54, 28
 HIST_EDGES = 2.0 ** np.arange(HIST_MIN_EXP, HIST_MAX_EXP + 1, dtype=np.float64)
 
-# Elements per unit of work: a tap larger than this is compared a chunk per core at once.
-CHUNK = 1 << 17
 _KERNEL_DTYPES = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.complex64, np.complex128))
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        from parity.emulation import usable_cores
-
-        _POOL = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="parity-compare")
-    return _POOL
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -143,9 +130,11 @@ class ElementwiseComparison:
         if r.reason is None:
             r.reason = reason
 
-    def add(self, a: np.ndarray, b: np.ndarray, atol: np.ndarray | float | None = None) -> None:
-        """Compare one batch; ``atol`` (broadcastable to the batch) is the elementwise atol."""
-        from parity.kernels import scan
+    def add(self, a: np.ndarray, b: np.ndarray, atol: np.ndarray | float | None = None, *, times: float = 1.0) -> None:
+        """Compare one batch under the elementwise atol ``times·atol`` (``atol`` broadcastable to
+        the batch). The runner passes the error scale S as ``atol`` and factor·u as ``times``: the
+        product is formed element by element inside the loop, never as an array the size of the tap."""
+        from parity import kernels
 
         r = self.result
         if r.reason is not None:
@@ -159,25 +148,33 @@ class ElementwiseComparison:
             atol_flat = atol_field.reshape(1)
         else:
             atol_flat = np.ravel(np.broadcast_to(atol_field, a.shape))
-        chunks = [(s, min(s + CHUNK, a_flat.size)) for s in range(0, a_flat.size, CHUNK)]
+        step = kernels.CHUNK
+        chunks = [(s, min(s + step, a_flat.size)) for s in range(0, a_flat.size, step)]
         factor = float(r.factor or 0.0)
 
         def one(chunk: tuple[int, int]) -> tuple[tuple[Any, ...], np.ndarray]:
             start, stop = chunk
             hist = np.zeros(len(HIST_EDGES), dtype=np.int64)
             part = atol_flat if atol_flat.size == 1 else atol_flat[start:stop]
-            return scan(a_flat[start:stop], b_flat[start:stop], part, r.rtol, factor, hist), hist
+            out = kernels.scan(a_flat[start:stop], b_flat[start:stop], part, times, r.rtol, factor, hist)
+            return out, hist
 
-        # Chunks of a large tap run on the cores at once (the compiled loop releases the GIL); they
-        # are merged in order, so the result is the same for any number of threads.
-        outs = list(_pool().map(one, chunks)) if len(chunks) > 1 else [one(c) for c in chunks]
+        # Merged in order: the result is the same for any number of threads.
+        outs = kernels.on_cores(one, chunks)
         for (start, stop), (out, hist) in zip(chunks, outs, strict=True):
-            self._merge(a, b, atol_flat, start, stop - start, out)
+            self._merge(a, b, atol_flat, times, start, stop - start, out)
             self._hist += hist
         self._rows += a.shape[0] if a.ndim else 1
 
     def _merge(
-        self, a: np.ndarray, b: np.ndarray, atol: np.ndarray, offset: int, size: int, out: tuple[Any, ...]
+        self,
+        a: np.ndarray,
+        b: np.ndarray,
+        atol: np.ndarray,
+        times: float,
+        offset: int,
+        size: int,
+        out: tuple[Any, ...],
     ) -> None:
         """Fold one chunk's numbers (flat elements ``offset`` on) into the result; an earlier
         element keeps its place on a tie, as ``np.argmax`` would."""
@@ -207,11 +204,12 @@ class ElementwiseComparison:
         if r.margin_index is None or margin > r.margin:
             r.margin_index = where(margin_i)
             r.margin = margin
-            r.atol = float(atol[0] if atol.size == 1 else atol[offset + margin_i])
+            r.atol = float(atol[0] if atol.size == 1 else atol[offset + margin_i]) * times
         r.min_atol_to_pass = math.inf if n_bad else max(r.min_atol_to_pass, max_excess, 0.0)
         if r.factor:
             if atol.size == 1:
-                unit = float(atol[0]) / r.factor  # atol / factor is u·S: the excess over it is the factor needed
+                # atol / factor is u·S: the excess over it is the factor needed
+                unit = float(atol[0]) * times / r.factor
                 need = max_excess / unit if unit > 0 else (math.inf if max_excess > 0 else 0.0)
             if n_bad:
                 need = math.inf

@@ -16,7 +16,9 @@ are not paid by ``import parity`` or by a command that compares nothing.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 from numba import njit
@@ -25,6 +27,31 @@ from parity.compare import HIST_MIN_EXP
 
 # Exponent field of a float64 |a - b| -> histogram bin: frexp's exponent is the field - 1022.
 _BIN_OFFSET = 1022 + HIST_MIN_EXP
+# Elements per unit of work: a tap larger than this is split, and the parts run a core each.
+CHUNK = 1 << 17
+_POOL: ThreadPoolExecutor | None = None
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+
+def on_cores(work: Callable[[_In], _Out], parts: Sequence[_In]) -> list[_Out]:
+    """``work`` on every part, on the cores at once (the compiled loops release the GIL), the results
+    in the order of ``parts``: callers split a tap into independent parts and merge them in order, so
+    no result depends on the number of threads."""
+    global _POOL
+    if len(parts) < 2:
+        return [work(p) for p in parts]
+    if _POOL is None:
+        from parity.emulation import usable_cores
+
+        _POOL = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="parity-kernels")
+    return list(_POOL.map(work, parts))
+
+
+def row_blocks(rows: int, row_length: int) -> list[slice]:
+    """Consecutive blocks of whole rows, about CHUNK elements each (at least one row)."""
+    per = max(1, CHUNK // max(row_length, 1))
+    return [slice(start, min(start + per, rows)) for start in range(0, rows, per)]
 
 
 @njit(cache=True, inline="always")
@@ -43,14 +70,15 @@ def _modulus(d: Any) -> Any:
 
 
 @njit(cache=True, nogil=True)
-def scan(a: Any, b: Any, atol: Any, rtol: float, factor: float, hist: Any) -> tuple[Any, ...]:
-    """One pass over flat ``a``, ``b`` (b: the reference side) under ``atol`` (length 1: one value
-    for all). Adds each nonzero |a - b| to ``hist``; returns, in order: the sum of |a - b| over the
-    elements finite on both sides, their count, the count of non-finite values on one side only (or
-    different ones), the first such index (-1: none), the index and value of the greatest |a - b|,
-    the greatest relative difference, the mismatch count, the greatest |a - b| - rtol·|b|, the index
-    and value of the greatest margin, and the greatest factor an elementwise atol needed (0 when
-    ``factor`` is 0 or atol is one value)."""
+def scan(a: Any, b: Any, atol: Any, times: float, rtol: float, factor: float, hist: Any) -> tuple[Any, ...]:
+    """One pass over flat ``a``, ``b`` (b: the reference side) under the elementwise atol
+    ``times·atol`` (``atol`` of length 1: one value for all; ``times`` lets the caller pass the error
+    scale itself, with no atol array the size of the tap). Adds each nonzero |a - b| to ``hist``;
+    returns, in order: the sum of |a - b| over the elements finite on both sides, their count, the
+    count of non-finite values on one side only (or different ones), the first such index (-1:
+    none), the index and value of the greatest |a - b|, the greatest relative difference, the
+    mismatch count, the greatest |a - b| - rtol·|b|, the index and value of the greatest margin, and
+    the greatest factor an elementwise atol needed (0 when ``factor`` is 0 or atol is one value)."""
     n = a.size
     one_atol = atol.size == 1
     inv_factor = 1.0 / factor if factor > 0.0 else 0.0
@@ -72,7 +100,7 @@ def scan(a: Any, b: Any, atol: Any, rtol: float, factor: float, hist: Any) -> tu
     for i in range(n):
         x = a[i] * 1.0  # float64 (complex128) arithmetic whatever the sides' precision
         y = b[i] * 1.0
-        t = atol[0] if one_atol else atol[i]
+        t = (atol[0] if one_atol else atol[i]) * times
         bad = False
         if np.isfinite(x) and np.isfinite(y):
             err = _modulus(x - y)

@@ -442,8 +442,10 @@ def run_parity(
                     else:
                         s = magnitude_scale(xb)
                     windows[tap] = list(xa.shape[-2:])
-                atol = tolerances.atol(tap, s, pair=kind == "backend_vs_backend", precision=backends[a].precision)
-                acc.add(xa, xb, atol)
+                per_scale = tolerances.atol_per_scale(
+                    tap, pair=kind == "backend_vs_backend", precision=backends[a].precision
+                )
+                acc.add(xa, xb, s, times=per_scale)
             for n, arr in present.items():
                 s = _fitting_scale(scale, arr)
                 patch_stats[n][tap] = patch_statistics(arr)  # once: for the bounds and the accumulator
@@ -599,7 +601,7 @@ def _run_stages(
             if got.shape != expected.shape and windowed(t, got.shape, np.iscomplexobj(got)):
                 # A declared config difference sizes this tap (the canvas): the centred window both hold.
                 got, expected, s = _centred_common(got, expected, np.broadcast_to(s, expected.shape))
-            acc.add(got, expected, tolerances.atol(t, s, precision=backend.precision))
+            acc.add(got, expected, s, times=tolerances.atol_per_scale(t, precision=backend.precision))
 
 
 def _first_local_divergence(taps: Sequence[TapResult]) -> dict[str, Any] | None:

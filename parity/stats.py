@@ -44,9 +44,10 @@ def _rows(arr: np.ndarray) -> np.ndarray:
 def _real_patch_stats(flat: np.ndarray) -> dict[str, np.ndarray]:
     """Statistics of (P, K) real data, one row per patch, computed in float64 (one compiled pass,
     and a second for the deviations from the mean)."""
-    from parity.kernels import row_statistics
+    from parity.kernels import on_cores, row_blocks, row_statistics
 
-    columns = row_statistics(flat)
+    blocks = on_cores(lambda rows: row_statistics(flat[rows]), row_blocks(*flat.shape))
+    columns = np.concatenate(blocks) if len(blocks) != 1 else blocks[0]
     # var_zero_mean: the PtychoPINN team's "zero-mean variance", the mean squared deviation from the
     # patch mean. Numerically the population variance; kept under its own name because that is what
     # they read.
@@ -148,35 +149,48 @@ def _phase_bounds(z: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def _finite_or_zero(x: np.ndarray) -> np.ndarray:
+    # np.nan_to_num(x, nan=0, posinf=0, neginf=0) at a tenth of its call overhead (17 calls a tap).
+    return np.where(np.isfinite(x), x, 0.0)
+
+
 def perturbation_bounds(
     tap: np.ndarray,
     tol: np.ndarray,
     rounding: float = 0.0,
     statistics: Mapping[str, np.ndarray] | None = None,
     *,
+    times: float = 1.0,
     proportional: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """{statistic: (patches,)}: how much each statistic of ``tap`` can change when every element
-    changes by at most ``tol`` (broadcastable to the tap) plus ``proportional`` times its own modulus,
+    changes by at most ``times·tol`` (``tol`` broadcastable to the tap) plus ``proportional`` times its
+    own modulus,
     plus ``rounding`` times the statistic (the rounding of storing it). Counts must match exactly
     (COUNT_TOLERANCE). ``statistics``: ``patch_statistics(tap)`` when the caller has them already (the
     runner computes them once per tap and backend)."""
-    from parity.kernels import row_tolerance_moments
+    from parity.kernels import on_cores, row_blocks, row_tolerance_moments
+
+    def moments(t: np.ndarray, t_times: float, values: np.ndarray, proportional: float) -> np.ndarray:
+        parts = on_cores(
+            lambda rows: row_tolerance_moments(t[rows], t_times, values[rows], proportional),
+            row_blocks(*t.shape),
+        )
+        return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
     arr = np.asarray(tap)
     stats = patch_statistics(arr) if statistics is None else statistics
     t = _rows(np.broadcast_to(np.asarray(tol, dtype=np.float64), arr.shape))
     if np.iscomplexobj(arr):
         z = _flat(np.asarray(arr, dtype=np.complex128))
-        if proportional:
-            t = t + proportional * np.abs(z)
-        parts = {"amplitude": _real_bounds(row_tolerance_moments(t, 1.0, t, 0.0)), "phase": _phase_bounds(z, t)}
+        t = times * t + proportional * np.abs(z)
+        parts = {"amplitude": _real_bounds(moments(t, 1.0, t, 0.0)), "phase": _phase_bounds(z, t)}
     else:
-        parts = {"": _real_bounds(row_tolerance_moments(t, 1.0, _rows(arr), proportional))}
+        parts = {"": _real_bounds(moments(t, times, _rows(arr), proportional))}
     out: dict[str, np.ndarray] = {}
     for prefix, bounds in parts.items():
         names = {s: f"{prefix}.{s}" if prefix else s for s in STATISTICS}
-        std = np.nan_to_num(stats[names["std"]], nan=0.0, posinf=0.0)
+        std = _finite_or_zero(stats[names["std"]])
         bounds["var_zero_mean"] = bounds["var_zero_mean"] + 2.0 * std * np.sqrt(bounds["var_zero_mean"])
         if prefix == "phase":
             bounds["var_zero_mean"] = np.minimum(bounds["var_zero_mean"], math.pi**2)
@@ -184,8 +198,8 @@ def perturbation_bounds(
             if s in COUNTS:
                 out[name] = np.full(t.shape[0], COUNT_TOLERANCE)
                 continue
-            b = bounds[s] + rounding * np.abs(np.nan_to_num(stats[name], nan=0.0, posinf=0.0, neginf=0.0))
-            out[name] = np.nan_to_num(b, nan=0.0, posinf=np.inf)
+            b = bounds[s] + rounding * np.abs(_finite_or_zero(stats[name]))
+            out[name] = np.where(np.isnan(b), 0.0, b)  # b >= 0: only a NaN needs a value
     return {k: out[k] for k in stats}
 
 

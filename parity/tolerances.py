@@ -130,10 +130,14 @@ class Tolerances:
     def rtol(self, precision: str | None = "float32") -> float:
         return self.floor * unit_roundoff(precision)
 
+    def atol_per_scale(self, tap: str, *, pair: bool = False, precision: str | None = "float32") -> float:
+        """factor·u (times ``pair_factor`` for two backends): the elementwise atol is this times S_i.
+        The comparison takes the two apart, so no atol array the size of the tap is ever made."""
+        return self.factor(tap) * (self.pair_factor if pair else 1.0) * unit_roundoff(precision)
+
     def atol(self, tap: str, scale: np.ndarray, *, pair: bool = False, precision: str | None = "float32") -> np.ndarray:
         """Elementwise atol for comparing ``tap`` (``scale``: the error scale S, broadcastable)."""
-        f = self.factor(tap) * (self.pair_factor if pair else 1.0) * unit_roundoff(precision)
-        return np.asarray(scale, dtype=np.float64) * f
+        return np.asarray(scale, dtype=np.float64) * self.atol_per_scale(tap, pair=pair, precision=precision)
 
     def statistic_tolerances(
         self,
@@ -151,7 +155,8 @@ class Tolerances:
         """
         return perturbation_bounds(
             values,
-            self.baseline_factor * self.atol(tap, scale, precision=precision),
+            scale,
+            times=self.baseline_factor * self.atol_per_scale(tap, precision=precision),
             rounding=UNIT_ROUNDOFF["float32"],
             statistics=statistics,
             proportional=self.baseline_factor * self.rtol(precision),

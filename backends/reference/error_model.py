@@ -69,13 +69,20 @@ def conv_scale(x: Array, s_x: Array, kernel: Array, bias: Array) -> Array:
     is an error estimate, so float32 is plenty, it halves the cost, and the rescaling keeps squares
     of large or tiny values inside float32's range.
     """
-    q = s_x * s_x + x * x
+    # In place where it can be: these are full-size float64 fields, and each temporary is a pass.
+    q = s_x * s_x
+    q += x * x
     peak = q.reshape(q.shape[0], -1).max(axis=1)
     peak = np.where(peak > 0, peak, 1.0)[:, None, None, None]
-    scaled = (q / peak).astype(np.float32)
+    scaled = np.divide(q, peak, out=np.empty(q.shape, np.float32), casting="same_kind")
+    del q
     k2 = (kernel.astype(np.float64) ** 2).astype(np.float32)
     acc = conv2d(scaled, k2, np.zeros(kernel.shape[-1], dtype=np.float32), dtype=np.float32)
-    return np.asarray(np.sqrt(acc * peak + (bias * bias)[None, :, None, None]) + TINY)
+    out: Array = np.multiply(acc, peak)
+    out += (bias * bias)[None, :, None, None]
+    np.sqrt(out, out=out)
+    out += TINY
+    return out
 
 
 def relu_pass_on(value: Array, s: Array) -> Array:

@@ -124,7 +124,7 @@ def test_nan_mismatch_has_infinite_margin():
 def test_chunks_give_the_whole_array_result(monkeypatch, atol_shape):
     """Large taps run in chunks, a core each; where a chunk ends must not change any number kept, even
     with a NaN mismatch, an exact zero and matching infinities in different chunks."""
-    from parity import compare
+    from parity import compare, kernels
 
     rng = np.random.default_rng(1)
     b = rng.normal(size=(2, 3, 4, 5))
@@ -135,7 +135,7 @@ def test_chunks_give_the_whole_array_result(monkeypatch, atol_shape):
     atol = np.abs(rng.normal(scale=1e-3, size=atol_shape)) if atol_shape else 1e-3
 
     def run(block: int) -> compare.ComparisonResult:
-        monkeypatch.setattr(compare, "CHUNK", block)
+        monkeypatch.setattr(kernels, "CHUNK", block)
         acc = ElementwiseComparison("k", "t", "a", "b", 0.0, 1e-4, factor=2.0)
         acc.add(a, b, atol)
         acc.add(a[:1], b[:1], atol if not atol_shape else np.broadcast_to(atol, b.shape)[:1])
@@ -227,7 +227,11 @@ def test_compiled_loop_equals_the_rule_written_in_numpy(dtype_a, dtype_b, atol_k
     got = compare_arrays(a, b, atol, 1e-6)
     got_factored = ElementwiseComparison("k", "t", "a", "b", 0.0, 1e-6, factor=4.0)
     got_factored.add(a, b, atol)
+    # The runner hands the error scale and factor·u separately (``times``): the same comparison.
+    got_times = ElementwiseComparison("k", "t", "a", "b", 0.0, 1e-6, factor=4.0)
+    got_times.add(a, b, np.asarray(atol) * 2.0**20, times=2.0**-20)
     want = _rule_in_numpy(a, b, atol, 1e-6, 4.0)
+    assert got_times.finish().to_dict() == got_factored.finish().to_dict()
     assert want["mismatched"] > 0 and want["histogram"] != [0] * 83  # the case exercises the numbers
     for key, value in want.items():
         if key == "min_factor_to_pass":

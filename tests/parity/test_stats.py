@@ -137,3 +137,31 @@ def test_statistics_handed_in_are_used_as_computed_here():
         tol = np.full(tap.shape, 1e-3)
         for stat, values in perturbation_bounds(tap, tol, 1e-7).items():
             np.testing.assert_array_equal(perturbation_bounds(tap, tol, 1e-7, statistics=known[name])[stat], values)
+
+
+@pytest.mark.parametrize("is_complex", [False, True])
+def test_large_taps_split_into_row_blocks_give_the_whole_tap_result(monkeypatch, is_complex):
+    """Statistics and bounds of a large tap run a block of rows per core: where a block ends, and a
+    tolerance given as a scale times a coefficient (how the runner gives it), change no number."""
+    from parity import kernels
+    from parity.stats import patch_statistics, perturbation_bounds
+
+    rng = np.random.default_rng(11)
+    values = rng.normal(size=(3, 5, 6, 7))
+    if is_complex:
+        values = values * np.exp(1j * rng.uniform(-np.pi, np.pi, size=values.shape))
+    values[1, 2, 3, 4] = np.nan
+    scale = np.abs(rng.normal(size=values.shape))
+
+    def run(chunk: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        monkeypatch.setattr(kernels, "CHUNK", chunk)
+        stats = patch_statistics(values)
+        return stats, perturbation_bounds(values, scale, 1e-7, times=2.0**-20, proportional=3e-6)
+
+    (whole_stats, whole_bounds), (blocked_stats, blocked_bounds) = run(1 << 20), run(100)
+    assert len(kernels.row_blocks(15, 42)) == 8  # 100 elements: two rows a block
+    product = perturbation_bounds(values, scale * 2.0**-20, 1e-7, proportional=3e-6)
+    for name, want in whole_stats.items():
+        np.testing.assert_array_equal(blocked_stats[name], want, err_msg=name)
+        np.testing.assert_array_equal(blocked_bounds[name], whole_bounds[name], err_msg=name)
+        np.testing.assert_array_equal(product[name], whole_bounds[name], err_msg=name)
