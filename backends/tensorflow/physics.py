@@ -81,16 +81,19 @@ def _translate_real(images: Tensor, offsets: Tensor) -> Tensor:
         safe = tf.where(tf.math.is_nan(coord), -1.0, coord)
         return tf.cast(tf.clip_by_value(safe, -1.0, float(size)), tf.int32) + 1
 
-    def index(yy: Tensor, xx: Tensor) -> Tensor:
-        return tf.reshape(to_index(yy, H) * (W + 2) + to_index(xx, W), [K, H * W])
+    # Each row and column index and each weight once: the graph is traced for every instance, and
+    # its ops, not its arithmetic, are what tracing costs.
+    rows = [to_index(yy, H) * (W + 2) for yy in (y0, y1)]
+    cols = [to_index(xx, W) for xx in (x0, x1)]
 
-    def sample(yy: Tensor, xx: Tensor) -> Tensor:
-        return tf.reshape(tf.gather(padded, index(yy, xx), batch_dims=1), [K, H, W])
+    def sample(row: Tensor, col: Tensor) -> Tensor:
+        return tf.reshape(tf.gather(padded, tf.reshape(row + col, [K, H * W]), batch_dims=1), [K, H, W])
 
     # Same association as TensorFlow's own bilinear kernel: interpolate along x on the two rows,
     # then along y. With integer offsets the weights are exactly 1 and 0, so the shift is exact.
-    top = (x1 - x) * sample(y0, x0) + (x - x0) * sample(y0, x1)
-    bottom = (x1 - x) * sample(y1, x0) + (x - x0) * sample(y1, x1)
+    left, right = x1 - x, x - x0
+    top = left * sample(rows[0], cols[0]) + right * sample(rows[0], cols[1])
+    bottom = left * sample(rows[1], cols[0]) + right * sample(rows[1], cols[1])
     return (y1 - y) * top + (y - y0) * bottom
 
 
