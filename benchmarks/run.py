@@ -9,10 +9,11 @@ Rows (all measured in this one run, on this machine):
 - each backend's gradients of both losses (``Backend.gradients``) at the same batch, and their cost
   in forward passes;
 - harness / bare forwards: a full end-to-end parity run (comparisons, statistics, error scales) of the
-  same backends on the same batches over their bare forward passes (and the part of it spent in the
-  reference's error scales, which are the tolerances: a pass of the error model through the
-  network), and the same with layer-local parity on (each stage run again on the reference's
-  inputs), and the end-to-end run with gradient parity on (``--gradients``) over the one without;
+  same backends on the same batches over their bare forward passes timed just before it, the median
+  of these ratios over the repeats (and the part of it spent in the reference's error scales, which
+  are the tolerances: a pass of the error model through the network), and the same with layer-local
+  parity on (each stage run again on the reference's inputs), and the end-to-end run with gradient
+  parity on (``--gradients``) over the one without;
 - peak RSS of a fresh process running the harness on 10x the batches over 1x (each in its own
   subprocess, so nothing from the other run is counted);
 - wall time of ``pytest -m parity``, serially and on two workers (``-n 2``) (unless ``--no-suite``).
@@ -163,18 +164,38 @@ def main() -> int:
         harness(False)
         per_run.append(sum(in_scales))
 
-    t_bare = timed(bare, args.repeats)
+    bare_times: list[float] = []  # every bare run of over_bare, for the row of their own
+
+    def over_bare(fn: Any) -> list[float]:
+        """fn's time over the bare forwards' time measured just before it, one ratio a repeat: on a
+        shared machine the speed drifts by more than the harness costs between two separate medians."""
+        bare()
+        fn()  # warm-up: tracing, caches
+        ratios = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            bare()
+            t1 = time.perf_counter()
+            fn()
+            ratios.append((time.perf_counter() - t1) / (t1 - t0))
+            bare_times.append(t1 - t0)
+        return ratios
+
     reference.error_scales = timed_scales  # type: ignore[method-assign]
-    t_e2e = timed(harness_e2e, args.repeats)
+    e2e = over_bare(harness_e2e)
     del reference.error_scales  # the class's own method again for the later rows
-    t_scales = statistics.median(per_run[1:])  # the first run is the warm-up
-    t_local = timed(lambda: harness(True), args.repeats)
+    scales = [t / b for t, b in zip(per_run[1:], bare_times, strict=True)]  # per_run[0]: the warm-up
+    local = over_bare(lambda: harness(True))
+    t_bare = statistics.median(bare_times)
     shape = f"{args.harness_batches} batches of 4"
+    median = statistics.median
     rows.append((f"bare forwards, three backends, {shape}", f"{t_bare:.2f} s"))
-    rows.append(("harness / bare forwards, end to end", f"{t_e2e / t_bare:.2f}"))
-    rows.append(("of which the error scales (the tolerances) / bare forwards", f"{t_scales / t_bare:.2f}"))
-    rows.append(("harness / bare forwards, end to end, error scales left out", f"{(t_e2e - t_scales) / t_bare:.2f}"))
-    rows.append(("harness / bare forwards, with layer-local parity", f"{t_local / t_bare:.2f}"))
+    rows.append(("harness / bare forwards, end to end", f"{median(e2e):.2f}"))
+    rows.append(("of which the error scales (the tolerances) / bare forwards", f"{median(scales):.2f}"))
+    left_out = [r - s for r, s in zip(e2e, scales, strict=True)]
+    rows.append(("harness / bare forwards, end to end, error scales left out", f"{median(left_out):.2f}"))
+    rows.append(("harness / bare forwards, with layer-local parity", f"{median(local):.2f}"))
+    t_e2e = median(e2e) * t_bare
     t_grad = timed(lambda: harness(False, gradients=True), args.repeats)
     rows.append(("harness with gradients / harness, end to end", f"{t_grad / t_e2e:.2f}"))
 
