@@ -165,15 +165,14 @@ def perturbation_bounds(
 ) -> dict[str, np.ndarray]:
     """{statistic: (patches,)}: how much each statistic of ``tap`` can change when every element
     changes by at most ``times·tol`` (``tol`` broadcastable to the tap) plus ``proportional`` times its
-    own modulus,
-    plus ``rounding`` times the statistic (the rounding of storing it). Counts must match exactly
-    (COUNT_TOLERANCE). ``statistics``: ``patch_statistics(tap)`` when the caller has them already (the
-    runner computes them once per tap and backend)."""
+    own modulus, plus ``rounding`` times the statistic (the rounding of storing it). Counts must match
+    exactly (COUNT_TOLERANCE). ``statistics``: ``patch_statistics(tap)`` when the caller has them
+    already (the runner computes them once per tap and backend)."""
     from parity.kernels import on_cores, row_blocks, row_tolerance_moments
 
-    def moments(t: np.ndarray, t_times: float, values: np.ndarray, proportional: float) -> np.ndarray:
+    def moments(t: np.ndarray, t_times: float, values: np.ndarray, per_value: float) -> np.ndarray:
         parts = on_cores(
-            lambda rows: row_tolerance_moments(t[rows], t_times, values[rows], proportional),
+            lambda rows: row_tolerance_moments(t[rows], t_times, values[rows], per_value),
             row_blocks(*t.shape),
         )
         return np.concatenate(parts) if len(parts) != 1 else parts[0]
