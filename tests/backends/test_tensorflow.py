@@ -261,6 +261,36 @@ def test_translation_is_bitwise_tensorflows_own_bilinear_transform() -> None:
     assert np.array_equal(translate(img, offsets), theirs)
 
 
+@pytest.mark.parametrize("shape", [(3, 8, 8, 64), (2, 16, 12, 5)])
+def test_nearest_upsampling_is_bitwise_keras_upsampling2d(shape: tuple[int, int, int, int]) -> None:
+    """The model's upsampling (built for cheaper tracing) against Keras's UpSampling2D, forward and
+    gradient, in graph mode with a free batch size as the model runs. The cotangent spans eight decades,
+    so a gradient that summed the four copies in another order would not round the same."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=shape).astype(np.float32)
+    B, H, W, C = shape
+    cotangent = (rng.normal(size=(B, 2 * H, 2 * W, C)) * 10.0 ** rng.uniform(-4, 4, (B, 2 * H, 2 * W, C))).astype(
+        np.float32
+    )
+    spec = [tf.TensorSpec([None, H, W, C], tf.float32), tf.TensorSpec([None, 2 * H, 2 * W, C], tf.float32)]
+
+    def run(layer: Any) -> tuple[np.ndarray, np.ndarray]:
+        def body(x: Any, dy: Any) -> tuple[Any, Any]:
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x)
+            return y, tape.gradient(y, x, output_gradients=dy)
+
+        y, dx = tf.function(body, autograph=False).get_concrete_function(*spec)(tf.constant(x), tf.constant(cotangent))
+        return y.numpy(), dx.numpy()
+
+    ours = run(PtychoModel(ModelConfig()).make_upsample())
+    keras_own = run(keras.layers.UpSampling2D(2, interpolation="nearest"))
+    assert ours[0].shape == (B, 2 * H, 2 * W, C)
+    assert np.array_equal(ours[0], keras_own[0])
+    assert np.array_equal(ours[1], keras_own[1])
+
+
 def _random_field(shape: tuple[int, ...], seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
