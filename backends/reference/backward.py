@@ -22,6 +22,9 @@ Conventions
   amplitude is 0, max(I, floor) passes the gradient only where I > floor, and a max-pool tie routes
   the gradient to the first maximal element of the window (``max_pool2_vjp``).
 * Offsets are inputs of the harness, not differentiated.
+* The network adjoints work in the cotangent's dtype: float64 for the reference's gradients. The
+  gradient error model carries random realisations of an error through them in float32, where
+  their rounding is far below their sampling noise; forward values are cast where they enter a product.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from numpy.typing import DTypeLike
 
 from backends.reference import physics
 from backends.reference.model import Conv, ConvBlock, Head, ReferenceModel, Taps
@@ -53,11 +57,11 @@ from parity.taps import GRAD, LOSSES
 _IM2COL_MAX_ELEMENTS = 8_000_000
 
 
-def _im2col(x: Array) -> Iterator[tuple[slice, Array]]:
+def _im2col(x: Array, dtype: DTypeLike = np.float64) -> Iterator[tuple[slice, Array]]:
     """(batch chunk, its im2col matrix): rows (b, y, x), columns (kh, kw, in), the canonical kernel's
-    row order, exactly as ``ops.conv2d`` builds them."""
+    row order, exactly as ``ops.conv2d`` builds them, in the cotangent's ``dtype``."""
     B, cin, H, W = x.shape
-    padded = np.zeros((B, H + 2, W + 2, cin))
+    padded = np.zeros((B, H + 2, W + 2, cin), dtype=dtype)
     padded[:, 1:-1, 1:-1] = x.transpose(0, 2, 3, 1)
     windows = sliding_window_view(padded, (3, 3), axis=(1, 2))  # (B, H, W, in, kh, kw)
     step = max(1, _IM2COL_MAX_ELEMENTS // (H * W * 9 * cin))
@@ -82,8 +86,8 @@ def _kernel_vjp(x: Array, dy: Array) -> Array:
     matrix is built once for all of them."""
     S, _, cout = dy.shape[:3]
     cin = x.shape[1]
-    dkernel = np.zeros((9 * cin, S * cout))
-    for chunk, cols in _im2col(x):
+    dkernel = np.zeros((9 * cin, S * cout), dtype=dy.dtype)
+    for chunk, cols in _im2col(x, dy.dtype):
         dkernel += cols.T @ _rows(dy[:, chunk])
     return _kernel_from(dkernel, cin, S, cout)
 
@@ -99,12 +103,14 @@ def _input_vjp(kernel: Array, dy: Array) -> Array:
     """
     S, B, cout, H, W = dy.shape
     cin = kernel.shape[2]
+    kernel = kernel.astype(dy.dtype, copy=False)
     if cin >= cout:
         flipped = np.ascontiguousarray(kernel[::-1, ::-1].transpose(0, 1, 3, 2))
-        return conv2d(dy.reshape(S * B, cout, H, W), flipped, np.zeros(cin)).reshape(S, B, cin, H, W)
+        zero = np.zeros(cin, dtype=dy.dtype)
+        return conv2d(dy.reshape(S * B, cout, H, W), flipped, zero, dtype=dy.dtype).reshape(S, B, cin, H, W)
     rows = dy.transpose(0, 1, 3, 4, 2).reshape(-1, cout)
     dcols = (rows @ kernel.reshape(9 * cin, cout).T).reshape(S * B, H, W, 3, 3, cin)
-    padded = np.zeros((S * B, H + 2, W + 2, cin))
+    padded = np.zeros((S * B, H + 2, W + 2, cin), dtype=dy.dtype)
     for a in range(3):
         for b in range(3):
             padded[:, a : a + H, b : b + W] += dcols[:, :, :, a, b]
@@ -135,9 +141,10 @@ def conv2d_activation_vjp(
     S, _, cout, H, W = dy.shape
     cin = x.shape[1]
     dz = np.empty_like(dy)
-    dkernel = np.zeros((9 * cin, S * cout))
-    flat_kernel = kernel.reshape(9 * cin, cout)
-    for chunk, cols in _im2col(x):
+    dkernel = np.zeros((9 * cin, S * cout), dtype=dy.dtype)
+    flat_kernel = kernel.reshape(9 * cin, cout).astype(dy.dtype, copy=False)
+    bias = bias.astype(dy.dtype, copy=False)
+    for chunk, cols in _im2col(x, dy.dtype):
         z = (cols @ flat_kernel + bias).reshape(-1, H, W, cout).transpose(0, 3, 1, 2)
         dz[:, chunk] = activation_vjp(activation, z, dy[:, chunk])
         dkernel += cols.T @ _rows(dz[:, chunk])
@@ -195,7 +202,7 @@ def _swish_derivative(z: Array) -> Array:
 
 
 def _relu_derivative(z: Array) -> Array:
-    return (z > 0).astype(np.float64)
+    return (z > 0).astype(z.dtype)
 
 
 def _pi_tanh_derivative(z: Array) -> Array:
@@ -403,13 +410,13 @@ def _head_vjp(model: ReferenceModel, head: Head, features: Array, taps: Taps, dy
         return _block_vjp(head.full, features, taps, dup, grads)
     if head.centre is None:
         raise ValueError(f"{h} head has neither a centre nor a full branch")
-    dfeatures = np.zeros((*dy.shape[:2], *features.shape[1:]))
+    dfeatures = np.zeros((*dy.shape[:2], *features.shape[1:]), dtype=dy.dtype)
     # head.sum = padded + masked, so both branches receive dy; padding's adjoint is the crop.
     dcentre = pad_spatial_vjp(dy, model.N // 4)
     dfeatures[:, :, :-4] = _conv_vjp(head.centre, features[:, :-4], dcentre, grads, head.activation)
     if head.border is not None and head.border_out is not None:
         up = taps[f"{h}.head.border.up"]
-        dup = _conv_vjp(head.border_out, up, dy * model.border_mask, grads, swish)
+        dup = _conv_vjp(head.border_out, up, dy * model.border_mask.astype(dy.dtype), grads, swish)
         dfeatures[:, :, -4:] = _block_vjp(head.border, features[:, -4:], taps, dup, grads)
     return dfeatures
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from numpy.typing import DTypeLike
 
 Array = np.ndarray
 Activation = Callable[[Array], Array]
@@ -21,7 +22,7 @@ Activation = Callable[[Array], Array]
 _IM2COL_MAX_ELEMENTS = 8_000_000
 
 
-def conv2d(x: Array, kernel: Array, bias: Array, dtype: type = np.float64) -> Array:
+def conv2d(x: Array, kernel: Array, bias: Array, dtype: DTypeLike = np.float64) -> Array:
     """3x3 stride-1 cross-correlation with one pixel of zero padding on each side, plus bias.
 
     ``dtype`` is the working precision: float64 for the model, float32 for error scales.
