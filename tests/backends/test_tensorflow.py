@@ -175,6 +175,24 @@ def test_one_trace_for_all_batch_sizes_and_bitwise_repeatable() -> None:
         assert np.array_equal(first[name], second[name]), name
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"gridsize": 1, "object_big": False, "probe_mask": True}, {"pad_object": False, "amp_activation": "swish"}],
+    ids=_id,
+)
+def test_eager_stages_fed_the_forwards_taps_give_its_taps_bit_for_bit(changes: dict[str, Any]) -> None:
+    """Stages run eagerly (tracing one per stage cost more than running it), the forward in its
+    tf.function. Fed the forward's own inputs to them, they return the forward's taps exactly: a stage
+    computes what the model computes, and eager rounds as the graph does here."""
+    be = backend_for(**changes)
+    taps = be.forward(random_batch(be.config, 2, seed=6))
+    for stage in stages(be.config):
+        produced = be.run_stage(stage, {n: taps[n] for n in stage.inputs})
+        assert list(produced) == list(stage.outputs), stage.name
+        for name in stage.outputs:
+            assert np.array_equal(produced[name], taps[name], equal_nan=True), name
+
+
 def test_forward_rejects_a_malformed_batch() -> None:
     be = backend_for()
     batch = random_batch(be.config, 1)
