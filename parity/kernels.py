@@ -54,6 +54,13 @@ def row_blocks(rows: int, row_length: int) -> list[slice]:
     return [slice(start, min(start + per, rows)) for start in range(0, rows, per)]
 
 
+def by_row_blocks(work: Callable[[slice], np.ndarray], rows: int, row_length: int) -> np.ndarray:
+    """``work`` on each block of rows (``row_blocks``), on the cores at once, the results stacked in
+    row order: a row's result depends on that row alone, so it is the result of the whole."""
+    parts = on_cores(work, row_blocks(rows, row_length))
+    return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+
 @njit(cache=True, inline="always")
 def _modulus(d: Any) -> Any:
     """|d|, for real and complex d alike; the complex modulus without a libm call where it is safe."""

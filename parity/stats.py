@@ -44,10 +44,9 @@ def _rows(arr: np.ndarray) -> np.ndarray:
 def _real_patch_stats(flat: np.ndarray) -> dict[str, np.ndarray]:
     """Statistics of (P, K) real data, one row per patch, computed in float64 (one compiled pass,
     and a second for the deviations from the mean)."""
-    from parity.kernels import on_cores, row_blocks, row_statistics
+    from parity.kernels import by_row_blocks, row_statistics
 
-    blocks = on_cores(lambda rows: row_statistics(flat[rows]), row_blocks(*flat.shape))
-    columns = np.concatenate(blocks) if len(blocks) != 1 else blocks[0]
+    columns = by_row_blocks(lambda rows: row_statistics(flat[rows]), *flat.shape)
     # var_zero_mean: the PtychoPINN team's "zero-mean variance", the mean squared deviation from the
     # patch mean. Numerically the population variance; kept under its own name because that is what
     # they read.
@@ -168,14 +167,10 @@ def perturbation_bounds(
     own modulus, plus ``rounding`` times the statistic (the rounding of storing it). Counts must match
     exactly (COUNT_TOLERANCE). ``statistics``: ``patch_statistics(tap)`` when the caller has them
     already (the runner computes them once per tap and backend)."""
-    from parity.kernels import on_cores, row_blocks, row_tolerance_moments
+    from parity.kernels import by_row_blocks, row_tolerance_moments
 
     def moments(t: np.ndarray, t_times: float, values: np.ndarray, per_value: float) -> np.ndarray:
-        parts = on_cores(
-            lambda rows: row_tolerance_moments(t[rows], t_times, values[rows], per_value),
-            row_blocks(*t.shape),
-        )
-        return np.concatenate(parts) if len(parts) != 1 else parts[0]
+        return by_row_blocks(lambda rows: row_tolerance_moments(t[rows], t_times, values[rows], per_value), *t.shape)
 
     arr = np.asarray(tap)
     stats = patch_statistics(arr) if statistics is None else statistics
