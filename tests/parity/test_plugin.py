@@ -334,16 +334,24 @@ def test_parity_run_fails_the_test_on_a_divergence_unless_told_not_to(inner):
     res.stdout.fnmatch_lines(["*parity fail*", "*first diverging tap: output.amplitude (backends: off, reference*"])
 
 
-def test_report_folder_as_a_file_and_a_missing_gpu_are_usage_errors_before_any_test(inner, tmp_path):
+@pytest.fixture(scope="module")
+def torch_module():
+    """torch, imported before pytester's snapshot of the loaded modules: imported inside a test, it
+    would be dropped at the test's end, and importing it again fails (torch cannot be re-imported in
+    one process; a later test's ``import torch`` raised SystemError)."""
+    from parity.plugin import import_framework
+
+    return import_framework("torch")
+
+
+def test_report_folder_as_a_file_and_a_missing_gpu_are_usage_errors_before_any_test(torch_module, inner, tmp_path):
     inner.makepyfile("import pytest\n\n@pytest.mark.parity\ndef test_x():\n    raise AssertionError('ran')\n")
     (inner.path / "afile").write_text("x")
     res = _run(inner, "--parity-report-dir", "afile")
     assert res.ret == pytest.ExitCode.USAGE_ERROR
     res.stderr.fnmatch_lines(["ERROR: --parity-report-dir: afile exists and is not a folder"])
     res.stdout.no_fnmatch_line("*ran*")
-    import torch
-
-    if not torch.cuda.is_available():
+    if not torch_module.cuda.is_available():
         res = _run(inner, "--parity-backends", "reference,torch", "--parity-device", "cuda")
         assert res.ret == pytest.ExitCode.USAGE_ERROR
         res.stderr.fnmatch_lines(["ERROR: --parity-device: device 'cuda' is not usable: torch backend: *"])
