@@ -348,6 +348,9 @@ def claim_folder(folder: str | Path) -> Iterator[Path]:
 
 
 def write_statistics(result: ParityResult, path: Path) -> None:
+    """One array per backend, tap and statistic, stored uncompressed: each holds a few patches'
+    values, and compressing thousands of them doubled the time to write (0.22 against 0.11 s for the
+    default config's gradient report) for a file 30 % smaller (1.9 against 2.7 MB)."""
     arrays = {
         f"{backend}|{tap}|{stat}": values
         for backend, per_tap in result.statistics.items()
@@ -357,7 +360,7 @@ def write_statistics(result: ParityResult, path: Path) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             members: dict[str, Any] = dict(arrays)
-            np.savez_compressed(fh, **members)
+            np.savez(fh, **members)
 
 
 def write_reports(
