@@ -97,9 +97,8 @@ class NearestUpsample2x(keras.layers.Layer):  # type: ignore[misc]  # Keras ship
     """
 
     def call(self, x: Tensor) -> Tensor:
-        _, H, W, C = x.shape
-        if None in (H, W, C):
-            return keras.layers.UpSampling2D(2, interpolation="nearest")(x)
+        # A size the trace does not know (never, in this model) is read from the tensor at run time.
+        _, H, W, C = (n if n is not None else tf.shape(x)[i] for i, n in enumerate(x.shape))
         x = tf.reshape(tf.tile(tf.expand_dims(x, 2), [1, 1, 2, 1, 1]), [-1, 2 * H, W, C])
         return tf.reshape(tf.tile(tf.expand_dims(x, 3), [1, 1, 1, 2, 1]), [-1, 2 * H, 2 * W, C])
 

@@ -279,18 +279,24 @@ def test_translation_is_bitwise_tensorflows_own_bilinear_transform() -> None:
     assert np.array_equal(translate(img, offsets), theirs)
 
 
+@pytest.mark.parametrize("free_size", [False, True], ids=["static-size", "free-size"])
 @pytest.mark.parametrize("shape", [(3, 8, 8, 64), (2, 16, 12, 5)])
-def test_nearest_upsampling_is_bitwise_keras_upsampling2d(shape: tuple[int, int, int, int]) -> None:
+def test_nearest_upsampling_is_bitwise_keras_upsampling2d(shape: tuple[int, int, int, int], free_size: bool) -> None:
     """The model's upsampling (built for cheaper tracing) against Keras's UpSampling2D, forward and
-    gradient, in graph mode with a free batch size as the model runs. The cotangent spans eight decades,
-    so a gradient that summed the four copies in another order would not round the same."""
+    gradient, in graph mode with a free batch size as the model runs (and with height and width free
+    too). The cotangent spans eight decades, so a gradient that summed the four copies in another
+    order would not round the same."""
     rng = np.random.default_rng(5)
     x = rng.normal(size=shape).astype(np.float32)
     B, H, W, C = shape
     cotangent = (rng.normal(size=(B, 2 * H, 2 * W, C)) * 10.0 ** rng.uniform(-4, 4, (B, 2 * H, 2 * W, C))).astype(
         np.float32
     )
-    spec = [tf.TensorSpec([None, H, W, C], tf.float32), tf.TensorSpec([None, 2 * H, 2 * W, C], tf.float32)]
+    h, w = (None, None) if free_size else (H, W)
+    spec = [
+        tf.TensorSpec([None, h, w, C], tf.float32),
+        tf.TensorSpec([None, None if free_size else 2 * H, None if free_size else 2 * W, C], tf.float32),
+    ]
 
     def run(layer: Any) -> tuple[np.ndarray, np.ndarray]:
         def body(x: Any, dy: Any) -> tuple[Any, Any]:
