@@ -416,7 +416,7 @@ def _head_vjp(model: ReferenceModel, head: Head, features: Array, taps: Taps, dy
     dfeatures[:, :, :-4] = _conv_vjp(head.centre, features[:, :-4], dcentre, grads, head.activation)
     if head.border is not None and head.border_out is not None:
         up = taps[f"{h}.head.border.up"]
-        dup = _conv_vjp(head.border_out, up, dy * model.border_mask.astype(dy.dtype), grads, swish)
+        dup = _conv_vjp(head.border_out, up, dy * model.border_mask.astype(dy.dtype, copy=False), grads, swish)
         dfeatures[:, :, -4:] = _block_vjp(head.border, features[:, -4:], taps, dup, grads)
     return dfeatures
 

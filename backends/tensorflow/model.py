@@ -89,10 +89,10 @@ class NearestUpsample2x(keras.layers.Layer):  # type: ignore[misc]  # Keras ship
     """x2 nearest upsampling, channels-last: the very ops ``keras.layers.UpSampling2D(2)`` runs.
 
     UpSampling2D calls ``tf.repeat`` once per axis, which is ExpandDims, Tile and Reshape on the data
-    plus about a dozen ops of shape arithmetic built in Python from the dynamic shape; that made up a
-    fifth of the time to trace the forward, and the model is traced again for every config, stage and
-    gradient graph. Here the same ExpandDims, Tile and Reshape per axis take the static height, width
-    and channels, so forward and gradients are bitwise those of UpSampling2D (a test holds them to it)
+    plus about a dozen ops of shape arithmetic built in Python from the dynamic shape; that took a
+    quarter of the time to trace the forward, and the model is traced for every config, its forward
+    and its gradient graph. Here the same ExpandDims, Tile and Reshape per axis take the sizes the
+    trace knows, so forward and gradients are bitwise those of UpSampling2D (a test holds them to it)
     and only the tracing is cheaper.
     """
 
@@ -101,10 +101,6 @@ class NearestUpsample2x(keras.layers.Layer):  # type: ignore[misc]  # Keras ship
         _, H, W, C = (n if n is not None else tf.shape(x)[i] for i, n in enumerate(x.shape))
         x = tf.reshape(tf.tile(tf.expand_dims(x, 2), [1, 1, 2, 1, 1]), [-1, 2 * H, W, C])
         return tf.reshape(tf.tile(tf.expand_dims(x, 3), [1, 1, 1, 2, 1]), [-1, 2 * H, 2 * W, C])
-
-    def compute_output_shape(self, input_shape: Any) -> Any:
-        B, H, W, C = input_shape
-        return (B, None if H is None else 2 * H, None if W is None else 2 * W, C)
 
 
 def _nchw(t: Tensor) -> Tensor:
