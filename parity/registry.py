@@ -7,6 +7,8 @@ fails the backend is reported as unavailable with the import error instead of cr
 
 from __future__ import annotations
 
+import functools
+import sys
 import traceback
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -30,7 +32,15 @@ class BackendInfo:
 
 
 def _entry_points() -> list[EntryPoint]:
-    return sorted(entry_points(group=GROUP), key=lambda ep: ep.name)
+    return list(_entry_points_on(tuple(sys.path)))
+
+
+@functools.lru_cache(maxsize=8)
+def _entry_points_on(path: tuple[str, ...]) -> tuple[EntryPoint, ...]:
+    """The group's entry points for one ``sys.path``: reading every installed distribution's metadata
+    takes milliseconds, and one parity run asks for a backend about ten times. A path entry added
+    later (a plugin put on the path at run time) makes a new key, so it is seen."""
+    return tuple(sorted(entry_points(group=GROUP), key=lambda ep: ep.name))
 
 
 def _load(ep: EntryPoint) -> BackendInfo:

@@ -97,3 +97,15 @@ def test_a_wrapper_whose_code_is_missing_is_unavailable_with_its_reason(monkeypa
     assert "No module named 'dill'" in result.backends["late"].reason
     with pytest.raises(BackendUnavailableError, match="'dill'"):
         run(RunSpec(config=spec.config, backends=("reference", "late"), max_groups=1, require=True))
+
+
+def test_a_backend_put_on_the_path_at_run_time_is_found(tmp_path, monkeypatch):
+    """The entry points are read once per sys.path: one added afterwards must still be seen."""
+    assert "late" not in registry.registered_names()
+    info = tmp_path / "late_backend-0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: late-backend\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text(f"[{registry.GROUP}]\nlate = backends.reference:ReferenceBackend\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "late" in registry.registered_names()
+    assert registry.load_backend("late").name == "reference"
