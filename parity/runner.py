@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import traceback
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -523,9 +524,12 @@ def check_arbiter(taps: Mapping[str, np.ndarray], float32_sides: Sequence[str] =
         arr = np.asarray(values)
         if arr.dtype.kind not in "fc" or arr.size == 0:
             continue
-        finite = np.isfinite(arr)
-        if not finite.all():
-            where = tuple(int(i) for i in np.argwhere(~finite)[0])
+        # Two passes and no temporary for a real tap: NaN propagates through min and max, and a
+        # complex value with a non-finite part has a non-finite modulus.
+        modulus = np.abs(arr) if arr.dtype.kind == "c" else arr
+        lo, hi = float(np.min(modulus)), float(np.max(modulus))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            where = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
             if name.startswith("input."):
                 raise ArbiterOutOfRangeError(
                     name, f"the batch holds NaN or Inf at {name}{list(where)}: the inputs themselves are out of range"
@@ -536,7 +540,7 @@ def check_arbiter(taps: Mapping[str, np.ndarray], float32_sides: Sequence[str] =
                 "computation) from finite inputs: the config or the weights drive the model out of range",
             )
         if float32_sides and not name.startswith("input."):
-            peak = float(np.max(np.abs(arr[finite]), initial=0.0))
+            peak = max(-lo, hi)
             if peak > FLOAT32_MAX:
                 raise ArbiterOutOfRangeError(
                     name,

@@ -380,6 +380,27 @@ def test_a_reference_out_of_range_is_bad_input_not_a_pass(tol, value, message):
     assert info.value.tap == "toy.out"
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (complex(1.0, np.nan), r"produced NaN or Inf at field\[1, 2\]"),
+        (complex(-np.inf, 0.0), r"produced NaN or Inf at field\[1, 2\]"),
+        (complex(0.0, -1e39), r"reaches 1e\+39 at field"),
+        (-1e39, r"reaches 1e\+39 at field"),
+    ],
+)
+def test_the_arbiter_check_reads_complex_taps_by_modulus_and_negative_values_by_size(value, message):
+    """A non-finite part of a complex value, or a value far below -FLOAT32_MAX, is caught as well."""
+    from parity.runner import ArbiterOutOfRangeError, check_arbiter
+
+    field = np.ones((3, 4), dtype=complex if isinstance(value, complex) else float)
+    field[1, 2] = value
+    with pytest.raises(ArbiterOutOfRangeError, match=message):
+        check_arbiter({"fine": np.zeros(3), "field": field}, float32_sides=["torch"])
+    if np.isfinite(value):
+        check_arbiter({"field": field})  # beyond float32 matters only when a float32 side compares
+
+
 def test_non_finite_inputs_are_named_as_inputs(tol):
     """Taps named input.* are what the backend received (the guide's convention): NaN there is the
     batch's, and the message says so instead of blaming the model."""
