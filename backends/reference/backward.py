@@ -29,11 +29,9 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
-from numpy.typing import DTypeLike
 
 from backends.reference import physics
 from backends.reference.model import Conv, ConvBlock, Head, ReferenceModel, Taps
@@ -41,7 +39,9 @@ from backends.reference.ops import (
     Activation,
     Array,
     conv2d,
+    im2col,
     pad_spatial,
+    padded_channels_last,
     pi_tanh,
     relu,
     sigmoid,
@@ -51,23 +51,6 @@ from backends.reference.ops import (
 from parity.taps import GRAD, LOSSES
 
 # ---- network operations -------------------------------------------------------------------------
-
-# The im2col matrix per BLAS call is bounded like the forward's, so a large batch's backward runs
-# in constant extra memory too.
-_IM2COL_MAX_ELEMENTS = 8_000_000
-
-
-def _im2col(x: Array, dtype: DTypeLike = np.float64) -> Iterator[tuple[slice, Array]]:
-    """(batch chunk, its im2col matrix): rows (b, y, x), columns (kh, kw, in), the canonical kernel's
-    row order, exactly as ``ops.conv2d`` builds them, in the cotangent's ``dtype``."""
-    B, cin, H, W = x.shape
-    padded = np.zeros((B, H + 2, W + 2, cin), dtype=dtype)
-    padded[:, 1:-1, 1:-1] = x.transpose(0, 2, 3, 1)
-    windows = sliding_window_view(padded, (3, 3), axis=(1, 2))  # (B, H, W, in, kh, kw)
-    step = max(1, _IM2COL_MAX_ELEMENTS // (H * W * 9 * cin))
-    for start in range(0, B, step):
-        chunk = slice(start, start + step)
-        yield chunk, windows[chunk].transpose(0, 1, 2, 4, 5, 3).reshape(-1, 9 * cin)
 
 
 def _rows(dy: Array) -> Array:
@@ -87,7 +70,7 @@ def _kernel_vjp(x: Array, dy: Array) -> Array:
     S, _, cout = dy.shape[:3]
     cin = x.shape[1]
     dkernel = np.zeros((9 * cin, S * cout), dtype=dy.dtype)
-    for chunk, cols in _im2col(x, dy.dtype):
+    for chunk, cols in im2col(padded_channels_last(x, dy.dtype)):
         dkernel += cols.T @ _rows(dy[:, chunk])
     return _kernel_from(dkernel, cin, S, cout)
 
@@ -144,7 +127,7 @@ def conv2d_activation_vjp(
     dkernel = np.zeros((9 * cin, S * cout), dtype=dy.dtype)
     flat_kernel = kernel.reshape(9 * cin, cout).astype(dy.dtype, copy=False)
     bias = bias.astype(dy.dtype, copy=False)
-    for chunk, cols in _im2col(x, dy.dtype):
+    for chunk, cols in im2col(padded_channels_last(x, dy.dtype)):
         z = (cols @ flat_kernel + bias).reshape(-1, H, W, cout).transpose(0, 3, 1, 2)
         dz[:, chunk] = activation_vjp(activation, z, dy[:, chunk])
         dkernel += cols.T @ _rows(dz[:, chunk])

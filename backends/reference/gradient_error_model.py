@@ -125,7 +125,19 @@ from backends.reference import backward as bw
 from backends.reference import error_model as em
 from backends.reference import physics
 from backends.reference.model import ACTIVATION_NAMES, Conv, ConvBlock, Head, ReferenceModel
-from backends.reference.ops import Activation, Array, conv2d, pad_spatial, pi_tanh, relu, sigmoid, softplus, swish
+from backends.reference.ops import (
+    Activation,
+    Array,
+    conv2d,
+    im2col,
+    pad_spatial,
+    padded_channels_last,
+    pi_tanh,
+    relu,
+    sigmoid,
+    softplus,
+    swish,
+)
 from parity.taps import GRAD, LOSSES
 
 U32 = em.U32
@@ -155,8 +167,6 @@ AMP_KAPPA = 8.0
 # Realisations per loss of the loss stage's per-frequency errors carried through the adjoints (_sampled).
 MC_SAMPLES = 4
 _MC_SEED = 20261201
-
-_IM2COL_MAX_ELEMENTS = 8_000_000
 
 
 # ---- float32 helpers for squared error fields ---------------------------------------------------
@@ -197,21 +207,16 @@ def _kernel_sum(a: Array, q: Array) -> Array:
     rescaled to a peak of 1 (a column scaling commutes with the product, so this is exact). Terms
     far below their column's peak may underflow; the elements made of nothing else get the tile
     floor (``_tile_floor``) instead."""
-    B, cin, H, W = a.shape
+    cin = a.shape[1]
     S, _, cout = q.shape[:3]
     pa = np.abs(a).max(axis=(0, 2, 3))
     pa = np.where((pa > 0) & np.isfinite(pa), pa, 1.0)
     pq = np.abs(q).max(axis=(1, 3, 4))  # (S, out)
     pq = np.where((pq > 0) & np.isfinite(pq), pq, 1.0)
-    padded = np.zeros((B, H + 2, W + 2, cin), dtype=np.float32)
-    padded[:, 1:-1, 1:-1] = (a / pa[None, :, None, None]).transpose(0, 2, 3, 1)
-    windows = sliding_window_view(padded, (3, 3), axis=(1, 2))
     rows_all = (q / pq[:, None, :, None, None]).astype(np.float32).transpose(1, 3, 4, 0, 2)  # (B, H, W, S, out)
     acc = np.zeros((9 * cin, S * cout), dtype=np.float32)
-    step = max(1, _IM2COL_MAX_ELEMENTS // (H * W * 9 * cin))
-    for start in range(0, B, step):
-        cols = windows[start : start + step].transpose(0, 1, 2, 4, 5, 3).reshape(-1, 9 * cin)
-        acc += cols.T @ rows_all[start : start + step].reshape(-1, S * cout)
+    for chunk, cols in im2col(padded_channels_last(a / pa[None, :, None, None], np.float32)):
+        acc += cols.T @ rows_all[chunk].reshape(-1, S * cout)
     out = acc.astype(np.float64).reshape(3, 3, cin, S, cout).transpose(3, 0, 1, 2, 4)
     return np.ascontiguousarray(out) * pa[None, None, None, :, None] * pq[:, None, None, None, :]
 

@@ -8,7 +8,7 @@ im2col matrix), and an output-side sum where the outputs are far fewer than the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -19,7 +19,7 @@ Activation = Callable[[Array], Array]
 
 # Bound on the im2col matrix per BLAS call (elements, 64 MB): no slower than one big product here,
 # and larger harness batches then run in constant extra memory instead of growing with B.
-_IM2COL_MAX_ELEMENTS = 8_000_000
+IM2COL_MAX_ELEMENTS = 8_000_000
 
 
 def conv2d(x: Array, kernel: Array, bias: Array, dtype: DTypeLike = np.float64) -> Array:
@@ -31,29 +31,40 @@ def conv2d(x: Array, kernel: Array, bias: Array, dtype: DTypeLike = np.float64) 
     kh, kw, kin, cout = kernel.shape
     if (kh, kw) != (3, 3) or kin != cin:
         raise ValueError(f"conv2d: kernel {kernel.shape} does not fit input {x.shape}")
-    # Channels-last, zero-padded copy.
-    padded = np.zeros((B, H + 2, W + 2, cin), dtype=dtype)
-    padded[:, 1:-1, 1:-1, :] = x.transpose(0, 2, 3, 1)
+    padded = padded_channels_last(x, dtype)
     if 9 * cout <= cin:
         out = _conv2d_output_side(padded, kernel.astype(dtype, copy=False), H, W)
     else:
-        out = _conv2d_im2col(padded, kernel.astype(dtype, copy=False), H, W)
+        # Every 3x3 window flattened as (kh, kw, in), which is the kernel's row order, times the
+        # kernel: one BLAS product per chunk of images.
+        weights = kernel.astype(dtype, copy=False).reshape(9 * cin, cout)
+        out = np.empty((B, H, W, cout), dtype=dtype)
+        for chunk, cols in im2col(padded):
+            out[chunk] = (cols @ weights).reshape(-1, H, W, cout)
     out += bias
     return out.transpose(0, 3, 1, 2)
 
 
-def _conv2d_im2col(padded: Array, kernel: Array, H: int, W: int) -> Array:
-    """Every 3x3 window flattened as (kh, kw, in), which is the kernel's row order, times the kernel:
-    one BLAS product per chunk of images, moving 9x the input through memory."""
-    B, cin, cout = padded.shape[0], kernel.shape[2], kernel.shape[3]
+def padded_channels_last(x: Array, dtype: DTypeLike) -> Array:
+    """(B, H + 2, W + 2, in): the zero-padded channels-last copy of x (B, in, H, W) that every 3x3
+    'same' convolution here reads its windows from."""
+    B, cin, H, W = x.shape
+    padded = np.zeros((B, H + 2, W + 2, cin), dtype=dtype)
+    padded[:, 1:-1, 1:-1, :] = x.transpose(0, 2, 3, 1)
+    return padded
+
+
+def im2col(padded: Array) -> Iterator[tuple[slice, Array]]:
+    """(chunk of images, its im2col matrix (b·H·W, 9·in)) for ``padded_channels_last`` output: rows
+    (b, y, x), columns (kh, kw, in), the canonical kernel's row order. The matrix moves 9x the input
+    through memory, so chunks of images keep each one under IM2COL_MAX_ELEMENTS."""
+    B, Hp, Wp, cin = padded.shape
+    H, W = Hp - 2, Wp - 2
     windows = sliding_window_view(padded, (3, 3), axis=(1, 2))  # (B, H, W, in, kh, kw)
-    weights = kernel.reshape(9 * cin, cout)
-    out: Array = np.empty((B, H, W, cout), dtype=padded.dtype)
-    step = max(1, _IM2COL_MAX_ELEMENTS // (H * W * 9 * cin))
+    step = max(1, IM2COL_MAX_ELEMENTS // (H * W * 9 * cin))
     for start in range(0, B, step):
-        cols = windows[start : start + step].transpose(0, 1, 2, 4, 5, 3).reshape(-1, 9 * cin)
-        out[start : start + step] = (cols @ weights).reshape(-1, H, W, cout)
-    return out
+        chunk = slice(start, min(start + step, B))
+        yield chunk, windows[chunk].transpose(0, 1, 2, 4, 5, 3).reshape(-1, 9 * cin)
 
 
 def _conv2d_output_side(padded: Array, kernel: Array, H: int, W: int) -> Array:
