@@ -166,20 +166,24 @@ def main() -> int:
 
     bare_times: list[float] = []  # every bare run of over_bare, for the row of their own
 
-    def over_bare(fn: Any) -> list[float]:
-        """fn's time over the bare forwards' time measured just before it, one ratio a repeat: on a
-        shared machine the speed drifts by more than the harness costs between two separate medians."""
-        bare()
-        fn()  # warm-up: tracing, caches
+    def paired(first: Any, second: Any, first_times: list[float] | None = None) -> list[float]:
+        """second's time over first's, timed back to back, one ratio a repeat: on a shared machine
+        the speed drifts by more than the harness costs between two separate medians."""
+        first()
+        second()  # warm-up: tracing, caches
         ratios = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            bare()
+            first()
             t1 = time.perf_counter()
-            fn()
+            second()
             ratios.append((time.perf_counter() - t1) / (t1 - t0))
-            bare_times.append(t1 - t0)
+            if first_times is not None:
+                first_times.append(t1 - t0)
         return ratios
+
+    def over_bare(fn: Any) -> list[float]:
+        return paired(bare, fn, bare_times)
 
     reference.error_scales = timed_scales  # type: ignore[method-assign]
     e2e = over_bare(harness_e2e)
@@ -195,9 +199,8 @@ def main() -> int:
     left_out = [r - s for r, s in zip(e2e, scales, strict=True)]
     rows.append(("harness / bare forwards, end to end, error scales left out", f"{median(left_out):.2f}"))
     rows.append(("harness / bare forwards, with layer-local parity", f"{median(local):.2f}"))
-    t_e2e = median(e2e) * t_bare
-    t_grad = timed(lambda: harness(False, gradients=True), args.repeats)
-    rows.append(("harness with gradients / harness, end to end", f"{t_grad / t_e2e:.2f}"))
+    with_gradients = paired(lambda: harness(False), lambda: harness(False, gradients=True))
+    rows.append(("harness with gradients / harness, end to end", f"{median(with_gradients):.2f}"))
 
     one, ten = peak_rss_mib(1, 4, args.device), peak_rss_mib(10, 4, args.device)
     rows.append(("peak RSS, 1 batch of 4 / 10 batches of 4", f"{one:.0f} MiB / {ten:.0f} MiB"))
