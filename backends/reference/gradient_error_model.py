@@ -80,8 +80,12 @@ of the forward values the adjoints' coefficients are made of. Choices, and why:
   the tie rule routes it (to the first maximum, as the spec and both frameworks do) and a backend
   that routes ties elsewhere stays detectable. Deeper, TensorFlow's convolutions round identical
   windows differently by position and break such ties, so there p = ½; that switch only moves a
-  cotangent inside its window, so the bias of the conv before the pool does not get it.
-  Upsampling's adjoint sums four cotangents.
+  cotangent inside its window, so the bias of the conv before the pool does not get it. The ReLU
+  before the pool makes compound switches: where every unit of a window is 0 in the reference, a
+  unit whose pre-activation float32 rounds above 0 becomes the maximum and passes all of dy (found
+  on one thread: a kernel gradient 971 off). Every unit of a window may so receive dy·√q, q the
+  chance that the maximum is not where the reference has it (1 in a window of dead units), which
+  its ReLU's kink weighs by its own flip probability. Upsampling's adjoint sums four cotangents.
 - **Translation adjoints** (reextraction, merge): the bilinear weights are positive, so E translates
   with them as in the forward model, plus the float32 sampling coordinate's rounding
   (u·extent·|∇g|) and four roundings; the C patches' errors add in quadrature. The merge's division
@@ -279,13 +283,16 @@ class _Sweep:
         e_dx2 = _input_adjoint32(w2, e_dz2 + dz2)
         return dx, e_dx2
 
-    def relu(self, conv: Conv, x: Array, y: Array, dy: Array, e_dy2: Array) -> tuple[Array, Array]:
-        """ReLU adjoint at conv's output y = relu(z): the mask, and the kink's switches."""
+    def relu(
+        self, conv: Conv, x: Array, y: Array, dy: Array, e_dy2: Array, reach: Array | None = None
+    ) -> tuple[Array, Array]:
+        """ReLU adjoint at conv's output y = relu(z): the mask, and the kink's switches. ``reach``:
+        the cotangent a unit may receive if it switches (``_pool_adjoint``), by default dy."""
         z = _conv32(x, conv.kernel) + conv.bias[None, :, None, None]
         p = _flip_probability(z, self.S[conv.name])
         live = y > 0
         dz = np.where(live, dy, 0.0)
-        e2 = np.where(live, e_dy2, 0.0) + p * (dy / U32) ** 2
+        e2 = np.where(live, e_dy2, 0.0) + p * ((dy if reach is None else reach) / U32) ** 2
         return dz, e2
 
     def activation(
@@ -311,18 +318,18 @@ class _Sweep:
         """Adjoint of a down or up block whose input was x (forward error s_x passed on)."""
         conv0, conv1 = block.conv0, block.conv1
         y0, y1 = self.taps[conv0.name], self.taps[conv1.name]
-        ties = None
+        ties = reach = None
         if block.resample_tap == "pool":
             # Only the first block's ties are exact in float32 too: its input is the scaled measurement,
             # whose identical values every float32 conv treats identically. Deeper inputs are float32
             # conv outputs, and TensorFlow's convolutions round identical windows differently by position
             # (measured: a 95 %-zero low-photon input, 84 of 12,178 exact ties of blocks 1 and 2 broken,
             # 48 routed elsewhere; torch broke none): there a tie may go either way.
-            d, e2, ties = _pool_adjoint(y1, self.S[conv1.name], dy, e_dy2, block.prefix != "encoder.block0")
+            d, e2, ties, reach = _pool_adjoint(y1, self.S[conv1.name], dy, e_dy2, block.prefix != "encoder.block0")
         else:
             d = bw.upsample2_vjp(dy)
             e2 = bw.upsample2_vjp(e_dy2) + (2.0 * d) ** 2
-        d, e2 = self.relu(conv1, y0, y1, d, e2)
+        d, e2 = self.relu(conv1, y0, y1, d, e2, reach)
         d, e2 = self.conv(conv1, y0, self.passed_on(conv0.name), d, e2, ties)
         d, e2 = self.relu(conv0, x, y0, d, e2)
         return self.conv(conv0, x, s_x, d, e2)
@@ -393,12 +400,20 @@ def _derivative_from_output(activation: Activation, z: Array) -> Array:
 
 def _pool_adjoint(
     x: Array, s_x: Array, dy: Array, e_dy2: Array, ties_are_noise: bool = False
-) -> tuple[Array, Array, Array]:
+) -> tuple[Array, Array, Array, Array]:
     """Max-pool adjoint with its error: the cotangent and its E² follow the argmax (first maximum, as
     ``backward.max_pool2_vjp``); a window whose top two positive values are within noise of each
     other may route to the runner-up instead, adding p·(dy/u)² at both places. An exact tie routes
-    by the tie rule unless ``ties_are_noise`` (then either way, p = ½). Returns (dx, E², the part of
-    E² from exact ties)."""
+    by the tie rule unless ``ties_are_noise`` (then either way, p = ½).
+
+    x is a ReLU output. Where every unit of a window is 0 in the reference, a float32 backend that
+    rounds one pre-activation within noise of 0 to a positive value makes that unit the window's
+    maximum, and the whole dy passes through it (measured: TensorFlow on one thread, a unit at
+    2.6e-8 where the reference has 0 moved a kernel gradient by 971 against 298). So beside the
+    routed dy, every other unit of a window may receive dy·√q, q the chance that the window's
+    maximum is not where the reference has it (1 where every unit is dead); the ReLU's kink weighs
+    that by the unit's own flip probability. Returns (dx, E², the part of E² from exact ties, the
+    cotangent each unit may receive)."""
     B, C, H, W = x.shape
     h, w = H // 2, W // 2
 
@@ -426,7 +441,12 @@ def _pool_adjoint(
     switch = (p * (dy / U32) ** 2)[..., None]
     e2 = np.where(route, e_dy2[..., None] + switch, 0.0) + np.where(runner, switch, 0.0)
     tied = np.where(tie[..., None] & (route | runner), switch, 0.0)
-    return dx, back(e2), back(tied)
+    # The chance that the window's maximum is not where the reference has it: certain where every
+    # unit is dead, else a switch of the top two or the top unit itself within noise of 0.
+    s_top = np.take_along_axis(sv, first, axis=-1)[..., 0]
+    q = np.where(top <= 0, 1.0, np.maximum(p, _flip_probability(top, s_top)))
+    reach = back(np.where(route, dy[..., None], (np.sqrt(q) * dy)[..., None]))
+    return dx, back(e2), back(tied), reach
 
 
 def _slope(g: Array) -> Array:

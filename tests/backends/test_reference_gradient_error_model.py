@@ -124,22 +124,50 @@ def test_a_max_pool_near_tie_routes_error_to_both_and_a_clear_winner_or_exact_ti
     clear = np.array([[[[1.0, 2.0], [0.2, 0.0]]]])
     s = np.full_like(x, 1e3)
     dy = np.ones((1, 1, 1, 1, 1))
-    _, e_tie, _ = gem._pool_adjoint(x, s, dy, np.zeros_like(dy))
-    _, e_clear, _ = gem._pool_adjoint(clear, s, dy, np.zeros_like(dy))
+    _, e_tie, _, _ = gem._pool_adjoint(x, s, dy, np.zeros_like(dy))
+    _, e_clear, _, _ = gem._pool_adjoint(clear, s, dy, np.zeros_like(dy))
     assert e_tie[0, 0, 0, 0, 0] > 0.1 / U**2 and e_tie[0, 0, 0, 0, 1] > 0.1 / U**2
     assert np.all(e_clear == 0)
     # an exact tie of the first block comes from identical inputs, which float32 computes
     # identically: the tie rule routes it, so a backend routing ties elsewhere stays detectable
     # (tests/test_mutations.py)
     exact = np.array([[[[1.0, 1.0], [0.2, 0.0]]]])
-    _, e_exact, tied = gem._pool_adjoint(exact, s, dy, np.zeros_like(dy))
+    _, e_exact, tied, _ = gem._pool_adjoint(exact, s, dy, np.zeros_like(dy))
     assert np.all(e_exact == 0) and np.all(tied == 0)
     # deeper, TensorFlow's convolutions break such ties by position: either way, p = ½, at both
     # maxima, and reported apart (the bias of the conv before the pool cannot see it)
-    _, e_deep, tied = gem._pool_adjoint(exact, s, dy, np.zeros_like(dy), ties_are_noise=True)
+    _, e_deep, tied, _ = gem._pool_adjoint(exact, s, dy, np.zeros_like(dy), ties_are_noise=True)
     np.testing.assert_array_equal(e_deep, tied)
     assert e_deep[0, 0, 0, 0, 0] == e_deep[0, 0, 0, 0, 1] == 0.5 / U**2
     assert np.count_nonzero(e_deep) == 2
+
+
+def test_a_dead_unit_near_the_kink_in_a_window_of_dead_units_may_take_the_whole_pooled_cotangent():
+    """Every unit of the window is 0 after the ReLU in the reference; one pre-activation is within
+    noise of 0. If float32 rounds it positive it becomes the window's maximum and passes all of dy
+    (TensorFlow on one thread did exactly that: a kernel gradient 971 off). The runner-up of a
+    window whose top unit is within noise of 0 may take the route too, weighed by that chance; a
+    dead unit in a window with a clear positive maximum can not."""
+    conv = Conv("c", np.zeros((3, 3, 1, 1)), np.zeros(1))
+    conv.kernel[1, 1, 0, 0] = 1.0  # z = the input itself
+    near, far = -1e-3 * U * 1e6, -1e4 * U * 1e6  # u·S_z ≈ 0.06: a coin flip, and never
+    s_z = np.full((1, 1, 2, 2), 1e6)
+    dy = np.ones((1, 1, 1, 1, 1))
+
+    def pooled_relu(z: np.ndarray) -> np.ndarray:
+        y = np.maximum(z, 0.0)
+        d, e2, _, reach = gem._pool_adjoint(y, s_z, dy, np.zeros_like(dy))
+        return _sweep(conv, z, s_z).relu(conv, z, y, d, e2, reach)[1][0, 0, 0]
+
+    dead = pooled_relu(np.array([[[[far, far], [near, far]]]]))
+    np.testing.assert_allclose(dead[1, 0], 0.5 / U**2, rtol=1e-2)  # not the routed unit (0, 0)
+    assert dead[0, 0] == dead[0, 1] == dead[1, 1] == 0
+    behind_a_winner = pooled_relu(np.array([[[[1e3, far], [near, far]]]]))
+    assert behind_a_winner[1, 0] == 0
+    # the top unit itself within noise of 0: it may drop out, and the near unit take its place
+    tiny_top = pooled_relu(np.array([[[[-near, far], [near, far]]]]))
+    np.testing.assert_allclose(tiny_top[1, 0], 0.25 / U**2, rtol=2e-2)
+    assert tiny_top[0, 1] == tiny_top[1, 1] == 0
 
 
 def _loss_model(A: np.ndarray) -> tuple[Any, dict, dict]:
