@@ -409,11 +409,11 @@ def _pool_adjoint(
     x is a ReLU output. Where every unit of a window is 0 in the reference, a float32 backend that
     rounds one pre-activation within noise of 0 to a positive value makes that unit the window's
     maximum, and the whole dy passes through it (measured: TensorFlow on one thread, a unit at
-    2.6e-8 where the reference has 0 moved a kernel gradient by 971 against 298). So beside the
-    routed dy, every other unit of a window may receive dy·√q, q the chance that the window's
-    maximum is not where the reference has it (1 where every unit is dead); the ReLU's kink weighs
-    that by the unit's own flip probability. Returns (dx, E², the part of E² from exact ties, the
-    cotangent each unit may receive)."""
+    2.6e-8 where the reference has 0; a kernel gradient 673 where the reference has -298). So
+    beside the routed dy, every other unit of a window may receive dy·√q, q the chance that the
+    window's maximum is not where the reference has it (1 where every unit is dead); the ReLU's
+    kink weighs that by the unit's own flip probability. Returns (dx, E², the part of E² from exact
+    ties, the cotangent each unit may receive)."""
     B, C, H, W = x.shape
     h, w = H // 2, W // 2
 
