@@ -19,7 +19,7 @@ Activation = Callable[[Array], Array]
 
 # Bound on the im2col matrix per BLAS call (elements, 64 MB): no slower than one big product here,
 # and larger harness batches then run in constant extra memory instead of growing with B.
-IM2COL_MAX_ELEMENTS = 8_000_000
+_IM2COL_MAX_ELEMENTS = 8_000_000
 
 
 def conv2d(x: Array, kernel: Array, bias: Array, dtype: DTypeLike = np.float64) -> Array:
@@ -57,11 +57,11 @@ def padded_channels_last(x: Array, dtype: DTypeLike) -> Array:
 def im2col(padded: Array) -> Iterator[tuple[slice, Array]]:
     """(chunk of images, its im2col matrix (b·H·W, 9·in)) for ``padded_channels_last`` output: rows
     (b, y, x), columns (kh, kw, in), the canonical kernel's row order. The matrix moves 9x the input
-    through memory, so chunks of images keep each one under IM2COL_MAX_ELEMENTS."""
+    through memory, so chunks of images keep each one under _IM2COL_MAX_ELEMENTS."""
     B, Hp, Wp, cin = padded.shape
     H, W = Hp - 2, Wp - 2
     windows = sliding_window_view(padded, (3, 3), axis=(1, 2))  # (B, H, W, in, kh, kw)
-    step = max(1, IM2COL_MAX_ELEMENTS // (H * W * 9 * cin))
+    step = max(1, _IM2COL_MAX_ELEMENTS // (H * W * 9 * cin))
     for start in range(0, B, step):
         chunk = slice(start, min(start + step, B))
         yield chunk, windows[chunk].transpose(0, 1, 2, 4, 5, 3).reshape(-1, 9 * cin)
