@@ -204,10 +204,10 @@ class TensorFlowBackend(Backend):
         """The stage's model method, run eagerly.
 
         A stage runs once per batch, so tracing a graph for it cost more than running it. Eager
-        stages gave bitwise the taps of a tf.function per stage (every tap of four configs, on CPU;
-        a test holds them to it) at a third of the time. Where eager rounds differently, on some
-        device, that is float32 rounding, which the local tolerances are modelled for. The forward
-        and the gradients stay traced: those are how the model runs.
+        stages gave the taps of a tf.function per stage at a third of the time, bitwise on an AMD
+        EPYC; on an AVX2-only Xeon the graph's fused conv + bias + swish rounds a few ulps apart
+        (docs/decisions.md). That is float32 rounding, which the local tolerances are modelled for.
+        The forward and the gradients stay traced: those are how the model runs.
         """
         with tf.device(self._tf_device):
             computed = self.model.run_stage(stage, [tf.constant(np.asarray(inputs[n])) for n in stage.inputs])

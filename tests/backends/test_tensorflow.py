@@ -180,17 +180,28 @@ def test_one_trace_for_all_batch_sizes_and_bitwise_repeatable() -> None:
     [{}, {"gridsize": 1, "object_big": False, "probe_mask": True}, {"pad_object": False, "amp_activation": "swish"}],
     ids=_id,
 )
-def test_eager_stages_fed_the_forwards_taps_give_its_taps_bit_for_bit(changes: dict[str, Any]) -> None:
+def test_eager_stages_fed_the_forwards_taps_give_its_taps_to_float32_rounding(changes: dict[str, Any]) -> None:
     """Stages run eagerly (tracing one per stage cost more than running it), the forward in its
-    tf.function. Fed the forward's own inputs to them, they return the forward's taps exactly: a stage
-    computes what the model computes, and eager rounds as the graph does here."""
+    tf.function. Fed the forward's own inputs, a stage returns the forward's taps to within a few
+    float32 roundings: it computes what the model computes. Not bit for bit on every CPU: on oneDNN
+    builds grappler fuses conv + bias + swish in the graph, and the fused swish rounds differently
+    from eager's separate sigmoid and multiply (up to 5 ulps of the element on an AVX2-only Xeon;
+    bitwise with remapping or oneDNN off, and bitwise on the AMD EPYC this test was written on)."""
     be = backend_for(**changes)
     taps = be.forward(random_batch(be.config, 2, seed=6))
     for stage in stages(be.config):
         produced = be.run_stage(stage, {n: taps[n] for n in stage.inputs})
         assert list(produced) == list(stage.outputs), stage.name
         for name in stage.outputs:
-            assert np.array_equal(produced[name], taps[name], equal_nan=True), name
+            ours, graph = produced[name], taps[name]
+            assert ours.dtype == graph.dtype and ours.shape == graph.shape, name
+            assert np.array_equal(np.isnan(ours), np.isnan(graph)), name
+            # Two float32 implementations of one activation: each within a few ulps of the exact
+            # value, so 8 ulps of the tap's largest magnitude holds both; a stage that computes
+            # something else (another activation, a missing bias) is off by orders more.
+            peak = np.float32(np.nanmax(np.abs(graph))) if graph.size else np.float32(0)
+            bound = 8 * np.spacing(peak)
+            assert np.nanmax(np.abs(ours - graph), initial=0) <= bound, (name, float(bound))
 
 
 def test_forward_rejects_a_malformed_batch() -> None:
