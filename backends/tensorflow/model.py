@@ -303,7 +303,9 @@ class PtychoModel:
         return physics.disk_mask(N)
 
     def translate(self, images: Tensor, offsets: Tensor) -> Tensor:
-        """The bilinear translation used by both merge and reextract."""
+        """The bilinear translation used by both merge and reextract. images (..., H, W), offsets
+        (..., 2): the merge passes its patches' real and imaginary parts and its centre masks
+        stacked on a new leading axis (real), the re-extraction the complex canvas, tiled."""
         return physics.translate(images, offsets)
 
     # Parameters -----------------------------------------------------------------------------------
