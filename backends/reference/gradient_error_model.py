@@ -21,9 +21,11 @@ of the forward values the adjoints' coefficients are made of. Choices, and why:
   probability p = ½·erfc(|z| / (√2·KINK_SIGMA·u·S_z)) (S_z the forward error scale of the deciding
   value, KINK_SIGMA its measured spread in units of u·S_z), and its variance p·g² enters E² as
   p·(g/u)². A unit far from the kink adds nothing; a unit inside the band adds its full |g|/u. The
-  pre-activations are not taps, so they are recomputed (in float32: only |z| against the band
-  matters). A first model that counted a whole band (p = 1 inside ±c·u·S) gave scales 10⁴–10¹⁰ too
-  large: the band holds many units but few switch.
+  pre-activations are not taps, so they are recomputed, in float64 as the forward computed them:
+  recomputed in float32 they were off by about u·S_z, and where |z| is a few bands out the erfc
+  tail is steep enough that this moved some gradient scales by up to 25 % (RMS by 2 %) with nothing
+  but the conv's summation order changed. A first model that counted a whole band (p = 1 inside
+  ±c·u·S) gave scales 10⁴–10¹⁰ too large: the band holds many units but few switch.
 - **The Poisson NLL's ill-conditioning, saturated and sampled.** ∂NLL/∂A = 2(A − x²/A)/K. Its
   error from the amplitude's own error δA is 2(1 + x²/A²)·δA/K, and so is the error of the spectrum's
   phase (δθ = δA/A) that the FFT adjoint multiplies it with. Where the model predicts far less than
@@ -109,7 +111,7 @@ largest of ~10⁶ compared elements) is left to the per-family factors measured 
 ``ptycho-parity measure-tolerances --gradients``.
 
 Cost: one sweep with the squared fields in float32, rescaled per sample and column to a peak of 1
-like ``error_model.conv_scale`` (float32 conv recomputing the pre-activations, two transposed convs
+like ``error_model.conv_scale`` (a float64 conv recomputing the pre-activations, two transposed convs
 and two kernel sums per conv), and the reference's adjoints carried for nine realisations (four per
 loss sampled, in float32 (``_sampled``); one for the NLL's one-signed bias and a few more where the
 clamp is lifted, in float64). The carried realisations are still the larger part: in the parity
@@ -287,8 +289,11 @@ class _Sweep:
         self, conv: Conv, x: Array, y: Array, dy: Array, e_dy2: Array, reach: Array | None = None
     ) -> tuple[Array, Array]:
         """ReLU adjoint at conv's output y = relu(z): the mask, and the kink's switches. ``reach``:
-        the cotangent a unit may receive if it switches (``_pool_adjoint``), by default dy."""
-        z = _conv32(x, conv.kernel) + conv.bias[None, :, None, None]
+        the cotangent a unit may receive if it switches (``_pool_adjoint``), by default dy.
+
+        z is the reference's own pre-activation, float64 as the forward computed it (module
+        docstring: a float32 z made p depend on the summation order)."""
+        z = conv(x)
         p = _flip_probability(z, self.S[conv.name])
         live = y > 0
         dz = np.where(live, dy, 0.0)
@@ -298,8 +303,9 @@ class _Sweep:
     def activation(
         self, activation: Activation, conv: Conv, x: Array, s_x: Array, dy: Array, e_dy2: Array
     ) -> tuple[Array, Array]:
-        """Adjoint of a head activation at its recomputed pre-activation: f', f'' and the kink of ReLU."""
-        z = _conv32(x, conv.kernel) + conv.bias[None, :, None, None]
+        """Adjoint of a head activation at its recomputed pre-activation (float64, see ``relu``): f',
+        f'' and the kink of ReLU."""
+        z = conv(x)
         s_z = em.conv_scale(x, s_x, conv.kernel, conv.bias)
         if activation is relu:
             live = z > 0
