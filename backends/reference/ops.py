@@ -1,9 +1,11 @@
 """Network operations of the float64 reference, written out in plain NumPy.
 
 Every operation keeps the canonical (B, channels, H, W) layout at its boundary so a tap is the very
-array the next stage consumes. Convolutions are BLAS matrix products on channels-last copies: im2col
-in general (the canonical kernel layout (kh, kw, in, out) is exactly the row order of a channels-last
-im2col matrix), and an output-side sum where the outputs are far fewer than the inputs.
+array the next stage consumes. The forward convolution works in that layout end to end, so its
+output is contiguous and is a tap as it stands: per image, the kernel as an (out, in·9) matrix times
+the image's 3x3 windows as an (in·9, H·W) matrix, or an output-side sum where the outputs are far
+fewer than the inputs. The adjoints' kernel products use channels-last im2col matrices
+(``padded_channels_last``, ``im2col``), whose column order is the canonical kernel's row order.
 """
 
 from __future__ import annotations
@@ -20,34 +22,57 @@ Activation = Callable[[Array], Array]
 # Bound on the im2col matrix per BLAS call (elements, 64 MB): no slower than one big product here,
 # and larger harness batches then run in constant extra memory instead of growing with B.
 _IM2COL_MAX_ELEMENTS = 8_000_000
+# Maps of at most this many pixels are convolved a chunk of images per product, larger ones an image
+# per product (``_conv2d_windows``).
+_SMALL_MAP = 256
 
 
 def conv2d(x: Array, kernel: Array, bias: Array, dtype: DTypeLike = np.float64) -> Array:
     """3x3 stride-1 cross-correlation with one pixel of zero padding on each side, plus bias.
 
-    ``dtype`` is the working precision: float64 for the model, float32 for error scales.
+    ``dtype`` is the working precision: float64 for the model, float32 for error scales. The result
+    is C-contiguous (B, out, H, W).
     """
     B, cin, H, W = x.shape
     kh, kw, kin, cout = kernel.shape
     if (kh, kw) != (3, 3) or kin != cin:
         raise ValueError(f"conv2d: kernel {kernel.shape} does not fit input {x.shape}")
-    padded = padded_channels_last(x, dtype)
+    padded = np.zeros((B, cin, H + 2, W + 2), dtype=dtype)
+    padded[:, :, 1:-1, 1:-1] = x
+    k = kernel.astype(dtype, copy=False)
+    out = np.empty((B, cout, H, W), dtype=dtype)
     if 9 * cout <= cin:
-        out = _conv2d_output_side(padded, kernel.astype(dtype, copy=False), H, W)
+        _conv2d_output_side(padded, k, out)
     else:
-        # Every 3x3 window flattened as (kh, kw, in), which is the kernel's row order, times the
-        # kernel: one BLAS product per chunk of images.
-        weights = kernel.astype(dtype, copy=False).reshape(9 * cin, cout)
-        out = np.empty((B, H, W, cout), dtype=dtype)
-        for chunk, cols in im2col(padded):
-            out[chunk] = (cols @ weights).reshape(-1, H, W, cout)
-    out += bias
-    return out.transpose(0, 3, 1, 2)
+        _conv2d_windows(padded, k, out)
+    out += bias.astype(dtype, copy=False)[:, None, None]
+    return out
+
+
+def _conv2d_windows(padded: Array, kernel: Array, out: Array) -> None:
+    """out = the kernel as an (out, in·9) matrix times each image's windows as an (in·9, H·W)
+    matrix, whose rows are image rows copied whole (runs of W values, not of ``in``), and whose
+    product is already the image's (out, H, W) output. On maps of at most _SMALL_MAP pixels the
+    images of a chunk sit side by side in one product instead: per-image products that small leave
+    BLAS idle. Chunks of images keep each window matrix under _IM2COL_MAX_ELEMENTS."""
+    B, cin, Hp, Wp = padded.shape
+    H, W, cout = Hp - 2, Wp - 2, kernel.shape[-1]
+    weights = kernel.transpose(3, 2, 0, 1).reshape(cout, 9 * cin)  # columns (in, kh, kw)
+    windows = sliding_window_view(padded, (3, 3), axis=(2, 3))  # (B, in, H, W, kh, kw)
+    step = max(1, _IM2COL_MAX_ELEMENTS // (H * W * 9 * cin))
+    for start in range(0, B, step):
+        chunk = slice(start, min(start + step, B))
+        if H * W > _SMALL_MAP:
+            per_image = windows[chunk].transpose(0, 1, 4, 5, 2, 3).reshape(-1, 9 * cin, H * W)
+            np.matmul(weights, per_image, out=out[chunk].reshape(-1, cout, H * W))
+        else:
+            side_by_side = windows[chunk].transpose(1, 4, 5, 0, 2, 3).reshape(9 * cin, -1)
+            out[chunk] = (weights @ side_by_side).reshape(cout, -1, H, W).transpose(1, 0, 2, 3)
 
 
 def padded_channels_last(x: Array, dtype: DTypeLike) -> Array:
-    """(B, H + 2, W + 2, in): the zero-padded channels-last copy of x (B, in, H, W) that every 3x3
-    'same' convolution here reads its windows from."""
+    """(B, H + 2, W + 2, in): the zero-padded channels-last copy of x (B, in, H, W) that the
+    adjoints' im2col matrices are read from."""
     B, cin, H, W = x.shape
     padded = np.zeros((B, H + 2, W + 2, cin), dtype=dtype)
     padded[:, 1:-1, 1:-1, :] = x.transpose(0, 2, 3, 1)
@@ -67,24 +92,33 @@ def im2col(padded: Array) -> Iterator[tuple[slice, Array]]:
         yield chunk, windows[chunk].transpose(0, 1, 2, 4, 5, 3).reshape(-1, 9 * cin)
 
 
-def _conv2d_output_side(padded: Array, kernel: Array, H: int, W: int) -> Array:
-    """For few output channels (the heads' 64 -> 4): each input pixel times all nine taps of the
-    kernel in one product, then the nine shifted partial outputs summed. That moves 9 x out values
-    per pixel instead of im2col's 9 x in, which is what made those convolutions the slowest."""
-    B, cin, cout = padded.shape[0], kernel.shape[2], kernel.shape[3]
-    by_tap = kernel.transpose(2, 0, 1, 3).reshape(cin, 9 * cout)
-    partial = (padded.reshape(-1, cin) @ by_tap).reshape(B, H + 2, W + 2, 3, 3, cout)
-    out: Array = np.zeros((B, H, W, cout), dtype=padded.dtype)
-    for dy in range(3):
-        for dx in range(3):
-            out += partial[:, dy : dy + H, dx : dx + W, dy, dx, :]
-    return out
+def _conv2d_output_side(padded: Array, kernel: Array, out: Array) -> None:
+    """For few output channels (the heads' 64 -> 4): every input pixel times all nine taps of the
+    kernel in one product per image, then the nine shifted partial outputs summed. That moves 9 x out
+    values per pixel instead of the window matrix's 9 x in, which is what made those convolutions
+    the slowest."""
+    B, cin, Hp, Wp = padded.shape
+    H, W, cout = Hp - 2, Wp - 2, kernel.shape[-1]
+    by_tap = kernel.transpose(0, 1, 3, 2).reshape(9 * cout, cin)  # rows (kh, kw, out)
+    step = max(1, _IM2COL_MAX_ELEMENTS // (9 * cout * Hp * Wp))
+    for start in range(0, B, step):
+        chunk = slice(start, min(start + step, B))
+        partial = np.matmul(by_tap, padded[chunk].reshape(-1, cin, Hp * Wp)).reshape(-1, 3, 3, cout, Hp, Wp)
+        acc = out[chunk]
+        acc[...] = partial[:, 0, 0, :, :H, :W]
+        for dy in range(3):
+            for dx in range(3):
+                if dy or dx:
+                    acc += partial[:, dy, dx, :, dy : dy + H, dx : dx + W]
 
 
 def max_pool2(x: Array) -> Array:
-    """2x2 max-pool with stride 2 (H and W are always even here)."""
-    B, C, H, W = x.shape
-    return np.asarray(x.reshape(B, C, H // 2, 2, W // 2, 2).max(axis=(3, 5)))
+    """2x2 max-pool with stride 2 (H and W are always even here). The four corners of the windows
+    as strided views, and their maximum elementwise: a reduction over two axes of length 2 runs
+    NumPy's reduction machinery per window, ten times slower here. NaN propagates either way."""
+    return np.asarray(
+        np.maximum(np.maximum(x[..., ::2, ::2], x[..., ::2, 1::2]), np.maximum(x[..., 1::2, ::2], x[..., 1::2, 1::2]))
+    )
 
 
 def upsample2(x: Array) -> Array:

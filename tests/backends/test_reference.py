@@ -223,20 +223,34 @@ def test_probe_mask_applies_the_hard_disk() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cin", "cout"), [(3, 4), (20, 2)], ids=["im2col", "output-side (9 x out <= in, as the heads' last conv)"]
+    ("cin", "cout", "H", "W"),
+    [(3, 4, 5, 6), (3, 5, 17, 18), (20, 2, 5, 6), (20, 2, 17, 18)],
+    ids=["small map", "large map (an image per product)", "output side (9 x out <= in)", "output side, large map"],
 )
-def test_conv2d_is_cross_correlation_with_zero_padding_and_bias(cin: int, cout: int) -> None:
+@pytest.mark.parametrize("chunked", [False, True], ids=["one chunk", "an image a chunk"])
+def test_conv2d_is_cross_correlation_with_zero_padding_and_bias(
+    cin: int, cout: int, H: int, W: int, chunked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backends.reference import ops
+
+    if chunked:
+        monkeypatch.setattr(ops, "_IM2COL_MAX_ELEMENTS", 1)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, cin, 5, 6))
+    x = rng.normal(size=(3, cin, H, W))
     kernel = rng.normal(size=(3, 3, cin, cout))
     bias = rng.normal(size=cout)
     padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    expected = np.zeros((2, cout, 5, 6))
+    expected = np.zeros((3, cout, H, W))
     for kh in range(3):
         for kw in range(3):
-            expected += np.einsum("bchw,co->bohw", padded[:, :, kh : kh + 5, kw : kw + 6], kernel[kh, kw])
+            expected += np.einsum("bchw,co->bohw", padded[:, :, kh : kh + H, kw : kw + W], kernel[kh, kw])
     expected += bias[None, :, None, None]
-    np.testing.assert_allclose(conv2d(x, kernel, bias), expected, rtol=1e-13, atol=1e-13)
+    out = conv2d(x, kernel, bias)
+    assert out.flags.c_contiguous  # a tap as it stands
+    np.testing.assert_allclose(out, expected, rtol=1e-13, atol=1e-13)
+    single = conv2d(x, kernel, bias, dtype=np.float32)
+    assert single.dtype == np.float32
+    np.testing.assert_allclose(single, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
     # A single 1 at the top-left kernel tap reads the pixel up and to the left (not flipped).
     corner = np.zeros((3, 3, cin, cout))
@@ -250,6 +264,8 @@ def test_conv2d_is_cross_correlation_with_zero_padding_and_bias(cin: int, cout: 
 def test_pool_and_upsample() -> None:
     x = np.arange(16.0).reshape(1, 1, 4, 4)
     np.testing.assert_array_equal(max_pool2(x)[0, 0], [[5.0, 7.0], [13.0, 15.0]])
+    x[0, 0, 3, 2] = np.nan  # a NaN anywhere in a window makes its maximum NaN, as np.max would
+    np.testing.assert_array_equal(max_pool2(x)[0, 0], [[5.0, 7.0], [13.0, np.nan]])
     up = upsample2(np.array([[[[1.0, 2.0], [3.0, 4.0]]]]))
     np.testing.assert_array_equal(up[0, 0], [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]])
 
