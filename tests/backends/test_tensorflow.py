@@ -196,11 +196,13 @@ def test_eager_stages_fed_the_forwards_taps_give_its_taps_to_float32_rounding(ch
             ours, graph = produced[name], taps[name]
             assert ours.dtype == graph.dtype and ours.shape == graph.shape, name
             assert np.array_equal(np.isnan(ours), np.isnan(graph)), name
-            # Two float32 implementations of one activation: each within a few ulps of the exact
-            # value, so 8 ulps of the tap's largest magnitude holds both; a stage that computes
-            # something else (another activation, a missing bias) is off by orders more.
+            # Two float32 implementations of one activation, each within a few ulps of the exact
+            # value: 5 ulps apart at most where measured. 32 ulps of the tap's largest magnitude
+            # leaves room for oneDNN's other instruction-set paths (not measured), and is still
+            # ~4e-6 of the peak: a stage that computes something else (another activation, a missing
+            # bias) is off by orders more.
             peak = np.float32(np.nanmax(np.abs(graph))) if graph.size else np.float32(0)
-            bound = 8 * np.spacing(peak)
+            bound = 32 * np.spacing(peak)
             assert np.nanmax(np.abs(ours - graph), initial=0) <= bound, (name, float(bound))
 
 
