@@ -163,7 +163,7 @@ def merge(
     # of the three stacked, not one per tensor. Each image is moved on its own, so the values are
     # the same; the graph traces one translation fewer (docs/decisions.md, "Speed").
     stacked = tf.stack([tf.math.real(padded), tf.math.imag(padded), masks])
-    re, im, moved_masks = tf.unstack(translate(stacked, tf.broadcast_to(shift, tf.concat([[3], tf.shape(shift)], 0))))
+    re, im, moved_masks = tf.unstack(translate(stacked, tf.stack([shift, shift, shift])))
     numerator = tf.reduce_sum(tf.complex(re, im), axis=1, keepdims=True)
     denominator = tf.reduce_sum(moved_masks, axis=1, keepdims=True) + epsilon
     return tf.complex(tf.math.real(numerator) / denominator, tf.math.imag(numerator) / denominator)
