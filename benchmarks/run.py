@@ -16,7 +16,8 @@ Rows (all measured in this one run, on this machine):
   parity on (``--gradients``) over the one without;
 - peak RSS of a fresh process running the harness on 10x the batches over 1x (each in its own
   subprocess, so nothing from the other run is counted);
-- wall time of ``pytest -m parity``, serially and on two workers (``-n 2``) (unless ``--no-suite``).
+- wall time of ``pytest -m parity`` as the README runs it (pyproject's ``-n auto``: pytest-xdist
+  workers, each on its share of the cores) and in one process (``-n 0``) (unless ``--no-suite``).
 
 Timings vary with the machine and its load; they are recorded here and in benchmarks/README.md,
 never asserted by the test suite.
@@ -100,7 +101,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--harness-batches", type=int, default=4, help="batches of 4 groups for the overhead rows")
     ap.add_argument("--device", default="cpu", help="device of the float32 backends (the reference is CPU only)")
-    ap.add_argument("--no-suite", action="store_true", help="skip timing pytest -m parity (serially and with -n 2)")
+    ap.add_argument(
+        "--no-suite", action="store_true", help="skip timing pytest -m parity (as configured, and with -n 0)"
+    )
     args = ap.parse_args()
 
     from parity.batch import random_batch
@@ -218,7 +221,11 @@ def main() -> int:
             "no:cacheprovider",
             f"--parity-device={args.device}",
         ]
-        for extra, what in (([], "pytest -m parity"), (["-n", "2"], "pytest -n 2 -m parity (pytest-xdist)")):
+        runs = (
+            ([], "pytest -m parity (pyproject's -n auto: pytest-xdist workers)"),
+            (["-n", "0"], "pytest -n 0 -m parity (one process)"),
+        )
+        for extra, what in runs:
             t0 = time.perf_counter()
             code = subprocess.call([*suite, *extra], cwd=ROOT, stdout=subprocess.DEVNULL)
             rows.append((f"{what} (exit {code})", f"{time.perf_counter() - t0:.0f} s"))

@@ -90,6 +90,13 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def thread_count() -> int:
+    """The threads this process should run: OMP_NUM_THREADS where set (the user's choice, or a
+    pytest-xdist worker's share, ``share_cores``), else its usable cores."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else usable_cores()
+
+
 def share_cores(workers: int) -> dict[str, str]:
     """Thread settings that give each of ``workers`` processes its share of this machine's cores:
     for pytest-xdist workers, which otherwise each start as many threads as there are cores."""

@@ -42,9 +42,9 @@ def on_cores(work: Callable[[_In], _Out], parts: Sequence[_In]) -> list[_Out]:
     if len(parts) < 2:
         return [work(p) for p in parts]
     if _POOL is None:
-        from parity.emulation import usable_cores
+        from parity.emulation import thread_count
 
-        _POOL = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="parity-kernels")
+        _POOL = ThreadPoolExecutor(max_workers=thread_count(), thread_name_prefix="parity-kernels")
     return list(_POOL.map(work, parts))
 
 

@@ -17,6 +17,17 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
 settings.register_profile("long", max_examples=300, deadline=None, suppress_health_check=_SLOW, print_blob=True)
 settings.load_profile("ci")
 
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject's addopts): a worker per core, at most four. Each worker holds both
+    frameworks (about 2.6 GB at its peak, benchmarks/README.md), and the suite's longest test, the
+    false-alarm sweep, bounds its wall time whatever the number of workers; beyond a few, more
+    workers only cost memory and take threads from that test."""
+    from parity.emulation import usable_cores
+
+    return min(4, usable_cores())
+
+
 # forward-model.md section 5: convolution weights and biases per configuration (log_scale excluded).
 SPEC_PARAMETER_COUNTS = [
     ({}, 2_340_208),

@@ -237,9 +237,27 @@ def test_import_framework_skips_unless_backends_are_required(monkeypatch):
 
 
 XDIST_TESTS = """
+import os
+
 import pytest
 
 from parity.config import ModelConfig
+
+
+@pytest.mark.parity
+def test_threads_are_this_process_share():
+    # What each library really runs, not what the environment asks for: BLAS reads its variable
+    # when NumPy is loaded, before any plugin hook of the worker.
+    import threadpoolctl
+    import torch
+
+    from parity.emulation import thread_count
+
+    share = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    blas = {lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"}
+    assert blas == {share}
+    assert torch.get_num_threads() == share
+    assert thread_count() == share  # parity.kernels' pool
 
 
 @pytest.mark.parity
@@ -272,17 +290,22 @@ def _reports(folder):
 def test_two_workers_give_the_same_reports_and_baselines_as_one(pytester, monkeypatch):
     """`pytest -n 2 -m parity` (pytest-xdist) is the same run as a serial one: same verdicts, same
     comparisons, bitwise the same statistics, and the serial run's baselines pass; each worker runs
-    on its share of the cores. (TensorFlow is left out only to keep three child sessions quick; it
-    runs in the workers like any backend.)"""
+    on its share of the cores (BLAS's threads too, which a worker cannot set for itself). (TensorFlow
+    is left out only to keep three child sessions quick; it runs in the workers like any backend.)"""
     import numpy as np
 
+    from parity.emulation import SETTINGS
+
     monkeypatch.delenv(REQUIRE_ENV, raising=False)
+    # This session may itself be a pytest-xdist worker, whose share and identity the children inherit.
+    for key in (*SETTINGS["threads=1"], "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):
+        monkeypatch.delenv(key, raising=False)
     pytester.makepyfile(test_xdist=XDIST_TESTS)
     common = ["-p", "no:cacheprovider", "-m", "parity", "--parity-backends", "reference,torch"]
     serial = pytester.runpytest_subprocess(*common, "--regen-all", "--parity-report-dir", "serial")
-    serial.assert_outcomes(passed=4)  # creates the baselines the parallel run is checked against
+    serial.assert_outcomes(passed=5)  # creates the baselines the parallel run is checked against
     parallel = pytester.runpytest_subprocess(*common, "-n", "2", "--parity-report-dir", "parallel")
-    parallel.assert_outcomes(passed=4)
+    parallel.assert_outcomes(passed=5)
     parallel.stdout.fnmatch_lines(["*2 workers*"])
     # Each worker had its share of the cores, not all of them (parity.emulation.share_cores).
     cores = len(os.sched_getaffinity(0))
