@@ -225,16 +225,19 @@ def test_probe_mask_applies_the_hard_disk() -> None:
 @pytest.mark.parametrize(
     ("cin", "cout", "H", "W"),
     [(3, 4, 5, 6), (3, 5, 17, 18), (20, 2, 5, 6), (20, 2, 17, 18)],
-    ids=["small map", "large map (an image per product)", "output side (9 x out <= in)", "output side, large map"],
+    ids=["small map", "larger map", "output side (9 x out <= in)", "output side, larger map"],
 )
-@pytest.mark.parametrize("chunked", [False, True], ids=["one chunk", "an image a chunk"])
+@pytest.mark.parametrize("per_product", [3, 1, 2], ids=["all images a product", "one", "two, then one"])
 def test_conv2d_is_cross_correlation_with_zero_padding_and_bias(
-    cin: int, cout: int, H: int, W: int, chunked: bool, monkeypatch: pytest.MonkeyPatch
+    cin: int, cout: int, H: int, W: int, per_product: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from backends.reference import ops
 
-    if chunked:
-        monkeypatch.setattr(ops, "_IM2COL_MAX_ELEMENTS", 1)
+    if per_product < 3:  # images a product: the row path's columns, the output side's elements
+        monkeypatch.setattr(ops, "_MIN_COLUMNS", (per_product - 1) * (H + 2) * W + 1)
+        monkeypatch.setattr(ops, "_IM2COL_MAX_ELEMENTS", per_product * 9 * cout * (H + 2) * (W + 2))
+    else:
+        monkeypatch.setattr(ops, "_MIN_COLUMNS", 3 * (H + 2) * W)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, cin, H, W))
     kernel = rng.normal(size=(3, 3, cin, cout))
