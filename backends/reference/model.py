@@ -112,8 +112,8 @@ class ConvBlock:
         return cls(prefix, conv0, conv1, resample, tap)
 
     def __call__(self, x: Array, taps: Taps | None = None) -> Array:
-        x = _record(taps, self.conv0.name, relu(self.conv0(x)))
-        x = _record(taps, self.conv1.name, relu(self.conv1(x)))
+        x = _record(taps, self.conv0.name, relu(self.conv0(x), in_place=True))
+        x = _record(taps, self.conv1.name, relu(self.conv1(x), in_place=True))
         return _record(taps, f"{self.prefix}.{self.resample_tap}", self.resample(x))
 
     def convs(self) -> Iterator[Conv]:

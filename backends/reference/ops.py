@@ -37,36 +37,41 @@ def conv2d(x: Array, kernel: Array, bias: Array, dtype: DTypeLike = np.float64) 
     kh, kw, kin, cout = kernel.shape
     if (kh, kw) != (3, 3) or kin != cin:
         raise ValueError(f"conv2d: kernel {kernel.shape} does not fit input {x.shape}")
-    padded = np.zeros((B, cin, H + 2, W + 2), dtype=dtype)
-    padded[:, :, 1:-1, 1:-1] = x
     k = kernel.astype(dtype, copy=False)
     out = np.empty((B, cout, H, W), dtype=dtype)
     if 9 * cout <= cin:
+        padded = np.zeros((B, cin, H + 2, W + 2), dtype=dtype)
+        padded[:, :, 1:-1, 1:-1] = x
         _conv2d_output_side(padded, k, out)
     else:
-        _conv2d_rows(padded, k, out)
+        _conv2d_rows(x, k, out)
     out += bias.astype(dtype, copy=False)[:, None, None]
     return out
 
 
-def _conv2d_rows(padded: Array, kernel: Array, out: Array) -> None:
-    """out = Σ_kh kernel row kh, an (out, in·3) matrix, times the padded image's horizontal 3-pixel
-    windows, an (in·3, (H + 2)·W) matrix, read from padded row kh on: that offset is a contiguous
-    slice of its columns, so one matrix of three copies of the input serves all three kernel rows,
-    where the full 3x3 window matrix held nine (measured: a third less time than that matrix on the
-    64-channel 64x64 layers, batch 16; about the same on 16x16 maps, a few ms more where in = 4).
-    Images of small maps sit one after another in one matrix (columns: image, padded row, x); the
-    two output rows of each image that read across into the next are computed and dropped."""
-    B, cin, Hp, Wp = padded.shape
-    H, W, cout = Hp - 2, Wp - 2, kernel.shape[-1]
+def _conv2d_rows(x: Array, kernel: Array, out: Array) -> None:
+    """out = Σ_kh kernel row kh, an (out, in·3) matrix, times the zero-padded image's horizontal
+    3-pixel windows, an (in·3, (H + 2)·W) matrix, read from padded row kh on: that offset is a
+    contiguous slice of its columns, so one matrix of three copies of the input serves all three
+    kernel rows, where the full 3x3 window matrix held nine (docs/decisions.md, "Speed"). The copies
+    are written straight from x into a buffer whose zero padding is never written, so no padded copy
+    of x is made either. Images of small maps sit one after another in one matrix (columns: image,
+    padded row, x); the two output rows of each image that read across into the next are dropped."""
+    B, cin, H, W = x.shape
+    Hp, cout = H + 2, kernel.shape[-1]
     rows = kernel.transpose(0, 3, 2, 1).reshape(3, cout, 3 * cin)  # [kh] (out, (in, kw))
-    windows = sliding_window_view(padded, 3, axis=3)  # (B, in, H + 2, W, kw)
     step = -(-_MIN_COLUMNS // (Hp * W))
     image = Hp * W  # columns per image
-    partial = None
+    windows = partial = None
     for start in range(0, B, step):
         n = min(step, B - start)
-        cols = windows[start : start + n].transpose(1, 4, 0, 2, 3).reshape(3 * cin, n * image)
+        if windows is None or windows.shape[2] != n:
+            windows = np.zeros((cin, 3, n, Hp, W), dtype=out.dtype)  # (in, kw, image, padded row, x)
+        chunk = x[start : start + n].transpose(1, 0, 2, 3)
+        windows[:, 0, :, 1:-1, 1:] = chunk[..., :-1]
+        windows[:, 1, :, 1:-1] = chunk
+        windows[:, 2, :, 1:-1, :-1] = chunk[..., 1:]
+        cols = windows.reshape(3 * cin, n * image)
         length = n * image - 2 * W  # the output columns every kernel row can read
         acc = out[start].reshape(cout, H * W) if n == 1 else np.empty((cout, length), dtype=out.dtype)
         if partial is None or partial.shape[1] != length:
@@ -142,8 +147,9 @@ def pad_spatial(x: Array, width: int) -> Array:
     return np.pad(x, pad)
 
 
-def relu(x: Array) -> Array:
-    return np.asarray(np.maximum(x, 0.0))
+def relu(x: Array, in_place: bool = False) -> Array:
+    """``in_place`` for a fresh array nothing else holds (a conv's output): no second allocation."""
+    return np.asarray(np.maximum(x, 0.0, out=x if in_place else None))
 
 
 def sigmoid(x: Array) -> Array:
