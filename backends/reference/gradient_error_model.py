@@ -135,9 +135,7 @@ from backends.reference.ops import (
     Activation,
     Array,
     conv2d,
-    im2col,
     pad_spatial,
-    padded_channels_last,
     pi_tanh,
     relu,
     sigmoid,
@@ -207,24 +205,19 @@ def _input_adjoint32(kernel: Array, dy: Array) -> Array:
 
 
 def _kernel_sum(a: Array, q: Array) -> Array:
-    """Σ_pixels im2col(a)ᵀ·q: a (B, in, H, W), q (S, B, out, H, W) -> (S, 3, 3, in, out).
+    """Σ_pixels windows(a)ᵀ·q, the kernel adjoint's product: a (B, in, H, W), q (S, B, out, H, W)
+    -> (S, 3, 3, in, out).
 
     float32 inside, with every input channel of a and every (loss, output channel) column of q
     rescaled to a peak of 1 (a column scaling commutes with the product, so this is exact). Terms
     far below their column's peak may underflow; the elements made of nothing else get the tile
     floor (``_tile_floor``) instead."""
-    cin = a.shape[1]
-    S, _, cout = q.shape[:3]
     pa = np.abs(a).max(axis=(0, 2, 3))
     pa = np.where((pa > 0) & np.isfinite(pa), pa, 1.0)
     pq = np.abs(q).max(axis=(1, 3, 4))  # (S, out)
     pq = np.where((pq > 0) & np.isfinite(pq), pq, 1.0)
-    rows_all = (q / pq[:, None, :, None, None]).astype(np.float32).transpose(1, 3, 4, 0, 2)  # (B, H, W, S, out)
-    acc = np.zeros((9 * cin, S * cout), dtype=np.float32)
-    for chunk, cols in im2col(padded_channels_last(a / pa[None, :, None, None], np.float32)):
-        acc += cols.T @ rows_all[chunk].reshape(-1, S * cout)
-    out = acc.astype(np.float64).reshape(3, 3, cin, S, cout).transpose(3, 0, 1, 2, 4)
-    return np.ascontiguousarray(out) * pa[None, None, None, :, None] * pq[:, None, None, None, :]
+    unit = bw._kernel_vjp(a / pa[None, :, None, None], (q / pq[:, None, :, None, None]).astype(np.float32))
+    return unit.astype(np.float64) * pa[None, None, None, :, None] * pq[:, None, None, None, :]
 
 
 def _erfc(t: Array) -> Array:

@@ -53,7 +53,7 @@ class Conv:
     """One 3x3 convolution; ``name`` is both its parameter prefix and the tap of its output."""
 
     name: str
-    kernel: Array  # (kh, kw, in, out), float64: the canonical layout is also the im2col layout
+    kernel: Array  # (kh, kw, in, out), float64, the canonical layout
     bias: Array  # (out,), float64
 
     @classmethod

@@ -3,9 +3,8 @@
 Every operation keeps the canonical (B, channels, H, W) layout at its boundary so a tap is the very
 array the next stage consumes. The forward convolution works in that layout end to end, so its
 output is contiguous and is a tap as it stands: per image, three products of a kernel row with the
-image's horizontal windows (``_conv2d_rows``), or an output-side sum where the outputs are far fewer
-than the inputs. The adjoints' kernel products use channels-last im2col matrices
-(``padded_channels_last``, ``im2col``), whose column order is the canonical kernel's row order.
+image's horizontal windows (``row_windows``, ``_conv2d_rows``), or an output-side sum where the
+outputs are far fewer than the inputs. The adjoints' kernel products read the same window matrices.
 """
 
 from __future__ import annotations
@@ -13,15 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import DTypeLike
 
 Array = np.ndarray
 Activation = Callable[[Array], Array]
 
-# Bound on the im2col matrix per BLAS call (elements, 64 MB): no slower than one big product here,
-# and larger harness batches then run in constant extra memory instead of growing with B.
-_IM2COL_MAX_ELEMENTS = 8_000_000
+# Bound on the output side's partial outputs per BLAS call (elements, 64 MB): no slower than one big
+# product here, and larger harness batches then run in constant extra memory instead of growing with B.
+_OUTPUT_SIDE_MAX_ELEMENTS = 8_000_000
 # Columns (padded rows x width) a product of ``_conv2d_rows`` takes at least: images of smaller maps
 # share one, since per-image products that small leave BLAS idle.
 _MIN_COLUMNS = 1024
@@ -49,31 +47,40 @@ def conv2d(x: Array, kernel: Array, bias: Array, dtype: DTypeLike = np.float64) 
     return out
 
 
-def _conv2d_rows(x: Array, kernel: Array, out: Array) -> None:
-    """out = Σ_kh kernel row kh, an (out, in·3) matrix, times the zero-padded image's horizontal
-    3-pixel windows, an (in·3, (H + 2)·W) matrix, read from padded row kh on: that offset is a
-    contiguous slice of its columns, so one matrix of three copies of the input serves all three
-    kernel rows, where the full 3x3 window matrix held nine (docs/decisions.md, "Speed"). The copies
-    are written straight from x into a buffer whose zero padding is never written, so no padded copy
-    of x is made either. Images of small maps sit one after another in one matrix (columns: image,
-    padded row, x); the two output rows of each image that read across into the next are dropped."""
+def row_windows(x: Array, dtype: DTypeLike) -> Iterator[tuple[slice, Array]]:
+    """(chunk of images, their window matrix (in·3, images·(H + 2)·W)) for x (B, in, H, W): rows
+    (in, kw), columns (image, padded row, x), the horizontal 3-pixel windows of the zero-padded
+    images. Kernel row kh reads the matrix from padded row kh on, a contiguous offset of kh·W
+    columns, so this one matrix, three copies of the input, serves all three kernel rows where a 3x3
+    window matrix (im2col) held nine (docs/decisions.md, "Speed"); in a chunk of several images the
+    two output rows of each that read across into the next are computed and dropped. The copies are
+    written straight from x into a buffer whose zero padding is never written, so no padded copy of
+    x is made either, and the buffer is reused: use each matrix before asking for the next."""
     B, cin, H, W = x.shape
-    Hp, cout = H + 2, kernel.shape[-1]
-    rows = kernel.transpose(0, 3, 2, 1).reshape(3, cout, 3 * cin)  # [kh] (out, (in, kw))
+    Hp = H + 2
     step = -(-_MIN_COLUMNS // (Hp * W))
-    image = Hp * W  # columns per image
-    windows = partial = None
+    windows = None
     for start in range(0, B, step):
         n = min(step, B - start)
         if windows is None or windows.shape[2] != n:
-            windows = np.zeros((cin, 3, n, Hp, W), dtype=out.dtype)  # (in, kw, image, padded row, x)
+            windows = np.zeros((cin, 3, n, Hp, W), dtype=dtype)  # (in, kw, image, padded row, x)
         chunk = x[start : start + n].transpose(1, 0, 2, 3)
         windows[:, 0, :, 1:-1, 1:] = chunk[..., :-1]
         windows[:, 1, :, 1:-1] = chunk
         windows[:, 2, :, 1:-1, :-1] = chunk[..., 1:]
-        cols = windows.reshape(3 * cin, n * image)
+        yield slice(start, start + n), windows.reshape(3 * cin, n * Hp * W)
+
+
+def _conv2d_rows(x: Array, kernel: Array, out: Array) -> None:
+    """out = Σ_kh kernel row kh, an (out, in·3) matrix, times ``row_windows`` read from row kh on."""
+    cin, H, W = x.shape[1:]
+    cout, image = kernel.shape[-1], (H + 2) * W
+    rows = kernel.transpose(0, 3, 2, 1).reshape(3, cout, 3 * cin)  # [kh] (out, (in, kw))
+    partial = None
+    for chunk, cols in row_windows(x, out.dtype):
+        n = chunk.stop - chunk.start
         length = n * image - 2 * W  # the output columns every kernel row can read
-        acc = out[start].reshape(cout, H * W) if n == 1 else np.empty((cout, length), dtype=out.dtype)
+        acc = out[chunk.start].reshape(cout, H * W) if n == 1 else np.empty((cout, length), dtype=out.dtype)
         if partial is None or partial.shape[1] != length:
             partial = np.empty((cout, length), dtype=out.dtype)
         np.matmul(rows[0], cols[:, :length], out=acc)
@@ -82,29 +89,7 @@ def _conv2d_rows(x: Array, kernel: Array, out: Array) -> None:
             acc += partial
         if n > 1:
             for i in range(n):
-                out[start + i] = acc[:, i * image : i * image + H * W].reshape(cout, H, W)
-
-
-def padded_channels_last(x: Array, dtype: DTypeLike) -> Array:
-    """(B, H + 2, W + 2, in): the zero-padded channels-last copy of x (B, in, H, W) that the
-    adjoints' im2col matrices are read from."""
-    B, cin, H, W = x.shape
-    padded = np.zeros((B, H + 2, W + 2, cin), dtype=dtype)
-    padded[:, 1:-1, 1:-1, :] = x.transpose(0, 2, 3, 1)
-    return padded
-
-
-def im2col(padded: Array) -> Iterator[tuple[slice, Array]]:
-    """(chunk of images, its im2col matrix (b·H·W, 9·in)) for ``padded_channels_last`` output: rows
-    (b, y, x), columns (kh, kw, in), the canonical kernel's row order. The matrix moves 9x the input
-    through memory, so chunks of images keep each one under _IM2COL_MAX_ELEMENTS."""
-    B, Hp, Wp, cin = padded.shape
-    H, W = Hp - 2, Wp - 2
-    windows = sliding_window_view(padded, (3, 3), axis=(1, 2))  # (B, H, W, in, kh, kw)
-    step = max(1, _IM2COL_MAX_ELEMENTS // (H * W * 9 * cin))
-    for start in range(0, B, step):
-        chunk = slice(start, min(start + step, B))
-        yield chunk, windows[chunk].transpose(0, 1, 2, 4, 5, 3).reshape(-1, 9 * cin)
+                out[chunk.start + i] = acc[:, i * image : i * image + H * W].reshape(cout, H, W)
 
 
 def _conv2d_output_side(padded: Array, kernel: Array, out: Array) -> None:
@@ -115,7 +100,7 @@ def _conv2d_output_side(padded: Array, kernel: Array, out: Array) -> None:
     B, cin, Hp, Wp = padded.shape
     H, W, cout = Hp - 2, Wp - 2, kernel.shape[-1]
     by_tap = kernel.transpose(0, 1, 3, 2).reshape(9 * cout, cin)  # rows (kh, kw, out)
-    step = max(1, _IM2COL_MAX_ELEMENTS // (9 * cout * Hp * Wp))
+    step = max(1, _OUTPUT_SIDE_MAX_ELEMENTS // (9 * cout * Hp * Wp))
     for start in range(0, B, step):
         chunk = slice(start, min(start + step, B))
         partial = np.matmul(by_tap, padded[chunk].reshape(-1, cin, Hp * Wp)).reshape(-1, 3, 3, cout, Hp, Wp)

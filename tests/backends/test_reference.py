@@ -235,7 +235,7 @@ def test_conv2d_is_cross_correlation_with_zero_padding_and_bias(
 
     if per_product < 3:  # images a product: the row path's columns, the output side's elements
         monkeypatch.setattr(ops, "_MIN_COLUMNS", (per_product - 1) * (H + 2) * W + 1)
-        monkeypatch.setattr(ops, "_IM2COL_MAX_ELEMENTS", per_product * 9 * cout * (H + 2) * (W + 2))
+        monkeypatch.setattr(ops, "_OUTPUT_SIDE_MAX_ELEMENTS", per_product * 9 * cout * (H + 2) * (W + 2))
     else:
         monkeypatch.setattr(ops, "_MIN_COLUMNS", 3 * (H + 2) * W)
     rng = np.random.default_rng(0)
