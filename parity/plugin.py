@@ -165,7 +165,7 @@ def _share_cores_with_workers(config: pytest.Config) -> None:
     Set here, in the controller's environment, which the workers inherit when they start: a worker's
     own configure hook comes too late for BLAS, which reads its thread count when NumPy is loaded,
     before any plugin runs. Two workers that each start a thread per core fight over them; on two
-    cores the parity suite took 89 s so and 56 s with one thread a worker.
+    cores the parity suite took 89 s with two threads a worker and 56 s with one.
     """
     if hasattr(config, "workerinput") or config.getoption("dist", "no") == "no":  # a worker, or no xdist
         return
