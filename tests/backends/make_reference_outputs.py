@@ -62,8 +62,10 @@ HEAD = 5
 
 def draws(name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The sampled positions and the projection's weights (standard normal) of a tap of ``size``
-    elements, drawn from a seed made of its name: the same anywhere, for any tree."""
-    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    elements, drawn from a seed made of its name: the same anywhere, for any tree. NumPy's legacy
+    RandomState, whose streams NumPy keeps the same from version to version (NEP 19); Generator's
+    may change, and with them every digest."""
+    rng = np.random.RandomState(zlib.crc32(name.encode()))
     positions = np.sort(rng.choice(size, size=min(SAMPLES, size), replace=False))
     return positions, rng.standard_normal(size)
 
