@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -55,9 +56,11 @@ CASE_KINDS: dict[str, tuple[str, ...]] = {
     "N_128": KINDS[:3],
     "amp_activation_softplus-pad_object_0": KINDS[:3],
 }
-# Where each digest item of a tap sits (``digest``).
+# Where each digest item of a tap sits (``digest``): five numbers of the whole tap, then BLOCKS sums
+# and BLOCKS sums of magnitudes over contiguous blocks, then the samples.
 PEAK, SUM, SUM_ABS, PROJECTION, PROJECTION_ABS = range(5)
-HEAD = 5
+BLOCKS = 32
+HEAD = 5 + 2 * BLOCKS
 
 
 def draws(name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,30 +73,46 @@ def draws(name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     return positions, rng.standard_normal(size)
 
 
-def digest(values: np.ndarray, name: str) -> np.ndarray:
-    """float64 [max |v|, Σ v, Σ |v|, Σ w·v, Σ |w·v|, then SAMPLES elements of v], complex values as
-    their real and imaginary parts (``draws``: which elements, and w). The sampled elements are read
-    one by one; the sums see every element, so a change where no sample reads shows once it moves
-    them by more than their tolerance, about n·rtol of the peak for a tap of n elements."""
+def flat_float64(values: np.ndarray) -> np.ndarray:
+    """The tap as one float64 vector, a complex value as its real and imaginary parts."""
     v = np.asarray(values)
-    flat = (v.astype(np.complex128).view(np.float64) if np.iscomplexobj(v) else v.astype(np.float64)).ravel()
+    if np.iscomplexobj(v):
+        return np.ascontiguousarray(v, dtype=np.complex128).view(np.float64).ravel()
+    return np.ascontiguousarray(v, dtype=np.float64).ravel()
+
+
+def digest(values: np.ndarray, name: str) -> np.ndarray:
+    """float64 [max |v|, Σ v, Σ |v|, Σ w·v, Σ |w·v|, Σ v and Σ |v| over each of BLOCKS contiguous
+    blocks, then SAMPLES elements of v], over the real and imaginary parts of complex values
+    (``draws``: which elements, and w). The samples hold single elements; the sums see every element,
+    so a change where no sample reads shows once it moves a sum by more than rtol times the
+    magnitudes summed: the block sums see a change confined to a region (an edge, the padding) with
+    BLOCKS times the sensitivity of the whole tap's sums."""
+    flat = flat_float64(values)
     positions, w = draws(name, flat.size)
     magnitude = np.abs(flat)
-    head = [magnitude.max(), flat.sum(), magnitude.sum(), w @ flat, np.abs(w) @ magnitude]
-    return np.concatenate([np.asarray(head, dtype=np.float64), flat[positions]])
+    head = [magnitude.max(initial=0.0), flat.sum(), magnitude.sum(), w @ flat, np.abs(w) @ magnitude]
+    edges = np.linspace(0, flat.size, BLOCKS + 1).astype(np.int64)
+    blocks = [flat[a:b].sum() for a, b in itertools.pairwise(edges)]
+    block_magnitudes = [magnitude[a:b].sum() for a, b in itertools.pairwise(edges)]
+    return np.concatenate([np.asarray(head + blocks + block_magnitudes, dtype=np.float64), flat[positions]])
 
 
 def _source() -> str:
-    """The commit of the tree whose ``backends`` package was imported (a worktree or this checkout)."""
+    """The commit of the tree whose ``backends`` and ``parity`` packages were imported (a worktree of
+    an older commit, or this checkout), and whether either has uncommitted changes."""
     import backends
+    import parity
 
-    where = Path(backends.__file__).resolve().parent
+    where = Path(backends.__file__).resolve().parent.parent
+    if Path(parity.__file__).resolve().parent.parent != where:
+        raise SystemExit(f"backends comes from {where} but parity from {Path(parity.__file__).parent}: one tree")
     try:
         commit = subprocess.run(
             ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(where), "status", "--porcelain", "--", "backends", "parity"],
+            ["git", "-C", str(where), "status", "--porcelain", "--", ":/backends", ":/parity"],
             capture_output=True,
             text=True,
             check=True,
@@ -135,7 +154,8 @@ def _read(path: Path) -> dict[str, np.ndarray]:
 
 
 def record(case: str, kinds: list[str], out_dir: Path) -> Path:
-    """Add ``kinds`` of ``case`` to its file (written atomically); other kinds already there stay."""
+    """Add ``kinds`` of ``case`` to its file (written atomically); other kinds already there stay.
+    What the file already holds (config, batch, weights, digest layout) must be what this run uses."""
     from parity.atomic import write_bytes
     from parity.batch import CanonicalBatch, random_batch
     from parity.config import ModelConfig
@@ -145,24 +165,34 @@ def record(case: str, kinds: list[str], out_dir: Path) -> Path:
     config = ModelConfig(**config_kwargs)
     path = out_dir / f"{case}.npz"
     arrays = _read(path)
-    fresh = random_batch(config, BATCH_SIZE, seed=BATCH_SEED)
+    meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
+    settings = {
+        "config": config_kwargs,
+        "batch_seed": BATCH_SEED,
+        "weights_sha256": weights_sha256(generate_weights(config)),
+        "samples": SAMPLES,
+        "blocks": BLOCKS,
+    }
+    for key, value in settings.items():
+        if meta.get(key, value) != value:
+            raise SystemExit(f"{path}: recorded with {key} {meta[key]!r}, this run has {value!r}; nothing was written")
+    meta.update(settings)
     if "batch.x" in arrays:  # recorded already: the same inputs, whatever the generator does now
         batch = CanonicalBatch(x=arrays["batch.x"], offsets=arrays["batch.offsets"], probe=arrays["batch.probe"])
     else:
-        batch = fresh
-        arrays.update({"batch.x": fresh.x, "batch.offsets": fresh.offsets, "batch.probe": fresh.probe})
-    meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
-    sha = weights_sha256(generate_weights(config))
-    if meta.get("weights_sha256", sha) != sha:
-        raise SystemExit(f"{path}: recorded with weights {meta['weights_sha256']}, this tree generates {sha}")
-    meta.update({"config": config_kwargs, "batch_seed": BATCH_SEED, "weights_sha256": sha, "samples": SAMPLES})
-    sources = meta.setdefault("sources", {})
+        batch = random_batch(config, BATCH_SIZE, seed=BATCH_SEED)
+        arrays.update({"batch.x": batch.x, "batch.offsets": batch.offsets, "batch.probe": batch.probe})
+    sources, shapes = meta.setdefault("sources", {}), meta.setdefault("shapes", {})
     for kind, taps in outputs(config_kwargs, batch, kinds).items():
         for key in [k for k in arrays if k.startswith(f"{kind}/")]:
             del arrays[key]
+        shapes[kind] = {}
         for name, values in taps.items():
-            arrays[f"{kind}/{name}"] = digest(values, name)
-            meta.setdefault("shapes", {}).setdefault(kind, {})[name] = list(np.shape(values))
+            summary = digest(values, name)
+            if not np.all(np.isfinite(summary)):
+                raise SystemExit(f"{path}: {kind} {name} holds non-finite values; nothing was written")
+            arrays[f"{kind}/{name}"] = summary
+            shapes[kind][name] = list(np.shape(values))
         sources[kind] = _source()
     arrays["meta"] = np.asarray(json.dumps(meta, sort_keys=True))
     buffer = io.BytesIO()
@@ -192,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{option}: unknown {sorted(bad)}; choose from {', '.join(allowed)}")
     os.makedirs(args.out, exist_ok=True)
     for case in cases:
-        print(record(case, [k for k in kinds if k in CASE_KINDS[case]], args.out))
+        wanted = [k for k in kinds if k in CASE_KINDS[case]]
+        if wanted:
+            print(record(case, wanted, args.out))
     write_sha256sums(args.out)
     return 0
 
