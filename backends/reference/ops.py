@@ -122,8 +122,11 @@ def max_pool2(x: Array) -> Array:
 
 
 def upsample2(x: Array) -> Array:
-    """Nearest-neighbour upsampling by 2 in both spatial directions."""
-    return x.repeat(2, axis=-2).repeat(2, axis=-1)
+    """Nearest-neighbour upsampling by 2 in both spatial directions: one copy of a broadcast view
+    (two ``repeat`` calls made an intermediate twice x's size first)."""
+    *lead, H, W = x.shape
+    wide = np.broadcast_to(x[..., :, None, :, None], (*lead, H, 2, W, 2))
+    return np.ascontiguousarray(wide).reshape(*lead, 2 * H, 2 * W)
 
 
 def pad_spatial(x: Array, width: int) -> Array:

@@ -9,6 +9,8 @@ like ``imag * 0`` (NaN for an infinite part) that the spec does not have.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from backends.reference.ops import Array, pad_spatial
@@ -75,6 +77,8 @@ def translate(images: Array, offsets: Array, coordinates: type = np.float64) -> 
     lead = np.broadcast_shapes(images.shape[:-2], offsets.shape[:-1])
     img = np.broadcast_to(np.asarray(images, dtype=np.float64), (*lead, H, W)).reshape(-1, H, W)
     off: Array = np.broadcast_to(offsets, (*lead, 2)).reshape(-1, 2).astype(coordinates)
+    if coordinates is np.float64 and np.all(np.abs(off) < _SHIFTED_MAX_OFFSET):
+        return _translate_shifted(img, off).reshape(*lead, H, W)
 
     x = (np.arange(W, dtype=coordinates)[None, None, :] - off[:, 0, None, None]).astype(np.float64)  # (K, 1, W)
     y = (np.arange(H, dtype=coordinates)[None, :, None] - off[:, 1, None, None]).astype(np.float64)  # (K, H, 1)
@@ -90,6 +94,42 @@ def translate(images: Array, offsets: Array, coordinates: type = np.float64) -> 
             values = img[k, np.clip(yi, 0, H - 1), np.clip(xi, 0, W - 1)]
             out += (wy * wx) * np.where(inside, values, 0.0)
     return out.reshape(*lead, H, W)
+
+
+# Finite offsets below this (pixels) take ``_translate_shifted``; others (NaN, inf, absurd) the
+# per-pixel gathers, which give what a float32 backend's clipped indices give for them.
+_SHIFTED_MAX_OFFSET = 2.0**20
+
+
+def _translate_shifted(img: Array, off: Array) -> Array:
+    """``translate`` of (K, H, W) by finite float64 offsets (K, 2), as four shifted slices per image.
+
+    One shift per image makes every pixel's sample point j - dx fall the same distance past the
+    same integer shift: floor(j - dx) = j + floor(-dx), and its fraction is (-dx) - floor(-dx).
+    So the four neighbours are whole shifted copies of the image, each times one weight, summed in
+    the order and with the weights the per-pixel form uses (for float32 offsets, where j - dx is
+    exact, the result is the same bit for bit; for other float64 offsets it differs by the rounding
+    of j - dx). No index arrays, no gathers: the translation was a tenth of a forward pass."""
+    K, H, W = img.shape
+    out = np.zeros(img.shape, dtype=np.float64)
+    for k in range(K):
+        neg_x, neg_y = -off[k, 0], -off[k, 1]
+        sx, sy = math.floor(neg_x), math.floor(neg_y)
+        fx, fy = neg_x - sx, neg_y - sy
+        for a, wy in ((0, 1.0 - fy), (1, fy)):
+            dy = sy + a  # out row i reads row i + dy
+            rows_out = slice(max(0, -dy), min(H, H - dy))
+            if rows_out.start >= rows_out.stop:
+                continue
+            rows_in = slice(rows_out.start + dy, rows_out.stop + dy)
+            for b, wx in ((0, 1.0 - fx), (1, fx)):
+                dx = sx + b
+                cols_out = slice(max(0, -dx), min(W, W - dx))
+                if cols_out.start >= cols_out.stop:
+                    continue
+                cols_in = slice(cols_out.start + dx, cols_out.stop + dx)
+                out[k, rows_out, cols_out] += (wy * wx) * img[k, rows_in, cols_in]
+    return out
 
 
 def crop_centre(images: Array, size: int) -> Array:

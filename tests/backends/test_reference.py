@@ -279,6 +279,28 @@ def test_translate_matches_naive_bilinear(offset: tuple[float, float], spec_tran
     np.testing.assert_allclose(translate(img, np.array(offset)), spec_translate(img, *offset), atol=1e-14)
 
 
+def test_translate_by_shifted_slices_is_the_per_pixel_form_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shifted-slice path (``physics._translate_shifted``) against the per-pixel gathers it
+    replaced, on float32 offsets (the batch's), including shifts past every edge and integer ones;
+    NaN or absurd offsets still take the gathers."""
+    from backends.reference import physics
+
+    rng = np.random.default_rng(5)
+    img = rng.normal(size=(4, 3, 9, 12))
+    off = rng.uniform(-14, 14, size=(4, 3, 2)).astype(np.float32)
+    off[0] = [[0, 0], [3, -2], [-0.5, 8.75]]
+    off[1, 0] = [12.5, -9.25]  # entirely outside: zeros
+    fast = translate(img, off)
+    monkeypatch.setattr(physics, "_SHIFTED_MAX_OFFSET", 0.0)  # every offset to the gathers
+    np.testing.assert_array_equal(fast, translate(img, off))
+    assert not np.any(fast[1, 0])
+    monkeypatch.undo()
+    off[2, 1, 0] = np.nan
+    with np.errstate(invalid="ignore"):
+        out = translate(img, off)
+    assert np.isnan(out[2, 1]).all() and np.isfinite(np.delete(out.reshape(12, 9, 12), 7, axis=0)).all()
+
+
 def test_translate_edge_pixels_keep_their_inside_weight() -> None:
     # Half a pixel right: column 0 samples x = -0.5, half of it from the zero outside, half from column 0.
     out = translate(np.ones((4, 4)), np.array([0.5, 0.0]))
