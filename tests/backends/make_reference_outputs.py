@@ -135,11 +135,13 @@ def outputs(config_kwargs: dict[str, Any], batch: Any, kinds: list[str]) -> dict
     out: dict[str, dict[str, np.ndarray]] = {"taps": taps}
     if "gradients" in kinds or "gradient_scales" in kinds:
         out["gradients"] = reference.gradients(batch)
-    if "scales" in kinds:
-        out["scales"] = reference.error_scales(batch, taps)
     if "gradient_scales" in kinds:
+        # One call gives both: the gradient scales are built on the forward ones, returned too.
         both = reference.error_scales(batch, {**taps, **out["gradients"]})
         out["gradient_scales"] = {name: both[name] for name in out["gradients"]}
+        out["scales"] = {name: both[name] for name in taps}
+    elif "scales" in kinds:
+        out["scales"] = reference.error_scales(batch, taps)
     return {kind: out[kind] for kind in kinds}
 
 
