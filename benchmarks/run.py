@@ -253,7 +253,7 @@ def main() -> int:
     print(
         f"{datetime.date.today().isoformat()}, {cpu_model()}, {os.cpu_count()} CPUs, device {args.device}; "
         f"numpy {numpy.__version__}, numba {numba.__version__}, torch {torch.__version__}, "
-        f"tensorflow {tensorflow.__version__}\n"
+        f"tensorflow {tensorflow.__version__}; OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}\n"
     )
     print("| measure | value |\n|---|---|")
     for name, value in rows:

@@ -5,6 +5,7 @@ This package never imports a framework; backends live in ``backends/`` and are f
 TensorFlow nor PyTorch installed.
 """
 
+from parity import _blas_threads  # noqa: F401  (first: it must run before anything loads NumPy)
 from parity.backend import Backend, Taps
 from parity.batch import CanonicalBatch
 from parity.config import ModelConfig
