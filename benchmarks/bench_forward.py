@@ -19,6 +19,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from parity._blas_threads import IDLE_WAIT_VARIABLE
 from parity.batch import random_batch
 from parity.config import ModelConfig
 from parity.registry import load_backend
@@ -38,8 +39,8 @@ def main() -> None:
     config = load_config(None, args.set) if args.set else ModelConfig()
     weights = generate_weights(config)
     batch = random_batch(config, args.batch, seed=1)
-    blas_wait = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
-    print(f"config {config.short_id()}, batch {args.batch}, {os.cpu_count()} CPUs, OPENBLAS_THREAD_TIMEOUT={blas_wait}")
+    blas_wait = f"{IDLE_WAIT_VARIABLE}={os.environ.get(IDLE_WAIT_VARIABLE)}"
+    print(f"config {config.short_id()}, batch {args.batch}, {os.cpu_count()} CPUs, {blas_wait}")
     before = load_backend(args.after)(config, weights, "cpu") if args.after else None
     if before is not None:
         before.forward(batch)

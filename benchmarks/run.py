@@ -250,10 +250,12 @@ def main() -> int:
     import tensorflow
     import torch
 
+    from parity._blas_threads import IDLE_WAIT_VARIABLE
+
     print(
         f"{datetime.date.today().isoformat()}, {cpu_model()}, {os.cpu_count()} CPUs, device {args.device}; "
         f"numpy {numpy.__version__}, numba {numba.__version__}, torch {torch.__version__}, "
-        f"tensorflow {tensorflow.__version__}; OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}\n"
+        f"tensorflow {tensorflow.__version__}; {IDLE_WAIT_VARIABLE}={os.environ.get(IDLE_WAIT_VARIABLE)}\n"
     )
     print("| measure | value |\n|---|---|")
     for name, value in rows:

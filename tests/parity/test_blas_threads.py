@@ -8,17 +8,17 @@ from parity import _blas_threads
 
 # Run in a fresh interpreter (this one loaded NumPy long ago): report the variable as it stood when
 # NumPy's import began, and afterwards.
-_SPY = """
+_SPY = f"""
 import os, sys
 seen = []
 class Spy:
     def find_spec(self, name, path=None, target=None):
         if name == "numpy" and not seen:
-            seen.append(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+            seen.append(os.environ.get({_blas_threads.IDLE_WAIT_VARIABLE!r}))
 sys.meta_path.insert(0, Spy())
 import parity
 import numpy
-print(seen, os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+print(seen, os.environ.get({_blas_threads.IDLE_WAIT_VARIABLE!r}))
 """
 
 
