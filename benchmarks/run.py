@@ -31,7 +31,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -64,16 +63,6 @@ run_parity(backends, batches, load_tolerances(profile=device), config=config,
            expected=lambda k: tap_specs(config, k), reference="reference", stages=stages(config))
 print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
 """
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn: Any, repeats: int) -> float:
@@ -251,6 +240,7 @@ def main() -> int:
     import torch
 
     from parity._blas_threads import IDLE_WAIT_VARIABLE
+    from parity.emulation import cpu_model
 
     print(
         f"{datetime.date.today().isoformat()}, {cpu_model()}, {os.cpu_count()} CPUs, device {args.device}; "

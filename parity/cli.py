@@ -291,13 +291,18 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
         from parity.atomic import write_text
 
         command = "ptycho-parity " + " ".join(args.argv)
-        if families is None:
+        if families is None and not args.keep_records:
             header = measure.header_lines(command, measurement, args.safety, settings)
         else:
             text = Path(template.source).read_text(encoding="utf-8")
-            header = measure.remeasured_header(text, command, measurement, args.safety, settings, families)
+            header = measure.remeasured_header(
+                text, command, measurement, args.safety, settings, families, args.keep_records
+            )
         cuda = load_tolerances(args.template, profile="cuda").device_factor
-        write_text(Path(args.out), measure.render(template, measurement, args.safety, args.minimum, header, cuda))
+        rendered = measure.render(
+            template, measurement, args.safety, args.minimum, header, cuda, keep_records=args.keep_records
+        )
+        write_text(Path(args.out), rendered)
         load_tolerances(args.out)  # what was written must load
         print(f"wrote {args.out}")
     return EXIT_PASS
@@ -523,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="run nothing: merge raw measurements written by --json (e.g. the matrix on one machine, random "
         "cases under every emulated one) and write the tolerance file from them",
+    )
+    m.add_argument(
+        "--keep-records",
+        action="store_true",
+        help="a family's measured value is the larger of this measurement and the template's record: "
+        "a measurement on another machine adds to the evidence instead of replacing it",
     )
     m.add_argument("--label", default="native", help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_measure_tolerances)

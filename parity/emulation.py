@@ -15,7 +15,9 @@ much as the machine can emulate.
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -47,15 +49,29 @@ _ALL_VARIABLES = sorted({k for env in SETTINGS.values() for k in env})
 _REQUIRES = {"aten=avx512": "avx512f", "aten=avx2": "avx2"}
 
 
-def _cpu_flags() -> set[str] | None:
+def _cpuinfo(key: str) -> str | None:
+    """The first value of ``key`` in /proc/cpuinfo (None where there is no such file or key)."""
     try:
         text = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return value.strip()
     return None
+
+
+def _cpu_flags() -> set[str] | None:
+    flags = _cpuinfo("flags")
+    return None if flags is None else set(flags.split())
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name: the machine a measurement or a benchmark ran on, which the emulated
+    settings only approximate (CI and users run on other CPU models)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def unavailable() -> dict[str, str]:

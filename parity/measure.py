@@ -31,6 +31,7 @@ from parity.tolerances import Tolerances
 
 SANITY_LIMIT = 20.0
 DEFAULT_SAFETY = 2.5
+_EDIT = "Edit by re-measuring, not by hand."  # a tolerance file's header ends with it
 
 
 @dataclass
@@ -43,6 +44,9 @@ class Measurement:
     # Every machine (emulation label) a run was measured under, not only those of the worst cases:
     # a merged file's header must say what the factors were measured over.
     machines: set[str] = field(default_factory=set)
+    # The CPU models the runs ran on (parity.emulation.cpu_model): emulated settings approximate
+    # other machines on one CPU, and a file merged from several CPUs should say which they were.
+    cpus: set[str] = field(default_factory=set)
 
     def add(self, family: str, value: float, where: str) -> None:
         if value > self.needed.get(family, -1.0):
@@ -54,15 +58,24 @@ class Measurement:
             self.add(fam, value, other.where.get(fam, ""))
         self.runs += other.runs
         self.machines |= other.machines
+        self.cpus |= other.cpus
 
     def to_dict(self) -> dict[str, Any]:
-        return {"needed": self.needed, "where": self.where, "runs": self.runs, "machines": sorted(self.machines)}
+        return {
+            "needed": self.needed,
+            "where": self.where,
+            "runs": self.runs,
+            "machines": sorted(self.machines),
+            "cpus": sorted(self.cpus),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Measurement:
         # Files written before "machines" was recorded name only the machines of their worst cases.
         machines = data.get("machines") or [w.split(" ", 1)[0] for w in data["where"].values() if w]
-        return cls(dict(data["needed"]), dict(data["where"]), int(data["runs"]), {str(m) for m in machines})
+        # Files written before "cpus" was recorded do not say which CPU they ran on: none is listed.
+        cpus = {str(c) for c in data.get("cpus") or []}
+        return cls(dict(data["needed"]), dict(data["where"]), int(data["runs"]), {str(m) for m in machines}, cpus)
 
 
 def measured_factors(
@@ -70,9 +83,12 @@ def measured_factors(
 ) -> Measurement:
     """The factor each family of ``tolerances`` needed over ``results`` (ParityResults); with
     ``families``, only the families of those patterns are measured."""
+    from parity.emulation import cpu_model
+
     m = Measurement()
     for result in results:
         m.runs += 1
+        m.cpus.add(cpu_model())
         if label:
             m.machines.add(label.split(" ", 1)[0])
         for tap in result.taps:
@@ -153,9 +169,12 @@ def render(
     minimum: float,
     header: Sequence[str],
     cuda_factor: float = 1.0,
+    keep_records: bool = False,
 ) -> str:
     """The tolerance file: the template's model, families (each with its measured factor) and the
-    cuda profile's device factor."""
+    cuda profile's device factor. ``keep_records``: only a family that needed more than its record is
+    rewritten, so a measurement on another machine adds to the evidence the file was written from
+    instead of replacing it (a quieter machine would otherwise lower a factor a noisier one needs)."""
     lines = [f"# {h}" if h else "#" for h in header]
     lines += ["schema_version = 2", "", "[model]"]
     lines += [
@@ -166,6 +185,8 @@ def render(
     ]
     for fam in template.families:
         need = measurement.needed.get(fam.pattern)
+        if keep_records and need is not None and fam.measured is not None and need <= fam.measured:
+            need = None  # its record covers this measurement: the family stays as it is
         factor = max(round_up(safety * need), minimum) if need is not None else fam.factor
         lines += ["", "[[family]]", f'pattern = "{fam.pattern}"', f"factor = {_num(factor)}"]
         if need:  # a family that needed nothing (identical bytes) records no measurement, not a zero
@@ -187,31 +208,38 @@ def remeasured_header(
     measurement: Measurement,
     safety: float,
     settings: Sequence[str],
-    families: Sequence[str],
+    families: Sequence[str] | None,
+    keep_records: bool = False,
 ) -> list[str]:
     """The template's header, kept, with a record of which families were re-measured and how (a
-    measurement of some families leaves the others, and the record of their measurement, alone)."""
+    measurement of some families leaves the others, and the record of their measurement, alone;
+    ``families`` None: every family, merged with its record, ``keep_records``)."""
     kept = []
     for line in template_text.splitlines():
         if not line.startswith("#"):
             break
         text = line[1:].strip() if line.strip() == "#" else line[2:] if line.startswith("# ") else line[1:]
-        if text.startswith("Edit by re-measuring"):
+        if text == _EDIT:
             continue
         kept.append(text)
-    today = datetime.date.today().isoformat()
-    return [
-        *kept,
-        f"Families {', '.join(families)} re-measured (factor = {safety:g} x measured) by:",
-        f"  {command}",
-        f"on {today}, {platform.machine()} {platform.processor() or ''}".rstrip()
-        + f", {measurement.runs} runs, emulated machines: {', '.join(settings) or 'native only'}.",
-        "Edit by re-measuring, not by hand.",
-    ]
+    which = f"Families {', '.join(families)}" if families is not None else "Every family"
+    how = (
+        f"re-measured and merged with the records above (measured = the larger; factor = {safety:g} x measured)"
+        if keep_records
+        else f"re-measured (factor = {safety:g} x measured)"
+    )
+    return [*kept, f"{which} {how} by:", f"  {command}", _measured_on(measurement, settings), _EDIT]
+
+
+def _measured_on(measurement: Measurement, settings: Sequence[str]) -> str:
+    cpus = f" ({'; '.join(sorted(measurement.cpus))})" if measurement.cpus else ""
+    return (
+        f"on {datetime.date.today().isoformat()}, {platform.machine()}{cpus}, {measurement.runs} runs, "
+        f"emulated machines: {', '.join(settings) or 'native only'}."
+    )
 
 
 def header_lines(command: str, measurement: Measurement, safety: float, settings: Sequence[str]) -> list[str]:
-    today = datetime.date.today().isoformat()
     return [
         "Tolerances of ptycho-parity: the model of parity/tolerances.py, explained in docs/tolerances.md.",
         "  |a - b| <= atol_i + rtol*|b_i|,  atol_i = factor * u * S_i,  rtol = floor * u",
@@ -220,9 +248,8 @@ def header_lines(command: str, measurement: Measurement, safety: float, settings
         "implementations stray from the error model; `measured` is the largest factor any comparison",
         f"needed, `factor` is {safety:g} x that, rounded up. Written by:",
         f"  {command}",
-        f"on {today}, {platform.machine()} {platform.processor() or ''}".rstrip()
-        + f", {measurement.runs} runs, emulated machines: {', '.join(settings) or 'native only'}.",
-        "Edit by re-measuring, not by hand.",
+        _measured_on(measurement, settings),
+        _EDIT,
     ]
 
 

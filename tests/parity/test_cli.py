@@ -316,6 +316,41 @@ def test_measure_from_json_rewrites_only_the_families_asked_for(tmp_path, capsys
     assert "re-measured" in text and "5 runs" in text and "native, threads=1" in text
 
 
+def test_measure_keep_records_raises_what_another_machine_needs_and_lowers_nothing(tmp_path):
+    """A measurement on a second CPU merged into the bundled file: a family that needed more there
+    gets 2.5 x the new need; one that needed less keeps its factor and record (without the option it
+    would drop to 2.5 x the quieter machine's need, and the first machine would fail again)."""
+    from parity.measure import round_up
+    from parity.tolerances import load_tolerances
+
+    before = load_tolerances(default_tolerance_file())
+    kernel = next(f for f in before.families if f.pattern == "grad.*.kernel")
+    bias = next(f for f in before.families if f.pattern == "grad.*.bias")
+    assert kernel.measured is not None and bias.measured is not None
+    needs = {"grad.*.kernel": 1.5 * kernel.measured, "grad.*.bias": 0.5 * bias.measured}
+    where = {k: "native case 3" for k in needs}
+    measured = {"needed": needs, "where": where, "runs": 7, "machines": ["native"], "cpus": ["Other CPU 9000"]}
+    (tmp_path / "m.json").write_text(json.dumps(measured))
+    argv = ["measure-tolerances", "--from-json", str(tmp_path / "m.json"), "--out"]
+
+    assert main([*argv, str(tmp_path / "kept.toml"), "--keep-records"]) == 0
+    kept = {f.pattern: f for f in load_tolerances(tmp_path / "kept.toml").families}
+    assert kept["grad.*.kernel"].factor == round_up(2.5 * 1.5 * kernel.measured) > kernel.factor
+    assert (kept["grad.*.bias"].factor, kept["grad.*.bias"].measured) == (bias.factor, bias.measured)
+    for fam in before.families:
+        if fam.pattern not in needs:
+            assert (kept[fam.pattern].factor, kept[fam.pattern].measured) == (fam.factor, fam.measured)
+    text = (tmp_path / "kept.toml").read_text()
+    assert text.startswith(default_tolerance_file().read_text().split("# Edit by re-measuring")[0])
+    assert "Every family re-measured and merged with the records above" in text
+    assert "(Other CPU 9000), 7 runs, emulated machines: native." in text
+
+    # Without --keep-records the quieter machine's need replaces the record.
+    assert main([*argv, str(tmp_path / "replaced.toml")]) == 0
+    replaced = {f.pattern: f for f in load_tolerances(tmp_path / "replaced.toml").families}
+    assert replaced["grad.*.bias"].factor == round_up(2.5 * 0.5 * bias.measured) < bias.factor
+
+
 def test_measure_from_json_header_names_every_machine_measured_not_only_the_worst_cases(tmp_path):
     """A machine whose runs set no maximum was still measured over: the merged header must say so
     (it once listed only the machines of the worst cases, so four emulated machines read as one)."""
@@ -338,13 +373,14 @@ def test_measurement_json_records_the_machine_of_every_run():
     """What --json writes names the machine of each run, so a later --from-json can list them all."""
     from types import SimpleNamespace
 
+    from parity.emulation import cpu_model
     from parity.measure import Measurement, measured_factors
     from parity.tolerances import load_tolerances
 
     m = measured_factors([SimpleNamespace(taps=[])], load_tolerances(default_tolerance_file()), "threads=1 case 0")
-    assert m.machines == {"threads=1"}
+    assert m.machines == {"threads=1"} and m.cpus == {cpu_model()}
     other = Measurement.from_dict(json.loads(json.dumps(m.to_dict())))
-    assert other.machines == {"threads=1"} and other.runs == 1
+    assert other.machines == {"threads=1"} and other.runs == 1 and other.cpus == {cpu_model()}
     # a file from before the field existed falls back to the machines its worst cases name
     old = Measurement.from_dict({"needed": {"f": 1.0}, "where": {"f": "tf-onednn=off case 2"}, "runs": 1})
-    assert old.machines == {"tf-onednn=off"}
+    assert old.machines == {"tf-onednn=off"} and old.cpus == set()  # and no CPU it cannot know
