@@ -67,11 +67,24 @@ def _cpu_flags() -> set[str] | None:
     return None if flags is None else set(flags.split())
 
 
+# The widest vector instruction set, by the cpuinfo flag that says the CPU has it.
+_WIDEST = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sse4_1", "SSE4.1"))
+
+
+def describe_cpu(model: str, flags: set[str] | None) -> str:
+    """``model`` and the widest vector instruction set of ``flags``: "AMD EPYC, AVX-512"."""
+    isa = next((label for flag, label in _WIDEST if flag in (flags or ())), None)
+    return f"{model}, {isa}" if isa else model
+
+
 @functools.cache
 def cpu_model() -> str:
-    """The CPU's model name: the machine a measurement or a benchmark ran on, which the emulated
-    settings only approximate (CI and users run on other CPU models)."""
-    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    """The machine a measurement or a benchmark ran on, which the emulated settings only approximate:
+    its model name and widest vector instruction set. The settings cap oneDNN's instruction set but
+    cannot raise it, and one model name ("AMD EPYC") covers CPUs with and without AVX-512, whose
+    oneDNN kernels round differently (docs/tolerances.md, "A second CPU")."""
+    model = _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    return describe_cpu(model, _cpu_flags())
 
 
 def unavailable() -> dict[str, str]:
