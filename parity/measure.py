@@ -44,8 +44,9 @@ class Measurement:
     # Every machine (emulation label) a run was measured under, not only those of the worst cases:
     # a merged file's header must say what the factors were measured over.
     machines: set[str] = field(default_factory=set)
-    # The CPU models the runs ran on (parity.emulation.cpu_model): emulated settings approximate
-    # other machines on one CPU, and a file merged from several CPUs should say which they were.
+    # The CPUs the runs ran on (parity.emulation.cpu_model: model name and vector instruction set):
+    # emulated settings approximate other machines on one CPU, and a file merged from several CPUs
+    # should say which they were.
     cpus: set[str] = field(default_factory=set)
 
     def add(self, family: str, value: float, where: str) -> None:
@@ -212,8 +213,9 @@ def remeasured_header(
     keep_records: bool = False,
 ) -> list[str]:
     """The template's header, kept, with a record of which families were re-measured and how (a
-    measurement of some families leaves the others, and the record of their measurement, alone;
-    ``families`` None: every family, merged with its record, ``keep_records``)."""
+    measurement of some families leaves the others, and the record of their measurement, alone).
+    ``families`` None: every family was measured; ``keep_records``: each was merged with its record
+    (``render``), so the header says so."""
     kept = []
     for line in template_text.splitlines():
         if not line.startswith("#"):

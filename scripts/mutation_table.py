@@ -17,7 +17,6 @@ import argparse
 import datetime
 import importlib.util
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -60,10 +59,11 @@ def main() -> int:
     print(text)
     if args.write:
         from parity.atomic import write_text
+        from parity.emulation import cpu_model
 
         head = args.write.read_text(encoding="utf-8").split("<!-- table -->")[0] if args.write.exists() else ""
         stamp = (
-            f"<!-- table -->\nLatest table, {datetime.date.today().isoformat()}, {platform.machine()}, made by "
+            f"<!-- table -->\nLatest table, {datetime.date.today().isoformat()}, {cpu_model()}, made by "
             f"`python scripts/mutation_table.py --write {args.write}`:\n\n"
         )
         write_text(args.write, head + stamp + text)
