@@ -84,9 +84,8 @@ def main() -> None:
 
     torch_taps = [backends["torch"].forward(b) for b in batches]
     scales = [reference.error_scales(b, t) for b, t in zip(batches, ref_taps, strict=True)]
-    flat = np.ravel  # every tap and scale is contiguous: views, no copies
     sides = [
-        (flat(mine[tap]), flat(ref), flat(scale[tap]))
+        (np.ravel(mine[tap]), np.ravel(ref), np.ravel(scale[tap]))
         for ref_out, mine, scale in zip(ref_taps, torch_taps, scales, strict=True)
         for tap, ref in ref_out.items()
         if tap in mine and tap in scale and ref.dtype.kind == "f" and ref.size > 1000
