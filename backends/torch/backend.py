@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,11 +57,28 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def use_deterministic_algorithms() -> None:
+    """``torch.use_deterministic_algorithms(True)`` without loading TorchInductor when nothing needs it.
+
+    The public call imports ``torch._inductor`` (and Dynamo with it) only to set Inductor's own
+    flag: about 1.2 s of every process that builds this backend, a CPU core's worth of each parity
+    suite worker's start, for a compiler no backend here uses. So while Inductor is not loaded, the
+    flag ATen's kernels read is set directly; once it is loaded (the process compiles something), or
+    in a torch without that setter, the public call sets both. ``environment()`` reads the flag
+    back through the public getters either way.
+    """
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor" in sys.modules:
+        torch.use_deterministic_algorithms(True)
+    else:
+        setter(True, warn_only=False)
+
+
 def set_precision_controls(device: torch.device) -> None:
     """Process-wide: TF32 off, deterministic kernels, no autotuning, fixed seed (harness.md)."""
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    torch.use_deterministic_algorithms(True)
+    use_deterministic_algorithms()
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")

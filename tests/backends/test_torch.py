@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from functools import cache
 from typing import Any
 
@@ -343,6 +345,29 @@ def test_environment_reports_the_controls_as_set() -> None:
     assert isinstance(env["mkldnn_enabled"], bool)
     assert torch.are_deterministic_algorithms_enabled()
     json.dumps(env)
+
+
+def test_deterministic_algorithms_are_on_without_loading_inductor() -> None:
+    """Building the backend turns ATen's deterministic algorithms on and leaves TorchInductor
+    unloaded (its import is about a second of every process); once Inductor is loaded, the same call
+    sets Inductor's own flag too. In a fresh interpreter: this process has long loaded what it loads."""
+    code = """
+import sys, torch
+from backends.torch import TorchBackend
+from backends.torch.backend import use_deterministic_algorithms
+from parity.config import ModelConfig
+from parity.weights import generate_weights
+TorchBackend(ModelConfig(), generate_weights(ModelConfig()))
+print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+      "torch._inductor" in sys.modules)
+torch._C._set_deterministic_algorithms(False)
+import torch._inductor.config as inductor
+inductor.deterministic = False
+use_deterministic_algorithms()
+print(torch.are_deterministic_algorithms_enabled(), inductor.deterministic)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "False", "True", "True"], out.stdout + out.stderr
 
 
 @pytest.mark.parametrize(
