@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -64,14 +65,16 @@ def use_deterministic_algorithms() -> None:
     flag: about 1.2 s of every process that builds this backend, a CPU core's worth of each parity
     suite worker's start, for a compiler no backend here uses. So while Inductor is not loaded, the
     flag ATen's kernels read is set directly; once it is loaded (the process compiles something), or
-    in a torch without that setter, the public call sets both. ``environment()`` reads the flag
-    back through the public getters either way.
+    in a torch whose setter is gone or did not set it, the public call sets both. ``environment()``
+    reads the flag back through the public getters either way.
     """
     setter = getattr(torch._C, "_set_deterministic_algorithms", None)
-    if setter is None or "torch._inductor" in sys.modules:
-        torch.use_deterministic_algorithms(True)
-    else:
-        setter(True, warn_only=False)
+    if setter is not None and "torch._inductor" not in sys.modules:
+        with contextlib.suppress(TypeError):  # a private setter whose signature has changed
+            setter(True, warn_only=False)
+        if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+            return
+    torch.use_deterministic_algorithms(True)
 
 
 def set_precision_controls(device: torch.device) -> None:
