@@ -454,9 +454,12 @@ def _slope(g: Array) -> Array:
 
 def _translate_adjoint(g: Array, e2: Array, shift: Array, extent: float) -> tuple[Array, Array]:
     """translate_vjp of a complex cotangent and its E (linear with the positive weights, plus the
-    coordinate's rounding and four roundings); returns (value, E²)."""
-    source = np.sqrt(e2) + extent * _slope(g) + 4.0 * np.abs(g)
-    return bw.translate_vjp(g, shift), bw.translate_vjp(source, shift) ** 2
+    coordinate's rounding and four roundings); returns (value, E²). The E's are carried on a ring
+    one pixel wider than the images (``error_model.translate_scale``): the image's edge pixel
+    receives from the sample beside it, outside, whose coordinate moves its whole cotangent."""
+    ring = em.ringed(g)
+    source = np.sqrt(em.ringed(e2)) + extent * _slope(ring) + 4.0 * np.abs(ring)
+    return bw.translate_vjp(g, shift), em.unringed(bw.translate_vjp(source, shift)) ** 2
 
 
 # ---- the sweep ------------------------------------------------------------------------------------
@@ -655,10 +658,7 @@ def gradient_error_scales(
         mask = pad_spatial(physics.centre_mask(N), pad)
         den = physics.translate(mask, shift).sum(axis=1, keepdims=True) + physics.MERGE_EPSILON
         m_extent = em._extent((M, M), shift)
-        s_den = physics.translate(em._translation_source(mask, np.zeros_like(mask), m_extent), shift).sum(
-            axis=1, keepdims=True
-        )
-        s_den = s_den + off.shape[1] * den
+        s_den = em.den_scale(mask, shift, m_extent) + off.shape[1] * den
         dnum = physics.divide_complex(dcanvas, den)
         e2_num = e2_canvas / den**2 + (np.abs(dnum) * s_den / den) ** 2 + (np.abs(dnum)) ** 2
         C = off.shape[1]

@@ -75,6 +75,21 @@ def test_translate_scale_covers_float32_sampling_coordinates(spec_translate):
         assert _ratio(coarse, exact, scale) < 2.0
 
 
+@pytest.mark.parametrize("dx, dy", [(-0.99945718, 0.24765833), (0.9993, -0.9991), (0.3, -0.99961)])
+def test_translate_scale_covers_a_sample_beside_the_edge(spec_translate, dx, dy):
+    """A sample between an edge pixel and the zero beyond it, with almost all its weight outside:
+    float32's rounding of its coordinate moves it by the edge pixel's whole value per pixel, however
+    small the weight the pixel has. Before the scales were translated on a ring (the long sweep's
+    case, -0.99946 on a canvas without margin) this needed hundreds of times its scale."""
+    rng = np.random.default_rng(7)
+    img = 1.0 + rng.normal(size=(24, 24)) + 1j * rng.normal(size=(24, 24))  # no zero edge
+    d = np.array([dx, dy], dtype=np.float32).astype(np.float64)
+    exact = translate(img, d)
+    coarse = spec_translate(img, float(d[0]), float(d[1]), coords=np.float32)
+    scale = em.translate_scale(img, np.zeros(img.shape), d)
+    assert 0.01 < _ratio(coarse, exact, scale) < 2.0
+
+
 def test_diffraction_scale_predicts_a_complex64_fft():
     rng = np.random.default_rng(2)
     field = (rng.normal(size=(2, 3, 64, 64)) + 1j * rng.normal(size=(2, 3, 64, 64))) * np.hanning(64)

@@ -374,6 +374,32 @@ def test_the_scale_follows_the_error_across_weight_scales():
     assert abs(math.log10(needs[1] / needs[0])) < change, (needs, change)
 
 
+@pytest.mark.parametrize("dx, dy", [(0.99945718, 0.24765833), (-0.9993, 0.9991), (0.3, 0.99961)])
+def test_translate_adjoint_covers_float32_coordinates_beside_the_edge(dx, dy):
+    """The adjoint of a translation whose samples sit between an edge pixel and the zero beyond it:
+    the edge pixel's cotangent takes that sample's with a weight of 5e-4 or so, and float32's
+    coordinate moves the weight by its rounding, that is the sample's whole cotangent per pixel.
+    E (carried on a ring one pixel wider than the image) covers the adjoint of the translation with
+    float32 coordinates, built column by column from ``physics.translate``."""
+    from backends.reference import backward as bw
+    from backends.reference import error_model as em
+    from backends.reference import physics
+
+    rng = np.random.default_rng(11)
+    H = W = 24
+    g = 1.0 + rng.normal(size=(H, W)) + 1j * rng.normal(size=(H, W))  # no zero edge
+    d = np.array([dx, dy], dtype=np.float32).astype(np.float64)
+    exact = bw.translate_vjp(g, d)
+    coarse = np.zeros((H, W), dtype=complex)
+    for k in range(H * W):  # input pixel k's cotangent: what it contributes to each output, times g
+        basis = np.zeros(H * W)
+        basis[k] = 1.0
+        coarse.flat[k] = np.sum(physics.translate(basis.reshape(H, W), d, np.float32) * g)
+    _, e2 = gem._translate_adjoint(g, np.zeros((H, W)), d, em._extent((H, W), d))
+    ratio = float(np.max(np.abs(coarse - exact) / (U * np.sqrt(e2))))
+    assert 0.01 < ratio < 2.0, ratio
+
+
 def test_float32_sampling_coordinates_move_log_scale_within_the_coordinate_term(monkeypatch):
     """A float32 backend rounds each patch's sampling coordinate j − d to float32, which moves the
     whole patch at once; in log_scale's output part (a sum over every pixel) that does not average
