@@ -189,12 +189,11 @@ def merge_scale(patches: Array, s_patches: Array, offsets: Array, canvas: Array,
     shift = -(d - d.reshape(-1, 2).mean(axis=0))
     C = patches.shape[1]
     extent = _extent((M, M), shift)
-    padded = pad_spatial(patches, pad)
     # numerator and denominator translated on a ring one pixel wider than the canvas (translate_scale)
     ring = pad_spatial(patches, pad + 1)
     source = _translation_source(ring, pad_spatial(s_patches, pad + 1), extent) + C * np.abs(ring)
     s_num = unringed(physics.translate(source, shift)).sum(axis=1, keepdims=True)
-    mask = np.broadcast_to(pad_spatial(physics.centre_mask(N), pad), padded.shape)
+    mask = np.broadcast_to(pad_spatial(physics.centre_mask(N), pad), patches.shape[:-2] + (N + 2 * pad,) * 2)
     den = physics.translate(mask, shift).sum(axis=1, keepdims=True) + physics.MERGE_EPSILON
     s_den = den_scale(mask, shift, extent)
     s_den += C * den
