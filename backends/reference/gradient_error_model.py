@@ -729,6 +729,10 @@ def gradient_error_scales(
     for s, loss in enumerate(LOSSES):
         for name, e2 in sampled[s].items():
             out[f"{GRAD}.{loss}.{name}"] = np.sqrt(out[f"{GRAD}.{loss}.{name}"] ** 2 + e2)
+    saturated = _saturated_outputs(model, taps, {"amp": d_amp_h, "phase": d_phase_h})
+    for s, loss in enumerate(LOSSES):
+        for name, e2 in (saturated[s] if saturated else {}).items():
+            out[f"{GRAD}.{loss}.{name}"] = np.sqrt(out[f"{GRAD}.{loss}.{name}"] ** 2 + e2)
     nll = f"{GRAD}.{LOSSES[0]}"
     # The NLL's dark pixels are also biased: where the reference's A is below float32's noise, a
     # float32 amplitude is the size of the noise, so x²/A is smaller at every such pixel, in the same
@@ -766,7 +770,6 @@ def _carried(
     every parameter, x and log_scale's input path: (conv gradients, dx, dls), K leading. The network's
     adjoints, nearly all of the work, run in ``dtype`` (the physics' in float64)."""
     N, M = model.N, model.M
-    K = perturbation.shape[0]
     a = taps["physics.diffraction"]
     lit = a > 0
     ds = np.where(lit, perturbation / np.where(lit, 2.0 * a, 1.0), 0.0)
@@ -778,15 +781,20 @@ def _carried(
     dpatches = bw.merge_vjp(dcanvas, off, N) if model.object_big else bw.pad_to_canvas_vjp(dcanvas, N)
     final = {h: taps[_final_tap(head)] for h, head in model.heads.items()}
     d_amp, d_phase = bw.complex_object_vjp(final["amp"], final["phase"], dpatches)
+    return _carried_network(model, taps, [("amp", d_amp), ("phase", d_phase)], dtype)
+
+
+def _carried_network(
+    model: ReferenceModel, taps: Mapping[str, Array], branches: list[tuple[str, Array]], dtype: DTypeLike
+) -> tuple[bw.ConvGradients, Array, Array]:
+    """Cotangents (K, B, C, N, N) at the heads' outputs, carried through the reference's own linear
+    adjoints of the network to every parameter, x and log_scale's input path, in ``dtype``."""
+    K = branches[0][1].shape[0]
     depth = len(model.encoder)
     features = taps[f"encoder.block{depth - 1}.pool"]
     grads: bw.ConvGradients = {}
     dfeatures = np.zeros((K, *features.shape), dtype=dtype)
-    branches: list[tuple[str, Array]] = [
-        ("amp", d_amp.astype(dtype, copy=False)),
-        ("phase", d_phase.astype(dtype, copy=False)),
-    ]
-    for h, dy in branches:
+    for h, dy in ((h, dy.astype(dtype, copy=False)) for h, dy in branches):
         head = model.heads[h]
         d = bw._head_vjp(model, head, taps[f"{h}.decoder.block{len(head.decoder) - 1}.up"], dict(taps), dy, grads)
         for i in range(len(head.decoder) - 1, -1, -1):
@@ -799,6 +807,76 @@ def _carried(
         d = bw._block_vjp(model.encoder[i], block_in, dict(taps), d, grads)
     dx, dls = bw.scale_input_vjp(taps["input.scaled"], float(model.log_scale), d)
     return grads, dx, dls
+
+
+# How close to ±1, in units of u, a float32 sigmoid or tanh output may be rounded to ±1 exactly. The
+# frameworks differ: TensorFlow's tanh (Eigen's rational form) returns 1 from |z| = 7.905 on, where
+# 1 − tanh is 4.6u; torch's from about 9.1 (0.4u). Each threshold is carried on its own, because
+# pixels lost together can cancel, so the loss of a larger set does not bound that of a smaller one.
+_SATURATION_THRESHOLDS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def _saturation_gap(activation: Activation, z: Array) -> Array:
+    """How far a sigmoid's output lies below 1, or a tanh's magnitude below 1, at z (float64)."""
+    if activation is sigmoid:
+        return np.asarray(sigmoid(-z))
+    e = np.exp(-2.0 * np.abs(z))
+    return np.asarray(2.0 * e / (1.0 + e))
+
+
+def _saturation_masks(model: ReferenceModel, taps: Mapping[str, Array], head: Head) -> Array | None:
+    """(thresholds, B, C, N, N): where, at the head's N x N output, its sigmoid or tanh output lies
+    within each threshold's u of 1 in magnitude; None for activations differentiated from z."""
+    if head.activation not in (sigmoid, pi_tanh):
+        return None
+    features = taps[f"{head.name}.decoder.block{len(head.decoder) - 1}.up"]
+    if head.full is not None and head.full_out is not None:
+        z = head.full_out(taps[f"{head.name}.head.full.up"])
+    else:
+        assert head.centre is not None
+        z = head.centre(features[:, :-4])
+    gap = _saturation_gap(head.activation, z)
+    masks = np.stack([gap <= k * U32 for k in _SATURATION_THRESHOLDS])
+    if head.full is None:
+        masks = pad_spatial(masks, model.N // 4)
+    return np.asarray(masks)
+
+
+def _saturated_outputs(
+    model: ReferenceModel, taps: Mapping[str, Array], cotangents: Mapping[str, Array]
+) -> list[dict[str, Array]] | None:
+    """E² (u-units) per loss and gradient tap of what a float32 backend loses where a sigmoid or tanh
+    head saturates: torch and TensorFlow form f' from the output (y(1 − y), 1 − t²), which is exactly
+    0 once the output rounds to ±1, so the cotangent is lost whole at every such pixel, each with its
+    sign: one deterministic perturbation, carried exactly through the adjoints like the underflow's,
+    not as independent noise. In quadrature the lost pixels of a phase head at weights x2.5 were under-
+    counted 20 to 45 times (the long sweep with gradients, seed 20261203). ``cotangents``: the
+    reference's cotangent (S, B, C, N, N) at each head's output. None where nothing saturates."""
+    found = {h: _saturation_masks(model, taps, model.heads[h]) for h in cotangents}
+    masks = {h: m for h, m in found.items() if m is not None and m[-1].any()}
+    if not masks:
+        return None
+    # Thresholds that select the same pixels in every head are carried once.
+    distinct = [0] + [
+        k for k in range(1, len(_SATURATION_THRESHOLDS)) if any((m[k] != m[k - 1]).any() for m in masks.values())
+    ]
+    T = len(distinct)
+    branches = [(h, (cotangents[h][:, None] * m[distinct][None]).reshape(-1, *m.shape[1:])) for h, m in masks.items()]
+    grads, dx, dls = _carried_network(model, taps, branches, np.float64)
+    S = next(iter(cotangents.values())).shape[0]
+
+    def worst(a: Array) -> Array:
+        return np.asarray(np.abs(a).reshape(S, T, *a.shape[1:]).max(axis=1) / U32) ** 2
+
+    out: list[dict[str, Array]] = [{} for _ in range(S)]
+    parts = {f"{name}.{kind}": g for name, (dk, db) in grads.items() for kind, g in (("kernel", dk), ("bias", db))}
+    parts["log_scale"] = np.asarray(dls)
+    parts["input.x"] = dx
+    for name, g in parts.items():
+        e2 = worst(g)
+        for s in range(S):
+            out[s][name] = e2[s]
+    return out
 
 
 def _underflow_lost(

@@ -454,3 +454,39 @@ def test_a_saturated_activation_s_derivative_from_its_rounded_output_is_within_t
     assert np.all(err <= model), float(np.max(err / model))
     assert np.max(err / model) > 0.5
     assert np.max(err / relative) > 1e4
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "pi_tanh"])
+def test_every_output_the_frameworks_round_to_one_is_inside_the_saturation_masks(name):
+    """Where a framework's float32 sigmoid or tanh returns exactly ±1, the derivative it forms from
+    that output is exactly 0 and the cotangent is lost whole: the model carries that loss for the
+    pixels within the widest threshold of 1. TensorFlow's tanh returns 1 from |z| = 7.905 on, where
+    1 − tanh is still 4.6u: a threshold of one or two u would miss it."""
+    import tensorflow as tf
+    import torch
+
+    from backends.reference.ops import pi_tanh, sigmoid
+
+    activation = {"sigmoid": sigmoid, "pi_tanh": pi_tanh}[name]
+    z32 = np.linspace(0.0, 20.0, 40001, dtype=np.float32)
+    outputs = {
+        "torch": (torch.sigmoid if name == "sigmoid" else torch.tanh)(torch.from_numpy(z32)).numpy(),
+        "tensorflow": (tf.math.sigmoid if name == "sigmoid" else tf.math.tanh)(z32).numpy(),
+    }
+    gap = gem._saturation_gap(activation, z32.astype(np.float64))
+    widest = max(gem._SATURATION_THRESHOLDS) * U
+    for framework, y in outputs.items():
+        rounded = y == 1.0
+        assert rounded.any(), framework
+        assert np.all(gap[rounded] <= widest), (framework, float(gap[rounded].max() / U))
+    # and the masks are not loose: far from saturation nothing is lost whole
+    assert not np.any(gap[z32 < 7.0] <= widest)
+
+
+def test_nothing_is_carried_for_saturation_where_no_head_saturates():
+    """The saturation term costs a backward pass through the network; at the default weights no
+    head saturates and it is skipped."""
+    backend, _, taps, _ = _scales(SMALL)
+    model = backend.model
+    cot = {h: np.ones((2, *taps[gem._final_tap(head)].shape)) for h, head in model.heads.items()}
+    assert gem._saturated_outputs(model, taps, cot) is None
