@@ -729,13 +729,11 @@ def gradient_error_scales(
             out[f"{prefix}.{conv.name}.bias"] = np.sqrt(b2[s]) + TINY
         out[f"{prefix}.log_scale"] = np.asarray(math.sqrt(float(e2_ls[s])) + TINY)
         out[f"{prefix}.input.x"] = np.sqrt(e2_x[s]) + TINY
-    for s, loss in enumerate(LOSSES):
-        for name, e2 in sampled[s].items():
-            out[f"{GRAD}.{loss}.{name}"] = np.sqrt(out[f"{GRAD}.{loss}.{name}"] ** 2 + e2)
     saturated = _saturated_outputs(model, taps, {"amp": d_amp_h, "phase": d_phase_h})
-    for s, loss in enumerate(LOSSES):
-        for name, e2 in (saturated[s] if saturated else {}).items():
-            out[f"{GRAD}.{loss}.{name}"] = np.sqrt(out[f"{GRAD}.{loss}.{name}"] ** 2 + e2)
+    for extra in (sampled, saturated or [{} for _ in LOSSES]):
+        for s, loss in enumerate(LOSSES):
+            for name, e2 in extra[s].items():
+                out[f"{GRAD}.{loss}.{name}"] = np.sqrt(out[f"{GRAD}.{loss}.{name}"] ** 2 + e2)
     nll = f"{GRAD}.{LOSSES[0]}"
     # The NLL's dark pixels are also biased: where the reference's A is below float32's noise, a
     # float32 amplitude is the size of the noise, so x²/A is smaller at every such pixel, in the same
