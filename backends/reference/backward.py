@@ -98,15 +98,12 @@ def conv2d_vjp(x: Array, kernel: Array, dy: Array) -> tuple[Array, Array, Array]
     return _input_vjp(kernel, dy), _kernel_vjp(x, dy), dy.sum(axis=(1, 3, 4))
 
 
-def conv2d_activation_vjp(
-    x: Array, kernel: Array, bias: Array, activation: Activation, dy: Array
-) -> tuple[Array, Array, Array]:
-    """Adjoint of ``activation(ops.conv2d(x, kernel, bias))``, like ``conv2d_vjp`` but dy is the
-    cotangent of the activation's output. The pre-activation is not a tap (the forward records only
-    the activation's output, and swish is not invertible), so it is recomputed here, in dy's dtype."""
-    z = conv2d(x, kernel, bias, dtype=dy.dtype)
-    dz = activation_vjp(activation, z, dy)
-    return _input_vjp(kernel, dz), _kernel_vjp(x, dz), dz.sum(axis=(1, 3, 4))
+def conv2d_activation_vjp(conv: Conv, x: Array, activation: Activation, dy: Array) -> tuple[Array, Array, Array]:
+    """Adjoint of ``activation(conv(x))``, like ``conv2d_vjp`` but dy is the cotangent of the
+    activation's output. The pre-activation is not a tap (the forward records only the activation's
+    output, and swish is not invertible), so the conv recomputes it here, in dy's dtype."""
+    dz = activation_vjp(activation, conv(x, dy.dtype), dy)
+    return _input_vjp(conv.kernel, dz), _kernel_vjp(x, dz), dz.sum(axis=(1, 3, 4))
 
 
 def max_pool2_vjp(x: Array, dy: Array) -> Array:
@@ -344,7 +341,7 @@ def _conv_vjp(conv: Conv, x: Array, dz: Array, grads: ConvGradients, activation:
     if activation is None:
         dx, dkernel, dbias = conv2d_vjp(x, conv.kernel, dz)
     else:
-        dx, dkernel, dbias = conv2d_activation_vjp(x, conv.kernel, conv.bias, activation, dz)
+        dx, dkernel, dbias = conv2d_activation_vjp(conv, x, activation, dz)
     grads[conv.name] = (dkernel, dbias)
     return dx
 

@@ -75,6 +75,13 @@ of the forward values the adjoints' coefficients are made of. Choices, and why:
   lost whole at every such pixel, with its sign: that loss is carried exactly through the adjoints
   for each saturation threshold up to 8u, not as noise (``_saturated_outputs``; in quadrature a
   sweep example at weights ×2.5 needed 20 to 46 times its tolerances).
+- **Where first order fails, the secant.** f''·S_z assumes u·S_z is small against f'/f''. Where a
+  head's pre-activations come from sums of ~10⁶ (N=128, weights ×2.9), u·S_z reaches 0.2, and at a
+  pixel with |z| ~ 5 both tanh' and the cotangent (through the phase's sine) move as e^{2|Δz|}: a
+  float32 z 1.15 off made TensorFlow's phase-branch gradients 100 times the reference's. Where f'
+  changes by more than 1.5 times over ±KINK_SIGMA·u·S_z, the gradients are recomputed with those
+  pixels' z moved by that much, each way, and the larger change over KINK_SIGMA enters E²
+  (``_nonlinear_heads``): the secant slope, which is the tangent's where f' is linear.
 - **The sampling coordinates' rounding moves whole patches.** A float32 backend rounds j − d to
   float32 once per patch and axis; in log_scale's output part, a sum over every pixel, that error
   is coherent, not the per-pixel quadrature the rest assumes (``_coordinate_rounding``: each
@@ -117,14 +124,18 @@ Cost: one sweep with the squared fields in float32, rescaled per sample and colu
 like ``error_model.conv_scale`` (a float64 conv recomputing the pre-activations, two transposed convs
 and two kernel sums per conv), and the reference's adjoints carried for nine realisations (four per
 loss sampled, in float32 (``_sampled``); one for the NLL's one-signed bias and a few more where the
-clamp is lifted, in float64). The carried realisations are still the larger part: in the parity
-suite's four gradient tests, profiled, they took 10.7 s of the 18.5 s of gradient scales.
+clamp is lifted, in float64); where a head is not first order, two more float64 gradient passes.
+The carried realisations are still the larger part: in the parity suite's four gradient tests,
+profiled, they took 10.7 s of the 18.5 s of gradient scales.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -257,6 +268,8 @@ class _Sweep:
         self.taps = taps
         self.S = scales
         self.kernel_sq: dict[str, tuple[Array, Array]] = {}  # conv name -> (E² kernel (S, ...), E² bias (S, out))
+        # head conv name -> (its smooth activation, its pre-activation z, z's forward scale S_z)
+        self.smooth: dict[str, tuple[Activation, Array, Array]] = {}
 
     def passed_on(self, name: str) -> Array:
         """The forward error a tap's consumer receives: only from units active in the reference."""
@@ -307,6 +320,7 @@ class _Sweep:
             live = z > 0
             p = _flip_probability(z, s_z)
             return np.where(live, dy, 0.0), np.where(live, e_dy2, 0.0) + p * (dy / U32) ** 2
+        self.smooth[conv.name] = (activation, z, s_z)
         d1, d2 = _derivatives(activation, z)
         dz = dy * d1
         # A derivative below float32's normal range (σ(z) for z < -87) is subnormal or flushed to
@@ -730,7 +744,8 @@ def gradient_error_scales(
         out[f"{prefix}.log_scale"] = np.asarray(math.sqrt(float(e2_ls[s])) + TINY)
         out[f"{prefix}.input.x"] = np.sqrt(e2_x[s]) + TINY
     saturated = _saturated_outputs(model, taps, {"amp": d_amp_h, "phase": d_phase_h})
-    for extra in (sampled, saturated or [{} for _ in LOSSES]):
+    nonlinear = _nonlinear_heads(model, taps, sw.smooth, offsets, probe, gradients)
+    for extra in (sampled, saturated or [{} for _ in LOSSES], nonlinear or [{} for _ in LOSSES]):
         for s, loss in enumerate(LOSSES):
             for name, e2 in extra[s].items():
                 out[f"{GRAD}.{loss}.{name}"] = np.sqrt(out[f"{GRAD}.{loss}.{name}"] ** 2 + e2)
@@ -878,6 +893,87 @@ def _saturated_outputs(
         for s in range(S):
             out[s][name] = e2[s]
     return out
+
+
+# Where an activation's derivative changes by more than this factor over the range a float32 pre-
+# activation reaches (±KINK_SIGMA·u·S_z), first order is no longer a model of its error.
+_LINEAR_LIMIT = 1.5
+
+
+@dataclass
+class _ShiftedConv(Conv):
+    """A head conv whose output (the pre-activation) is moved by a fixed field: the forward and the
+    backward, which recomputes the pre-activation from the conv, both see the moved one."""
+
+    shift: Array = field(default_factory=lambda: np.zeros(0))
+
+    def __call__(self, x: Array, dtype: DTypeLike = np.float64) -> Array:
+        return np.asarray(conv2d(x, self.kernel, self.bias, dtype) + self.shift.astype(dtype, copy=False))
+
+
+def _nonlinear_heads(
+    model: ReferenceModel,
+    taps: Mapping[str, Array],
+    smooth: Mapping[str, tuple[Activation, Array, Array]],
+    offsets: Array,
+    probe: Array,
+    gradients: Mapping[str, Array] | None = None,
+) -> list[dict[str, Array]] | None:
+    """E² (u-units) per loss and gradient tap where a head's pre-activation error is too large for
+    first order: the secant over the range float32 reaches, not the tangent.
+
+    A head's gradient is f'(z)·dy, and dy itself depends on the head's output through the physics
+    (the phase's sine, the spectrum). Where u·S_z is not small against f'/f'' (a tanh of |z| ~ 5 with
+    S_z from sums of ~10⁶), both factors move exponentially with z, together: a faithful float32
+    backend whose z is 1.15 off at one pixel (6 u·S_z) held the phase branch's gradients 100 times
+    the reference's (the long sweep with gradients, seed 20261204), and first order, f''·dy·S_z, saw
+    a few percent of it. So where f' changes by more than _LINEAR_LIMIT over ±KINK_SIGMA·u·S_z (the
+    measured spread of a float32 pre-activation, as the ReLU and max-pool switches use it), the
+    reference's gradients are recomputed in float64 with those pixels' z moved by KINK_SIGMA·u·S_z
+    the way f' grows, and once the other way. The larger change of each element, divided by
+    KINK_SIGMA to express it per u·S_z as every other term is, enters E². The move is coherent over
+    those pixels and nonlinear, forward and backward, so both coupled factors are in it. None where
+    every head is first-order (default weights: u·S_z below 10⁻⁸ on random batches)."""
+    moves: dict[str, Array] = {}
+    for name, (activation, z, s_z) in smooth.items():
+        reach = KINK_SIGMA * U32 * s_z
+        d1, up, down = (np.abs(_derivatives(activation, z + d)[0]) for d in (0.0, reach, -reach))
+        far = np.maximum(up, down) > _LINEAR_LIMIT * d1
+        if far.any():
+            # Each pixel moves the way its f' grows (towards 0 for a tanh), all together, and then
+            # all the other way: the coherent extremes of what float32 may do at those pixels.
+            moves[name] = np.where(far, np.where(up >= down, reach, -reach), 0.0)
+    if not moves:
+        return None
+    x = np.asarray(taps["input.x"], dtype=np.float64)
+    moved_gradients = []
+    for sign in (1.0, -1.0):
+        moved = copy.copy(model)
+        moved.heads = {h: _moved_head(head, moves, sign) for h, head in model.heads.items()}
+        moved_gradients.append(bw.gradients(moved, x, offsets, probe))
+    # The reference's own gradients when given in full and in float64: the same function of the same
+    # inputs, so an element no move reaches differs by exactly 0 (a float32 copy would add its rounding).
+    given = gradients or {}
+    if any(np.asarray(given.get(name, 0.0)).dtype != np.float64 for name in moved_gradients[0]):
+        given = bw.gradients(model, x, offsets, probe)
+    out: list[dict[str, Array]] = [{} for _ in LOSSES]
+    for s, loss in enumerate(LOSSES):
+        prefix = f"{GRAD}.{loss}."
+        for name in (n for n in moved_gradients[0] if n.startswith(prefix)):
+            change = np.maximum(*(np.abs(g[name] - given[name]) for g in moved_gradients))
+            out[s][name[len(prefix) :]] = (change / (KINK_SIGMA * U32)) ** 2
+    return out
+
+
+def _moved_head(head: Head, moves: Mapping[str, Array], sign: float) -> Head:
+    """The head with each of its convs named in ``moves`` shifted by sign·move."""
+    convs = {f: getattr(head, f) for f in ("centre", "border_out", "full_out")}
+    shifted: dict[str, Any] = {
+        f: _ShiftedConv(conv.name, conv.kernel, conv.bias, sign * moves[conv.name])
+        for f, conv in convs.items()
+        if conv is not None and conv.name in moves
+    }
+    return replace(head, **shifted)
 
 
 def _underflow_lost(

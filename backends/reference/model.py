@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from backends.reference import error_model as em
 from backends.reference import physics
@@ -64,8 +65,8 @@ class Conv:
             np.asarray(weights[f"{name}.bias"], dtype=np.float64),
         )
 
-    def __call__(self, x: Array) -> Array:
-        return conv2d(x, self.kernel, self.bias)
+    def __call__(self, x: Array, dtype: DTypeLike = np.float64) -> Array:
+        return conv2d(x, self.kernel, self.bias, dtype)
 
     @property
     def in_channels(self) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from backends.reference import ReferenceBackend, backward, physics
-from backends.reference.model import ConvBlock, ReferenceModel, Taps
+from backends.reference.model import Conv, ConvBlock, ReferenceModel, Taps
 from backends.reference.ops import (
     AMP_ACTIVATIONS,
     Activation,
@@ -94,7 +94,7 @@ def test_conv_activation_vjp_is_activation_then_conv(rng: np.random.Generator) -
     """The fused head-conv adjoint equals the activation's adjoint followed by the conv's."""
     x, kernel, bias = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((3, 3, 3, 2)), rng.standard_normal(2)
     dy = rng.standard_normal((2, 2, 2, 6, 6))
-    fused = backward.conv2d_activation_vjp(x, kernel, bias, swish, dy)
+    fused = backward.conv2d_activation_vjp(Conv("c", kernel, bias), x, swish, dy)
     dz = backward.activation_vjp(swish, conv2d(x, kernel, bias), dy)
     for a, b in zip(fused, backward.conv2d_vjp(x, kernel, dz), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)

@@ -8,14 +8,16 @@ gradients (torch) the bundled tolerances hold while an error of a few percent of
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from backends.reference import ReferenceBackend
+from backends.reference import ReferenceBackend, backward
 from backends.reference import gradient_error_model as gem
 from backends.reference.model import Conv
 from parity.batch import CanonicalBatch, random_batch
@@ -490,3 +492,51 @@ def test_nothing_is_carried_for_saturation_where_no_head_saturates():
     model = backend.model
     cot = {h: np.ones((2, *taps[gem._final_tap(head)].shape)) for h, head in model.heads.items()}
     assert gem._saturated_outputs(model, taps, cot) is None
+
+
+def test_a_moved_pre_activation_is_what_the_forward_and_the_backward_both_see():
+    """The secant term recomputes the gradients with head pre-activations moved: a move of 0 gives
+    the reference's gradients bit for bit, and a uniform move of one output channel gives exactly
+    those of a model whose bias is larger by as much (both passes see the move)."""
+    backend, batch, _, _ = _scales(SMALL)
+    model = backend.model
+    x, offsets = batch.x.astype(np.float64), batch.offsets.astype(np.float64)
+    probe = batch.probe.astype(np.complex128).reshape(1, 1, SMALL.N, SMALL.N)
+    want = backward.gradients(model, x, offsets, probe)
+    head = model.heads["phase"]
+    conv = head.centre if head.centre is not None else head.full_out
+    z = np.zeros((batch.size, conv.out_channels, SMALL.N // 2, SMALL.N // 2))
+    still = copy.copy(model)
+    still.heads = {**model.heads, "phase": gem._moved_head(head, {conv.name: z}, 1.0)}
+    for name, value in backward.gradients(still, x, offsets, probe).items():
+        np.testing.assert_array_equal(value, want[name], err_msg=name)
+    move = np.zeros_like(z)
+    move[:, 0] = 0.25
+    moved = copy.copy(model)
+    moved.heads = {**model.heads, "phase": gem._moved_head(head, {conv.name: move}, 1.0)}
+    bias = np.array(conv.bias, copy=True)
+    bias[0] += 0.25
+    biased = copy.copy(model)
+    biased.heads = {**model.heads, "phase": replace(head, centre=Conv(conv.name, conv.kernel, bias))}
+    got, expected = backward.gradients(moved, x, offsets, probe), backward.gradients(biased, x, offsets, probe)
+    assert not np.allclose(got[f"{GRAD}.poisson_nll.{conv.name}.bias"], want[f"{GRAD}.poisson_nll.{conv.name}.bias"])
+    for name, value in got.items():
+        scale = np.abs(expected[name]).max()
+        np.testing.assert_allclose(value, expected[name], rtol=1e-10, atol=1e-12 * scale, err_msg=name)
+
+
+def test_nothing_is_recomputed_where_every_head_is_first_order(monkeypatch):
+    """The secant term costs two more float64 gradient passes; at the default weights every head's
+    pre-activation error is far inside its activation's linear range and the term is skipped."""
+    seen: list[tuple[dict, object]] = []
+    original = gem._nonlinear_heads
+
+    def spy(model, taps, smooth, offsets, probe, gradients=None):
+        out = original(model, taps, smooth, offsets, probe, gradients)
+        seen.append((dict(smooth), out))
+        return out
+
+    monkeypatch.setattr(gem, "_nonlinear_heads", spy)
+    _scales(SMALL)
+    assert seen and all(out is None for _, out in seen)
+    assert {"amp.head.centre", "phase.head.centre"} <= set(seen[0][0])
