@@ -65,7 +65,10 @@ of the forward values the adjoints' coefficients are made of. Choices, and why:
   rounding, as the forward conv); kernel E² = Σ_pixels x²·(E_dz² + (1 + log₂n)·dz²) + S_x²·dz²,
   n = B·H·W the pixels summed (a reduction this long rounds at every level of a pairwise or blocked
   sum); bias E² = Σ_pixels (E_dz² + (1 + log₂n)·dz²). Only units active in the reference carry the
-  forward error S_x (``error_model.relu_pass_on``).
+  forward error S_x (``error_model.relu_pass_on``). Both also round at the size of the total,
+  (1 + log₂n)·g² (``_reduction_rounding``): where the terms share a sign the partial sums approach
+  it, and the terms' own magnitudes understate that by up to √n (torch, 4096 pixels: 100u of the
+  total, against a scale of 0.7 of it).
 - **Smooth head activations:** E_dz² = f'(z)²·E_dy² + (f''(z)·dy·S_z)² + (2·f'(z)·dy)², f' and f''
   exact at the reference's z; ReLU as a kink. The sigmoid and tanh are differentiated from their
   float32 outputs (y(1 − y), 1 − t²), whose error of about u does not shrink as f' does where they
@@ -76,7 +79,7 @@ of the forward values the adjoints' coefficients are made of. Choices, and why:
   for each saturation threshold up to 8u, not as noise (``_saturated_outputs``; in quadrature a
   sweep example at weights ×2.5 needed 20 to 46 times its tolerances).
 - **Where first order fails, the secant.** f''·S_z assumes u·S_z is small against f'/f''. Where a
-  head's pre-activations come from sums of ~10⁶ (N=128, weights ×2.9), u·S_z reaches 0.2, and at a
+  head's pre-activations are ~10⁵ (N=128, weights ×2.9), u·S_z reaches 0.27, and at a
   pixel with |z| ~ 5 both tanh' and the cotangent (through the phase's sine) move as e^{2|Δz|}: a
   float32 z 1.15 off made TensorFlow's phase-branch gradients 100 times the reference's. Where f'
   changes by more than 1.5 times over ±KINK_SIGMA·u·S_z, the gradients are recomputed with those
@@ -268,6 +271,8 @@ class _Sweep:
         self.taps = taps
         self.S = scales
         self.kernel_sq: dict[str, tuple[Array, Array]] = {}  # conv name -> (E² kernel (S, ...), E² bias (S, out))
+        # conv name -> how many pixels its kernel and bias gradients sum (B·H·W)
+        self.summed: dict[str, int] = {}
         # head conv name -> (its smooth activation, its pre-activation z, z's forward scale S_z)
         self.smooth: dict[str, tuple[Activation, Array, Array]] = {}
 
@@ -284,6 +289,7 @@ class _Sweep:
         ``moves_within`` is the part of e_dz2 that only moves a cotangent between pixels, which the
         bias, a plain sum over pixels, does not see (a max-pool tie routed to its other maximum)."""
         n = dz.shape[1] * dz.shape[3] * dz.shape[4]
+        self.summed[conv.name] = n
         dz2 = dz * dz
         reduction = e_dz2 + (1.0 + math.log2(max(n, 2))) * dz2
         k2 = _kernel_sum(x * x, reduction) + _kernel_sum(s_x * s_x, dz2)
@@ -769,7 +775,11 @@ def gradient_error_scales(
     if gradients is not None:
         for name, value in gradients.items():
             if name in out:
-                out[name] = np.hypot(out[name], _tile_floor(np.asarray(value, dtype=np.float64)))
+                g = np.asarray(value, dtype=np.float64)
+                out[name] = np.hypot(out[name], _tile_floor(g))
+                summed = sw.summed.get(name.split(".", 2)[2].rsplit(".", 1)[0])
+                if summed is not None and name.endswith((".kernel", ".bias")):
+                    out[name] = np.hypot(out[name], _reduction_rounding(g, summed))
     return {name: np.asarray(v, dtype=np.float64, order="C") for name, v in out.items()}
 
 
@@ -923,8 +933,8 @@ def _nonlinear_heads(
     first order: the secant over the range float32 reaches, not the tangent.
 
     A head's gradient is f'(z)·dy, and dy itself depends on the head's output through the physics
-    (the phase's sine, the spectrum). Where u·S_z is not small against f'/f'' (a tanh of |z| ~ 5 with
-    S_z from sums of ~10⁶), both factors move exponentially with z, together: a faithful float32
+    (the phase's sine, the spectrum). Where u·S_z is not small against f'/f'' (a tanh of |z| ~ 5 among
+    pre-activations of ~10⁵), both factors move exponentially with z, together: a faithful float32
     backend whose z is 1.15 off at one pixel (6 u·S_z) held the phase branch's gradients 100 times
     the reference's (the long sweep with gradients, seed 20261204), and first order, f''·dy·S_z, saw
     a few percent of it. So where f' changes by more than _LINEAR_LIMIT over ±KINK_SIGMA·u·S_z (the
@@ -1081,6 +1091,17 @@ def _sampled(
 def _mean_square(values: Array, axis: int | tuple[int, ...] | None, unit: float) -> Array:
     """Mean square, in float64, of realisations that were carried divided by ``unit``."""
     return np.asarray(np.mean(np.square(values, dtype=np.float64), axis=axis) * unit**2)
+
+
+def _reduction_rounding(value: Array, n: int) -> Array:
+    """The rounding of a float32 sum of n terms at the magnitude of its partial sums: (1 + log₂n)
+    roundings at the total's size. Where the terms share a sign the partial sums approach the total,
+    and a blocked or sequential sum rounds each at that size, which the terms' own magnitudes
+    ((1 + log₂n)·Σ terms², in ``_Sweep.conv``) understate by up to √n: an amplitude head's kernel
+    gradient, 4096 pixels of positive features times mostly positive cotangents, was 100u of itself
+    off in torch, 1.02 times its tolerance (the long sweep, seed 20261205). Where the terms cancel,
+    the total is small and this adds nothing."""
+    return np.asarray(math.sqrt(1.0 + math.log2(max(n, 2))) * np.abs(value))
 
 
 def _tile_floor(value: Array) -> Array:
