@@ -86,9 +86,15 @@ of the forward values the adjoints' coefficients are made of. Choices, and why:
   pixels' z moved by that much, each way, and the larger change over KINK_SIGMA enters E²
   (``_nonlinear_heads``): the secant slope, which is the tangent's where f' is linear.
 - **The sampling coordinates' rounding moves whole patches.** A float32 backend rounds j − d to
-  float32 once per patch and axis; in log_scale's output part, a sum over every pixel, that error
-  is coherent, not the per-pixel quadrature the rest assumes (``_coordinate_rounding``: each
-  patch's sensitivity by central differences through the physics, times u·extent).
+  float32 once per patch and axis, by up to u·extent. That error is coherent over the patch, not
+  the per-pixel noise the rest assumes, and beside a merged patch's rim, where the coverage is a
+  small fraction of a pixel, it is large (0.7 % of a spectrum pixel, the same in both frameworks).
+  Each coordinate is moved by u·extent both ways through the reference's physics
+  (``_coordinate_moves``: a secant at the rounding's own size, since the rim is far from linear),
+  and its move of the amplitude and of the spectrum's phase enters log_scale's output part
+  (``_coordinate_rounding``), x's direct NLL term (its move of log I) and the MAE's sign switches,
+  and, with a random sign per coordinate, the realisations ``_sampled`` carries through the
+  adjoints (``_coordinate_realisations``), whose mean square then holds each coordinate's effect.
 - **Max-pool:** the cotangent follows the argmax; where the window's top two values (both positive)
   are within noise of each other, p·(dy/u)² goes to both. An exact tie of the first block is not
   noise: it comes from identical values of the scaled input, which float32 convolves identically, so
@@ -136,7 +142,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -506,63 +512,124 @@ def _amplitude_noise(model: ReferenceModel, taps: Mapping[str, Array], S: Mappin
     return np.asarray(eps * l2 / N + 2.0 * np.abs(A) + TINY)
 
 
-# Step of the central differences that give the amplitude's sensitivity to a sampling coordinate:
-# bilinear interpolation is linear in the coordinate within a pixel, so any step well inside one is
-# exact up to the amplitude's own curvature.
-_COORD_STEP = 1e-3
+@dataclass(frozen=True)
+class _Move:
+    """One float32 sampling coordinate's rounding (u·extent along one axis), carried to the spectrum:
+    the move of the diffraction amplitude a and of the spectrum's phase at every pixel (B, C, N, N),
+    per unit u. ``per_patch``: each patch's coordinate rounds on its own (the re-extraction's);
+    otherwise one coordinate moves every patch of its group (a merged patch's)."""
+
+    amplitude: Array
+    phase: Array
+    per_patch: bool
 
 
-def _coordinate_rounding(
-    model: ReferenceModel, taps: Mapping[str, Array], offsets: Array, probe: Array, x: Array
-) -> Array:
+def _coordinate_moves(model: ReferenceModel, taps: Mapping[str, Array], offsets: Array, probe: Array) -> list[_Move]:
+    """The spectrum's response to each float32 sampling coordinate, by central differences through
+    the reference's physics, each coordinate moved by u·extent, the rounding's own size: a secant, not
+    a slope. A merged patch's rim is far from linear in its coordinate where its coverage is a small
+    fraction of a pixel (the merge divides by coverage + 1e-3): there a step of 1e-3 pixel, wider than
+    the coverage, gave a spectrum pixel's move 17 times too small.
+
+    A float32 backend rounds j − d to float32 (an error of up to u·extent), the same for the whole
+    patch (its sign and size depend on d's low bits), so it moves every pixel of the patch together:
+    a coherent error, which the per-pixel amplitude noise (``_amplitude_noise``) does not hold. Beside
+    an edge it is large: a merged canvas's rim, where the coverage is a small fraction of a pixel,
+    moved by 3e-4 of the canvas's largest value, and a dark spectrum pixel by 0.7 %, the same in both
+    frameworks (the long sweep on one thread, seed 20261209)."""
+    N, M = model.N, model.M
+    mask = model.illumination_mask
+    off = np.asarray(offsets, dtype=np.float64)
+
+    def spectrum(canvas: Array, d: Array) -> Array:
+        field = physics.illuminate(physics.reextract(canvas, d, N), probe, mask)
+        return np.asarray(np.fft.fftshift(np.fft.fft2(field, axes=(-2, -1)), axes=(-2, -1)) / N)
+
+    def move(plus: Array, minus: Array, per_patch: bool) -> _Move:
+        per_u = 1.0 / (2.0 * U32)
+        return _Move((np.abs(plus) - np.abs(minus)) * per_u, np.angle(plus * np.conj(minus)) * per_u, per_patch)
+
+    moves = []
+    canvas = taps["object.canvas"]
+    for k in (0, 1):
+        step = np.zeros_like(off)
+        step[..., k] = U32 * em._extent((M, M), off)
+        moves.append(move(spectrum(canvas, off + step), spectrum(canvas, off - step), True))
+    if model.object_big:
+        patches, shift = taps["object.patches"], physics.merge_shift(off)
+        for c in range(off.shape[1]):
+            for k in (0, 1):
+                step = np.zeros_like(shift)
+                step[:, c, k] = U32 * em._extent((M, M), shift)
+                plus = spectrum(physics.merge_shifted(patches, shift + step, M), off)
+                minus = spectrum(physics.merge_shifted(patches, shift - step, M), off)
+                moves.append(move(plus, minus, False))
+    return moves
+
+
+def _coordinate_rounding(model: ReferenceModel, taps: Mapping[str, Array], moves: Sequence[_Move], x: Array) -> Array:
     """E² (u-units) per loss of log_scale's output path from the float32 sampling coordinates.
 
-    A float32 backend rounds each patch's coordinate j − d to float32, an error of up to u·extent
-    that is the same for the whole patch (its sign and size depend on d's low bits). It moves every
-    pixel of the patch together, so its effect on a sum over the patch is coherent: in log_scale's
-    Σ 2(I − x²)/K and Σ sign·A/K it does not average out as the per-pixel errors in quadrature
-    assume (N=128, a canvas 16000x brighter than the data: both frameworks off by 17 u·|∂/∂log_scale|,
-    the same in both, while the quadrature model allowed 2.2). Each patch's sensitivity to its
-    coordinates (reextraction, and the merge's for object_big) is taken by central differences
-    through the reference's physics; patches and axes round independently, so they add in quadrature.
+    In log_scale's Σ 2(I − x²)/K and Σ sign·A/K a coordinate's move does not average out as the
+    per-pixel errors in quadrature assume (N=128, a canvas 16000x brighter than the data: both
+    frameworks off by 17 u·|∂/∂log_scale|, the same in both, while the quadrature model allowed 2.2).
+    Coordinates round independently, so their moves add in quadrature.
     """
-    N, M = model.N, model.M
     K = x[0].size
     A = taps["output.amplitude"]
     # ∂(∂loss/∂log_scale)/∂a per loss: NLL ∂(2A²/K)/∂A, MAE sign(A − x)/K, times ∂A/∂a = e^log_scale.
     weights = np.stack([4.0 * A, np.sign(A - x)]) * (math.exp(float(model.log_scale)) / K)
-    mask = model.illumination_mask
-    off = np.asarray(offsets, dtype=np.float64)
-
-    def amplitude(canvas: Array, d: Array) -> Array:
-        return physics.diffract(physics.illuminate(physics.reextract(canvas, d, N), probe, mask))
-
-    def moved(plus: Array, minus: Array) -> Array:
-        return np.asarray(np.sum(weights * (plus - minus) / (2.0 * _COORD_STEP), axis=(-2, -1)))  # (S, B, C)
-
     e2 = np.zeros(len(LOSSES))
-    canvas = taps["object.canvas"]
-    extent = em._extent((M, M), off)
-    for k in (0, 1):
-        step = np.zeros_like(off)
-        step[..., k] = _COORD_STEP
-        sensitivity = moved(amplitude(canvas, off + step), amplitude(canvas, off - step))
-        e2 += extent**2 * np.sum(sensitivity**2, axis=(1, 2))
-    if model.object_big:
-        patches, shift = taps["object.patches"], physics.merge_shift(off)
-        extent = em._extent((M, M), shift)
-        for c in range(off.shape[1]):
-            for k in (0, 1):
-                step = np.zeros_like(shift)
-                step[:, c, k] = _COORD_STEP
-                plus = amplitude(physics.merge_shifted(patches, shift + step, M), off)
-                minus = amplitude(physics.merge_shifted(patches, shift - step, M), off)
-                e2 += extent**2 * np.sum(moved(plus, minus).sum(axis=-1) ** 2, axis=1)
+    for m in moves:
+        sensitivity = np.sum(weights * m.amplitude, axis=(-2, -1))  # (S, B, C)
+        if not m.per_patch:
+            sensitivity = sensitivity.sum(axis=-1)
+        e2 += np.sum(sensitivity**2, axis=tuple(range(1, sensitivity.ndim)))
     return e2
 
 
+def _coordinate_realisations(
+    model: ReferenceModel, taps: Mapping[str, Array], moves: Sequence[_Move], x: Array, d_a: Array
+) -> list[Array]:
+    """Per loss, MC_SAMPLES realisations (K, B, C, N, N) of the cotangent error at the diffraction
+    amplitude (real part) and across the spectrum's phase (imaginary part) from the float32 sampling
+    coordinates, in real units, for ``_sampled`` to carry with its own: every coordinate rounded by
+    u·extent with a random sign of its own (seeded), so the realisations' mean square is the sum of
+    the coordinates' effects, each carried whole through the adjoints (a move is coherent over its
+    patch, which independent per-pixel samples are not).
+
+    The NLL's cotangent 2(A − x²/A)/K moves with the amplitude, its x²/A part with the saturated
+    relative move (as ``_loss_stage``'s); both losses' cotangents turn with the spectrum's phase."""
+    a = taps["physics.diffraction"]
+    B, C = a.shape[:2]
+    g = math.exp(float(model.log_scale))
+    K = x[0].size
+    rng = np.random.default_rng(_MC_SEED + 2)
+    amplitude = np.zeros((MC_SAMPLES, *a.shape))
+    phase = np.zeros_like(amplitude)
+    for m in moves:
+        signs = rng.choice([-1.0, 1.0], size=(MC_SAMPLES, B, C if m.per_patch else 1, 1, 1))
+        amplitude += signs * (U32 * m.amplitude)
+        phase += signs * (U32 * m.phase)
+    A = g * a
+    above = taps["output.intensity"] > physics.NLL_FLOOR
+    safe_A = np.where(A > 0, A, 1.0)
+    moved = g * amplitude
+    relative = np.where(A > 0, np.abs(moved) / safe_A, np.inf)
+    ill = (
+        np.sign(moved)
+        * np.where(A > 0, x * x / safe_A, 0.0)
+        * np.where(np.isfinite(relative), _saturated(np.where(np.isfinite(relative), relative, 0.0)), 1.0)
+    )
+    nll = np.where(above, g * 2.0 * (moved + ill) / K, 0.0)
+    return [
+        physics.complex_from_parts(nll, d_a[0] * phase),
+        physics.complex_from_parts(np.zeros_like(nll), d_a[1] * phase),
+    ]
+
+
 def _loss_stage(
-    model: ReferenceModel, taps: Mapping[str, Array], S: Mapping[str, Array], x: Array
+    model: ReferenceModel, taps: Mapping[str, Array], S: Mapping[str, Array], x: Array, moves: Sequence[_Move] = ()
 ) -> tuple[Array, Array, Array, Array, Array, Array, Array, Array, Array, Array]:
     """Cotangents at the diffraction amplitude a (values and E²), the log_scale parts from the
     outputs, and x's direct parts. Returns (d_a, E²_w (the error of d_a·e^{iθ} but the NLL's
@@ -596,8 +663,14 @@ def _loss_stage(
     # nothing through the square root (its subgradient there) while the reference passes d_a, and the
     # MAE's sign(A − x) is taken at 0 (the forward model's ``squared_away``, carried backwards).
     lost = em.squared_underflows(taps["physics.diffraction"])
-    # MAE: d_a = e^ls·sign(A − x)/K; a sign switch changes it by 2e^ls/K.
-    p_sign = np.where(lost, 1.0, _flip_probability(A - x, s_A))
+    # The sampling coordinates' moves of A (``_coordinate_moves``), in quadrature over coordinates.
+    coordinate2 = np.zeros_like(A)
+    for m in moves:
+        coordinate2 += (g * m.amplitude) ** 2
+    # MAE: d_a = e^ls·sign(A − x)/K; a sign switch changes it by 2e^ls/K. Where the coordinates can
+    # move A across x, it may switch.
+    within = np.abs(A - x) <= U32 * np.sqrt(coordinate2)
+    p_sign = np.where(lost | within, 1.0, _flip_probability(A - x, s_A))
     # The switches, like the spectrum's phase error (δθ = δA/A saturated) of both losses, are
     # independent per frequency and sampled (``_sampled``, from the returned ``flips``).
     flips = np.sqrt(p_sign) * 2.0 * g / K
@@ -611,6 +684,9 @@ def _loss_stage(
     # x directly: NLL −2x·log(max(I, floor))/K, error 2|x|·log1p(2q)/K; MAE −sign/K switches.
     log_err = 2.0 * np.abs(x) * np.log1p(2.0 * np.where(np.isfinite(q), q, 1e30)) / K / U32
     e2_x_nll = log_err**2 + (3.0 * dx_direct[0]) ** 2
+    for m in moves:  # each coordinate's move of log I, coherent over its patch: not in q's noise
+        moved = np.divide(U32 * g * np.abs(m.amplitude), A, out=np.where(m.amplitude != 0, 1e30, 0.0), where=A > 0)
+        e2_x_nll += (2.0 * np.abs(x) * np.log1p(2.0 * moved) / K / U32) ** 2
     e2_x_mae = p_sign * (2.0 / K / U32) ** 2
     return (
         d_a,
@@ -651,9 +727,12 @@ def gradient_error_scales(
     ls = float(model.log_scale)
     sw = _Sweep(model, taps, scales)
 
-    d_a, e2_w, ill, rho, dls_out, e2_ls_out, _, e2_x_direct, lifted, flips = _loss_stage(model, taps, scales, x)
-    # the NLL's ill-conditioned amplitude error, the MAE's sign switches, both losses' phase error
-    sampled = _sampled(model, taps, offsets, probe, [(ill, rho * d_a[0]), (flips, rho * d_a[1])])
+    moves = _coordinate_moves(model, taps, offsets, probe)
+    d_a, e2_w, ill, rho, dls_out, e2_ls_out, _, e2_x_direct, lifted, flips = _loss_stage(model, taps, scales, x, moves)
+    # the NLL's ill-conditioned amplitude error, the MAE's sign switches, both losses' phase error,
+    # and the sampling coordinates' moves
+    coherent = _coordinate_realisations(model, taps, moves, x, d_a)
+    sampled = _sampled(model, taps, offsets, probe, [(ill, rho * d_a[0]), (flips, rho * d_a[1])], coherent)
     # FFT adjoint: ψ̄ = 2·ifft2(ds·F); per pixel error √(Σ E_w² + log₂(N²)²·Σ|d_a|²)/N.
     field, diffraction = taps["physics.illuminated"], taps["physics.diffraction"]
     dpsi = bw.diffract_vjp(field, diffraction, d_a)
@@ -736,7 +815,7 @@ def gradient_error_scales(
     n_in = scaled.size
     red = 1.0 + math.log2(max(n_in, 2))
     e2_ls_in = (scaled**2 * (e + red * d * d) + d * d * s_scaled**2).reshape(lead, -1).sum(axis=1)
-    e2_ls_out = e2_ls_out + _coordinate_rounding(model, taps, offsets, probe, x)
+    e2_ls_out = e2_ls_out + _coordinate_rounding(model, taps, moves, x)
     e2_ls = e2_ls_out + e2_ls_in + (2.0 * (np.abs(dls_out) + np.abs((d * scaled).reshape(lead, -1).sum(axis=1)))) ** 2
 
     out: dict[str, Array] = {}
@@ -1044,6 +1123,7 @@ def _sampled(
     offsets: Array,
     probe: Array,
     parts: list[tuple[Array, Array]],
+    coherent: list[Array] | None = None,
 ) -> list[dict[str, Array]]:
     """E² (u-units) per loss of the gradients from the loss stage's dark-pixel errors, by sampling.
 
@@ -1065,9 +1145,11 @@ def _sampled(
     K = MC_SAMPLES
     rng = np.random.default_rng(_MC_SEED)
     realisations, units = [], []
-    for real, imag in parts:
+    for i, (real, imag) in enumerate(parts):
         shape = (K, *real.shape)
         sample = physics.complex_from_parts(rng.standard_normal(shape) * real, rng.standard_normal(shape) * imag)
+        if coherent is not None:
+            sample = sample + coherent[i]
         largest = float(max(np.max(np.abs(sample.real)), np.max(np.abs(sample.imag))))
         unit = math.ldexp(1.0, math.frexp(largest)[1]) if largest > 0 else 1.0
         realisations.append(sample / unit)

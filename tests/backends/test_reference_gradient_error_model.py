@@ -423,12 +423,57 @@ def test_float32_sampling_coordinates_move_log_scale_within_the_coordinate_term(
         return bw.outputs_vjp(A, float(backend.model.log_scale), d_amp, d_int)[1]
 
     exact = backend.forward(batch)
-    bound = U * np.sqrt(gem._coordinate_rounding(backend.model, exact, offsets, probe, x))
+    moves = gem._coordinate_moves(backend.model, exact, offsets, probe)
+    bound = U * np.sqrt(gem._coordinate_rounding(backend.model, exact, moves, x))
     original = physics.translate
     monkeypatch.setattr(physics, "translate", lambda im, off, *_: original(im, off, np.float32))
     moved = np.abs(output_part(backend.forward(batch)) - output_part(exact)) / bound
     assert np.all(moved <= 1.0), moved
     assert np.all(moved > 0.02), moved
+
+
+def test_float32_sampling_coordinates_move_every_gradient_within_the_model(monkeypatch):
+    """Where a merged patch's shift lies just past an integer (3.0006 here), the rim of its coverage is
+    a small fraction of a pixel, the merge divides by it, and a float32 coordinate moves the canvas by
+    3e-4 of its largest value and a spectrum pixel by 0.7 %. Both frameworks made that same error: the
+    NLL's gradient at x (−2x·log I/K) was 19 tolerances off (the long sweep on one thread, seed
+    20261209). The reference run with float32 coordinates, everything else float64, is that error
+    alone: every gradient stays within a few u·S of the model (x within one), and without the
+    coordinates' moves x is thousands of u·S off. With the moves taken as slopes over 1e-3 pixel
+    instead of over the rounding's own size, x was 10 u·S off."""
+    from backends.reference import physics
+    from parity.fixture import iter_batches
+    from parity.simulate import SimulationParams, simulate
+    from parity.sweep import Case
+
+    config = ModelConfig(
+        gridsize=2, n_filters_scale=1, amp_activation="sigmoid", probe_big=False, pad_object=False,
+        probe_scale=16.7721262701296, nphotons=418166543888.2194, offset=0, max_position_jitter=0,
+    )  # fmt: skip
+    data = SimulationParams(
+        kind="grf", N=64, gridsize=2, seed=20231104, scan_shape=(4, 4), step=5.319720505239957,
+        jitter=0.4865746141025863, nphotons=552584233373.058, probe_phase=0.5938661033604729,
+    )  # fmt: skip
+    case = Case(config=config, data=data, weights_seed=1870, weight_scale=0.5, batch_size=3, groups=3)
+    batch = next(iter(iter_batches(simulate(data), config, case.batch_size, case.groups)))
+    backend = ReferenceBackend(config, case.weights())
+    exact = {**backend.forward(batch), **backend.gradients(batch)}
+
+    def off_by(scales: dict) -> dict[str, float]:
+        return {
+            name: float(np.max(np.abs(np.asarray(moved[name]) - exact[name]) / (U * scales[name]))) for name in moved
+        }
+
+    scales = backend.error_scales(batch, exact)
+    original = physics.translate
+    with monkeypatch.context() as m:
+        m.setattr(physics, "translate", lambda im, off, *_: original(im, off, np.float32))
+        moved = backend.gradients(batch)
+    within = off_by(scales)
+    assert max(within.values()) < 4.0, max(within.items(), key=lambda kv: kv[1])
+    assert within[f"{GRAD}.poisson_nll.input.x"] < 1.0, within[f"{GRAD}.poisson_nll.input.x"]
+    monkeypatch.setattr(gem, "_coordinate_moves", lambda *_: [])
+    assert off_by(backend.error_scales(batch, exact))[f"{GRAD}.poisson_nll.input.x"] > 100.0
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "pi_tanh"])
