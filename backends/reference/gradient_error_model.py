@@ -95,8 +95,10 @@ of the forward values the adjoints' coefficients are made of. Choices, and why:
   (``_coordinate_rounding``), x's direct NLL term (its move of log I) and the MAE's sign switches,
   and, with a random sign per coordinate, the realisations ``_sampled`` carries through the
   adjoints (``_coordinate_realisations``), whose mean square then holds each coordinate's effect.
-- **Max-pool:** the cotangent follows the argmax; where the window's top two values (both positive)
-  are within noise of each other, p·(dy/u)² goes to both. An exact tie of the first block is not
+- **Max-pool:** the cotangent follows the argmax; where another value of the window is within
+  noise of its top value (positive), p·(dy/u)² goes to it, and the largest such p to the top: any
+  unit may be float32's maximum, not only the runner-up (where the top two tied exactly, a third
+  unit 1e-8 below them was both frameworks' maximum). An exact tie of the first block is not
   noise: it comes from identical values of the scaled input, which float32 convolves identically, so
   the tie rule routes it (to the first maximum, as the spec and both frameworks do) and a backend
   that routes ties elsewhere stays detectable. Deeper, TensorFlow's convolutions round identical
@@ -430,9 +432,10 @@ def _pool_adjoint(
     x: Array, s_x: Array, dy: Array, e_dy2: Array, ties_are_noise: bool = False
 ) -> tuple[Array, Array, Array, Array]:
     """Max-pool adjoint with its error: the cotangent and its E² follow the argmax (first maximum, as
-    ``backward.max_pool2_vjp``); a window whose top two positive values are within noise of each
-    other may route to the runner-up instead, adding p·(dy/u)² at both places. An exact tie routes
-    by the tie rule unless ``ties_are_noise`` (then either way, p = ½).
+    ``backward.max_pool2_vjp``); any other unit of a window whose top value is positive may be
+    float32's maximum instead, with p its chance to switch, adding p·(dy/u)² there and the largest
+    of the p's at the top. An exact tie routes by the tie rule unless ``ties_are_noise``
+    (then either way, p = ½).
 
     x is a ReLU output. Where every unit of a window is 0 in the reference, a float32 backend that
     rounds one pre-activation within noise of 0 to a positive value makes that unit the window's
@@ -456,23 +459,27 @@ def _pool_adjoint(
     first = v.argmax(axis=-1)[..., None]
     route = first == np.arange(4)
     top = np.take_along_axis(v, first, axis=-1)[..., 0]
-    rest = np.where(route, -np.inf, v)
-    second = rest.argmax(axis=-1)[..., None]
-    runner = second == np.arange(4)
-    gap = top - np.take_along_axis(v, second, axis=-1)[..., 0]
-    s_gap = np.hypot(np.take_along_axis(sv, first, axis=-1)[..., 0], np.take_along_axis(sv, second, axis=-1)[..., 0])
+    s_top = np.take_along_axis(sv, first, axis=-1)[..., 0]
+    # Every other unit of the window may be float32's maximum, not only the runner-up: where the top
+    # two tie exactly, a third unit 1e-8 below them was torch's and TensorFlow's maximum (encoder
+    # block 1, the long sweep, seed 20261208; a kernel gradient 1300 u·S off).
+    gap = top[..., None] - v
+    rival = (top > 0)[..., None] & ~route
     # An exact tie (gap 0 in float64) comes from identical inputs (a flat region, a padded border):
     # where float32 computes those identically too, the tie rule decides, not noise.
-    tie = (top > 0) & (gap == 0) if ties_are_noise else np.zeros(top.shape, dtype=bool)
-    p = np.where((top > 0) & (gap > 0), _flip_probability(gap, s_gap), np.where(tie, 0.5, 0.0))
+    tie = rival & (gap == 0) if ties_are_noise else np.zeros(v.shape, dtype=bool)
+    p = np.where(rival & (gap > 0), _flip_probability(gap, np.hypot(s_top[..., None], sv)), np.where(tie, 0.5, 0.0))
+    # The chance that the top unit loses dy: at least its likeliest rival's. Not their sum: rivals
+    # of one value (the dead units of a window) switch together or not at all.
+    p_top = p.max(axis=-1)
     dx = back(np.where(route, dy[..., None], 0.0))
-    switch = (p * (dy / U32) ** 2)[..., None]
-    e2 = np.where(route, e_dy2[..., None] + switch, 0.0) + np.where(runner, switch, 0.0)
-    tied = np.where(tie[..., None] & (route | runner), switch, 0.0)
+    dy2 = (dy / U32) ** 2
+    e2 = np.where(route, (e_dy2 + p_top * dy2)[..., None], p * dy2[..., None])
+    p_tied = np.where(tie, p, 0.0)
+    tied = np.where(route, (p_tied.max(axis=-1) * dy2)[..., None], p_tied * dy2[..., None])
     # The chance that the window's maximum is not where the reference has it: certain where every
-    # unit is dead, else a switch of the top two or the top unit itself within noise of 0.
-    s_top = np.take_along_axis(sv, first, axis=-1)[..., 0]
-    q = np.where(top <= 0, 1.0, np.maximum(p, _flip_probability(top, s_top)))
+    # unit is dead, else a switch to another unit or the top unit itself within noise of 0.
+    q = np.where(top <= 0, 1.0, np.maximum(p_top, _flip_probability(top, s_top)))
     reach = back(np.where(route, dy[..., None], (np.sqrt(q) * dy)[..., None]))
     return dx, back(e2), back(tied), reach
 
@@ -669,7 +676,7 @@ def _loss_stage(
         coordinate2 += (g * m.amplitude) ** 2
     # MAE: d_a = e^ls·sign(A − x)/K; a sign switch changes it by 2e^ls/K. Where the coordinates can
     # move A across x, it may switch.
-    within = np.abs(A - x) <= U32 * np.sqrt(coordinate2)
+    within = np.abs(A - x) < U32 * np.sqrt(coordinate2)
     p_sign = np.where(lost | within, 1.0, _flip_probability(A - x, s_A))
     # The switches, like the spectrum's phase error (δθ = δA/A saturated) of both losses, are
     # independent per frequency and sampled (``_sampled``, from the returned ``flips``).

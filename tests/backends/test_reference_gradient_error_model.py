@@ -144,6 +144,24 @@ def test_a_max_pool_near_tie_routes_error_to_both_and_a_clear_winner_or_exact_ti
     assert np.count_nonzero(e_deep) == 2
 
 
+def test_a_max_pool_may_switch_to_any_unit_within_noise_of_its_maximum_not_only_the_runner_up():
+    """Encoder block 1 of a sweep case (long profile, seed 20261208): two units tied exactly at a
+    window's maximum and a third 1e-8 below them. torch and TensorFlow both rounded the third above
+    the pair and routed dy there, a kernel gradient 1300 u·S off, which a model of the top two
+    alone (the tied pair) cannot see."""
+    x = np.array([[[[0.9, 1.0 - 1e-9], [1.0, 1.0]]]])  # windows read (0,0), (0,1), (1,0), (1,1)
+    s = np.full_like(x, 1e3)
+    dy = np.ones((1, 1, 1, 1, 1))
+    _, e2, tied, _ = gem._pool_adjoint(x, s, dy, np.zeros_like(dy), ties_are_noise=True)
+    e2, tied = e2[0, 0, 0], tied[0, 0, 0]
+    assert e2[0, 1] > 0.4 / U**2  # the third unit, 1e-9 below the pair: a coin flip
+    assert e2[1, 1] == tied[1, 1] == 0.5 / U**2  # the exact tie, as before
+    assert e2[0, 0] == 0  # 0.9: clear of the maximum
+    # the top loses dy with its likeliest rival's chance, not the sum of its rivals' (dead units
+    # of one window switch together or not at all)
+    assert 0.5 / U**2 <= e2[1, 0] < 0.51 / U**2
+
+
 def test_a_dead_unit_near_the_kink_in_a_window_of_dead_units_may_take_the_whole_pooled_cotangent():
     """Every unit of the window is 0 after the ReLU in the reference; one pre-activation is within
     noise of 0. If float32 rounds it positive it becomes the window's maximum and passes all of dy
