@@ -121,7 +121,11 @@ of the forward values the adjoints' coefficients are made of. Choices, and why:
   E_Ā² = E_g² + |g|²·S_φ² + (2|g|)², E_φ̄² = A²·(E_g² + |g|²·S_φ²) + |g|²·S_A² + (3A|g|)²;
   conj(P)·ψ̄ scales E by |P|; crops and pads move E with the cotangent.
 - **Floors:** every scale is at least TINY (what flush-to-zero may lose), and a derivative of a head
-  activation below float32's normal range may be lost whole. Each gradient tap also gets one
+  activation below float32's normal range may be lost whole. TensorFlow's kernels flush subnormal
+  inputs and results to zero (torch keeps them), so a conv's cotangent below float32's smallest
+  normal number is lost whole, and a kernel or bias sum may lose up to n terms each below it
+  (n·TINY, carried whole: where a saturated sigmoid head makes the NLL's cotangents 1e-31 to 1e-40
+  those losses are of one sign). Each gradient tap also gets one
   rounding at its RMS magnitude (per sample for x): float32 convolution algorithms (blocked GEMM,
   Winograd, FFT) mix values across a tile, so an element that is tiny in exact arithmetic (a bias
   of a channel with two live units, 10⁻³³ of the tap's largest value) still carries the rounding
@@ -299,9 +303,15 @@ class _Sweep:
         n = dz.shape[1] * dz.shape[3] * dz.shape[4]
         self.summed[conv.name] = n
         dz2 = dz * dz
+        # TensorFlow's kernels flush subnormal inputs and results to zero (FTZ and DAZ; torch keeps
+        # them): a cotangent below float32's smallest normal number is lost whole, and so is every
+        # term of a kernel or bias sum below it, up to n of them, each less than that number (a
+        # saturated sigmoid head's NLL cotangents, 1e-31 to 1e-40: TensorFlow's decoder kernels
+        # were 1.8 tolerances off, the long sweep on one thread, seed 20261210).
+        e_dz2 = e_dz2 + np.where(np.abs(dz) < TINY * U32, dz2 / U32**2, 0.0)
         reduction = e_dz2 + (1.0 + math.log2(max(n, 2))) * dz2
-        k2 = _kernel_sum(x * x, reduction) + _kernel_sum(s_x * s_x, dz2)
-        b2 = (reduction if moves_within is None else reduction - moves_within).sum(axis=(1, 3, 4))
+        k2 = _kernel_sum(x * x, reduction) + _kernel_sum(s_x * s_x, dz2) + (n * TINY) ** 2
+        b2 = (reduction if moves_within is None else reduction - moves_within).sum(axis=(1, 3, 4)) + (n * TINY) ** 2
         self.kernel_sq[conv.name] = (k2, b2)
         w2 = conv.kernel * conv.kernel
         dx = _input_adjoint32(conv.kernel, dz)

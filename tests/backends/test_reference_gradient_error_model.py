@@ -144,6 +144,34 @@ def test_a_max_pool_near_tie_routes_error_to_both_and_a_clear_winner_or_exact_ti
     assert np.count_nonzero(e_deep) == 2
 
 
+def test_kernel_and_bias_sums_keep_what_flushing_subnormals_to_zero_loses():
+    """TensorFlow's kernels flush subnormal inputs and results to zero (torch keeps them). Where a
+    saturated sigmoid head makes the NLL's cotangents 1e-31 to 1e-40 (long sweep on one thread, seed
+    20261210), TensorFlow's decoder kernels were 1.8 tolerances off. A float32 sum that drops every
+    cotangent and every product below float32's smallest normal number stays within u·S; without the
+    flush terms it does not."""
+    rng = np.random.default_rng(1)
+    tiny = np.finfo(np.float32).tiny
+    x = rng.uniform(0.01, 10.0, size=(1, 1, 16, 16))
+    dz = rng.choice([-1.0, 1.0], size=(1, 1, 1, 16, 16)) * 10.0 ** rng.uniform(-40, -36, size=(1, 1, 1, 16, 16))
+    dz[..., :8, :] = np.abs(dz[..., :8, :])  # half the image one-signed: the losses add up
+    conv = Conv("c", np.zeros((3, 3, 1, 1)), np.zeros(1))
+    sw = _sweep(conv, x, np.zeros_like(x))
+    sw.conv(conv, x, np.zeros_like(x), dz, np.zeros_like(dz))
+    k2, b2 = sw.kernel_sq["c"]
+    kept = np.where(np.abs(dz) >= tiny, dz, 0.0)  # DAZ: a subnormal cotangent reads as 0
+    products = x * kept[0]
+    ftz = np.where(np.abs(products) >= tiny, products, 0.0)  # FTZ: a subnormal product is 0
+    lost_kernel = abs(float((x * dz[0]).sum() - ftz.sum()))  # the centre tap sums every pixel
+    lost_bias = abs(float(dz.sum() - kept.sum()))
+    assert lost_kernel > 10 * tiny and lost_bias > 10 * tiny  # real losses, not rounding
+    assert lost_kernel <= U * math.sqrt(k2[0, 1, 1, 0, 0])
+    assert lost_bias <= U * math.sqrt(b2[0, 0])
+    # the flush terms are what covers it: the rest of the scale is far smaller
+    rest = (1.0 + math.log2(256)) * float((x * x * dz[0] ** 2).sum())
+    assert lost_kernel > 10 * U * math.sqrt(rest)
+
+
 def test_a_max_pool_may_switch_to_any_unit_within_noise_of_its_maximum_not_only_the_runner_up():
     """Encoder block 1 of a sweep case (long profile, seed 20261208): two units tied exactly at a
     window's maximum and a third 1e-8 below them. torch and TensorFlow both rounded the third above
