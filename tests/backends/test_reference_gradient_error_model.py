@@ -118,7 +118,9 @@ def test_a_relu_unit_inside_the_noise_band_raises_the_scale_and_one_far_from_the
     sw_far = _sweep(conv, x, s_z)
     sw_far.conv(conv, x, np.zeros_like(x), dy * 0, far_live)
     assert np.all(np.sqrt(sw.kernel_sq["c"][0]) * U > 0.5)
-    assert np.all(sw_far.kernel_sq["c"][0] == 0)
+    # far from the kink: nothing but the floor of what flushing subnormals may lose (n terms)
+    floor = sw_far.summed["c"] * np.finfo(np.float32).tiny
+    np.testing.assert_allclose(np.sqrt(sw_far.kernel_sq["c"][0]) * U, floor, rtol=1e-12)
 
 
 def test_a_max_pool_near_tie_routes_error_to_both_and_a_clear_winner_or_exact_tie_does_not():
