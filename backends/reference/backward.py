@@ -54,12 +54,15 @@ from parity.taps import GRAD, LOSSES
 
 def _kernel_vjp(x: Array, dy: Array) -> Array:
     """Kernel cotangent of a 'same' 3x3 convolution, (S, 3, 3, in, out), in dy's dtype: per kernel
-    row kh, dy times the forward's ``row_windows`` read from padded row kh on, transposed. dy is
+    row kh, the forward's ``row_windows`` read from padded row kh on, times dy transposed. dy is
     laid out on the matrix's columns (image, padded row, x), with zeros in the two rows of each
-    image that a chunk of several reads across into the next."""
+    image that a chunk of several reads across into the next. The product is formed as ((in, kw),
+    out), so that only whole rows of ``out`` values move to reach the canonical layout: formed as
+    (out, (in, kw)), the transpose back, element by element, took as long as the products for the
+    wide layers (n_filters_scale=4), and the sums are the same, bit for bit."""
     S, _, cout, H, W = dy.shape
     cin, image = x.shape[1], (H + 2) * W
-    dkernel = np.zeros((S, 3, cout, 3 * cin), dtype=dy.dtype)  # [kh] (out, (in, kw))
+    dkernel = np.zeros((S, 3, 3 * cin, cout), dtype=dy.dtype)  # [kh] ((in, kw), out)
     for chunk, cols in row_windows(x, dy.dtype):
         n = chunk.stop - chunk.start
         length = n * image - 2 * W
@@ -69,9 +72,10 @@ def _kernel_vjp(x: Array, dy: Array) -> Array:
             spread = np.zeros((S, cout, n, H + 2, W), dtype=dy.dtype)
             spread[:, :, :, :H] = dy[:, chunk].transpose(0, 2, 1, 3, 4)
             g = spread.reshape(S, cout, n * image)[..., :length]
+        g_t = g.transpose(0, 2, 1)
         for kh in range(3):
-            dkernel[:, kh] += g @ cols[:, kh * W : kh * W + length].T
-    return np.ascontiguousarray(dkernel.reshape(S, 3, cout, cin, 3).transpose(0, 1, 4, 3, 2))
+            dkernel[:, kh] += cols[:, kh * W : kh * W + length] @ g_t
+    return np.ascontiguousarray(dkernel.reshape(S, 3, cin, 3, cout).transpose(0, 1, 3, 2, 4))
 
 
 def _input_vjp(kernel: Array, dy: Array) -> Array:
