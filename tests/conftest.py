@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-# The false-alarm sweep (tests/parity/test_sweep.py): every parity run is a few seconds, so the CI
-# profile runs a fixed set of 25 examples (derandomized: the same on every machine and commit), and
-# the long one 300 fresh ones: `pytest tests/parity/test_sweep.py --hypothesis-profile=long`.
+# Every property test runs 25 examples under the CI profile (derandomized: the same on every machine
+# and commit); the false-alarm sweep (tests/parity/test_sweep.py), whose runs take seconds each, takes
+# 3 there, and 300 fresh ones under the long profile.
 _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=_SLOW)
 settings.register_profile("long", max_examples=300, deadline=None, suppress_health_check=_SLOW, print_blob=True)
@@ -20,9 +20,9 @@ settings.load_profile("ci")
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto` (pyproject's addopts): a worker per core, at most four. Each worker holds both
-    frameworks (about 2.6 GB at its peak, benchmarks/README.md), and the suite's longest test, the
-    false-alarm sweep, bounds its wall time whatever the number of workers; beyond a few, more
-    workers only cost memory and take threads from that test."""
+    frameworks (about 2.6 GB at its peak, benchmarks/README.md), and the suite's longest tests, the
+    false-alarm sweep's runs, take up to about 40 s each; beyond a few, more workers only cost
+    memory."""
     from parity.emulation import usable_cores
 
     return min(4, usable_cores())
