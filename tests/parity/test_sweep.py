@@ -275,9 +275,9 @@ FOUND = {
 
 # CI's sample of the space: independent draws of ``parity.sweep.random_case`` from a fixed seed, the
 # same on every machine and commit. Hypothesis's own draws mutate one another (of the 25 its CI
-# profile drew, 7 were one case with a field or two changed, and those the slowest), so under the CI
-# profile it draws only a few, to keep the strategies in use; its long profile explores, and shrinks
-# what it finds.
+# profile drew, 13 were two cases with a field or two changed, 7 and 6 times, the 6 the slowest of
+# all), so under the CI profile it draws only a few, to keep the strategies in use; its long profile
+# explores, and shrinks what it finds.
 SEEDED_DRAWS = 12
 _SWEEP_SEED = 20261203
 
@@ -314,7 +314,7 @@ def test_unmodified_backends_never_fail_parity(case):
 
 
 # Found by the whole suite under pytest-xdist, whose workers run one thread each (one of the sweep's
-# own examples above): on one thread TensorFlow rounds one pre-activation of a window of dead units
+# CI draws at the time): on one thread TensorFlow rounds one pre-activation of a window of dead units
 # to 2.6e-8, where the reference has 0 after the ReLU; that unit becomes the window's maximum and
 # passes the whole pooled cotangent (a kernel gradient 971 off, bias 411 against -112). The gradient
 # error model now weighs what a dead unit may receive (gradient_error_model._pool_adjoint).
