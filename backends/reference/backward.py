@@ -59,7 +59,8 @@ def _kernel_vjp(x: Array, dy: Array) -> Array:
     image that a chunk of several reads across into the next. The product is formed as ((in, kw),
     out), so that only whole rows of ``out`` values move to reach the canonical layout: formed as
     (out, (in, kw)), the transpose back, element by element, took as long as the products for the
-    wide layers (n_filters_scale=4), and the sums are the same, bit for bit."""
+    wide layers (n_filters_scale=4). The sums are the same bit for bit with OpenBLAS's SkylakeX
+    kernels, to a few ulps with its Haswell ones (docs/decisions.md, "Speed")."""
     S, _, cout, H, W = dy.shape
     cin, image = x.shape[1], (H + 2) * W
     dkernel = np.zeros((S, 3, 3 * cin, cout), dtype=dy.dtype)  # [kh] ((in, kw), out)
