@@ -135,13 +135,18 @@ What the model cannot know (how a framework orders a sum, which kernel it picks,
 largest of ~10⁶ compared elements) is left to the per-family factors measured by
 ``ptycho-parity measure-tolerances --gradients``.
 
-Cost: one sweep with the squared fields in float32, rescaled per sample and column to a peak of 1
-like ``error_model.conv_scale`` (a float64 conv recomputing the pre-activations, two transposed convs
-and two kernel sums per conv), and the reference's adjoints carried for nine realisations (four per
+Cost: one sweep with the squared fields in float64 (a float64 conv recomputing the pre-activations,
+two transposed convs and two kernel sums per conv), and the reference's adjoints carried for nine realisations (four per
 loss sampled, in float32 (``_sampled``); one for the NLL's one-signed bias and a few more where the
 clamp is lifted, in float64); where a head is not first order, two more float64 gradient passes.
 The carried realisations are still the larger part: in the parity suite's four gradient tests,
-profiled, they took 10.7 s of the 18.5 s of gradient scales.
+profiled, they took 10.7 s of the 18.5 s of gradient scales. The squared fields were once summed in
+float32, rescaled to each sample's or column's peak as ``error_model.conv_scale`` does: behind a
+saturated head they span far more than float32's range within one sample (a pixel whose cotangent is
+1e-26 beside others of 1e10, its squared error 1e-56 of the peak), and the elements such a pixel
+makes alone lost its error (TensorFlow with oneDNN at AVX2 1.7 tolerances off them). float64 costs
+about the same: the rescaling and conversions were as dear as the float32 products they saved
+(``benchmarks/bench_gradient_scales.py``, docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -202,51 +207,18 @@ MC_SAMPLES = 4
 _MC_SEED = 20261201
 
 
-# ---- float32 helpers for squared error fields ---------------------------------------------------
+# ---- sums of squared error fields ---------------------------------------------------------------
 
 
-def _peak(a: Array) -> float:
-    p = float(np.max(np.abs(a), initial=0.0))
-    return p if p > 0 and math.isfinite(p) else 1.0
-
-
-def _conv32(x: Array, kernel: Array) -> Array:
-    """'same' 3x3 cross-correlation in float32, each sample of x rescaled to a peak of 1 and the
-    kernel too, scaled back in float64 (the squared error fields span far more than float32's range
-    across samples and losses, never within one sample's sum)."""
-    px = np.abs(x).reshape(x.shape[0], -1).max(axis=1)
-    px = np.where((px > 0) & np.isfinite(px), px, 1.0)[:, None, None, None]
-    pk = _peak(kernel)
-    out = conv2d(
-        (x / px).astype(np.float32),
-        (kernel / pk).astype(np.float32),
-        np.zeros(kernel.shape[-1], np.float32),
-        dtype=np.float32,
-    )
-    return np.asarray(out, dtype=np.float64) * (px * pk)
-
-
-def _input_adjoint32(kernel: Array, dy: Array) -> Array:
-    """Wᵀ∗dy for stacked dy (S, B, out, H, W): the flipped-kernel convolution, float32 inside."""
-    S, B, cout, H, W = dy.shape
-    flipped = np.ascontiguousarray(kernel[::-1, ::-1].transpose(0, 1, 3, 2))
-    return _conv32(dy.reshape(S * B, cout, H, W), flipped).reshape(S, B, kernel.shape[2], H, W)
+def _input_adjoint(kernel: Array, dy: Array) -> Array:
+    """Wᵀ∗dy for stacked dy (S, B, out, H, W), in float64 (module docstring, "Cost")."""
+    return bw._input_vjp(kernel, np.asarray(dy, dtype=np.float64))
 
 
 def _kernel_sum(a: Array, q: Array) -> Array:
     """Σ_pixels windows(a)ᵀ·q, the kernel adjoint's product: a (B, in, H, W), q (S, B, out, H, W)
-    -> (S, 3, 3, in, out).
-
-    float32 inside, with every input channel of a and every (loss, output channel) column of q
-    rescaled to a peak of 1 (a column scaling commutes with the product, so this is exact). Terms
-    far below their column's peak may underflow; the elements made of nothing else get the tile
-    floor (``_tile_floor``) instead."""
-    pa = np.abs(a).max(axis=(0, 2, 3))
-    pa = np.where((pa > 0) & np.isfinite(pa), pa, 1.0)
-    pq = np.abs(q).max(axis=(1, 3, 4))  # (S, out)
-    pq = np.where((pq > 0) & np.isfinite(pq), pq, 1.0)
-    unit = bw._kernel_vjp(a / pa[None, :, None, None], (q / pq[:, None, :, None, None]).astype(np.float32))
-    return unit.astype(np.float64) * pa[None, None, None, :, None] * pq[:, None, None, None, :]
+    -> (S, 3, 3, in, out), in float64 (module docstring, "Cost")."""
+    return bw._kernel_vjp(np.asarray(a, dtype=np.float64), np.asarray(q, dtype=np.float64))
 
 
 def _erfc(t: Array) -> Array:
@@ -314,8 +286,8 @@ class _Sweep:
         b2 = (reduction if moves_within is None else reduction - moves_within).sum(axis=(1, 3, 4)) + (n * TINY) ** 2
         self.kernel_sq[conv.name] = (k2, b2)
         w2 = conv.kernel * conv.kernel
-        dx = _input_adjoint32(conv.kernel, dz)
-        e_dx2 = _input_adjoint32(w2, e_dz2 + dz2)
+        dx = _input_adjoint(conv.kernel, dz)
+        e_dx2 = _input_adjoint(w2, e_dz2 + dz2)
         return dx, e_dx2
 
     def relu(

@@ -92,6 +92,31 @@ def test_conv_adjoint_scales_follow_the_cotangent_and_the_input():
     np.testing.assert_allclose(e_dx2_s, e_dx2, rtol=1e-6)
 
 
+def test_conv_adjoint_scales_keep_errors_far_below_the_largest_of_their_field():
+    """A saturated head leaves the cotangents of a few pixels 1e-30 of the rest, and the gradient
+    elements those pixels make carry their errors alone. Summed in float32 at the field's peak, their
+    squares (1e-60 of it) underflowed: TensorFlow with oneDNN at AVX2 was 1.7 tolerances off such
+    elements (tests/parity/test_sweep.py, ELSEWHERE["saturated_avx2"])."""
+    rng = np.random.default_rng(2)
+    x = np.zeros((1, 2, 8, 8))
+    x[0, 0, :, :3] = rng.uniform(1.0, 2.0, size=(8, 3))  # channel 0 feeds the left, channel 1 the right
+    x[0, 1, :, 6:] = rng.uniform(1.0, 2.0, size=(8, 2))
+    dz = np.full((1, 1, 1, 8, 8), 1e-26)
+    dz[..., :4] = 1e10
+    e2 = (1e-2 * dz / U) ** 2  # a 1 % error everywhere
+    conv = Conv("c", rng.uniform(0.5, 1.0, size=(3, 3, 2, 1)), np.zeros(1))
+    sw = _sweep(conv, x, np.zeros((1, 1, 8, 8)))
+    _, e_dx2 = sw.conv(conv, x, np.zeros_like(x), dz, e2)
+    k2, _ = sw.kernel_sq["c"]
+    # Channel 1's kernel gradient sums only tiny cotangents (at most 24 terms of one sign): its scale
+    # keeps their 1 % error, at least 1 %/√24 of the sum in quadrature.
+    g1 = backward._kernel_vjp(x, dz)[0, :, :, 1, 0]
+    assert np.all(U * np.sqrt(k2[0, :, :, 1, 0]) >= 2e-3 * np.abs(g1))
+    # The input cotangent at the right edge reads only tiny ones (at most 9 terms of one sign).
+    dx = backward._input_vjp(conv.kernel, dz)[0, 0, :, :, 6:]
+    assert np.all(U * np.sqrt(e_dx2[0, 0, :, :, 6:]) >= 3e-3 * np.abs(dx))
+
+
 def test_a_relu_unit_inside_the_noise_band_raises_the_scale_and_one_far_from_the_kink_does_not():
     """Pre-activations z = bias (a zero kernel); S_z = 1e6, so u·S_z ≈ 0.06."""
     shape = (1, 1, 4, 4)
