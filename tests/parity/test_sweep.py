@@ -254,6 +254,43 @@ _COHERENT_SUM_CASE = Case(
 )
 
 
+# Found by seeded draws under oneDNN at AVX2 (seed 20261206, draw 25; it fails natively too): small
+# weights leave the Nyquist rows of the spectrum below 1e-7 of its peak, where float32's phase is
+# noise. The MAE's cotangent is e^ls/K there as everywhere, so both frameworks lose it along the
+# reference's phase on average, with its sign; sampled as zero-mean noise, their phase-branch decoder
+# gradients were 1.24 tolerances off, within 0.2 % of each other. The mean loss is now carried whole
+# (gradient_error_model._phase_loss).
+_DARK_MAE_CASE = Case(
+    config=ModelConfig(
+        N=128,
+        gridsize=1,
+        object_big=False,
+        probe_big=False,
+        probe_mask=True,
+        pad_object=False,
+        probe_scale=9.427406908754616,
+        nphotons=15179.018052920223,
+        offset=5,
+        max_position_jitter=2,
+    ),
+    data=SimulationParams(
+        kind="grf",
+        N=128,
+        gridsize=1,
+        seed=1070086158,
+        scan_shape=(2, 2),
+        step=5.953799436279843,
+        jitter=0.9039253722245061,
+        nphotons=559826074463.0199,
+        probe_phase=-0.2092122486051755,
+    ),
+    weights_seed=410777058,
+    weight_scale=0.397155905749201,
+    batch_size=1,
+    groups=3,
+)
+
+
 # Every case the long profile found, each the example of a mechanism the error model now carries; a
 # test of its own each, so that pytest-xdist spreads them over its workers.
 FOUND = {
@@ -271,6 +308,7 @@ FOUND = {
     "saturated": _SATURATED_CASE,
     "nonlinear_head": _NONLINEAR_HEAD_CASE,
     "coherent_sum": _COHERENT_SUM_CASE,
+    "dark_mae": _DARK_MAE_CASE,
 }
 
 # CI's sample of the space: independent draws of ``parity.sweep.random_case`` from a fixed seed, the
