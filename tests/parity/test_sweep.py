@@ -1,9 +1,10 @@
 """No false alarms: the unmodified backends pass parity, forward taps and gradients, over the whole
 space of configs, data, weights and batch shapes (parity.strategies), not only on the bundled fixtures.
 
-In CI: every case the long profile found (``FOUND``), 12 seeded draws of the space, and 3 of
-Hypothesis's, each a test of its own so that pytest-xdist spreads them. The long profile, 300 fresh
-draws of Hypothesis's (docs/tolerances.md has its latest result)::
+In CI: every case a sweep found (``FOUND``: the long profile, or seeded draws on an emulated
+machine), 12 seeded draws of the space, and 3 of Hypothesis's, each a test of its own so that
+pytest-xdist spreads them. The long profile, 300 fresh draws of Hypothesis's (docs/tolerances.md
+has its latest result)::
 
     pytest tests/parity/test_sweep.py -k unmodified --hypothesis-profile=long -p no:cacheprovider
 """
@@ -291,7 +292,7 @@ _DARK_MAE_CASE = Case(
 )
 
 
-# Every case the long profile found, each the example of a mechanism the error model now carries; a
+# Every case a sweep found, each the example of a mechanism the error model now carries; a
 # test of its own each, so that pytest-xdist spreads them over its workers.
 FOUND = {
     "no_margin": Case(
