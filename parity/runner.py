@@ -25,6 +25,7 @@ from parity.compare import RULE, ComparisonResult, ElementwiseComparison
 from parity.config import config_diff
 from parity.deviations import NOT_REPRODUCED, Deviation, DeviationLedger
 from parity.errors import ParityInputError
+from parity.interrupt import check as check_interrupt
 from parity.stages import Stage
 from parity.stats import StatsAccumulator, patch_statistics, summarise
 from parity.taps import GRAD, TapSelection, TapSpec
@@ -246,6 +247,7 @@ def run_parity(
         except ParityInputError:
             raise
         except Exception:
+            check_interrupt()
             records[name] = BackendRecord(name, True, None, be.precision, crashed=traceback.format_exc())
             del backends[name]
     ledger = DeviationLedger(list(deviations), list(backends))
@@ -347,6 +349,7 @@ def run_parity(
                 raise
             except Exception:
                 # A backend that crashes is reported as failing, with its traceback; the others go on.
+                check_interrupt()
                 records[name].crashed = f"in batch {batch_index}:\n{traceback.format_exc()}"
                 del backends[name]
                 others = [n for n in others if n != name]
@@ -590,6 +593,7 @@ def _run_stages(
         except ParityInputError:
             raise
         except Exception as exc:
+            check_interrupt()
             why = f"stage {stage.name} of {name} raised {type(exc).__name__}: {exc}"
             for t in wanted:
                 comparison(t, name).fail(why)

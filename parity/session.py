@@ -18,6 +18,8 @@ from parity.backend import Backend
 from parity.config import ModelConfig
 from parity.deviations import Deviation, allow_config_diff, load_deviations
 from parity.errors import BackendUnavailableError, ParityInputError
+from parity.interrupt import check as check_interrupt
+from parity.interrupt import watching
 from parity.registry import load_backend
 from parity.runner import ArbiterOutOfRangeError, ParityResult, run_parity
 from parity.stages import stages
@@ -152,6 +154,7 @@ def instantiate(
         except ParityInputError:
             raise
         except Exception:
+            check_interrupt()
             crashed[name] = f"while building:\n{traceback.format_exc()}"
     return built, missing, crashed
 
@@ -187,11 +190,16 @@ class PreparedRun:
         progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
         backend_overrides: Mapping[str, Backend] | None = None,
     ) -> ParityResult:
+        overrides = dict(backend_overrides or {})
+        names = [n for n in self.spec.backends if n not in overrides]
+        # A Ctrl-C must end the run, even where a framework turns it into another exception.
+        with watching():
+            return self._run(names, overrides, progress)
+
+    def _run(self, names: list[str], overrides: Mapping[str, Backend], progress: Any) -> ParityResult:
         from parity.fixture import iter_batches
 
         spec, weights = self.spec, self.weights
-        overrides = dict(backend_overrides or {})
-        names = [n for n in spec.backends if n not in overrides]
         built, missing, crashed = instantiate(names, spec.config, weights, spec.device, spec.require)
         backends = {
             n: overrides[n] if n in overrides else built[n] for n in spec.backends if n in overrides or n in built

@@ -42,6 +42,7 @@ def test_harness_modules_load_no_framework():
             "sweep",
             "strategies",
             "emulation",
+            "interrupt",
             "plugin",
         )
     )

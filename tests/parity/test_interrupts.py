@@ -156,3 +156,64 @@ def test_one_ctrl_c_ends_a_run_with_130_and_releases_the_report_folder(tmp_path)
     assert "interrupted" in out and "Traceback" not in out
     assert not (tmp_path / "rep" / ".ptycho-parity.lock").exists()
     assert not [p for p in (tmp_path / "rep").iterdir() if p.name.startswith(".")]
+
+
+# In process: a Ctrl-C that an extension rethrows as another exception (parity.interrupt).
+
+
+class _Interrupted:
+    """What TensorFlow's pybind11 did with a Ctrl-C that landed while its C++ ran Python code (one
+    CI run: "backend tensorflow crashed", exit 3): the KeyboardInterrupt comes back as a RuntimeError."""
+
+    def forward(self, batch):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # Python runs the handler at its next check, well before this ends
+        except KeyboardInterrupt:
+            raise RuntimeError(
+                "pybind11::error_already_set: MISMATCH of original and normalized active exception types: "
+                "ORIGINAL InvalidArgumentError REPLACED BY KeyboardInterrupt"
+            ) from None
+        raise AssertionError("no SIGINT arrived")
+
+
+def test_a_ctrl_c_an_extension_rethrows_as_another_exception_ends_the_run(tmp_path):
+    import threading
+
+    from parity.interrupt import watching
+    from parity.runner import run_parity
+    from parity.tolerances import load_tolerances
+
+    from .test_runner import TAPS, TOL_TEXT, Toy, Toy32, W, _batches, _expected
+
+    class Interrupted(Toy32):
+        forward = _Interrupted.forward
+
+    class Crashes(Toy32):
+        def forward(self, batch):
+            raise RuntimeError("a crash of its own")
+
+    assert threading.current_thread() is threading.main_thread(), "a signal reaches the main thread only"
+    path = tmp_path / "t.toml"
+    path.write_text(TOL_TEXT)
+    tol = load_tolerances(path, known_taps=TAPS)
+
+    def run(other):
+        backends = {"reference": Toy(None, W), "x": other(None, W)}
+        return run_parity(backends, _batches(), tol, expected=_expected, reference="reference")
+
+    # Python's own handler, as a command has it (a pytest-xdist worker may have another).
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), watching():
+            run(Interrupted)
+        # Without the watch the same thing is recorded as the backend's crash: what the watch is for.
+        assert "REPLACED BY KeyboardInterrupt" in (run(Interrupted).backends["x"].crashed or "")
+        # Under a watch, a backend that raises with no interrupt is still a crash, and the run goes on.
+        with watching():
+            result = run(Crashes)
+        assert "a crash of its own" in (result.backends["x"].crashed or "")
+        assert result.backends["reference"].crashed is None
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back after each watch
+    finally:
+        signal.signal(signal.SIGINT, outer)
