@@ -1,5 +1,6 @@
 """Shared test setup: quiet TensorFlow before anything imports it; hypothesis profiles."""
 
+import gc
 import os
 from pathlib import Path
 
@@ -16,6 +17,21 @@ _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=_SLOW)
 settings.register_profile("long", max_examples=300, deadline=None, suppress_health_check=_SLOW, print_blob=True)
 settings.load_profile("ci")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session):
+    """Collection imports both frameworks (TensorFlow's import alone makes hundreds of thousands of
+    long-lived objects), and the cyclic collector's full passes over them cost each pytest-xdist
+    worker about 1.6 s then and another second over the tests (measured, docs/decisions.md,
+    "Speed"). So it is off while collecting, and what collection left (modules, frameworks, items)
+    is frozen out of later passes; objects the tests make are collected as usual."""
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
