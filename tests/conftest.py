@@ -1,4 +1,5 @@
-"""Shared test setup: quiet TensorFlow before anything imports it; hypothesis profiles."""
+"""Shared test setup: quiet TensorFlow before anything imports it; no garbage-collector passes over
+what collection imports; hypothesis profiles."""
 
 import gc
 import os
@@ -26,12 +27,14 @@ def pytest_collection(session: pytest.Session):
     worker about 1.6 s then and another second over the tests (measured, docs/decisions.md,
     "Speed"). So it is off while collecting, and what collection left (modules, frameworks, items)
     is frozen out of later passes; objects the tests make are collected as usual."""
+    was_enabled = gc.isenabled()  # a process that runs without the collector keeps running without it
     gc.disable()
     try:
         return (yield)
     finally:
         gc.freeze()
-        gc.enable()
+        if was_enabled:
+            gc.enable()
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
