@@ -1,11 +1,13 @@
 """The whole benchmark table in one command: what the parity harness costs, side by side.
 
     python benchmarks/run.py [--batch 16] [--repeats 5] [--no-suite] [--suite-runs 1] [--device cpu]
+                             [--backends reference,torch,tensorflow]
 
 Rows (all measured in this one run, on this machine):
 
 - forward time of each backend at batch ``--batch``, default config (median after one warm-up);
-- reference / TensorFlow forward time;
+- reference / TensorFlow forward time (reference / torch when TensorFlow is not among ``--backends``:
+  a GPU machine without TensorFlow still gets a table);
 - each backend's gradients of both losses (``Backend.gradients``) at the same batch, and their cost
   in forward passes;
 - harness / bare forwards: a full end-to-end parity run (comparisons, statistics, error scales) of the
@@ -65,6 +67,11 @@ print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
 """
 
 
+class _Rows:
+    def append(self, row: tuple[str, str]) -> None:
+        print(f"| {row[0]} | {row[1]} |", flush=True)
+
+
 def timed(fn: Any, repeats: int) -> float:
     fn()  # warm-up: tracing, caches
     times = []
@@ -75,9 +82,9 @@ def timed(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def peak_rss_mib(n: int, size: int, device: str) -> float:
+def peak_rss_mib(n: int, size: int, device: str, names: tuple[str, ...]) -> float:
     out = subprocess.run(
-        [sys.executable, "-c", _RSS_CHILD, str(n), str(size), device, ",".join(BACKENDS)],
+        [sys.executable, "-c", _RSS_CHILD, str(n), str(size), device, ",".join(names)],
         check=True,
         capture_output=True,
         text=True,
@@ -93,6 +100,11 @@ def main() -> int:
     ap.add_argument("--harness-batches", type=int, default=4, help="batches of 4 groups for the overhead rows")
     ap.add_argument("--device", default="cpu", help="device of the float32 backends (the reference is CPU only)")
     ap.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help="comma-separated backends, the reference among them (default: %(default)s)",
+    )
+    ap.add_argument(
         "--no-suite", action="store_true", help="skip timing pytest -m parity (as configured, and with -n 0)"
     )
     ap.add_argument(
@@ -101,9 +113,17 @@ def main() -> int:
     args = ap.parse_args()
     if args.suite_runs < 1:
         ap.error(f"--suite-runs must be at least 1, got {args.suite_runs}")
+    names = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    if "reference" not in names or len(names) < 2:
+        ap.error(f"--backends must name the reference and at least one other backend, got {args.backends!r}")
 
+    import numba
+    import numpy
+
+    from parity._blas_threads import IDLE_WAIT_VARIABLE
     from parity.batch import random_batch
     from parity.config import ModelConfig
+    from parity.emulation import cpu_model
     from parity.registry import load_backend
     from parity.runner import run_parity
     from parity.stages import stages
@@ -113,14 +133,32 @@ def main() -> int:
 
     config = ModelConfig()
     weights = generate_weights(config)
-    backends = {b: load_backend(b)(config, weights, args.device if b != "reference" else "cpu") for b in BACKENDS}
-    rows: list[tuple[str, str]] = []
+    backends = {b: load_backend(b)(config, weights, args.device if b != "reference" else "cpu") for b in names}
+
+    versions = [f"numpy {numpy.__version__}", f"numba {numba.__version__}"]
+    for name, be in backends.items():
+        env = be.environment()
+        if name != "reference":
+            versions.append(f"{name} {env.get('framework_version', '?')}")
+    device = args.device
+    gpu = {str(be.environment().get("device_name")) for n, be in backends.items() if n == "torch"} - {"cpu", "None"}
+    device += f" ({', '.join(sorted(gpu))})" if gpu else ""
+    print(
+        f"{datetime.date.today().isoformat()}, {cpu_model()}, {os.cpu_count()} CPUs, device {device}; "
+        f"{', '.join(versions)}; {IDLE_WAIT_VARIABLE}={os.environ.get(IDLE_WAIT_VARIABLE)}\n",
+        flush=True,
+    )
+    print("| measure | value |\n|---|---|", flush=True)
+    # Each row is printed as soon as it is measured: a run cut short (a time limit on a lent
+    # machine) still leaves every row it finished.
+    rows = _Rows()
 
     batch = random_batch(config, args.batch, seed=1)
     forward = {b: timed(lambda be=be: be.forward(batch), args.repeats) for b, be in backends.items()}
     for b, t in forward.items():
         rows.append((f"forward, {b}, batch {args.batch}", f"{t:.3f} s"))
-    rows.append(("reference / tensorflow forward", f"{forward['reference'] / forward['tensorflow']:.2f}"))
+    against = "tensorflow" if "tensorflow" in forward else next(b for b in forward if b != "reference")
+    rows.append((f"reference / {against} forward", f"{forward['reference'] / forward[against]:.2f}"))
     for b, be in backends.items():
         t = timed(lambda be=be: be.gradients(batch), args.repeats)
         rows.append((f"gradients (both losses), {b}, batch {args.batch}", f"{t:.3f} s = {t / forward[b]:.1f}x forward"))
@@ -192,7 +230,7 @@ def main() -> int:
     t_bare = statistics.median(bare_times)
     shape = f"{args.harness_batches} batches of 4"
     median = statistics.median
-    rows.append((f"bare forwards, three backends, {shape}", f"{t_bare:.2f} s"))
+    rows.append((f"bare forwards, {', '.join(names)}, {shape}", f"{t_bare:.2f} s"))
     rows.append(("harness / bare forwards, end to end", f"{median(e2e):.2f}"))
     rows.append(("of which the error scales (the tolerances) / bare forwards", f"{median(scales):.2f}"))
     left_out = [r - s for r, s in zip(e2e, scales, strict=True)]
@@ -201,7 +239,7 @@ def main() -> int:
     with_gradients = paired(lambda: harness(False), lambda: harness(False, gradients=True))
     rows.append(("harness with gradients / harness, end to end", f"{median(with_gradients):.2f}"))
 
-    one, ten = peak_rss_mib(1, 4, args.device), peak_rss_mib(10, 4, args.device)
+    one, ten = peak_rss_mib(1, 4, args.device, names), peak_rss_mib(10, 4, args.device, names)
     rows.append(("peak RSS, 1 batch of 4 / 10 batches of 4", f"{one:.0f} MiB / {ten:.0f} MiB"))
     rows.append(("peak RSS ratio, 10x / 1x batches", f"{ten / one:.3f}"))
 
@@ -216,6 +254,7 @@ def main() -> int:
             "-p",
             "no:cacheprovider",
             f"--parity-device={args.device}",
+            f"--parity-backends={','.join(names)}",
         ]
         runs = (
             ([], "pytest -m parity (pyproject's -n auto: pytest-xdist workers)", args.suite_runs),
@@ -235,22 +274,6 @@ def main() -> int:
                 spread = f"{min(walls):.1f} / {median(walls):.1f} / {max(walls):.1f} s"
                 rows.append((f"{what}, fastest / median / slowest of {count} runs (exit {exits})", spread))
 
-    import numba
-    import numpy
-    import tensorflow
-    import torch
-
-    from parity._blas_threads import IDLE_WAIT_VARIABLE
-    from parity.emulation import cpu_model
-
-    print(
-        f"{datetime.date.today().isoformat()}, {cpu_model()}, {os.cpu_count()} CPUs, device {args.device}; "
-        f"numpy {numpy.__version__}, numba {numba.__version__}, torch {torch.__version__}, "
-        f"tensorflow {tensorflow.__version__}; {IDLE_WAIT_VARIABLE}={os.environ.get(IDLE_WAIT_VARIABLE)}\n"
-    )
-    print("| measure | value |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
     return 0
 
 

@@ -270,12 +270,13 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
         child += ["--backends", args.backends] if args.backends else []
         child += ["--gradients"] if args.gradients else []
         child += ["--families", ",".join(families)] if families is not None else []
+        child += ["--device", args.device]
         settings = runnable(settings)
         measurement = measure.measure_emulated(settings, child)
     else:
         settings = []
         measurement = measure.measure_cases(
-            template, args.cases, args.seed, args.matrix, backends, args.label, args.gradients, families
+            template, args.cases, args.seed, args.matrix, backends, args.label, args.gradients, families, args.device
         )
     if args.json:
         from parity.atomic import write_text
@@ -287,10 +288,12 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
         needed = f"{need:8.3g}" if need is not None else "     n/a"  # not measured by these runs
         print(f"{fam.pattern:24s} needed {needed}   {where}")
     measure.check_sane(measurement, template)
+    command = "ptycho-parity " + " ".join(args.argv)
+    if measurement.device == "cuda":
+        return _write_device_factor(args, template, measurement, settings, command)
     if args.out:
         from parity.atomic import write_text
 
-        command = "ptycho-parity " + " ".join(args.argv)
         if families is None and not args.keep_records:
             header = measure.header_lines(command, measurement, args.safety, settings)
         else:
@@ -304,6 +307,34 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
         )
         write_text(Path(args.out), rendered)
         load_tolerances(args.out)  # what was written must load
+        print(f"wrote {args.out}")
+    return EXIT_PASS
+
+
+def _write_device_factor(
+    args: argparse.Namespace, template: Any, measurement: Any, settings: list[str], command: str
+) -> int:
+    """A GPU measurement: the cuda profile's device factor it asks for, written into a copy of the
+    template whose families (the CPU's evidence) stay as they are (docs/tolerances.md, "GPUs")."""
+    from parity import measure
+    from parity.tolerances import load_tolerances
+
+    if args.families:
+        raise ParityInputError(
+            "option --families applies to a CPU measurement; a GPU measurement sets only [profiles.cuda] device_factor"
+        )
+    factor, where = measure.device_factor_needed(template, measurement, args.safety)
+    print(f"device_factor needed {factor:g} on {', '.join(sorted(measurement.devices))}   {where}")
+    if args.keep_records:  # one GPU's measurement adds to the evidence: it never lowers the factor
+        factor = max(factor, load_tolerances(args.template, profile="cuda").device_factor)
+    if args.out:
+        from parity.atomic import write_text
+
+        text = Path(template.source).read_text(encoding="utf-8")
+        header = measure.device_factor_header(text, command, measurement, args.safety, settings, args.keep_records)
+        rendered = measure.render(template, measure.Measurement(), args.safety, args.minimum, header, factor)
+        write_text(Path(args.out), rendered)
+        load_tolerances(args.out, profile="cuda")  # what was written must load
         print(f"wrote {args.out}")
     return EXIT_PASS
 
@@ -533,7 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-records",
         action="store_true",
         help="a family's measured value is the larger of this measurement and the template's record: "
-        "a measurement on another machine adds to the evidence instead of replacing it",
+        "a measurement on another machine adds to the evidence instead of replacing it (on a GPU: the "
+        "device factor is the larger of the measured one and the template's)",
+    )
+    m.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where the float32 backends run; a cuda measurement rewrites only [profiles.cuda] device_factor",
     )
     m.add_argument("--label", default="native", help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_measure_tolerances)

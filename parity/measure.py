@@ -48,6 +48,15 @@ class Measurement:
     # emulated settings approximate other machines on one CPU, and a file merged from several CPUs
     # should say which they were.
     cpus: set[str] = field(default_factory=set)
+    # What the float32 backends ran on: "cpu", or "cuda (<GPU name>)". A GPU's measurement sets the
+    # cuda profile's device factor and nothing else (device_factor_needed), so one measurement must
+    # not mix devices: merge refuses it.
+    devices: set[str] = field(default_factory=set)
+
+    @property
+    def device(self) -> str:
+        """'cuda' when the runs were on a GPU, else 'cpu'."""
+        return "cuda" if any(d.startswith("cuda") for d in self.devices) else "cpu"
 
     def add(self, family: str, value: float, where: str) -> None:
         if value > self.needed.get(family, -1.0):
@@ -55,11 +64,18 @@ class Measurement:
             self.where[family] = where
 
     def merge(self, other: Measurement) -> None:
+        if self.runs and other.runs and self.device != other.device:
+            raise ParityInputError(
+                f"measure-tolerances: cannot merge a measurement on {', '.join(sorted(other.devices))} into one on "
+                f"{', '.join(sorted(self.devices))}: a CPU measurement sets the families' factors, a GPU one only "
+                "the cuda profile's device_factor; measure them separately"
+            )
         for fam, value in other.needed.items():
             self.add(fam, value, other.where.get(fam, ""))
         self.runs += other.runs
         self.machines |= other.machines
         self.cpus |= other.cpus
+        self.devices |= other.devices
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +84,7 @@ class Measurement:
             "runs": self.runs,
             "machines": sorted(self.machines),
             "cpus": sorted(self.cpus),
+            "devices": sorted(self.devices),
         }
 
     @classmethod
@@ -76,7 +93,10 @@ class Measurement:
         machines = data.get("machines") or [w.split(" ", 1)[0] for w in data["where"].values() if w]
         # Files written before "cpus" was recorded do not say which CPU they ran on: none is listed.
         cpus = {str(c) for c in data.get("cpus") or []}
-        return cls(dict(data["needed"]), dict(data["where"]), int(data["runs"]), {str(m) for m in machines}, cpus)
+        # Files written before "devices" was recorded were all measured on the CPU (no --device then).
+        devices = {str(d) for d in data.get("devices") or ["cpu"]}
+        machines_set = {str(m) for m in machines}
+        return cls(dict(data["needed"]), dict(data["where"]), int(data["runs"]), machines_set, cpus, devices)
 
 
 def measured_factors(
@@ -92,6 +112,7 @@ def measured_factors(
         m.cpus.add(cpu_model())
         if label:
             m.machines.add(label.split(" ", 1)[0])
+        m.devices |= _devices(result)
         for tap in result.taps:
             family = tolerances.family(tap.name).pattern
             if families is not None and family not in families:
@@ -104,6 +125,37 @@ def measured_factors(
                 # device factor multiplies every family's factor, so it is divided out.
                 m.add(family, c.min_factor_to_pass / tolerances.device_factor, f"{label} {tap.name} {c.a} vs {c.b}")
     return m
+
+
+def _devices(result: Any) -> set[str]:
+    """What the float32 backends of a result ran on, from their recorded environments."""
+    out = set()
+    for record in getattr(result, "backends", {}).values():
+        env = record.environment or {}
+        if record.precision == "float64" or "device" not in env:
+            continue
+        device = str(env["device"])
+        out.add(f"cuda ({env['device_name']})" if device.startswith("cuda") and env.get("device_name") else device)
+    return out or {"cpu"}
+
+
+def device_factor_needed(tolerances: Tolerances, measurement: Measurement, safety: float) -> tuple[float, str]:
+    """The cuda profile's device factor a GPU measurement asks for, and the family and run that set it.
+
+    The families' factors stay what the CPU measured (safety x the CPU's need); on the GPU every
+    family's factor is multiplied by one device factor, so that factor must give each family the same
+    margin over what it needed there: the largest of safety x need / factor over the families, rounded
+    up, and never below 1 (a GPU that rounds no worse than the CPU gets no discount either).
+    """
+    worst, where = 1.0, "no family needed more than its CPU factor"
+    for fam in tolerances.families:
+        need = measurement.needed.get(fam.pattern)
+        if need is None or fam.factor <= 0:
+            continue
+        ratio = safety * need / fam.factor
+        if ratio > worst:
+            worst, where = ratio, f"{fam.pattern} ({measurement.where.get(fam.pattern, '')})"
+    return max(1.0, round_up(worst)), where
 
 
 def load_measurement(path: str | os.PathLike[str]) -> Measurement:
@@ -203,6 +255,18 @@ def _num(x: float) -> str:
     return text if any(c in text for c in ".e") else text + ".0"
 
 
+def _template_header(template_text: str) -> list[str]:
+    """A tolerance file's header comment, without its closing line (a new record goes before it)."""
+    kept = []
+    for line in template_text.splitlines():
+        if not line.startswith("#"):
+            break
+        text = line[1:].strip() if line.strip() == "#" else line[2:] if line.startswith("# ") else line[1:]
+        if text != _EDIT:
+            kept.append(text)
+    return kept
+
+
 def remeasured_header(
     template_text: str,
     command: str,
@@ -216,14 +280,7 @@ def remeasured_header(
     measurement of some families leaves the others, and the record of their measurement, alone).
     ``families`` None: every family was measured; ``keep_records``: each was merged with its record
     (``render``), so the header says so."""
-    kept = []
-    for line in template_text.splitlines():
-        if not line.startswith("#"):
-            break
-        text = line[1:].strip() if line.strip() == "#" else line[2:] if line.startswith("# ") else line[1:]
-        if text == _EDIT:
-            continue
-        kept.append(text)
+    kept = _template_header(template_text)
     which = f"Families {', '.join(families)}" if families is not None else "Every family"
     how = (
         f"re-measured and merged with the records above (measured = the larger; factor = {safety:g} x measured)"
@@ -231,6 +288,26 @@ def remeasured_header(
         else f"re-measured (factor = {safety:g} x measured)"
     )
     return [*kept, f"{which} {how} by:", f"  {command}", _measured_on(measurement, settings), _EDIT]
+
+
+def device_factor_header(
+    template_text: str,
+    command: str,
+    measurement: Measurement,
+    safety: float,
+    settings: Sequence[str],
+    keep_records: bool = False,
+) -> list[str]:
+    """The template's header, kept, with a record of the GPU measurement that set the device factor."""
+    rule = f"{safety:g} x the largest need on the GPU / the family's factor"
+    rule += ", or the record above if larger" if keep_records else ""
+    return [
+        *_template_header(template_text),
+        f"[profiles.cuda] device_factor = {rule}, by:",
+        f"  {command}",
+        f"{_measured_on(measurement, settings)} Devices: {', '.join(sorted(measurement.devices))}.",
+        _EDIT,
+    ]
 
 
 def _measured_on(measurement: Measurement, settings: Sequence[str]) -> str:
@@ -264,6 +341,7 @@ def measure_cases(
     label: str,
     gradients: bool = False,
     families: Sequence[str] | None = None,
+    device: str = "cpu",
 ) -> Measurement:
     """Run the parity matrix (bundled fixtures) and ``cases`` random cases; measure every comparison.
 
@@ -280,7 +358,9 @@ def measure_cases(
     m = Measurement()
     if matrix:
         for config in PARITY_MATRIX:
-            spec = RunSpec(config=config, batch_size=2, max_groups=2, require=True, gradients=gradients, local=local)
+            spec = RunSpec(
+                config=config, batch_size=2, max_groups=2, require=True, gradients=gradients, local=local, device=device
+            )
             if backends:
                 spec = replace(spec, backends=tuple(backends))
             where = f"{label} matrix {config.short_id()}"
@@ -289,8 +369,8 @@ def measure_cases(
     rng = np.random.default_rng(seed)
     for i in range(cases):
         case = random_case(rng)
-        result = run_case(case, backends, tolerances=template, gradients=gradients, local=local)
-        m.merge(measured_factors([result], template, f"{label} case {i} ({case.describe()})", families))
+        result = run_case(case, backends, tolerances=template, gradients=gradients, local=local, device=device)
+        m.merge(measured_factors([result], template, f"{label} case {i} of seed {seed} ({case.describe()})", families))
         print(f"measured case {i + 1}/{cases}", file=sys.stderr, flush=True)
     return m
 

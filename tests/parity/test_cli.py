@@ -369,6 +369,98 @@ def test_measure_from_json_header_names_every_machine_measured_not_only_the_wors
     assert "40 runs, emulated machines: aten=default, native, tf-onednn=off, threads=1." in out.read_text()
 
 
+def test_measure_on_a_gpu_sets_the_cuda_device_factor_and_nothing_else(tmp_path, capsys):
+    """A GPU measurement whose worst family needs twice its CPU factor asks for a device factor of
+    2.5 x 2 = 5 (the CPU's safety margin kept on the GPU); every family keeps the CPU's factor and
+    record, and the header names the GPU. A GPU that rounds no worse than the CPU gets 1, never less."""
+    from parity.measure import round_up
+    from parity.tolerances import load_tolerances
+
+    before = load_tolerances(default_tolerance_file())
+    kernel = next(f for f in before.families if f.pattern == "grad.*.kernel")
+    canvas = next(f for f in before.families if f.pattern == "object.canvas")
+    gpu = {
+        "needed": {"grad.*.kernel": 2.0 * kernel.factor, "object.canvas": 0.5 * canvas.factor},
+        "where": {"grad.*.kernel": "native case 4", "object.canvas": "native matrix default"},
+        "runs": 9,
+        "machines": ["native"],
+        "devices": ["cuda (Some GPU 100)"],
+    }
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu))
+    out = tmp_path / "t.toml"
+    assert main(["measure-tolerances", "--from-json", str(tmp_path / "gpu.json"), "--out", str(out)]) == 0
+    assert "device_factor needed 5 on cuda (Some GPU 100)   grad.*.kernel (native case 4)" in capsys.readouterr().out
+    after_cpu, after_cuda = load_tolerances(out), load_tolerances(out, profile="cuda")
+    assert after_cuda.device_factor == 5.0 == round_up(2.5 * 2.0) and after_cpu.device_factor == 1.0
+    for fam, mine in zip(before.families, after_cpu.families, strict=True):
+        assert (mine.pattern, mine.factor, mine.measured) == (fam.pattern, fam.factor, fam.measured)
+    text = out.read_text()
+    assert text.startswith(default_tolerance_file().read_text().split("# Edit by re-measuring")[0])
+    assert "9 runs, emulated machines: native. Devices: cuda (Some GPU 100)." in text
+
+    quiet = dict(gpu, needed={"grad.*.kernel": 0.1 * kernel.factor})
+    (tmp_path / "quiet.json").write_text(json.dumps(quiet))
+    argv = ["measure-tolerances", "--from-json", str(tmp_path / "quiet.json"), "--out", str(out)]
+    assert main(argv) == 0
+    assert load_tolerances(out, profile="cuda").device_factor == 1.0
+    # --keep-records: one GPU's quiet measurement adds to the evidence and lowers nothing.
+    assert main([*argv, "--template", str(default_tolerance_file()), "--keep-records"]) == 0
+    assert load_tolerances(out, profile="cuda").device_factor == load_tolerances(None, "cuda").device_factor
+    assert "or the record above if larger, by:" in out.read_text()
+
+
+def test_measure_refuses_to_mix_gpu_and_cpu_measurements_or_reshape_families_from_a_gpu(tmp_path, capsys):
+    """A GPU's needs merged into the CPU's would raise the families every CPU run is held to, and a
+    CPU's into the GPU's would hide what the GPU needs: both are refused, naming both devices."""
+    cpu = {"needed": {"grad.*.kernel": 40.0}, "where": {"grad.*.kernel": "native m"}, "runs": 2}  # before "devices"
+    gpu = dict(cpu, devices=["cuda (Some GPU 100)"])
+    (tmp_path / "cpu.json").write_text(json.dumps(cpu))
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu))
+    argv = ["measure-tolerances", "--from-json", str(tmp_path / "cpu.json"), str(tmp_path / "gpu.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot merge a measurement on cuda (Some GPU 100) into one on cpu" in err
+    argv = ["measure-tolerances", "--from-json", str(tmp_path / "gpu.json"), "--families", "grad"]
+    assert main([*argv, "--out", str(tmp_path / "t.toml")]) == 2
+    assert "option --families applies to a CPU measurement" in capsys.readouterr().err
+    assert not (tmp_path / "t.toml").exists()
+
+
+def test_measure_on_cuda_without_a_gpu_exits_2_before_running_anything(monkeypatch, capsys):
+    """`measure-tolerances --device cuda` on a machine whose torch sees no GPU: a usage error naming
+    the backend and the device, not a CPU measurement passed off as a GPU's."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["measure-tolerances", "--device", "cuda", "--backends", "reference,torch", "--cases", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "device 'cuda' is not usable: torch backend: device 'cuda' was requested" in err
+
+
+def test_measurement_records_the_device_the_float32_backends_ran_on():
+    """The device comes from the backends' own environments (the float64 reference is always on the
+    CPU and says nothing about it)."""
+    from types import SimpleNamespace
+
+    from parity.measure import Measurement, measured_factors
+    from parity.tolerances import load_tolerances
+
+    def record(precision, **env):
+        return SimpleNamespace(precision=precision, environment=env)
+
+    tol = load_tolerances(default_tolerance_file())
+    backends = {
+        "reference": record("float64", device="cpu"),
+        "torch": record("float32", device="cuda:0", device_name="NVIDIA H200"),
+    }
+    m = measured_factors([SimpleNamespace(taps=[], backends=backends)], tol, "native case 0")
+    assert m.devices == {"cuda (NVIDIA H200)"} and m.device == "cuda"
+    assert Measurement.from_dict(json.loads(json.dumps(m.to_dict()))).devices == {"cuda (NVIDIA H200)"}
+    on_cpu = {"reference": record("float64", device="cpu"), "torch": record("float32", device="cpu")}
+    assert measured_factors([SimpleNamespace(taps=[], backends=on_cpu)], tol).device == "cpu"
+
+
 def test_measurement_json_records_the_machine_of_every_run():
     """What --json writes names the machine of each run, so a later --from-json can list them all."""
     from types import SimpleNamespace
