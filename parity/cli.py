@@ -255,6 +255,8 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
         measure.check_families(template, families)
         if any(f.startswith("grad.") for f in families) and not (args.gradients or args.from_json):
             raise ParityInputError("option --families names gradient families: add --gradients to measure them")
+    if args.device == "cuda" and families is not None:  # before a long run, not after it
+        raise ParityInputError(_GPU_FAMILIES)
     if args.from_json:
         measurement = measure.Measurement()
         for source in args.from_json:
@@ -311,6 +313,11 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
     return EXIT_PASS
 
 
+_GPU_FAMILIES = (
+    "option --families applies to a CPU measurement; a GPU measurement sets only [profiles.cuda] device_factor"
+)
+
+
 def _write_device_factor(
     args: argparse.Namespace, template: Any, measurement: Any, settings: list[str], command: str
 ) -> int:
@@ -320,9 +327,7 @@ def _write_device_factor(
     from parity.tolerances import load_tolerances
 
     if args.families:
-        raise ParityInputError(
-            "option --families applies to a CPU measurement; a GPU measurement sets only [profiles.cuda] device_factor"
-        )
+        raise ParityInputError(_GPU_FAMILIES)
     factor, where = measure.device_factor_needed(template, measurement, args.safety)
     print(f"device_factor needed {factor:g} on {', '.join(sorted(measurement.devices))}   {where}")
     if args.keep_records:  # one GPU's measurement adds to the evidence: it never lowers the factor

@@ -424,6 +424,9 @@ def test_measure_refuses_to_mix_gpu_and_cpu_measurements_or_reshape_families_fro
     assert main([*argv, "--out", str(tmp_path / "t.toml")]) == 2
     assert "option --families applies to a CPU measurement" in capsys.readouterr().err
     assert not (tmp_path / "t.toml").exists()
+    # and on a GPU run, before anything is run
+    assert main(["measure-tolerances", "--device", "cuda", "--gradients", "--families", "grad", "--cases", "1"]) == 2
+    assert "option --families applies to a CPU measurement" in capsys.readouterr().err
 
 
 def test_measure_on_cuda_without_a_gpu_exits_2_before_running_anything(monkeypatch, capsys):
