@@ -114,8 +114,8 @@ def main() -> int:
     if args.suite_runs < 1:
         ap.error(f"--suite-runs must be at least 1, got {args.suite_runs}")
     names = tuple(b.strip() for b in args.backends.split(",") if b.strip())
-    if "reference" not in names or len(names) < 2:
-        ap.error(f"--backends must name the reference and at least one other backend, got {args.backends!r}")
+    if "reference" not in names or len(set(names)) < 2 or len(set(names)) != len(names):
+        ap.error(f"--backends must name the reference and at least one other backend, each once, got {args.backends!r}")
 
     import numba
     import numpy

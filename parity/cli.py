@@ -255,13 +255,27 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
         measure.check_families(template, families)
         if any(f.startswith("grad.") for f in families) and not (args.gradients or args.from_json):
             raise ParityInputError("option --families names gradient families: add --gradients to measure them")
+    run_device = args.device or "cpu"
     if args.device == "cuda" and families is not None:  # before a long run, not after it
         raise ParityInputError(_GPU_FAMILIES)
+    if args.device == "cuda" and args.emulate is not None:
+        raise ParityInputError(
+            "option --emulate: the emulated machines are CPU settings (threads, oneDNN, instruction sets); "
+            "a GPU measurement runs natively"
+        )
     if args.from_json:
         measurement = measure.Measurement()
         for source in args.from_json:
-            measurement.merge(measure.load_measurement(source))
+            try:
+                measurement.merge(measure.load_measurement(source))
+            except ParityInputError as exc:
+                raise ParityInputError(f"option --from-json: {source}: {exc}") from None
         settings = sorted(measurement.machines)  # every machine a merged run was measured under
+        if args.device is not None and measurement.runs and measurement.device != args.device:
+            raise ParityInputError(
+                f"option --device {args.device}: the measurements of --from-json ran on "
+                f"{', '.join(sorted(measurement.devices))}"
+            )
     elif args.emulate is not None:
         settings = args.emulate or list(SETTINGS)
         unknown = [s for s in settings if s not in SETTINGS]
@@ -272,13 +286,13 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
         child += ["--backends", args.backends] if args.backends else []
         child += ["--gradients"] if args.gradients else []
         child += ["--families", ",".join(families)] if families is not None else []
-        child += ["--device", args.device]
+        child += ["--device", run_device]
         settings = runnable(settings)
         measurement = measure.measure_emulated(settings, child)
     else:
         settings = []
         measurement = measure.measure_cases(
-            template, args.cases, args.seed, args.matrix, backends, args.label, args.gradients, families, args.device
+            template, args.cases, args.seed, args.matrix, backends, args.label, args.gradients, families, run_device
         )
     if args.json:
         from parity.atomic import write_text
@@ -290,6 +304,12 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
         needed = f"{need:8.3g}" if need is not None else "     n/a"  # not measured by these runs
         print(f"{fam.pattern:24s} needed {needed}   {where}")
     measure.check_sane(measurement, template)
+    if args.out and not measurement.runs:
+        raise ParityInputError(f"option --out {args.out}: nothing was measured (0 runs); the file was not written")
+    if not args.from_json and measurement.runs and measurement.device != run_device:
+        raise ParityInputError(
+            f"option --device {run_device}: the backends reported running on {', '.join(sorted(measurement.devices))}"
+        )
     command = "ptycho-parity " + " ".join(args.argv)
     if measurement.device == "cuda":
         return _write_device_factor(args, template, measurement, settings, command)
@@ -297,7 +317,8 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
         from parity.atomic import write_text
 
         if families is None and not args.keep_records:
-            header = measure.header_lines(command, measurement, args.safety, settings)
+            text = Path(template.source).read_text(encoding="utf-8")
+            header = measure.header_lines(command, measurement, args.safety, settings, text)
         else:
             text = Path(template.source).read_text(encoding="utf-8")
             header = measure.remeasured_header(
@@ -574,9 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--device",
-        default="cpu",
         choices=("cpu", "cuda"),
-        help="where the float32 backends run; a cuda measurement rewrites only [profiles.cuda] device_factor",
+        help="where the float32 backends run (default: cpu; with --from-json, the files' device); a cuda "
+        "measurement rewrites only [profiles.cuda] device_factor",
     )
     m.add_argument("--label", default="native", help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_measure_tolerances)

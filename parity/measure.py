@@ -75,7 +75,8 @@ class Measurement:
         self.runs += other.runs
         self.machines |= other.machines
         self.cpus |= other.cpus
-        self.devices |= other.devices
+        if other.runs:  # an empty measurement ran on nothing
+            self.devices |= other.devices
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -94,16 +95,21 @@ class Measurement:
         # Files written before "cpus" was recorded do not say which CPU they ran on: none is listed.
         cpus = {str(c) for c in data.get("cpus") or []}
         # Files written before "devices" was recorded were all measured on the CPU (no --device then).
-        devices = {str(d) for d in data.get("devices") or ["cpu"]}
+        devices = {str(d) for d in (data["devices"] if "devices" in data else ["cpu"])}
         machines_set = {str(m) for m in machines}
         return cls(dict(data["needed"]), dict(data["where"]), int(data["runs"]), machines_set, cpus, devices)
 
 
 def measured_factors(
-    results: Iterable[Any], tolerances: Tolerances, label: str = "", families: Sequence[str] | None = None
+    results: Iterable[Any],
+    tolerances: Tolerances,
+    label: str = "",
+    families: Sequence[str] | None = None,
+    device: str = "cpu",
 ) -> Measurement:
     """The factor each family of ``tolerances`` needed over ``results`` (ParityResults); with
-    ``families``, only the families of those patterns are measured."""
+    ``families``, only the families of those patterns are measured. ``device``: what the runs asked
+    the float32 backends to run on, for a backend whose environment does not say."""
     from parity.emulation import cpu_model
 
     m = Measurement()
@@ -112,7 +118,7 @@ def measured_factors(
         m.cpus.add(cpu_model())
         if label:
             m.machines.add(label.split(" ", 1)[0])
-        m.devices |= _devices(result)
+        m.devices |= _devices(result, device)
         for tap in result.taps:
             family = tolerances.family(tap.name).pattern
             if families is not None and family not in families:
@@ -127,16 +133,17 @@ def measured_factors(
     return m
 
 
-def _devices(result: Any) -> set[str]:
-    """What the float32 backends of a result ran on, from their recorded environments."""
+def _devices(result: Any, device: str) -> set[str]:
+    """What the float32 backends of a result ran on, from their recorded environments; ``device``
+    (what the run asked for) where a backend records none."""
     out = set()
     for record in getattr(result, "backends", {}).values():
         env = record.environment or {}
-        if record.precision == "float64" or "device" not in env:
+        if record.precision == "float64":
             continue
-        device = str(env["device"])
-        out.add(f"cuda ({env['device_name']})" if device.startswith("cuda") and env.get("device_name") else device)
-    return out or {"cpu"}
+        ran_on = str(env.get("device", device))
+        out.add(f"cuda ({env['device_name']})" if ran_on.startswith("cuda") and env.get("device_name") else ran_on)
+    return out or {device}
 
 
 def device_factor_needed(tolerances: Tolerances, measurement: Measurement, safety: float) -> tuple[float, str]:
@@ -267,6 +274,23 @@ def _template_header(template_text: str) -> list[str]:
     return kept
 
 
+_CUDA_RECORD = "[profiles.cuda] device_factor"
+
+
+def _split_cuda_records(lines: list[str]) -> tuple[list[str], list[str]]:
+    """A header's lines apart from the records of GPU measurements (``device_factor_header``), and
+    those records: each runs from its ``[profiles.cuda]`` line to the line naming the devices."""
+    kept: list[str] = []
+    records: list[str] = []
+    inside = False
+    for line in lines:
+        inside = inside or line.startswith(_CUDA_RECORD)
+        (records if inside else kept).append(line)
+        if inside and "Devices: " in line:
+            inside = False
+    return kept, records
+
+
 def remeasured_header(
     template_text: str,
     command: str,
@@ -301,9 +325,10 @@ def device_factor_header(
     """The template's header, kept, with a record of the GPU measurement that set the device factor."""
     rule = f"{safety:g} x the largest need on the GPU / the family's factor"
     rule += ", or the record above if larger" if keep_records else ""
+    kept, records = _split_cuda_records(_template_header(template_text))
     return [
-        *_template_header(template_text),
-        f"[profiles.cuda] device_factor = {rule}, by:",
+        *(kept + records if keep_records else kept),  # a replaced factor's record goes with it
+        f"{_CUDA_RECORD} = {rule}, by:",
         f"  {command}",
         f"{_measured_on(measurement, settings)} Devices: {', '.join(sorted(measurement.devices))}.",
         _EDIT,
@@ -318,7 +343,12 @@ def _measured_on(measurement: Measurement, settings: Sequence[str]) -> str:
     )
 
 
-def header_lines(command: str, measurement: Measurement, safety: float, settings: Sequence[str]) -> list[str]:
+def header_lines(
+    command: str, measurement: Measurement, safety: float, settings: Sequence[str], template_text: str = ""
+) -> list[str]:
+    """A new header for a CPU measurement of every family; the template's records of GPU
+    measurements stay, since the device factor they set stays too."""
+    gpu = _split_cuda_records(_template_header(template_text))[1]
     return [
         "Tolerances of ptycho-parity: the model of parity/tolerances.py, explained in docs/tolerances.md.",
         "  |a - b| <= atol_i + rtol*|b_i|,  atol_i = factor * u * S_i,  rtol = floor * u",
@@ -328,6 +358,7 @@ def header_lines(command: str, measurement: Measurement, safety: float, settings
         f"needed, `factor` is {safety:g} x that, rounded up. Written by:",
         f"  {command}",
         _measured_on(measurement, settings),
+        *gpu,
         _EDIT,
     ]
 
@@ -364,13 +395,14 @@ def measure_cases(
             if backends:
                 spec = replace(spec, backends=tuple(backends))
             where = f"{label} matrix {config.short_id()}"
-            m.merge(measured_factors([run(spec, tolerances=template)], template, where, families))
+            m.merge(measured_factors([run(spec, tolerances=template)], template, where, families, device))
             print(f"measured matrix {config.short_id()}", file=sys.stderr, flush=True)
     rng = np.random.default_rng(seed)
     for i in range(cases):
         case = random_case(rng)
         result = run_case(case, backends, tolerances=template, gradients=gradients, local=local, device=device)
-        m.merge(measured_factors([result], template, f"{label} case {i} of seed {seed} ({case.describe()})", families))
+        where = f"{label} case {i} of seed {seed} ({case.describe()})"
+        m.merge(measured_factors([result], template, where, families, device))
         print(f"measured case {i + 1}/{cases}", file=sys.stderr, flush=True)
     return m
 

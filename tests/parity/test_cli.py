@@ -420,6 +420,17 @@ def test_measure_refuses_to_mix_gpu_and_cpu_measurements_or_reshape_families_fro
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot merge a measurement on cuda (Some GPU 100) into one on cpu" in err
+    argv = ["measure-tolerances", "--from-json", str(tmp_path / "gpu.json"), str(tmp_path / "cpu.json")]
+    assert main(argv) == 2  # the other order too, naming the file that clashed
+    err = capsys.readouterr().err
+    assert f"option --from-json: {tmp_path / 'cpu.json'}: measure-tolerances: cannot merge a measurement on cpu" in err
+    # --device must agree with the files' device
+    argv = ["measure-tolerances", "--from-json", str(tmp_path / "gpu.json"), "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "t.toml")]) == 2
+    assert "option --device cpu: the measurements of --from-json ran on cuda (Some GPU 100)" in capsys.readouterr().err
+    # emulated machines are CPU settings
+    assert main(["measure-tolerances", "--device", "cuda", "--emulate", "threads=1"]) == 2
+    assert "option --emulate: the emulated machines are CPU settings" in capsys.readouterr().err
     argv = ["measure-tolerances", "--from-json", str(tmp_path / "gpu.json"), "--families", "grad"]
     assert main([*argv, "--out", str(tmp_path / "t.toml")]) == 2
     assert "option --families applies to a CPU measurement" in capsys.readouterr().err
@@ -427,6 +438,41 @@ def test_measure_refuses_to_mix_gpu_and_cpu_measurements_or_reshape_families_fro
     # and on a GPU run, before anything is run
     assert main(["measure-tolerances", "--device", "cuda", "--gradients", "--families", "grad", "--cases", "1"]) == 2
     assert "option --families applies to a CPU measurement" in capsys.readouterr().err
+
+
+def test_gpu_records_replace_each_other_and_survive_a_cpu_remeasurement(tmp_path):
+    """A second GPU measurement replaces the first's header record (the factor it described is gone)
+    unless --keep-records keeps both; a CPU re-measurement of every family keeps the GPU's record,
+    since it keeps the device factor that record set."""
+    gpu = {"needed": {"object.canvas": 1.0}, "where": {"object.canvas": "native m"}, "runs": 3}
+    for name, label in (("a", "GPU A"), ("b", "GPU B")):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(gpu, devices=[f"cuda ({label})"])))
+    first, second, kept = tmp_path / "1.toml", tmp_path / "2.toml", tmp_path / "k.toml"
+    assert main(["measure-tolerances", "--from-json", str(tmp_path / "a.json"), "--out", str(first)]) == 0
+    argv = ["measure-tolerances", "--from-json", str(tmp_path / "b.json"), "--template", str(first), "--out"]
+    assert main([*argv, str(second)]) == 0
+    text = second.read_text()
+    assert "Devices: cuda (GPU B)." in text and "GPU A" not in text
+    assert text.count("# [profiles.cuda] device_factor =") == 1
+    assert main([*argv, str(kept), "--keep-records"]) == 0
+    assert "Devices: cuda (GPU A)." in kept.read_text() and "Devices: cuda (GPU B)." in kept.read_text()
+
+    cpu = {"needed": {"object.canvas": 1.0}, "where": {"object.canvas": "native m"}, "runs": 2}
+    (tmp_path / "cpu.json").write_text(json.dumps(cpu))
+    redone = tmp_path / "cpu.toml"
+    argv = ["measure-tolerances", "--from-json", str(tmp_path / "cpu.json"), "--template", str(second)]
+    assert main([*argv, "--out", str(redone)]) == 0
+    assert "Devices: cuda (GPU B)." in redone.read_text() and "Every family" not in redone.read_text()
+
+
+def test_measure_writes_nothing_from_zero_runs(tmp_path, capsys):
+    """`--cases 0` without the matrix measures nothing: writing a file from it would replace every
+    record with an empty one."""
+    out = tmp_path / "t.toml"
+    assert main(["measure-tolerances", "--cases", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"option --out {out}: nothing was measured (0 runs); the file was not written" in err
+    assert not out.exists()
 
 
 def test_measure_on_cuda_without_a_gpu_exits_2_before_running_anything(monkeypatch, capsys):
