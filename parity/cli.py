@@ -302,6 +302,8 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
         need = measurement.needed.get(fam.pattern)
         where = measurement.where.get(fam.pattern, "")
         needed = f"{need:8.3g}" if need is not None else "     n/a"  # not measured by these runs
+        if measurement.device == "cuda" and need is not None:  # what the device factor is made of
+            needed += f" ({need / fam.factor:6.3g} x its CPU factor)"
         print(f"{fam.pattern:24s} needed {needed}   {where}")
     measure.check_sane(measurement, template)
     if args.out and not measurement.runs:

@@ -389,7 +389,9 @@ def test_measure_on_a_gpu_sets_the_cuda_device_factor_and_nothing_else(tmp_path,
     (tmp_path / "gpu.json").write_text(json.dumps(gpu))
     out = tmp_path / "t.toml"
     assert main(["measure-tolerances", "--from-json", str(tmp_path / "gpu.json"), "--out", str(out)]) == 0
-    assert "device_factor needed 5 on cuda (Some GPU 100)   grad.*.kernel (native case 4)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "device_factor needed 5 on cuda (Some GPU 100)   grad.*.kernel (native case 4)" in printed
+    assert "(     2 x its CPU factor)" in printed and "(   0.5 x its CPU factor)" in printed
     after_cpu, after_cuda = load_tolerances(out), load_tolerances(out, profile="cuda")
     assert after_cuda.device_factor == 5.0 == round_up(2.5 * 2.0) and after_cpu.device_factor == 1.0
     for fam, mine in zip(before.families, after_cpu.families, strict=True):
