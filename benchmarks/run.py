@@ -135,14 +135,11 @@ def main() -> int:
     weights = generate_weights(config)
     backends = {b: load_backend(b)(config, weights, args.device if b != "reference" else "cpu") for b in names}
 
+    envs = {name: be.environment() for name, be in backends.items() if name != "reference"}
     versions = [f"numpy {numpy.__version__}", f"numba {numba.__version__}"]
-    for name, be in backends.items():
-        env = be.environment()
-        if name != "reference":
-            versions.append(f"{name} {env.get('framework_version', '?')}")
-    device = args.device
-    gpu = {str(be.environment().get("device_name")) for n, be in backends.items() if n == "torch"} - {"cpu", "None"}
-    device += f" ({', '.join(sorted(gpu))})" if gpu else ""
+    versions += [f"{name} {env.get('framework_version', '?')}" for name, env in envs.items()]
+    gpu = {str(env.get("device_name")) for env in envs.values()} - {"cpu", "None"}
+    device = args.device + (f" ({', '.join(sorted(gpu))})" if gpu else "")
     print(
         f"{datetime.date.today().isoformat()}, {cpu_model()}, {os.cpu_count()} CPUs, device {device}; "
         f"{', '.join(versions)}; {IDLE_WAIT_VARIABLE}={os.environ.get(IDLE_WAIT_VARIABLE)}\n",

@@ -19,7 +19,11 @@ import sys
 import tomllib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # parity.measure and parity.tolerances are imported where a command needs them
+    from parity.measure import Measurement
+    from parity.tolerances import Tolerances
 
 from parity.config import ModelConfig
 from parity.errors import BackendUnavailableError, ConfigError, ParityInputError
@@ -318,11 +322,10 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
     if args.out:
         from parity.atomic import write_text
 
+        text = Path(template.source).read_text(encoding="utf-8")
         if families is None and not args.keep_records:
-            text = Path(template.source).read_text(encoding="utf-8")
             header = measure.header_lines(command, measurement, args.safety, settings, text)
         else:
-            text = Path(template.source).read_text(encoding="utf-8")
             header = measure.remeasured_header(
                 text, command, measurement, args.safety, settings, families, args.keep_records
             )
@@ -342,7 +345,7 @@ _GPU_FAMILIES = (
 
 
 def _write_device_factor(
-    args: argparse.Namespace, template: Any, measurement: Any, settings: list[str], command: str
+    args: argparse.Namespace, template: Tolerances, measurement: Measurement, settings: list[str], command: str
 ) -> int:
     """A GPU measurement: the cuda profile's device factor it asks for, written into a copy of the
     template whose families (the CPU's evidence) stay as they are (docs/tolerances.md, "GPUs")."""
