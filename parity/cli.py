@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -295,8 +296,13 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
         measurement = measure.measure_emulated(settings, child)
     else:
         settings = []
+        # A GPU's runs compare with its profile's normwise floors, as a GPU parity run does, but not its
+        # device factor: what each family needs there is what that factor is made of.
+        runs_with = template
+        if run_device != "cpu":
+            runs_with = dataclasses.replace(load_tolerances(args.template, profile="cuda"), device_factor=1.0)
         measurement = measure.measure_cases(
-            template, args.cases, args.seed, args.matrix, backends, args.label, args.gradients, families, run_device
+            runs_with, args.cases, args.seed, args.matrix, backends, args.label, args.gradients, families, run_device
         )
     if args.json:
         from parity.atomic import write_text
@@ -329,9 +335,16 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
             header = measure.remeasured_header(
                 text, command, measurement, args.safety, settings, families, args.keep_records
             )
-        cuda = load_tolerances(args.template, profile="cuda").device_factor
+        cuda = load_tolerances(args.template, profile="cuda")
         rendered = measure.render(
-            template, measurement, args.safety, args.minimum, header, cuda, keep_records=args.keep_records
+            template,
+            measurement,
+            args.safety,
+            args.minimum,
+            header,
+            cuda.device_factor,
+            keep_records=args.keep_records,
+            cuda_floors=cuda.normwise_floors,
         )
         write_text(Path(args.out), rendered)
         load_tolerances(args.out)  # what was written must load
@@ -356,14 +369,17 @@ def _write_device_factor(
         raise ParityInputError(_GPU_FAMILIES)
     factor, where = measure.device_factor_needed(template, measurement, args.safety)
     print(f"device_factor needed {factor:g} on {', '.join(sorted(measurement.devices))}   {where}")
+    cuda = load_tolerances(args.template, profile="cuda")
     if args.keep_records:  # one GPU's measurement adds to the evidence: it never lowers the factor
-        factor = max(factor, load_tolerances(args.template, profile="cuda").device_factor)
+        factor = max(factor, cuda.device_factor)
     if args.out:
         from parity.atomic import write_text
 
         text = Path(template.source).read_text(encoding="utf-8")
         header = measure.device_factor_header(text, command, measurement, args.safety, settings, args.keep_records)
-        rendered = measure.render(template, measure.Measurement(), args.safety, args.minimum, header, factor)
+        rendered = measure.render(
+            template, measure.Measurement(), args.safety, args.minimum, header, factor, cuda_floors=cuda.normwise_floors
+        )
         write_text(Path(args.out), rendered)
         load_tolerances(args.out, profile="cuda")  # what was written must load
         print(f"wrote {args.out}")

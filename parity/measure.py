@@ -230,9 +230,11 @@ def render(
     header: Sequence[str],
     cuda_factor: float = 1.0,
     keep_records: bool = False,
+    cuda_floors: Sequence[tuple[str, float]] = (),
 ) -> str:
     """The tolerance file: the template's model, families (each with its measured factor) and the
-    cuda profile's device factor. ``keep_records``: only a family that needed more than its record is
+    cuda profile's device factor and normwise floors (``cuda_floors``, kept as the template has them).
+    ``keep_records``: only a family that needed more than its record is
     rewritten, so a measurement on another machine adds to the evidence the file was written from
     instead of replacing it (a quieter machine would otherwise lower a factor a noisier one needs)."""
     lines = [f"# {h}" if h else "#" for h in header]
@@ -254,6 +256,9 @@ def render(
         elif need is None and fam.measured is not None:  # not measured this time: keep its record
             lines.append(f"measured = {_num(fam.measured)}")
     lines += ["", "[profiles.cuda]", f"device_factor = {_num(cuda_factor)}"]
+    if cuda_floors:
+        pairs = ", ".join(f'"{pattern}" = {_num(eta)}' for pattern, eta in cuda_floors)
+        lines.append(f"normwise_floor = {{ {pairs} }}")
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,10 @@ Backend vs backend allows ``pair_factor`` times the atol (both sides carry float
 Statistics vs a baseline allow ``baseline_factor`` times the elementwise tolerance of the backend's
 own values (the baseline and the run may come from two machines, each within its tolerance), carried
 through each statistic by :func:`parity.stats.perturbation_bounds`. The ``cuda`` profile multiplies
-every factor by ``device_factor``.
+every factor by ``device_factor``, and may hold the scales of some taps at least η times their
+largest (``normwise_floor``, pattern = η): cuDNN's weight-gradient algorithms spread rounding over a
+whole kernel, so an element whose own products are tiny still carries a share of its largest ones'
+(docs/tolerances.md, "GPUs").
 
 File layout (``schema_version = 2``; families are tried in order, the first match wins, and every
 tap must belong to one)::
@@ -38,6 +41,7 @@ tap must belong to one)::
     measured = 84.2               # optional: the largest error / (u·S) seen when measuring
     [profiles.cuda]
     device_factor = 4.0
+    normwise_floor = { "grad.*.kernel" = 1e-3 }   # optional: S_i >= η · max S over the tap
 """
 
 from __future__ import annotations
@@ -117,6 +121,8 @@ class Tolerances:
     device_factor: float
     source: str
     profile: str
+    # (pattern, η) of the profile's normwise floor: a matching tap's S_i is at least η·max S
+    normwise_floors: tuple[tuple[str, float], ...] = ()
 
     def family(self, tap: str) -> Family:
         for fam in self.families:
@@ -126,6 +132,24 @@ class Tolerances:
 
     def factor(self, tap: str) -> float:
         return self.family(tap).factor * self.device_factor
+
+    def normwise_floor(self, tap: str) -> float:
+        """η of ``tap`` on this profile (0: none), the first matching pattern's."""
+        for pattern, eta in self.normwise_floors:
+            if fnmatch.fnmatchcase(tap, pattern):
+                return eta
+        return 0.0
+
+    def floored_scales(self, scales: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The error scales the comparisons use: each tap's S_i held at least η times its largest
+        over the batch where the profile names a normwise floor for it, the others as they are."""
+        out = dict(scales)
+        for tap, s in scales.items():
+            eta = self.normwise_floor(tap)
+            if eta > 0.0 and np.size(s):
+                arr = np.asarray(s, dtype=np.float64)
+                out[tap] = np.maximum(arr, eta * float(np.max(arr)))
+        return out
 
     def rtol(self, precision: str | None = "float32") -> float:
         return self.floor * unit_roundoff(precision)
@@ -221,6 +245,25 @@ def _families(entries: Any, where: str, known_taps: Collection[str]) -> tuple[Fa
     return tuple(out)
 
 
+def _normwise_floors(table: Any, where: str, known_taps: Collection[str]) -> tuple[tuple[str, float], ...]:
+    """A profile's ``normwise_floor``: tap pattern = η, 0 <= η <= 1, each pattern matching some tap."""
+    if not isinstance(table, Mapping):
+        example = '{ "grad.*.kernel" = 1e-3 }'
+        raise ToleranceError(f"{where}: key 'normwise_floor' must be a table of tap pattern = eta, e.g. {example}")
+    floors = []
+    for pattern, eta in table.items():
+        w = f"{where}: normwise_floor"
+        value = _number(eta, w, pattern)
+        if value > 1.0:
+            raise ToleranceError(
+                f"{w}: key {pattern!r} must be at most 1 (a fraction of the tap's largest scale), got {eta!r}"
+            )
+        if not any(fnmatch.fnmatchcase(t, pattern) for t in known_taps):
+            raise ToleranceError(f"{w}: pattern {pattern!r} matches no tap")
+        floors.append((pattern, value))
+    return tuple(floors)
+
+
 def load_tolerances(
     path: str | os.PathLike[str] | None = None,
     profile: str = "cpu",
@@ -260,17 +303,19 @@ def load_tolerances(
     families = _families(data.get("family"), where, taps)
     profiles = _table(data, "profiles", where)
     device_factor = 1.0
+    normwise_floors: tuple[tuple[str, float], ...] = ()
     for name, prof in profiles.items():
         w = f"{where}: [profiles.{name}]"
         if name not in PROFILES:
             raise ToleranceError(f"{w}: unknown profile {name!r}; allowed: {', '.join(PROFILES)}")
         if not isinstance(prof, Mapping):
             raise ToleranceError(f"{w}: must be a table")
-        _check_keys(prof, {"device_factor", "note"}, w)
+        _check_keys(prof, {"device_factor", "normwise_floor", "note"}, w)
         # Every profile is parsed, not just the selected one, so a broken cuda section fails on CPU too.
         factor = _number(prof.get("device_factor", 1.0), w, "device_factor", minimum=1.0)
+        floors = _normwise_floors(prof.get("normwise_floor", {}), w, taps)
         if name == profile:
-            device_factor = factor
+            device_factor, normwise_floors = factor, floors
     return Tolerances(
         families=families,
         floor=values["floor"],
@@ -280,4 +325,5 @@ def load_tolerances(
         device_factor=device_factor,
         source=where,
         profile=profile,
+        normwise_floors=normwise_floors,
     )

@@ -314,6 +314,9 @@ def test_measure_from_json_rewrites_only_the_families_asked_for(tmp_path, capsys
             assert (mine.factor, mine.measured) == (fam.factor, fam.measured), fam.pattern
     text = out.read_text()
     assert "re-measured" in text and "5 runs" in text and "native, threads=1" in text
+    # the cuda profile's normwise floor is not measured here: kept as the template has it
+    floors = load_tolerances(default_tolerance_file(), profile="cuda").normwise_floors
+    assert floors and load_tolerances(out, profile="cuda").normwise_floors == floors
 
 
 def test_measure_keep_records_raises_what_another_machine_needs_and_lowers_nothing(tmp_path):
@@ -399,6 +402,7 @@ def test_measure_on_a_gpu_sets_the_cuda_device_factor_and_nothing_else(tmp_path,
     text = out.read_text()
     assert text.startswith(default_tolerance_file().read_text().split("# Edit by re-measuring")[0])
     assert "9 runs, emulated machines: native. Devices: cuda (Some GPU 100)." in text
+    assert load_tolerances(out, profile="cuda").normwise_floors == load_tolerances(None, "cuda").normwise_floors
 
     quiet = dict(gpu, needed={"grad.*.kernel": 0.1 * kernel.factor})
     (tmp_path / "quiet.json").write_text(json.dumps(quiet))
@@ -487,6 +491,26 @@ def test_measure_on_cuda_without_a_gpu_exits_2_before_running_anything(monkeypat
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "device 'cuda' is not usable: torch backend: device 'cuda' was requested" in err
+
+
+def test_a_gpu_measurement_runs_with_the_cuda_profile(monkeypatch):
+    """Its comparisons use the cuda profile's normwise floors, as a GPU parity run does, but not its
+    device factor: the needs are what that factor is made of (``device_factor_needed``), and one
+    divided by it would ask for a device factor 4 times too small. A CPU measurement runs with the
+    CPU's tolerances."""
+    import torch
+
+    from parity import measure
+
+    used = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(measure, "measure_cases", lambda tol, *a: used.append(tol) or measure.Measurement())
+    for device in ("cuda", "cpu"):
+        argv = ["measure-tolerances", "--device", device, "--backends", "reference,torch", "--cases", "1"]
+        assert main(argv) == 0
+    assert [t.profile for t in used] == ["cuda", "cpu"]
+    assert used[0].normwise_floors and used[0].device_factor == 1.0 and not used[1].normwise_floors
 
 
 def test_measurement_records_the_device_the_float32_backends_ran_on():

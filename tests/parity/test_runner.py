@@ -597,3 +597,46 @@ def test_a_backend_whose_gradients_crash_is_reported_and_the_others_go_on(tmp_pa
     res = _gradient_run(tmp_path, grads=ToyGrad32, broken=GradientsCrash)
     assert not res.passed and "no backward for this op" in res.backends["broken"].crashed
     assert all(c.a == "grads" for t in res.taps for c in t.comparisons if c.kind == "vs_reference")
+
+
+# --- a profile's normwise floor: what the run compares against --------------------------------------
+
+
+class ToyGradScaled(ToyGrad):
+    """ToyGrad whose error scale of the gradient is its own magnitude (elementwise: tiny where it is)."""
+
+    def error_scales(self, batch, taps):
+        return {"grad.toy.w": np.abs(np.asarray(taps["grad.toy.w"], np.float64)) + 1e-300}
+
+
+class SpreadGrad32(ToyGrad32):
+    """A gradient off by 4 u of its largest element everywhere, as a transform-based algorithm
+    spreads its rounding (cuDNN's weight gradients on a GPU)."""
+
+    def gradients(self, batch):
+        g = super().gradients(batch)["grad.toy.w"]
+        return {"grad.toy.w": g + np.float32(4 * U) * np.abs(g).max()}
+
+
+def test_the_run_compares_against_the_profile_s_floored_scales(tmp_path):
+    """With the floor, the spread error passes and a wrong gradient still fails; without it the
+    spread error fails at the elements whose own scale is tiny."""
+    weights = {"w": np.where(np.arange(5) % 2, 1.0, -1.0)[None, :] * np.ones((3, 1))}  # even columns dead for x > 0
+    results = {}
+    for floor in ("", '\n[profiles.cpu]\nnormwise_floor = { "grad.*" = 0.1 }\n'):
+        p = tmp_path / "g.toml"
+        p.write_text(TOL_TEXT + '\n[[family]]\npattern = "grad.*"\nfactor = 64.0\n' + floor)
+        tol = load_tolerances(p, known_taps=[*TAPS, "grad.toy.w"])
+        for name, cls in (("spread", SpreadGrad32), ("wrong", type("WrongGrad", (ToyGrad32,), {"gain": 1.01}))):
+            backends = {"reference": ToyGradScaled(None, weights), name: cls(None, weights)}
+            results[bool(floor), name] = run_parity(
+                backends,
+                [np.abs(b) for b in _batches()],
+                tol,
+                expected=lambda b: [*_expected(b), TapSpec("grad.toy.w", (3, 5))],
+                reference="reference",
+                gradients=True,
+            )
+    assert [c.tap for c in results[False, "spread"].failures()] == ["grad.toy.w"]
+    assert results[True, "spread"].passed
+    assert not results[True, "wrong"].passed and [c.tap for c in results[True, "wrong"].failures()] == ["grad.toy.w"]

@@ -33,6 +33,7 @@ factor = 20.0
 pattern = "*"
 factor = 30.0
 """
+CUDA = "[profiles.cuda]\n"
 
 
 def _write(tmp_path, text):
@@ -124,6 +125,10 @@ def test_statistic_tolerances_follow_the_elementwise_model(tmp_path):
         (FAMILIES + "[profiles.cuda]\ndevice_factor = 0.5\n", r"key 'device_factor' must be a finite number >= 1"),
         (FAMILIES + "[profiles.cuda]\ndevice_factr = 2.0\n", r"unknown key 'device_factr'"),
         (FAMILIES + "[model2]\nx = 1\n", r"unknown key 'model2'"),
+        (FAMILIES + CUDA + "normwise_floor = 0.1\n", r"key 'normwise_floor' must be a table"),
+        (FAMILIES + CUDA + 'normwise_floor = { "grad.*.kernel" = 2.0 }\n', r"key 'grad\.\*\.kernel' must be at most 1"),
+        (FAMILIES + CUDA + 'normwise_floor = { "grad.*.kernel" = -1e-3 }\n', r"'grad\.\*\.kernel' must be a finite"),
+        (FAMILIES + CUDA + 'normwise_floor = { "grad.*.kernl" = 1e-3 }\n', r"pattern 'grad\.\*\.kernl' matches no tap"),
     ],
 )
 def test_bad_files_rejected_with_location(tmp_path, text, message):
@@ -172,3 +177,35 @@ def test_custom_tap_universe_for_third_party_backends(tmp_path):
 def test_unit_roundoffs():
     assert UNIT_ROUNDOFF["float32"] == math.ldexp(1.0, -24)
     assert UNIT_ROUNDOFF["float64"] == math.ldexp(1.0, -53)
+
+
+def test_a_normwise_floor_holds_a_tap_s_scales_at_a_fraction_of_their_largest_on_its_profile_only(tmp_path):
+    """cuDNN's weight gradients spread rounding over a whole kernel (docs/tolerances.md, "GPUs"): on
+    the cuda profile a kernel gradient element with a tiny scale is held at η of the tap's largest,
+    so an error of 0.01 u times the largest scale, spread over every element, passes there (its
+    factor 30 allows 0.03) and still
+    fails on the CPU; an error of 1 % of the largest element fails on both."""
+    p = _write(tmp_path, BASE + FAMILIES + CUDA + 'device_factor = 1.0\nnormwise_floor = { "grad.*.kernel" = 1e-3 }\n')
+    cpu, cuda = load_tolerances(p), load_tolerances(p, profile="cuda")
+    assert cpu.normwise_floors == () and cuda.normwise_floors == (("grad.*.kernel", 1e-3),)
+    name = "grad.poisson_nll.encoder.block0.conv0.kernel"
+    assert cuda.normwise_floor(name) == 1e-3
+    assert cuda.normwise_floor("grad.poisson_nll.encoder.block0.conv0.bias") == 0.0
+    rng = np.random.default_rng(0)
+    want = rng.normal(size=(3, 3, 4, 8)) * np.logspace(-12, 0, 8)  # output channels from tiny to large
+    S = np.abs(want) * 20 + 1e-30
+    scales = {name: S, "encoder.block0.conv0": S}
+    floored = cuda.floored_scales(scales)
+    assert np.array_equal(floored["encoder.block0.conv0"], S)  # not a kernel gradient: as it was
+    above = S >= 1e-3 * S.max()
+    assert np.all(floored[name] >= 1e-3 * S.max()) and np.array_equal(floored[name][above], S[above])
+    assert cpu.floored_scales(scales)[name] is S
+
+    def passes(tol, got, s):
+        return bool(np.all(np.abs(got - want) <= tol.atol(name, s) + tol.rtol() * np.abs(want)))
+
+    spread = want + 0.01 * U * S.max() * rng.choice([-1.0, 1.0], size=want.shape)
+    assert passes(cuda, spread, floored[name]) and not passes(cpu, spread, S)
+    wrong = want.copy()
+    wrong.flat[np.argmax(np.abs(want))] *= 1.01
+    assert not passes(cuda, wrong, floored[name]) and not passes(cpu, wrong, S)
