@@ -369,8 +369,8 @@ def run_parity(
             own = raw[ref] if ref is not None and scaler is backends[ref] else scaler.forward(batch)
             if gradients and scaler.computes_gradients and not (ref is not None and scaler is backends[ref]):
                 own = {**own, **scaler.gradients(batch)}
-            raw_scales = {t: np.asarray(v) for t, v in scaler.error_scales(batch, dict(own)).items() if selected(t)}
-            scales = tolerances.floored_scales(raw_scales)
+            own_scales = scaler.error_scales(batch, dict(own))
+            scales = tolerances.floored_scales({t: np.asarray(v) for t, v in own_scales.items() if selected(t)})
         else:
             scales = {}
         size = next((int(a.shape[0]) for out in raw.values() for a in out.values() if np.ndim(a)), 0)

@@ -187,9 +187,10 @@ class Tolerances:
         )
 
     def rule(self) -> str:
+        floors = "".join(f"; S_i >= {eta:g} max S for {pattern}" for pattern, eta in self.normwise_floors)
         return (
             "|a - b| <= atol_i + rtol * |b_i|;  atol_i = factor * u * S_i,  rtol = floor * u  "
-            f"(floor {self.floor:g}, pair x{self.pair_factor:g}, device x{self.device_factor:g}; "
+            f"(floor {self.floor:g}, pair x{self.pair_factor:g}, device x{self.device_factor:g}{floors}; "
             "S: the arbiter's error scale, or the sample's largest |b|)"
         )
 

@@ -188,6 +188,8 @@ def test_a_normwise_floor_holds_a_tap_s_scales_at_a_fraction_of_their_largest_on
     p = _write(tmp_path, BASE + FAMILIES + CUDA + 'device_factor = 1.0\nnormwise_floor = { "grad.*.kernel" = 1e-3 }\n')
     cpu, cuda = load_tolerances(p), load_tolerances(p, profile="cuda")
     assert cpu.normwise_floors == () and cuda.normwise_floors == (("grad.*.kernel", 1e-3),)
+    # a report states the rule it was judged by, floor included
+    assert "S_i >= 0.001 max S for grad.*.kernel" in cuda.rule() and "max S" not in cpu.rule()
     name = "grad.poisson_nll.encoder.block0.conv0.kernel"
     assert cuda.normwise_floor(name) == 1e-3
     assert cuda.normwise_floor("grad.poisson_nll.encoder.block0.conv0.bias") == 0.0
