@@ -272,6 +272,26 @@ def _loss_model(A: np.ndarray) -> tuple[Any, dict, dict]:
     return model, taps, {"object.patches": np.abs(patches), "amp.head.padded": 3 * amp, "phase.head.padded": phase}
 
 
+def test_the_amplitude_noise_weighs_the_carried_error_by_the_probe_that_lights_it():
+    """The network's error reaches the spectrum through ψ = P·O: the same carried error on the
+    quarter of the patch the probe lights raises the amplitude noise about 150 times more than on a
+    quarter it leaves dark (the object's unweighted relative error is the same for both)."""
+    N = 8
+    model, taps, S = _loss_model(np.full((1, 1, N, N), 10.0))
+    probe = np.full((1, 1, N, N), 1e-3, dtype=complex)
+    probe[..., : N // 2, : N // 2] = 1.0
+    taps = {**taps, "input.probe": probe, "physics.illuminated": probe * taps["object.patches"]}
+
+    def noise(rows: slice, cols: slice) -> float:
+        carried = np.zeros((1, 1, N, N))
+        carried[..., rows, cols] = 100.0
+        s = {**S, "amp.head.padded": S["amp.head.padded"] + carried}
+        return float(np.mean(gem._amplitude_noise(model, taps, s)))
+
+    lit, dark = noise(slice(0, N // 2), slice(0, N // 2)), noise(slice(N // 2, N), slice(N // 2, N))
+    assert lit > 20 * dark, (lit, dark)
+
+
 def test_the_poisson_nll_ill_conditioning_raises_the_scale_where_the_prediction_is_dark():
     N = 8
     x = np.full((1, 1, N, N), 10.0)

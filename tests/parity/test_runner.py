@@ -623,10 +623,10 @@ def test_the_run_compares_against_the_profile_s_floored_scales(tmp_path):
     spread error fails at the elements whose own scale is tiny."""
     weights = {"w": np.where(np.arange(5) % 2, 1.0, -1.0)[None, :] * np.ones((3, 1))}  # even columns dead for x > 0
     results = {}
-    for floor in ("", '\n[profiles.cpu]\nnormwise_floor = { "grad.*" = 0.1 }\n'):
+    for floor in ("", '\n[profiles.cuda]\nnormwise_floor = { "grad.*" = 0.1 }\n'):
         p = tmp_path / "g.toml"
         p.write_text(TOL_TEXT + '\n[[family]]\npattern = "grad.*"\nfactor = 64.0\n' + floor)
-        tol = load_tolerances(p, known_taps=[*TAPS, "grad.toy.w"])
+        tol = load_tolerances(p, profile="cuda", known_taps=[*TAPS, "grad.toy.w"])
         for name, cls in (("spread", SpreadGrad32), ("wrong", type("WrongGrad", (ToyGrad32,), {"gain": 1.01}))):
             backends = {"reference": ToyGradScaled(None, weights), name: cls(None, weights)}
             results[bool(floor), name] = run_parity(

@@ -129,6 +129,7 @@ def test_statistic_tolerances_follow_the_elementwise_model(tmp_path):
         (FAMILIES + CUDA + 'normwise_floor = { "grad.*.kernel" = 2.0 }\n', r"key 'grad\.\*\.kernel' must be at most 1"),
         (FAMILIES + CUDA + 'normwise_floor = { "grad.*.kernel" = -1e-3 }\n', r"'grad\.\*\.kernel' must be a finite"),
         (FAMILIES + CUDA + 'normwise_floor = { "grad.*.kernl" = 1e-3 }\n', r"pattern 'grad\.\*\.kernl' matches no tap"),
+        (FAMILIES + '[profiles.cpu]\nnormwise_floor = { "grad.*.kernel" = 1e-3 }\n', r"unknown key 'normwise_floor'"),
     ],
 )
 def test_bad_files_rejected_with_location(tmp_path, text, message):
@@ -202,6 +203,10 @@ def test_a_normwise_floor_holds_a_tap_s_scales_at_a_fraction_of_their_largest_on
     above = S >= 1e-3 * S.max()
     assert np.all(floored[name] >= 1e-3 * S.max()) and np.array_equal(floored[name][above], S[above])
     assert cpu.floored_scales(scales)[name] is S
+    # one non-finite element does not carry the whole tap with it
+    broken = S.copy()
+    broken.flat[0] = np.inf
+    assert np.isinf(cuda.floored_scales({name: broken})[name]).sum() == 1
 
     def passes(tol, got, s):
         return bool(np.all(np.abs(got - want) <= tol.atol(name, s) + tol.rtol() * np.abs(want)))
