@@ -144,11 +144,15 @@ class Tolerances:
         """The error scales the comparisons use: each tap's S_i held at least η times its largest
         over the batch where the profile names a normwise floor for it, the others as they are."""
         out = dict(scales)
+        if not self.normwise_floors:  # the CPU's case: no pass over any tap
+            return out
         for tap, s in scales.items():
             eta = self.normwise_floor(tap)
+            if eta <= 0.0:
+                continue
             arr = np.asarray(s, dtype=np.float64)
             finite = arr[np.isfinite(arr)]
-            if eta > 0.0 and finite.size:  # one inf must not lift every element to inf
+            if finite.size:  # one inf must not lift every element to inf
                 out[tap] = np.maximum(arr, eta * float(np.max(finite)))
         return out
 
