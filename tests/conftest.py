@@ -37,6 +37,30 @@ def pytest_collection(session: pytest.Session):
             gc.enable()
 
 
+@pytest.fixture(scope="session")
+def numba_compiler() -> None:
+    """numba's modules that a compile imports lazily, imported: tests that run inner sessions
+    in-process (pytester) take this before pytester's snapshot of sys.modules. pytester drops every
+    module an inner session imported first, numba's registries keep what those modules registered,
+    and the next compile imports them again and fails ("duplicate registration"; one CI run, where
+    the kernels came from numba's disk cache and an inner session compiled a new signature).
+    A throwaway function, never cached, of the kinds of arguments the kernels take."""
+    from numba import njit
+
+    @njit(cache=False, nogil=True)
+    def throwaway(a, b, optional, x):
+        total = 0.0
+        for i in range(a.size):
+            total += a[i] * x + abs(b[i])
+            if optional is not None:
+                total += optional[i]
+        return total, np.zeros(2)
+
+    values = np.ones(2)
+    throwaway(values.astype(np.float32), values.astype(np.complex64), None, 1.0)
+    throwaway(values, values, values, 1.0)
+
+
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto` (pyproject's addopts): a worker per core, at most four. Each worker holds both
     frameworks (about 2.6 GB at its peak, benchmarks/README.md), and the suite's longest tests, the

@@ -49,7 +49,7 @@ def test_small(parity_run, parity_baseline):
 
 
 @pytest.fixture(scope="module")
-def warm(tmp_path_factory):
+def warm(tmp_path_factory, numba_compiler):
     """Import every framework and lazily loaded module before pytester takes its snapshot of sys.modules."""
     result = run(RunSpec(config=CONFIG, batch_size=1, max_groups=1))
     write_reports(result, tmp_path_factory.mktemp("warm"))

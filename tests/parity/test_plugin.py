@@ -23,7 +23,7 @@ REPORT_FILES = {"report.json", "report.md", "report.html", "statistics.npz"}
 
 
 @pytest.fixture(scope="module")
-def warm(tmp_path_factory):
+def warm(tmp_path_factory, numba_compiler):
     config = ModelConfig(gridsize=1, probe_big=False)
     result = run(RunSpec(config=config, backends=["reference"], batch_size=1, max_groups=1))
     write_reports(result, tmp_path_factory.mktemp("warm"))
