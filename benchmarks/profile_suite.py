@@ -28,7 +28,7 @@ PARTS = [
     ("baselines: read and compared", ("check_baselines",)),
     ("reports: JSON, HTML, Markdown, statistics", ("write_reports",)),
     ("elementwise comparisons", ("ElementwiseComparison", "compare.py")),
-    ("statistics and their tolerances", ("stats.py", "statistic_tolerances")),
+    ("statistics and their tolerances", ("stats.py", "statistics_with_tolerances")),
     ("building the backends", ("instantiate ",)),
     ("importing the frameworks", ("import_framework",)),
     ("the rest of the parity runs", ("run_parity ",)),

@@ -37,7 +37,7 @@ def baseline_arrays(stats: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, 
     One key per tap rather than per statistic: an npz member costs ~200 bytes of zip headers, which
     for 18 statistics x 60 taps would outweigh the data. Every backend's statistics are stored as
     float32, the reference's too: that rounding (u = 6e-8 of each statistic) is part of every
-    statistic's tolerance (``Tolerances.statistic_tolerances``), far below what any float32 backend is
+    statistic's tolerance (``Tolerances.statistics_with_tolerances``), far below what any float32 backend is
     allowed, and it keeps the suite's committed baselines under 10 MB.
     """
     out: dict[str, np.ndarray] = {}
@@ -175,7 +175,7 @@ def compare_to_baseline(
     """One vs_baseline comparison per (tap, statistic); missing or extra ones fail by name.
 
     ``bounds`` ({tap: {statistic: per-patch tolerance}}) come from the tolerance model
-    (``Tolerances.statistic_tolerances``). The current values are rounded to the stored dtype first,
+    (``Tolerances.statistics_with_tolerances``). The current values are rounded to the stored dtype first,
     as they would be stored."""
     stored = _rows(stored_arrays)
     out = []

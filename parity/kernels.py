@@ -5,9 +5,9 @@
 factor, an error histogram...). In NumPy each is a pass over the tap, some two or three: about thirty
 passes a comparison, most of the harness's time. Here one loop reads each element once and keeps them
 all; the first index of each maximum wins, as ``np.argmax`` would pick it, so results do not depend on
-how a tap is split. ``row_statistics`` and ``row_tolerance_moments`` are ``parity.stats``'s, for real
-taps: the patch statistics, and what their bounds are made of, each without a temporary the size of
-the tap.
+how a tap is split. ``row_statistics`` is ``parity.stats``'s, for real taps (and complex taps'
+amplitudes): the patch statistics and, in the same read of each element, what their bounds are made
+of, without a temporary the size of the tap.
 
 Imported on first use only: numba's import and the compilation (cached on disk after the first run)
 are not paid by ``import parity`` or by a command that compares nothing.
@@ -175,13 +175,16 @@ def scan(a: Any, b: Any, atol: Any, times: float, rtol: float, factor: float, hi
 
 
 @njit(cache=True, nogil=True)
-def row_statistics(rows: Any) -> Any:
-    """(P, 9) float64: per row of real ``rows``, in ``parity.stats.STATISTICS`` order, mean, std,
-    var_zero_mean, min, max, mean_abs, l2, nan_count, inf_count. The variance takes a second pass
-    over the row's deviations from its mean (no cancellation of squares); a NaN anywhere in a row
-    makes its min and max NaN, as ``np.min`` would."""
+def row_statistics(rows: Any, scale: Any, scale_coeff: float, value_coeff: float) -> Any:
+    """(P, 13) float64: per row of real ``rows``, in ``parity.stats.STATISTICS`` order, mean, std,
+    var_zero_mean, min, max, mean_abs, l2, nan_count, inf_count; then the mean, root mean square,
+    maximum and 2-norm of the elementwise tolerance t = scale_coeff·scale + value_coeff·|rows|
+    (``scale`` of the same shape, or None: those four are then zero), which every bound of a real
+    statistic is made of. One read of each element serves both, and t is never an array. The
+    variance takes a second pass over the row's deviations from its mean (no cancellation of
+    squares); a NaN anywhere in a row makes its min and max NaN, as ``np.min`` would."""
     p, k = rows.shape
-    out = np.empty((p, 9), np.float64)
+    out = np.zeros((p, 13), np.float64)
     for r in range(p):
         total = 0.0
         total_abs = 0.0
@@ -190,10 +193,14 @@ def row_statistics(rows: Any) -> Any:
         hi = -math.inf
         nans = 0
         infs = 0
+        t_total = 0.0
+        t_squares = 0.0
+        t_hi = 0.0
         for j in range(k):
             x = rows[r, j] * 1.0
+            magnitude = abs(x)
             total += x
-            total_abs += abs(x)
+            total_abs += magnitude
             squares += x * x
             lo = min(lo, x)
             hi = max(hi, x)
@@ -201,6 +208,14 @@ def row_statistics(rows: Any) -> Any:
                 nans += 1
             elif math.isinf(x):
                 infs += 1
+            if scale is not None:
+                t = scale_coeff * scale[r, j]
+                if value_coeff != 0.0:
+                    t += value_coeff * magnitude
+                t_total += t
+                t_squares += t * t
+                if t > t_hi or math.isnan(t):
+                    t_hi = t
         mean = total / k
         deviations = 0.0
         for j in range(k):
@@ -219,30 +234,9 @@ def row_statistics(rows: Any) -> Any:
         out[r, 6] = math.sqrt(squares)
         out[r, 7] = nans
         out[r, 8] = infs
-    return out
-
-
-@njit(cache=True, nogil=True)
-def row_tolerance_moments(scale: Any, scale_coeff: float, values: Any, value_coeff: float) -> Any:
-    """(P, 4) float64: per row, the mean, root mean square, maximum and 2-norm of the elementwise
-    tolerance t = scale_coeff·scale + value_coeff·|values| (rows of the same shape), without
-    materialising t: what every bound of a real statistic is made of (``parity.stats``)."""
-    p, k = values.shape
-    out = np.empty((p, 4), np.float64)
-    for r in range(p):
-        total = 0.0
-        squares = 0.0
-        hi = 0.0
-        for j in range(k):
-            t = scale_coeff * scale[r, j]
-            if value_coeff != 0.0:
-                t += value_coeff * abs(values[r, j] * 1.0)
-            total += t
-            squares += t * t
-            if t > hi or math.isnan(t):
-                hi = t
-        out[r, 0] = total / k
-        out[r, 1] = math.sqrt(squares / k)
-        out[r, 2] = hi
-        out[r, 3] = math.sqrt(squares)
+        if scale is not None:
+            out[r, 9] = t_total / k
+            out[r, 10] = math.sqrt(t_squares / k)
+            out[r, 11] = t_hi
+            out[r, 12] = math.sqrt(t_squares)
     return out

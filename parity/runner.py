@@ -27,7 +27,7 @@ from parity.deviations import NOT_REPRODUCED, Deviation, DeviationLedger
 from parity.errors import ParityInputError
 from parity.interrupt import check as check_interrupt
 from parity.stages import Stage
-from parity.stats import StatsAccumulator, patch_statistics, summarise
+from parity.stats import StatsAccumulator, summarise
 from parity.taps import GRAD, TapSelection, TapSpec
 from parity.tolerances import ConfigLike, Tolerances, config_values, magnitude_scale
 from parity.verdict import decide
@@ -455,9 +455,8 @@ def run_parity(
                 acc.add(xa, xb, s, times=per_scale)
             for n, arr in present.items():
                 s = _fitting_scale(scale, arr)
-                patch_stats[n][tap] = patch_statistics(arr)  # once: for the bounds and the accumulator
-                bounds[n][tap] = tolerances.statistic_tolerances(
-                    tap, arr, s, backends[n].precision, statistics=patch_stats[n][tap]
+                patch_stats[n][tap], bounds[n][tap] = tolerances.statistics_with_tolerances(
+                    tap, arr, s, backends[n].precision
                 )
             if batch_index == 0:
                 for n, arr in present.items():

@@ -41,12 +41,21 @@ def _rows(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rows)
 
 
-def _real_patch_stats(flat: np.ndarray) -> dict[str, np.ndarray]:
-    """Statistics of (P, K) real data, one row per patch, computed in float64 (one compiled pass,
-    and a second for the deviations from the mean)."""
+def _row_columns(
+    flat: np.ndarray, scale: np.ndarray | None = None, scale_coeff: float = 0.0, value_coeff: float = 0.0
+) -> np.ndarray:
+    """(P, 13) ``parity.kernels.row_statistics`` of (P, K) real rows, a block of rows per core: the
+    statistics, computed in float64, and (with ``scale``) the moments of t = scale_coeff·scale +
+    value_coeff·|rows| their bounds are made of, from one read of the rows."""
     from parity.kernels import by_row_blocks, row_statistics
 
-    columns = by_row_blocks(lambda rows: row_statistics(flat[rows]), *flat.shape)
+    def block(rows: slice) -> np.ndarray:
+        return np.asarray(row_statistics(flat[rows], None if scale is None else scale[rows], scale_coeff, value_coeff))
+
+    return by_row_blocks(block, *flat.shape)
+
+
+def _real_patch_stats(columns: np.ndarray) -> dict[str, np.ndarray]:
     # var_zero_mean: the PtychoPINN team's "zero-mean variance", the mean squared deviation from the
     # patch mean. Numerically the population variance; kept under its own name because that is what
     # they read.
@@ -90,19 +99,29 @@ def patch_statistics(tap: np.ndarray) -> dict[str, np.ndarray]:
     """{statistic: (patches,) float64} for one tap of shape (B, C, H, W) (any leading dims)."""
     arr = np.asarray(tap)
     if not np.iscomplexobj(arr):
-        return _real_patch_stats(_rows(arr))
-    # One C-ordered complex128 copy; the reshape is then free even for transposed taps.
-    patches = _flat(np.asarray(arr, dtype=np.complex128, order="C"))
+        return _real_patch_stats(_row_columns(_rows(arr)))
+    patches = _complex_rows(arr)
     amplitude = np.abs(patches)
-    out = {f"amplitude.{k}": v for k, v in _real_patch_stats(amplitude).items()}
-    stats = _masked_patch_stats(phase(patches), amplitude != 0)  # NaN amplitude stays included
+    return _complex_patch_stats(patches, amplitude, _row_columns(amplitude))
+
+
+def _complex_rows(arr: np.ndarray) -> np.ndarray:
+    # One C-ordered complex128 copy; the reshape is then free even for transposed taps.
+    return _flat(np.asarray(arr, dtype=np.complex128, order="C"))
+
+
+def _complex_patch_stats(patches: np.ndarray, amplitude: np.ndarray, columns: np.ndarray) -> dict[str, np.ndarray]:
+    """Amplitude statistics from the amplitude's ``_row_columns``, phase statistics over the pixels
+    whose amplitude is not zero (a NaN amplitude stays included)."""
+    out = {f"amplitude.{k}": v for k, v in _real_patch_stats(columns).items()}
+    stats = _masked_patch_stats(phase(patches), amplitude != 0)
     out.update({f"phase.{k}": v for k, v in stats.items()})
     return out
 
 
 def _real_bounds(moments: np.ndarray) -> dict[str, np.ndarray]:
     """How far each statistic of a row moves when every element moves by at most t, from t's
-    per-row (mean, rms, max, 2-norm) (``parity.kernels.row_tolerance_moments``)."""
+    per-row (mean, rms, max, 2-norm) (``parity.kernels.row_statistics``' last four columns)."""
     mean, rms, top, l2 = (np.ascontiguousarray(moments[:, i]) for i in range(4))
     return {
         "mean": mean,
@@ -153,39 +172,40 @@ def _finite_or_zero(x: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(x), x, 0.0)
 
 
-def perturbation_bounds(
+def patch_statistics_and_bounds(
     tap: np.ndarray,
     tol: np.ndarray,
     rounding: float = 0.0,
-    statistics: Mapping[str, np.ndarray] | None = None,
     *,
     times: float = 1.0,
     proportional: float = 0.0,
-) -> dict[str, np.ndarray]:
-    """{statistic: (patches,)}: how much each statistic of ``tap`` can change when every element
-    changes by at most ``times·tol`` (``tol`` broadcastable to the tap) plus ``proportional`` times its
-    own modulus, plus ``rounding`` times the statistic (the rounding of storing it). Counts must match
-    exactly (COUNT_TOLERANCE). ``statistics``: ``patch_statistics(tap)`` when the caller has them
-    already (the runner computes them once per tap and backend)."""
-    from parity.kernels import by_row_blocks, row_tolerance_moments
-
-    def moments(t: np.ndarray, t_times: float, values: np.ndarray, per_value: float) -> np.ndarray:
-        return by_row_blocks(lambda rows: row_tolerance_moments(t[rows], t_times, values[rows], per_value), *t.shape)
-
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``patch_statistics(tap)``, and {statistic: (patches,)}: how much each can change when every
+    element changes by at most ``times·tol`` (``tol`` broadcastable to the tap) plus ``proportional``
+    times its own modulus, plus ``rounding`` times the statistic (the rounding of storing it). Counts
+    must match exactly (COUNT_TOLERANCE). Both from one read of the tap: the runner needs both for
+    every tap of every backend, and reading the tap twice was a third of the statistics' cost."""
     arr = np.asarray(tap)
-    stats = patch_statistics(arr) if statistics is None else statistics
     t = _rows(np.broadcast_to(np.asarray(tol, dtype=np.float64), arr.shape))
     if np.iscomplexobj(arr):
-        z = _flat(np.asarray(arr, dtype=np.complex128))
-        t = times * t + proportional * np.abs(z)
-        parts = {"amplitude": _real_bounds(moments(t, 1.0, t, 0.0)), "phase": _phase_bounds(z, t)}
+        patches = _complex_rows(arr)
+        amplitude = np.abs(patches)
+        columns = _row_columns(amplitude, t, times, proportional)
+        stats = _complex_patch_stats(patches, amplitude, columns)
+        t = times * t
+        if proportional != 0.0:
+            t += proportional * amplitude
+        parts = {"amplitude": _real_bounds(columns[:, 9:]), "phase": _phase_bounds(patches, t)}
     else:
-        parts = {"": _real_bounds(moments(t, times, _rows(arr), proportional))}
+        columns = _row_columns(_rows(arr), t, times, proportional)
+        stats = _real_patch_stats(columns)
+        parts = {"": _real_bounds(columns[:, 9:])}
     out: dict[str, np.ndarray] = {}
     for prefix, bounds in parts.items():
         names = {s: f"{prefix}.{s}" if prefix else s for s in STATISTICS}
         std = _finite_or_zero(stats[names["std"]])
-        bounds["var_zero_mean"] = bounds["var_zero_mean"] + 2.0 * std * np.sqrt(bounds["var_zero_mean"])
+        with np.errstate(invalid="ignore"):  # 0·inf where a row holds an inf: NaN, made 0 below as before
+            bounds["var_zero_mean"] = bounds["var_zero_mean"] + 2.0 * std * np.sqrt(bounds["var_zero_mean"])
         if prefix == "phase":
             bounds["var_zero_mean"] = np.minimum(bounds["var_zero_mean"], math.pi**2)
         for s, name in names.items():
@@ -194,7 +214,14 @@ def perturbation_bounds(
                 continue
             b = bounds[s] + rounding * np.abs(_finite_or_zero(stats[name]))
             out[name] = np.where(np.isnan(b), 0.0, b)  # b >= 0: only a NaN needs a value
-    return {k: out[k] for k in stats}
+    return stats, {k: out[k] for k in stats}
+
+
+def perturbation_bounds(
+    tap: np.ndarray, tol: np.ndarray, rounding: float = 0.0, *, times: float = 1.0, proportional: float = 0.0
+) -> dict[str, np.ndarray]:
+    """The bounds of ``patch_statistics_and_bounds``, for a caller that has no use for the statistics."""
+    return patch_statistics_and_bounds(tap, tol, rounding, times=times, proportional=proportional)[1]
 
 
 class StatsAccumulator:

@@ -20,7 +20,7 @@ One rule everywhere (:data:`parity.compare.RULE`): an element passes when
 Backend vs backend allows ``pair_factor`` times the atol (both sides carry float32 error).
 Statistics vs a baseline allow ``baseline_factor`` times the elementwise tolerance of the backend's
 own values (the baseline and the run may come from two machines, each within its tolerance), carried
-through each statistic by :func:`parity.stats.perturbation_bounds`. The ``cuda`` profile multiplies
+through each statistic by :func:`parity.stats.patch_statistics_and_bounds`. The ``cuda`` profile multiplies
 every factor by ``device_factor``, and may hold the scales of some taps at least η times their
 largest (``normwise_floor``, pattern = η): cuDNN's weight-gradient algorithms spread rounding over a
 whole kernel, so an element whose own products are tiny still carries a share of its largest ones'
@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from parity.errors import ToleranceError
-from parity.stats import perturbation_bounds
+from parity.stats import patch_statistics_and_bounds
 from parity.taps import all_tap_names
 
 SCHEMA_VERSION = 2
@@ -168,26 +168,21 @@ class Tolerances:
         """Elementwise atol for comparing ``tap`` (``scale``: the error scale S, broadcastable)."""
         return np.asarray(scale, dtype=np.float64) * self.atol_per_scale(tap, pair=pair, precision=precision)
 
-    def statistic_tolerances(
-        self,
-        tap: str,
-        values: np.ndarray,
-        scale: np.ndarray,
-        precision: str | None,
-        statistics: Mapping[str, np.ndarray] | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Per-patch tolerances of every statistic of ``values`` against a baseline of the same backend.
+    def statistics_with_tolerances(
+        self, tap: str, values: np.ndarray, scale: np.ndarray, precision: str | None
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The patch statistics of ``values``, and the per-patch tolerance of each against a
+        baseline of the same backend (one read of the tap for both).
 
         The baseline and this run may come from two machines, each within the elementwise tolerance
         of the exact values, hence ``baseline_factor``. Baselines are stored in float32, which rounds
         each statistic once more.
         """
-        return perturbation_bounds(
+        return patch_statistics_and_bounds(
             values,
             scale,
             times=self.baseline_factor * self.atol_per_scale(tap, precision=precision),
             rounding=UNIT_ROUNDOFF["float32"],
-            statistics=statistics,
             proportional=self.baseline_factor * self.rtol(precision),
         )
 

@@ -120,23 +120,33 @@ def test_phase_bounds_are_tight_where_the_amplitude_is_large():
     assert b["phase.mean"][0] < 2e-6 and b["phase.max"][0] < 2e-6  # asin(1e-6) per pixel, not π
 
 
-def test_statistics_handed_in_are_used_as_computed_here():
-    """The runner computes each tap's statistics once and hands them to both the bounds and the
-    accumulator: the results are those of computing them again."""
-    from parity.stats import StatsAccumulator, patch_statistics, perturbation_bounds
+def test_statistics_read_with_their_bounds_are_those_read_alone():
+    """The runner takes a tap's statistics and their bounds from one read of it: the statistics are
+    those ``patch_statistics`` gives bit for bit, NaN and inf rows included, and the bounds follow
+    ``times·tol + proportional·|v|`` as if that tolerance had been made into an array."""
+    from parity.stats import patch_statistics, patch_statistics_and_bounds, perturbation_bounds
 
     rng = np.random.default_rng(7)
-    taps = {"real": rng.normal(size=(2, 3, 4, 4)), "cplx": rng.normal(size=(2, 1, 4, 4)) * np.exp(1j * rng.normal())}
-    known = {name: patch_statistics(v) for name, v in taps.items()}
-    again, handed = StatsAccumulator(), StatsAccumulator()
-    again.add(taps)
-    handed.add(taps, statistics=known)
-    for name, tap in taps.items():
-        for stat, values in again.result()[name].items():
-            np.testing.assert_array_equal(handed.result()[name][stat], values)
-        tol = np.full(tap.shape, 1e-3)
-        for stat, values in perturbation_bounds(tap, tol, 1e-7).items():
-            np.testing.assert_array_equal(perturbation_bounds(tap, tol, 1e-7, statistics=known[name])[stat], values)
+    real = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
+    real[0, 1, 2, 3] = np.nan
+    real[1, 2, 0, 0] = np.inf
+    cplx = rng.normal(size=(2, 1, 4, 4)) * np.exp(1j * rng.normal(size=(2, 1, 4, 4)))
+    cplx[0, 0, 0] = 0
+    for tap in (real, cplx):
+        scale = np.abs(rng.normal(size=tap.shape)) + 0.1
+        stats, bounds = patch_statistics_and_bounds(tap, scale, 1e-7, times=2.0**-20, proportional=3e-6)
+        alone = patch_statistics(tap)
+        assert list(stats) == list(alone) == list(bounds)
+        for name, values in alone.items():
+            np.testing.assert_array_equal(stats[name], values, err_msg=name)
+        as_array = perturbation_bounds(tap, scale * 2.0**-20 + 3e-6 * np.abs(tap.astype(np.complex128)), 1e-7)
+        for name, values in as_array.items():
+            np.testing.assert_allclose(bounds[name], values, rtol=1e-12, atol=0, err_msg=name)
+    # a bound that reads the tolerance: doubling it doubles the bound of the mean
+    doubled = patch_statistics_and_bounds(real, 2 * scale[..., :1].real, times=1.0)[1]["mean"]
+    single = patch_statistics_and_bounds(real, scale[..., :1].real, times=1.0)[1]["mean"]
+    finite = np.isfinite(patch_statistics(real)["mean"])
+    np.testing.assert_allclose(doubled[finite], 2 * single[finite], rtol=1e-12)
 
 
 @pytest.mark.parametrize("is_complex", [False, True])
@@ -144,7 +154,7 @@ def test_large_taps_split_into_row_blocks_give_the_whole_tap_result(monkeypatch,
     """Statistics and bounds of a large tap run a block of rows per core: where a block ends, and a
     tolerance given as a scale times a coefficient (how the runner gives it), change no number."""
     from parity import kernels
-    from parity.stats import patch_statistics, perturbation_bounds
+    from parity.stats import patch_statistics, patch_statistics_and_bounds, perturbation_bounds
 
     rng = np.random.default_rng(11)
     values = rng.normal(size=(3, 5, 6, 7))
@@ -156,7 +166,10 @@ def test_large_taps_split_into_row_blocks_give_the_whole_tap_result(monkeypatch,
     def run(chunk: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         monkeypatch.setattr(kernels, "CHUNK", chunk)
         stats = patch_statistics(values)
-        return stats, perturbation_bounds(values, scale, 1e-7, times=2.0**-20, proportional=3e-6)
+        with_bounds = patch_statistics_and_bounds(values, scale, 1e-7, times=2.0**-20, proportional=3e-6)
+        for name, want in stats.items():
+            np.testing.assert_array_equal(with_bounds[0][name], want, err_msg=name)
+        return stats, with_bounds[1]
 
     (whole_stats, whole_bounds), (blocked_stats, blocked_bounds) = run(1 << 20), run(100)
     assert len(kernels.row_blocks(15, 42)) == 8  # 100 elements: two rows a block

@@ -97,8 +97,9 @@ def test_statistic_tolerances_follow_the_elementwise_model(tmp_path):
     rng = np.random.default_rng(3)
     values = rng.normal(size=(2, 2, 4, 4))
     scale = np.abs(values) + 1.0
-    bounds = tol.statistic_tolerances("object.canvas", values, scale, "float32")
-    assert set(bounds) == set(stat_names(False))
+    stats, bounds = tol.statistics_with_tolerances("object.canvas", values, scale, "float32")
+    assert set(bounds) == set(stat_names(False)) == set(stats)
+    np.testing.assert_allclose(stats["mean"], values.reshape(4, 16).mean(axis=1), rtol=1e-12)
     t = 2.0 * (30.0 * U * scale + 4.0 * U * np.abs(values))  # baseline_factor x (atol + rtol|v|)
     flat = values.reshape(4, 16)
     # Each bound is the statistic's response to t, plus one float32 rounding of the stored statistic.
