@@ -6,7 +6,7 @@ backend and stored as regression baselines. Complex taps are described by their 
 
 The phase of an exact zero is meaningless (and ``np.angle`` turns the sign of a zero into ±π), so
 phase statistics run over the pixels whose amplitude is not zero, after signed zeros are made
-positive. :func:`perturbation_bounds` says how much each statistic can change when every element
+positive. :func:`patch_statistics_and_bounds` says how much each statistic can change when every element
 moves by at most its tolerance: that is what a statistic baseline is allowed to drift between
 machines, derived from the same elementwise model as every other comparison.
 """
@@ -215,13 +215,6 @@ def patch_statistics_and_bounds(
             b = bounds[s] + rounding * np.abs(_finite_or_zero(stats[name]))
             out[name] = np.where(np.isnan(b), 0.0, b)  # b >= 0: only a NaN needs a value
     return stats, {k: out[k] for k in stats}
-
-
-def perturbation_bounds(
-    tap: np.ndarray, tol: np.ndarray, rounding: float = 0.0, *, times: float = 1.0, proportional: float = 0.0
-) -> dict[str, np.ndarray]:
-    """The bounds of ``patch_statistics_and_bounds``, for a caller that has no use for the statistics."""
-    return patch_statistics_and_bounds(tap, tol, rounding, times=times, proportional=proportional)[1]
 
 
 class StatsAccumulator:

@@ -73,6 +73,12 @@ def test_phase_statistics_skip_zero_amplitude_and_signed_zeros():
     assert all(zero[f"phase.{k}"][0] == 0 for k in STATISTICS)
 
 
+def _bounds(tap, tol, rounding=0.0, **coefficients):
+    from parity.stats import patch_statistics_and_bounds
+
+    return patch_statistics_and_bounds(tap, tol, rounding, **coefficients)[1]
+
+
 def _perturbed_stat_changes(values, tol, rng, trials=20):
     """Largest change of every statistic over random perturbations within the tolerance."""
     base = patch_statistics(values)
@@ -95,7 +101,6 @@ def _perturbed_stat_changes(values, tol, rng, trials=20):
 def test_perturbation_bounds_hold_for_perturbations_within_tolerance(is_complex, seed, proportional):
     """Also with the tolerance given as a part plus a multiple of each element's modulus (how the
     baselines' tolerances are given: atol_i + rtol·|v_i|, never made into an array)."""
-    from parity.stats import perturbation_bounds
 
     rng = np.random.default_rng(seed)
     shape = (2, 3, 5, 5)
@@ -104,7 +109,7 @@ def test_perturbation_bounds_hold_for_perturbations_within_tolerance(is_complex,
         values = values * np.exp(1j * rng.uniform(-np.pi, np.pi, size=shape))
         values[0, 0, :2] = 0  # zero amplitude: excluded from phase statistics
     tol = np.abs(values) * 10 ** rng.uniform(-4, -1) + 1e-3 * rng.uniform(size=shape)
-    bounds = perturbation_bounds(values, tol, proportional=proportional)
+    bounds = _bounds(values, tol, proportional=proportional)
     worst = _perturbed_stat_changes(values, tol + proportional * np.abs(values), rng)
     for k, b in bounds.items():
         assert np.all(worst[k] <= b * (1 + 1e-9) + 1e-12), (k, worst[k], b)
@@ -113,10 +118,9 @@ def test_perturbation_bounds_hold_for_perturbations_within_tolerance(is_complex,
 
 
 def test_phase_bounds_are_tight_where_the_amplitude_is_large():
-    from parity.stats import perturbation_bounds
 
     z = 3.0 * np.exp(1j * np.linspace(-1, 1, 16)).reshape(1, 1, 4, 4)
-    b = perturbation_bounds(z, np.full(z.shape, 3e-6))
+    b = _bounds(z, np.full(z.shape, 3e-6))
     assert b["phase.mean"][0] < 2e-6 and b["phase.max"][0] < 2e-6  # asin(1e-6) per pixel, not π
 
 
@@ -124,7 +128,7 @@ def test_statistics_read_with_their_bounds_are_those_read_alone():
     """The runner takes a tap's statistics and their bounds from one read of it: the statistics are
     those ``patch_statistics`` gives bit for bit, NaN and inf rows included, and the bounds follow
     ``times·tol + proportional·|v|`` as if that tolerance had been made into an array."""
-    from parity.stats import patch_statistics, patch_statistics_and_bounds, perturbation_bounds
+    from parity.stats import patch_statistics, patch_statistics_and_bounds
 
     rng = np.random.default_rng(7)
     real = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
@@ -139,7 +143,7 @@ def test_statistics_read_with_their_bounds_are_those_read_alone():
         assert list(stats) == list(alone) == list(bounds)
         for name, values in alone.items():
             np.testing.assert_array_equal(stats[name], values, err_msg=name)
-        as_array = perturbation_bounds(tap, scale * 2.0**-20 + 3e-6 * np.abs(tap.astype(np.complex128)), 1e-7)
+        as_array = _bounds(tap, scale * 2.0**-20 + 3e-6 * np.abs(tap.astype(np.complex128)), 1e-7)
         for name, values in as_array.items():
             np.testing.assert_allclose(bounds[name], values, rtol=1e-12, atol=0, err_msg=name)
     # a bound that reads the tolerance: doubling it doubles the bound of the mean
@@ -154,7 +158,7 @@ def test_large_taps_split_into_row_blocks_give_the_whole_tap_result(monkeypatch,
     """Statistics and bounds of a large tap run a block of rows per core: where a block ends, and a
     tolerance given as a scale times a coefficient (how the runner gives it), change no number."""
     from parity import kernels
-    from parity.stats import patch_statistics, patch_statistics_and_bounds, perturbation_bounds
+    from parity.stats import patch_statistics, patch_statistics_and_bounds
 
     rng = np.random.default_rng(11)
     values = rng.normal(size=(3, 5, 6, 7))
@@ -173,7 +177,7 @@ def test_large_taps_split_into_row_blocks_give_the_whole_tap_result(monkeypatch,
 
     (whole_stats, whole_bounds), (blocked_stats, blocked_bounds) = run(1 << 20), run(100)
     assert len(kernels.row_blocks(15, 42)) == 8  # 100 elements: two rows a block
-    product = perturbation_bounds(values, scale * 2.0**-20, 1e-7, proportional=3e-6)
+    product = _bounds(values, scale * 2.0**-20, 1e-7, proportional=3e-6)
     for name, want in whole_stats.items():
         np.testing.assert_array_equal(blocked_stats[name], want, err_msg=name)
         np.testing.assert_array_equal(blocked_bounds[name], whole_bounds[name], err_msg=name)
