@@ -62,27 +62,21 @@ BAND = 1024.0
 NLL_FLOOR = physics.NLL_FLOOR
 
 
-def conv_scale(x: Array, s_x: Array, kernel: Array, bias: Array) -> Array:
+def conv_scale(x: Array, s_x: Array, kernel: Array, bias: Array, gated: bool = False) -> Array:
     """S of z = W∗x + b: sqrt((W²)∗(S_x² + x²) + b²).
 
     The squared fields are rescaled per sample to a maximum of 1 and convolved in float32: the result
     is an error estimate, so float32 is plenty, it halves the cost, and the rescaling keeps squares
-    of large or tiny values inside float32's range.
+    of large or tiny values inside float32's range. ``gated``: x is a ReLU output whose active units
+    alone pass their error on, the same as passing ``relu_pass_on(x, s_x)`` without making it. The
+    elementwise work on either side of the product runs compiled (``fused``).
     """
-    # In place where it can be: these are full-size float64 fields, and each temporary is a pass.
-    q = s_x * s_x
-    q += x * x
-    peak = q.reshape(q.shape[0], -1).max(axis=1)
-    peak = np.where(peak > 0, peak, 1.0)[:, None, None, None]
-    scaled = np.divide(q, peak, out=np.empty(q.shape, np.float32), casting="same_kind")
-    del q
+    from backends.reference import fused
+
+    scaled, peak = fused.scaled_squares(x, s_x, gated)
     k2 = (kernel.astype(np.float64) ** 2).astype(np.float32)
     acc = conv2d(scaled, k2, np.zeros(kernel.shape[-1], dtype=np.float32), dtype=np.float32)
-    out: Array = np.multiply(acc, peak)
-    out += (bias * bias)[None, :, None, None]
-    np.sqrt(out, out=out)
-    out += TINY
-    return out
+    return fused.finished_scale(acc, peak, bias * bias, TINY)
 
 
 def relu_pass_on(value: Array, s: Array) -> Array:

@@ -368,21 +368,16 @@ class ReferenceModel:
         S["loss.mae"] = em.mae_scale(amp_out, enter(amp_out, S["output.amplitude"]), x_in)
         return em.as_scales({name: S[name] for name in taps})
 
-    @staticmethod
-    def _conv_scales(conv: Conv, x: Array, s_x: Array, S: dict[str, Array]) -> Array:
-        s = em.conv_scale(x, s_x, conv.kernel, conv.bias)
-        S[conv.name] = s
-        return s
-
     def _block_scales(
         self, block: ConvBlock, x: Array, s_x: Array, taps: Mapping[str, Array], S: dict[str, Array]
     ) -> tuple[Array, Array]:
         """Scales of one block's taps; ``s_x`` is the error its input carries, and so is the result's
         second item (the output's error where the output is active, see error_model.relu_pass_on)."""
+        gated = False  # after the first conv, the input is a ReLU output and S its full scale
         for conv in block.convs():
-            s = self._conv_scales(conv, x, s_x, S)
-            x = taps[conv.name]
-            s_x = em.relu_pass_on(x, s)
+            s = em.conv_scale(x, s_x, conv.kernel, conv.bias, gated=gated)
+            S[conv.name] = s
+            x, s_x, gated = taps[conv.name], s, True
         out = taps[f"{block.prefix}.{block.resample_tap}"]
         s_out = em.pool_scale(s) if block.resample_tap == "pool" else em.upsample_scale(s)
         S[f"{block.prefix}.{block.resample_tap}"] = s_out
