@@ -7,7 +7,10 @@ Rows (all measured in this one run, on this machine):
 
 - forward time of each backend at batch ``--batch``, default config (median after one warm-up);
 - reference / TensorFlow forward time (reference / torch when TensorFlow is not among ``--backends``:
-  a GPU machine without TensorFlow still gets a table);
+  a GPU machine without TensorFlow still gets a table): the ratio of the two medians above, and
+  timed back to back, each repeat (at least nine) a TensorFlow forward then a reference forward,
+  the median of those ratios with the lowest and the highest (a parity run alternates backends so;
+  the two rows differ on a machine whose speed moves within a minute, so the table shows both);
 - each backend's gradients of both losses (``Backend.gradients``) at the same batch, and their cost
   in forward passes;
 - harness / bare forwards: a full end-to-end parity run (comparisons, statistics, error scales) of the
@@ -150,12 +153,45 @@ def main() -> int:
     # machine) still leaves every row it finished.
     rows = _Rows()
 
+    def paired(
+        first: Any, second: Any, first_times: list[float] | None = None, repeats: int | None = None
+    ) -> list[float]:
+        """second's time over first's, timed back to back, one ratio a repeat: on a shared machine
+        the speed drifts by more than the harness costs between two separate medians."""
+        first()
+        second()  # warm-up: tracing, caches
+        ratios = []
+        for _ in range(args.repeats if repeats is None else repeats):
+            t0 = time.perf_counter()
+            first()
+            t1 = time.perf_counter()
+            second()
+            ratios.append((time.perf_counter() - t1) / (t1 - t0))
+            if first_times is not None:
+                first_times.append(t1 - t0)
+        return ratios
+
     batch = random_batch(config, args.batch, seed=1)
     forward = {b: timed(lambda be=be: be.forward(batch), args.repeats) for b, be in backends.items()}
     for b, t in forward.items():
         rows.append((f"forward, {b}, batch {args.batch}", f"{t:.3f} s"))
     against = "tensorflow" if "tensorflow" in forward else next(b for b in forward if b != "reference")
-    rows.append((f"reference / {against} forward", f"{forward['reference'] / forward[against]:.2f}"))
+    of_medians = forward["reference"] / forward[against]
+    rows.append((f"reference / {against} forward, from the medians above", f"{of_medians:.2f}"))
+    # Back to back, as the target asks ("side by side"): the two medians above may fall in different
+    # minutes of a machine whose float64 speed moves by half from one minute to the next; at least
+    # nine pairs, and their range, since one pair's ratio may move by a third here.
+    side_by_side = paired(
+        lambda: backends[against].forward(batch),
+        lambda: backends["reference"].forward(batch),
+        repeats=max(args.repeats, 9),
+    )
+    rows.append(
+        (
+            f"reference / {against} forward, back to back: median (lowest to highest) of {len(side_by_side)}",
+            f"{statistics.median(side_by_side):.2f} ({min(side_by_side):.2f} to {max(side_by_side):.2f})",
+        )
+    )
     for b, be in backends.items():
         t = timed(lambda be=be: be.gradients(batch), args.repeats)
         rows.append((f"gradients (both losses), {b}, batch {args.batch}", f"{t:.3f} s = {t / forward[b]:.1f}x forward"))
@@ -199,22 +235,6 @@ def main() -> int:
         per_run.append(sum(in_scales))
 
     bare_times: list[float] = []  # every bare run of over_bare, for the row of their own
-
-    def paired(first: Any, second: Any, first_times: list[float] | None = None) -> list[float]:
-        """second's time over first's, timed back to back, one ratio a repeat: on a shared machine
-        the speed drifts by more than the harness costs between two separate medians."""
-        first()
-        second()  # warm-up: tracing, caches
-        ratios = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            first()
-            t1 = time.perf_counter()
-            second()
-            ratios.append((time.perf_counter() - t1) / (t1 - t0))
-            if first_times is not None:
-                first_times.append(t1 - t0)
-        return ratios
 
     def over_bare(fn: Any) -> list[float]:
         return paired(bare, fn, bare_times)
