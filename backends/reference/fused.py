@@ -24,6 +24,17 @@ import numpy as np
 from numba import njit
 
 
+@njit(cache=True, inline="always")
+def _squares(v: float, e: float, gated: bool) -> float:
+    """q = S² + x² of one element (S counted only where x > 0 when ``gated``), rounded as NumPy's
+    ``q = s * s; q += x * x`` was."""
+    if gated and not v > 0.0:
+        e = 0.0
+    q = e * e
+    q += v * v
+    return q
+
+
 @njit(cache=True, nogil=True)
 def _peaks(x: Any, s: Any, gated: bool) -> Any:
     """Per sample of (B, C, H, W) fields, the largest q = S² + x² (S counted only where x > 0 when
@@ -36,10 +47,7 @@ def _peaks(x: Any, s: Any, gated: bool) -> Any:
         for c in range(C):
             for i in range(H):
                 for j in range(W):
-                    v = x[b, c, i, j]
-                    e = s[b, c, i, j] if (v > 0.0 or not gated) else 0.0
-                    q = e * e
-                    q += v * v
+                    q = _squares(x[b, c, i, j], s[b, c, i, j], gated)
                     if q > peak:
                         peak = q
                     elif math.isnan(q):
@@ -57,10 +65,7 @@ def _scaled(x: Any, s: Any, gated: bool, divisor: Any, out: Any) -> None:
         for c in range(C):
             for i in range(H):
                 for j in range(W):
-                    v = x[b, c, i, j]
-                    e = s[b, c, i, j] if (v > 0.0 or not gated) else 0.0
-                    q = e * e
-                    q += v * v
+                    q = _squares(x[b, c, i, j], s[b, c, i, j], gated)
                     out[b, c, i, j] = np.float32(q / d)
 
 
