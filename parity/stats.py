@@ -102,7 +102,7 @@ def patch_statistics(tap: np.ndarray) -> dict[str, np.ndarray]:
         return _real_patch_stats(_row_columns(_rows(arr)))
     patches = _complex_rows(arr)
     amplitude = np.abs(patches)
-    return _complex_patch_stats(patches, amplitude, _row_columns(amplitude))
+    return _complex_patch_stats(phase(patches), amplitude, _row_columns(amplitude))
 
 
 def _complex_rows(arr: np.ndarray) -> np.ndarray:
@@ -110,11 +110,11 @@ def _complex_rows(arr: np.ndarray) -> np.ndarray:
     return _flat(np.asarray(arr, dtype=np.complex128, order="C"))
 
 
-def _complex_patch_stats(patches: np.ndarray, amplitude: np.ndarray, columns: np.ndarray) -> dict[str, np.ndarray]:
+def _complex_patch_stats(phases: np.ndarray, amplitude: np.ndarray, columns: np.ndarray) -> dict[str, np.ndarray]:
     """Amplitude statistics from the amplitude's ``_row_columns``, phase statistics over the pixels
     whose amplitude is not zero (a NaN amplitude stays included)."""
     out = {f"amplitude.{k}": v for k, v in _real_patch_stats(columns).items()}
-    stats = _masked_patch_stats(phase(patches), amplitude != 0)
+    stats = _masked_patch_stats(phases, amplitude != 0)
     out.update({f"phase.{k}": v for k, v in stats.items()})
     return out
 
@@ -134,16 +134,17 @@ def _real_bounds(moments: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def _phase_bounds(z: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
-    """Bounds of the phase statistics: each phase moves by asin(t/|z|), by 2π where the modulus
-    tolerance reaches the value or the move can cross the ±π cut; a pixel whose zero amplitude might
-    not be zero elsewhere may join the set with any phase."""
-    amplitude = np.abs(z)
+def _phase_bounds(amplitude: np.ndarray, phases: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
+    """Bounds of the phase statistics of z = amplitude·e^{i·phases}: each phase moves by asin(t/|z|),
+    by 2π where the modulus tolerance reaches the value or the move can cross the ±π cut; a pixel
+    whose zero amplitude might not be zero elsewhere may join the set with any phase. Takes the
+    amplitude and phase the statistics were computed from: each is a pass of a transcendental
+    function over the tap, not to be made twice."""
     include = amplitude != 0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ratio = np.where(include, t / np.where(include, amplitude, 1.0), np.inf)
     dphi = np.where(ratio >= 1.0, 2 * math.pi, np.arcsin(np.minimum(ratio, 1.0)))
-    dphi = np.where(np.abs(phase(z)) + dphi > math.pi, 2 * math.pi, dphi)
+    dphi = np.where(np.abs(phases) + dphi > math.pi, 2 * math.pi, dphi)
     dphi = np.where(include, dphi, 0.0)
     unsure = (~include & (t > _TINY32)).sum(axis=1)
     n = np.maximum(include.sum(axis=1), 1)
@@ -190,12 +191,13 @@ def patch_statistics_and_bounds(
     if np.iscomplexobj(arr):
         patches = _complex_rows(arr)
         amplitude = np.abs(patches)
+        phases = phase(patches)
         columns = _row_columns(amplitude, t, times, proportional)
-        stats = _complex_patch_stats(patches, amplitude, columns)
+        stats = _complex_patch_stats(phases, amplitude, columns)
         t = times * t
         if proportional != 0.0:
             t += proportional * amplitude
-        parts = {"amplitude": _real_bounds(columns[:, 9:]), "phase": _phase_bounds(patches, t)}
+        parts = {"amplitude": _real_bounds(columns[:, 9:]), "phase": _phase_bounds(amplitude, phases, t)}
     else:
         columns = _row_columns(_rows(arr), t, times, proportional)
         stats = _real_patch_stats(columns)
