@@ -147,25 +147,23 @@ def _phase_bounds(amplitude: np.ndarray, phases: np.ndarray, t: np.ndarray) -> d
     dphi = np.where(np.abs(phases) + dphi > math.pi, 2 * math.pi, dphi)
     dphi = np.where(include, dphi, 0.0)
     unsure = (~include & (t > _TINY32)).sum(axis=1)
-    n = np.maximum(include.sum(axis=1), 1)
+    included = include.sum(axis=1)
+    n = np.maximum(included, 1)
     joined = 2 * math.pi * unsure
     sq = np.einsum("ij,ij->i", dphi, dphi) + joined * 2 * math.pi
     rms = np.sqrt(sq / n)
-    cap = {"mean": 2 * math.pi, "mean_abs": math.pi, "min": 2 * math.pi, "max": 2 * math.pi, "std": math.pi}
-    out = {
-        "mean": (dphi.sum(axis=1) + joined) / n,
-        "mean_abs": (dphi.sum(axis=1) + joined) / n,
-        "min": np.where(unsure > 0, 2 * math.pi, dphi.max(axis=1, initial=0.0)),
-        "max": np.where(unsure > 0, 2 * math.pi, dphi.max(axis=1, initial=0.0)),
-        "std": rms,
+    moved = (dphi.sum(axis=1) + joined) / n  # the mean's and the mean magnitude's bound, before their caps
+    top = np.where(unsure > 0, 2 * math.pi, dphi.max(axis=1, initial=0.0))
+    return {
+        "mean": np.minimum(moved, 2 * math.pi),
+        "mean_abs": np.minimum(moved, math.pi),
+        "min": np.minimum(top, 2 * math.pi),
+        "max": np.minimum(top, 2 * math.pi),
+        "std": np.minimum(rms, math.pi),
         "var_zero_mean": rms * rms,
-        "l2": np.sqrt(sq),
+        # No phase statistic can move by more than its range.
+        "l2": np.minimum(np.sqrt(sq), math.pi * np.sqrt(included + unsure)),
     }
-    for key, limit in cap.items():
-        out[key] = np.minimum(out[key], limit)
-    # No phase statistic can move by more than its range.
-    out["l2"] = np.minimum(out["l2"], math.pi * np.sqrt(include.sum(axis=1) + unsure))
-    return out
 
 
 def _finite_or_zero(x: np.ndarray) -> np.ndarray:
