@@ -174,6 +174,15 @@ def scan(a: Any, b: Any, atol: Any, times: float, rtol: float, factor: float, hi
     )
 
 
+@njit(cache=True, inline="always")
+def _tolerance(scale: float, magnitude: float, scale_coeff: float, value_coeff: float) -> float:
+    """One element's t = scale_coeff·scale + value_coeff·|x|, rounded as the bounds have always been."""
+    t = scale_coeff * scale
+    if value_coeff != 0.0:
+        t += value_coeff * magnitude
+    return t
+
+
 @njit(cache=True, nogil=True)
 def row_statistics(rows: Any, scale: Any, scale_coeff: float, value_coeff: float) -> Any:
     """(P, 13) float64: per row of real ``rows``, in ``parity.stats.STATISTICS`` order, mean, std,
@@ -182,45 +191,85 @@ def row_statistics(rows: Any, scale: Any, scale_coeff: float, value_coeff: float
     (``scale`` of the same shape, or None: those four are then zero), which every bound of a real
     statistic is made of. One read of each element serves both, and t is never an array. The
     variance takes a second pass over the row's deviations from its mean (no cancellation of
-    squares); a NaN anywhere in a row makes its min and max NaN, as ``np.min`` would."""
+    squares); a NaN anywhere in a row makes its min and max NaN, as ``np.min`` would.
+
+    Every sum runs as four interleaved partial sums (element j into sum j mod 4, the four added
+    pairwise at the end, the row's last k mod 4 elements after them): one running sum is a chain
+    of dependent additions, each waiting for the last, and with five of them the loop ran at the
+    adder's latency (docs/decisions.md, "Speed"). The order is fixed by the row alone, so no result
+    depends on how a tap is split or on the number of threads. NaN and infinity are counted in a
+    second look at the rows whose sums are not finite, which is rare: the first pass only keeps
+    what a finite row needs."""
     p, k = rows.shape
     out = np.zeros((p, 13), np.float64)
+    body = k - k % 4
+    scaled = scale is not None
     for r in range(p):
-        total = 0.0
-        total_abs = 0.0
-        squares = 0.0
-        lo = math.inf
-        hi = -math.inf
-        nans = 0
-        infs = 0
-        t_total = 0.0
-        t_squares = 0.0
-        t_hi = 0.0
-        for j in range(k):
-            x = rows[r, j] * 1.0
-            magnitude = abs(x)
-            total += x
-            total_abs += magnitude
-            squares += x * x
-            lo = min(lo, x)
-            hi = max(hi, x)
-            if math.isnan(x):
-                nans += 1
-            elif math.isinf(x):
-                infs += 1
-            if scale is not None:
-                t = scale_coeff * scale[r, j]
-                if value_coeff != 0.0:
-                    t += value_coeff * magnitude
+        x0, x1, x2, x3 = 0.0, 0.0, 0.0, 0.0  # sums of x
+        m0, m1, m2, m3 = 0.0, 0.0, 0.0, 0.0  # of |x|
+        q0, q1, q2, q3 = 0.0, 0.0, 0.0, 0.0  # of x²
+        t0, t1, t2, t3 = 0.0, 0.0, 0.0, 0.0  # of t
+        s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0  # of t²
+        lo0, lo1, lo2, lo3 = math.inf, math.inf, math.inf, math.inf
+        hi0, hi1, hi2, hi3 = -math.inf, -math.inf, -math.inf, -math.inf
+        h0, h1, h2, h3 = 0.0, 0.0, 0.0, 0.0  # greatest t
+        for j in range(0, body, 4):
+            a, b, c, d = rows[r, j] * 1.0, rows[r, j + 1] * 1.0, rows[r, j + 2] * 1.0, rows[r, j + 3] * 1.0
+            x0, x1, x2, x3 = x0 + a, x1 + b, x2 + c, x3 + d
+            m0, m1, m2, m3 = m0 + abs(a), m1 + abs(b), m2 + abs(c), m3 + abs(d)
+            q0, q1, q2, q3 = q0 + a * a, q1 + b * b, q2 + c * c, q3 + d * d
+            lo0, lo1, lo2, lo3 = min(lo0, a), min(lo1, b), min(lo2, c), min(lo3, d)
+            hi0, hi1, hi2, hi3 = max(hi0, a), max(hi1, b), max(hi2, c), max(hi3, d)
+            if scaled:
+                ta = _tolerance(scale[r, j], abs(a), scale_coeff, value_coeff)
+                tb = _tolerance(scale[r, j + 1], abs(b), scale_coeff, value_coeff)
+                tc = _tolerance(scale[r, j + 2], abs(c), scale_coeff, value_coeff)
+                td = _tolerance(scale[r, j + 3], abs(d), scale_coeff, value_coeff)
+                t0, t1, t2, t3 = t0 + ta, t1 + tb, t2 + tc, t3 + td
+                s0, s1, s2, s3 = s0 + ta * ta, s1 + tb * tb, s2 + tc * tc, s3 + td * td
+                h0, h1, h2, h3 = max(h0, ta), max(h1, tb), max(h2, tc), max(h3, td)
+        total, total_abs, squares = (x0 + x1) + (x2 + x3), (m0 + m1) + (m2 + m3), (q0 + q1) + (q2 + q3)
+        t_total, t_squares = (t0 + t1) + (t2 + t3), (s0 + s1) + (s2 + s3)
+        lo, hi, t_hi = (
+            min(lo0, lo1, lo2, lo3),
+            max(hi0, hi1, hi2, hi3),
+            max(h0, h1, h2, h3),
+        )
+        for j in range(body, k):
+            a = rows[r, j] * 1.0
+            total += a
+            total_abs += abs(a)
+            squares += a * a
+            lo, hi = min(lo, a), max(hi, a)
+            if scaled:
+                t = _tolerance(scale[r, j], abs(a), scale_coeff, value_coeff)
                 t_total += t
                 t_squares += t * t
-                if t > t_hi or math.isnan(t):
-                    t_hi = t
+                t_hi = max(t_hi, t)
+        nans = 0
+        infs = 0
+        if not (abs(squares) < math.inf and abs(total_abs) < math.inf and abs(t_squares) < math.inf):
+            t_hi = 0.0  # a NaN t (a NaN or infinite scale) is the greatest, as the first NaN met
+            for j in range(k):
+                a = rows[r, j] * 1.0
+                if math.isnan(a):
+                    nans += 1
+                elif math.isinf(a):
+                    infs += 1
+                if scaled:
+                    t = _tolerance(scale[r, j], abs(a), scale_coeff, value_coeff)
+                    if t > t_hi or math.isnan(t):
+                        t_hi = t
         mean = total / k
-        deviations = 0.0
-        for j in range(k):
-            d = rows[r, j] * 1.0 - mean
-            deviations += d * d
+        d0, d1, d2, d3 = 0.0, 0.0, 0.0, 0.0
+        for j in range(0, body, 4):
+            a, b = rows[r, j] * 1.0 - mean, rows[r, j + 1] * 1.0 - mean
+            c, d = rows[r, j + 2] * 1.0 - mean, rows[r, j + 3] * 1.0 - mean
+            d0, d1, d2, d3 = d0 + a * a, d1 + b * b, d2 + c * c, d3 + d * d
+        deviations = (d0 + d1) + (d2 + d3)
+        for j in range(body, k):
+            a = rows[r, j] * 1.0 - mean
+            deviations += a * a
         var = deviations / k
         if nans:
             lo = math.nan
@@ -234,7 +283,7 @@ def row_statistics(rows: Any, scale: Any, scale_coeff: float, value_coeff: float
         out[r, 6] = math.sqrt(squares)
         out[r, 7] = nans
         out[r, 8] = infs
-        if scale is not None:
+        if scaled:
             out[r, 9] = t_total / k
             out[r, 10] = math.sqrt(t_squares / k)
             out[r, 11] = t_hi

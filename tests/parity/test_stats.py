@@ -182,3 +182,42 @@ def test_large_taps_split_into_row_blocks_give_the_whole_tap_result(monkeypatch,
         np.testing.assert_array_equal(blocked_stats[name], want, err_msg=name)
         np.testing.assert_array_equal(blocked_bounds[name], whole_bounds[name], err_msg=name)
         np.testing.assert_array_equal(product[name], whole_bounds[name], err_msg=name)
+
+
+@pytest.mark.parametrize("length", [1, 3, 4, 5, 7, 8, 11])
+def test_every_element_counts_whichever_partial_sum_reads_it(length):
+    """The compiled statistics sum a row as four interleaved partial sums plus a tail: an element in
+    any lane or in the tail, a NaN or infinity there, or a NaN or infinite tolerance there, gives what
+    NumPy gives for the whole row."""
+    from parity.kernels import row_statistics
+
+    rng = np.random.default_rng(length)
+    for j in range(length):
+        for special in (None, np.nan, np.inf, -np.inf, 1e30):
+            rows = rng.normal(size=(3, length)) * 10.0 ** rng.integers(-3, 4)
+            scale = np.abs(rng.normal(size=(3, length)))
+            if special is not None:
+                rows[1, j] = special
+                scale[2, j] = abs(special)
+            got = row_statistics(rows, scale, 0.5, 0.25)
+            t = 0.5 * scale + 0.25 * np.abs(rows)
+            with np.errstate(invalid="ignore", over="ignore"):
+                want = np.stack(
+                    [
+                        rows.mean(1),
+                        rows.std(1),
+                        rows.var(1),
+                        rows.min(1),
+                        rows.max(1),
+                        np.abs(rows).mean(1),
+                        np.sqrt((rows * rows).sum(1)),
+                        np.isnan(rows).sum(1),
+                        np.isinf(rows).sum(1),
+                        t.mean(1),
+                        np.sqrt((t * t).mean(1)),
+                        t.max(1),
+                        np.sqrt((t * t).sum(1)),
+                    ],
+                    axis=1,
+                )
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=0, err_msg=f"element {j} = {special}")
