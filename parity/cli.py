@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import tomllib
@@ -251,8 +252,10 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
 
     template = load_tolerances(args.template)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
-    if args.safety < 1:
-        raise ParityInputError(f"option --safety must be >= 1, got {args.safety}")
+    if not (math.isfinite(args.safety) and args.safety >= 1):
+        raise ParityInputError(f"option --safety must be a finite number >= 1, got {args.safety}")
+    if not (math.isfinite(args.minimum) and args.minimum > 0):
+        raise ParityInputError(f"option --minimum must be a finite number > 0, got {args.minimum}")
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
     if families == ["grad"]:  # shorthand: every gradient family
         families = measure.gradient_families(template)
@@ -326,8 +329,6 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
     if measurement.device == "cuda":
         return _write_device_factor(args, template, measurement, settings, command)
     if args.out:
-        from parity.atomic import write_text
-
         text = Path(template.source).read_text(encoding="utf-8")
         if families is None and not args.keep_records:
             header = measure.header_lines(command, measurement, args.safety, settings, text)
@@ -346,10 +347,19 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
             keep_records=args.keep_records,
             cuda_floors=cuda.normwise_floors,
         )
-        write_text(Path(args.out), rendered)
-        load_tolerances(args.out)  # what was written must load
+        _write_tolerances(Path(args.out), rendered)
         print(f"wrote {args.out}")
     return EXIT_PASS
+
+
+def _write_tolerances(out: Path, rendered: str) -> None:
+    """Write a measured tolerance file only if it loads: ``--out`` is often the bundled file itself,
+    and a file that does not load would stop every later run until restored from git."""
+    from parity.atomic import write_text
+    from parity.tolerances import parse_tolerances
+
+    parse_tolerances(rendered, f"option --out {out} (the file it would write; nothing was written)")
+    write_text(out, rendered)
 
 
 _GPU_FAMILIES = (
@@ -373,15 +383,12 @@ def _write_device_factor(
     if args.keep_records:  # one GPU's measurement adds to the evidence: it never lowers the factor
         factor = max(factor, cuda.device_factor)
     if args.out:
-        from parity.atomic import write_text
-
         text = Path(template.source).read_text(encoding="utf-8")
         header = measure.device_factor_header(text, command, measurement, args.safety, settings, args.keep_records)
         rendered = measure.render(
             template, measure.Measurement(), args.safety, args.minimum, header, factor, cuda_floors=cuda.normwise_floors
         )
-        write_text(Path(args.out), rendered)
-        load_tolerances(args.out, profile="cuda")  # what was written must load
+        _write_tolerances(Path(args.out), rendered)
         print(f"wrote {args.out}")
     return EXIT_PASS
 

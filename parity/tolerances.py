@@ -279,14 +279,29 @@ def load_tolerances(
     if profile not in PROFILES:
         raise ToleranceError(f"tolerance profile {profile!r} is unknown; allowed: {', '.join(PROFILES)}")
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ToleranceError(f"{p}: tolerance file does not exist") from None
     except IsADirectoryError:
         raise ToleranceError(f"{p}: is a folder, not a tolerance file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise ToleranceError(f"{p}: not valid TOML ({exc})") from exc
-    where = str(p)
+    except OSError as exc:  # a path through a file, a symlink loop, a name too long...
+        raise ToleranceError(f"{p}: tolerance file cannot be read ({exc.strerror or exc})") from None
+    return parse_tolerances(text, str(p), profile, known_taps)
+
+
+def parse_tolerances(
+    text: str, where: str, profile: str = "cpu", known_taps: Collection[str] | None = None
+) -> Tolerances:
+    """``load_tolerances`` of a file's text, ``where`` naming it in messages: lets a command check
+    a tolerance file it is about to write before it replaces the one on disk."""
+    if profile not in PROFILES:
+        raise ToleranceError(f"tolerance profile {profile!r} is unknown; allowed: {', '.join(PROFILES)}")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ToleranceError(f"{where}: not valid TOML ({exc})") from exc
     _check_keys(data, {"schema_version", "model", "family", "profiles"}, where)
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:

@@ -551,3 +551,38 @@ def test_measurement_json_records_the_machine_of_every_run():
     # a file from before the field existed falls back to the machines its worst cases name
     old = Measurement.from_dict({"needed": {"f": 1.0}, "where": {"f": "tf-onednn=off case 2"}, "runs": 1})
     assert old.machines == {"tf-onednn=off"} and old.cpus == set()  # and no CPU it cannot know
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [(o, v) for o in ("--minimum", "--safety") for v in ("nan", "inf")]
+    + [("--minimum", "0"), ("--minimum", "-1"), ("--safety", "0.5")],
+)
+def test_measure_refuses_a_bad_safety_or_minimum_before_touching_the_out_file(tmp_path, capsys, option, value):
+    """`--out` is often the bundled tolerance file itself (docs/tolerances.md): a factor of 0 or inf
+    written there would leave a file that does not load, and every later run would stop on it."""
+    out = tmp_path / "tolerances.toml"
+    out.write_bytes(default_tolerance_file().read_bytes())
+    (tmp_path / "m.json").write_text(json.dumps({"needed": {"grad.*.kernel": 40.0}, "where": {}, "runs": 2}))
+    argv = ["measure-tolerances", "--from-json", str(tmp_path / "m.json"), option, value, "--out", str(out)]
+    assert main(argv) == 2
+    assert f"option {option} must be a finite number" in capsys.readouterr().err
+    assert out.read_bytes() == default_tolerance_file().read_bytes()
+
+
+def test_measure_checks_the_file_it_would_write_before_replacing_the_out_file(tmp_path, capsys, monkeypatch):
+    """A rendered file that would not load (here: a factor of 0 from a renderer gone wrong) is
+    refused, and the file on disk stays as it was."""
+    from parity import measure
+
+    rendered = measure.render
+    monkeypatch.setattr(
+        measure, "render", lambda *a, **k: rendered(*a, **k).replace("\nfactor = ", "\nfactor = 0.0 # ", 1)
+    )
+    out = tmp_path / "tolerances.toml"
+    out.write_bytes(default_tolerance_file().read_bytes())
+    (tmp_path / "m.json").write_text(json.dumps({"needed": {"grad.*.kernel": 40.0}, "where": {}, "runs": 2}))
+    argv = ["measure-tolerances", "--from-json", str(tmp_path / "m.json"), "--families", "grad", "--out", str(out)]
+    assert main(argv) == 2
+    assert f"option --out {out} (the file it would write; nothing was written)" in capsys.readouterr().err
+    assert out.read_bytes() == default_tolerance_file().read_bytes()

@@ -161,6 +161,12 @@ def test_missing_invalid_and_wrong_version(tmp_path):
         load_tolerances(tmp_path / "nope.toml")
     with pytest.raises(ToleranceError, match="is a folder"):
         load_tolerances(tmp_path)
+    (tmp_path / "file").write_text("")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    for unreadable in (tmp_path / "file" / "t.toml", tmp_path / "loop1"):  # through a file; a symlink loop
+        with pytest.raises(ToleranceError, match=f"{re.escape(str(unreadable))}: tolerance file cannot be read"):
+            load_tolerances(unreadable)
     with pytest.raises(ToleranceError, match="not valid TOML"):
         load_tolerances(_write(tmp_path, "schema_version = = 1"))
     with pytest.raises(ToleranceError, match=r"'schema_version' is 1; expected 2 .*fitted atol tables"):
