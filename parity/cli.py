@@ -47,16 +47,26 @@ def load_config(path: str | None, overrides: Sequence[str]) -> ModelConfig:
     if path:
         p = Path(path)
         source = str(p)
+        kind = "JSON" if p.suffix == ".json" else "TOML"
         try:
             text = p.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{p}: cannot read config file ({exc.strerror})") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not valid {kind} (not UTF-8 text: {exc})") from exc
         try:
             values = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
         except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'} ({exc})") from exc
-        if isinstance(values, dict) and "model" in values and isinstance(values["model"], dict):
-            values = values["model"]
+            raise ConfigError(f"{p}: not valid {kind} ({exc})") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{p}: a config file holds a table of keys, not a {type(values).__name__}")
+        if isinstance(values.get("model"), dict):
+            beside = sorted(k for k in values if k != "model")
+            if beside:  # either layout is read, but keys of both would silently lose one of them
+                raise ConfigError(
+                    f"{p}: key {beside[0]!r} is outside the [model] table; put every key in [model], or none"
+                )
+            values = dict(values["model"])
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"option --set: expected KEY=VALUE, got {item!r}")
@@ -203,18 +213,34 @@ def cmd_make_fixtures(args: argparse.Namespace) -> int:
     return EXIT_PASS
 
 
+def _output_file(command: str, value: str, force: bool) -> Path:
+    """The file a command writes, checked before any work: an existing file (often a fixture or the
+    weights a suite reads) is replaced only with ``--force``, a folder never, and a missing folder is
+    not created (a typo in it would otherwise leave the file where nobody looks)."""
+    out = Path(value)
+    if out.is_dir():
+        raise ParityInputError(f"{command}: {out} is a folder; give the file to write (e.g. {out / 'data.h5'})")
+    if out.exists() and not force:
+        raise ParityInputError(f"{command}: {out} exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise ParityInputError(f"{command}: folder {out.parent} does not exist")
+    return out
+
+
 def cmd_import_npz(args: argparse.Namespace) -> int:
     from parity.npz_import import import_npz
 
-    print(import_npz(args.npz, args.out, args.gridsize))
+    out = _output_file("import-npz", args.out, args.force)
+    print(import_npz(args.npz, out, args.gridsize))
     return EXIT_PASS
 
 
 def cmd_make_weights(args: argparse.Namespace) -> int:
     from parity.weights import generate_weights, save_weights
 
+    out = _output_file("make-weights", args.out, args.force)
     config = load_config(args.config, args.set)
-    digest = save_weights(args.out, generate_weights(config, args.seed), config)
+    digest = save_weights(out, generate_weights(config, args.seed), config)
     print(f"{args.out} sha256(content)={digest}")
     return EXIT_PASS
 
@@ -422,11 +448,7 @@ def cmd_make_fixture(args: argparse.Namespace) -> int:
     from parity.fixture import write_fixture
     from parity.simulate import SimulationParams, simulate
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ParityInputError(f"make-fixture: {out} exists; pass --force to replace it")
-    if out.parent and not out.parent.is_dir():
-        raise ParityInputError(f"make-fixture: folder {out.parent} does not exist")
+    out = _output_file("make-fixture", args.out, args.force)
     rows, _, cols = args.scan.partition("x")
     if not (rows.isdigit() and cols.isdigit()):
         raise ParityInputError(f"option --scan: expected ROWSxCOLS such as 9x9, got {args.scan!r}")
@@ -556,12 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("npz")
     n.add_argument("out")
     n.add_argument("--gridsize", type=int, default=2, choices=(1, 2))
+    n.add_argument("--force", action="store_true", help="replace an existing file")
     n.set_defaults(func=cmd_import_npz)
 
     w = sub.add_parser("make-weights", help="write a canonical weights file generated from a seed")
     config_opts(w)
     w.add_argument("out")
     w.add_argument("--seed", type=int, default=None)
+    w.add_argument("--force", action="store_true", help="replace an existing file")
     w.set_defaults(func=cmd_make_weights)
 
     b = sub.add_parser("backends", help="list registered backends and why any is unavailable")
@@ -680,6 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "seed", 0) is None:
         args.seed = DEFAULT_SEED
     try:
+        if getattr(args, "seed", 0) < 0:  # NumPy's generators take none, and would say so in a traceback
+            raise ParityInputError(f"option --seed must be an integer >= 0, got {args.seed}")
         return int(args.func(args))
     except (ParityInputError, BackendUnavailableError) as exc:
         print(f"ptycho-parity: error: {exc}", file=sys.stderr)

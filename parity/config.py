@@ -16,6 +16,10 @@ from typing import Any
 from parity.errors import ConfigError
 
 AMP_ACTIVATIONS = ("sigmoid", "swish", "softplus", "relu")
+# The largest merge canvas side, in patch sides: every backend holds (batch, gridsize², M, M) complex
+# arrays of it, so an offset or jitter of millions of pixels would be an allocation failure reported
+# as a backend crash instead of the config key it comes from.
+MAX_CANVAS_PER_N = 8
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,17 @@ class ModelConfig:
                 f"config: keys 'offset' ({self.offset}) and 'max_position_jitter' "
                 f"({self.max_position_jitter}) give a canvas M={self.M} with M - N odd; "
                 "M - N = (gridsize - 1) * offset + max_position_jitter must be even"
+            )
+        if self.M > MAX_CANVAS_PER_N * self.N:
+            keys = (
+                f"key 'canvas_size' has value {self.canvas_size}"
+                if self.canvas_size is not None
+                else f"keys 'offset' ({self.offset}) and 'max_position_jitter' ({self.max_position_jitter}) "
+                f"give a canvas M={self.M}"
+            )
+            raise ConfigError(
+                f"config: {keys}; it must be at most {MAX_CANVAS_PER_N} x N = {MAX_CANVAS_PER_N * self.N} "
+                "(a group's canvas holds its patches a few pixels apart; larger ones only exhaust memory)"
             )
 
     @classmethod

@@ -122,6 +122,23 @@ CASES: dict[str, Case] = {
     ),
     "probe-overflows": Case(run("--set", "probe_scale=1e-300"), "config key 'probe_scale' (1e-300): the normalised"),
     "probe-underflows": Case(run("--set", "probe_scale=1e300"), "probe / (probe_scale · mean|disk · probe|), under"),
+    "config-file-not-utf8": Case(
+        lambda t: [*run()(t), "--config", str(_write(t / "c.toml", b"N = 64\n\xff\xfe\n"))],
+        "{t}/c.toml: not valid TOML (not UTF-8 text",
+    ),
+    "config-file-a-list": Case(
+        lambda t: [*run("--set", "gridsize=1")(t), "--config", str(_write(t / "c.json", "[1, 2]"))],
+        "{t}/c.json: a config file holds a table of keys, not a list",
+    ),
+    "config-file-keys-beside-model": Case(
+        lambda t: [*run()(t), "--config", str(_write(t / "c.toml", "nphotons = 1e5\n[model]\ngridsize = 1\n"))],
+        "{t}/c.toml: key 'nphotons' is outside the [model] table",
+    ),
+    "config-canvas-too-large": Case(
+        run("--set", "max_position_jitter=10000000"),
+        "keys 'offset' (4) and 'max_position_jitter' (10000000) give a canvas M=10000064; it must be at most 8 x N",
+    ),
+    "config-seed-negative": Case(run("--seed", "-1"), "option --seed must be an integer >= 0, got -1"),
     # --- fixtures --------------------------------------------------------------------------------
     "fixture-missing": Case(run("--fixture", "/nonexistent/fixture.h5"), "/nonexistent/fixture.h5: fixture file"),
     "fixture-unknown-bundled": Case(run("--fixture", "n64_g9"), "bundled fixture 'n64_g9' does not exist"),
@@ -230,6 +247,10 @@ CASES: dict[str, Case] = {
         lambda t: run("--tolerances", str(_write(t / "t.toml", MODEL + FAMILY + 'backend = "torhc"\n')))(t),
         "{t}/t.toml: [[family]] #1: unknown key 'backend'",
     ),
+    "tolerances-through-a-file": Case(
+        lambda t: run("--tolerances", str(_write(t / "f", "x") / "t.toml"))(t),
+        "{t}/f/t.toml: tolerance file cannot be read",
+    ),
     "tolerances-is-a-folder": Case(lambda t: run("--tolerances", str(t))(t), "{t}: is a folder"),
     # --- options ---------------------------------------------------------------------------------
     "backend-unknown": Case(
@@ -260,7 +281,7 @@ CASES: dict[str, Case] = {
     # --- NPZ import ------------------------------------------------------------------------------
     "npz-missing": Case(lambda t: ["import-npz", str(t / "no.npz"), str(t / "o.h5")], "{t}/no.npz: NPZ file does not"),
     "npz-into-existing-folder": Case(
-        lambda t: ["import-npz", str(_good_npz(t)), str(t)], "output is an existing folder; give the fixture file"
+        lambda t: ["import-npz", str(_good_npz(t)), str(t)], "import-npz: {t} is a folder; give the file to write"
     ),
     "npz-corrupt": Case(
         lambda t: ["import-npz", str(_write(t / "d.npz", b"PK\x03\x04 broken")), str(t / "o.h5")],
@@ -272,11 +293,28 @@ CASES: dict[str, Case] = {
     ),
     "npz-output-folder-missing": Case(
         lambda t: ["import-npz", str(_good_npz(t)), str(t / "nope" / "o.h5")],
-        "output folder",
+        "import-npz: folder {t}/nope does not exist",
     ),
     # --- making fixtures and weights -------------------------------------------------------------
     "make-fixture-over-existing": Case(
         lambda t: ["make-fixture", str(_write(t / "f.h5", "keep me"))], "make-fixture: {t}/f.h5 exists; pass --force"
+    ),
+    "make-fixture-onto-a-folder": Case(
+        lambda t: ["make-fixture", "--force", str(t)], "make-fixture: {t} is a folder; give the file to write"
+    ),
+    "make-weights-over-existing": Case(
+        lambda t: ["make-weights", str(_fixture_copy(t))], "make-weights: {t}/fixture.h5 exists; pass --force"
+    ),
+    "make-weights-onto-a-folder": Case(lambda t: ["make-weights", str(t)], "make-weights: {t} is a folder"),
+    "make-weights-folder-missing": Case(
+        lambda t: ["make-weights", str(t / "new" / "w.h5")], "make-weights: folder {t}/new does not exist"
+    ),
+    "make-weights-seed-negative": Case(
+        lambda t: ["make-weights", "--seed", "-1", str(t / "w.h5")], "option --seed must be an integer >= 0"
+    ),
+    "npz-over-existing": Case(
+        lambda t: ["import-npz", str(_good_npz(t)), str(_fixture_copy(t))],
+        "import-npz: {t}/fixture.h5 exists; pass --force",
     ),
     "make-fixture-bad-scan": Case(
         lambda t: ["make-fixture", str(t / "f.h5"), "--scan", "9"], "option --scan: expected ROWSxCOLS"
@@ -313,6 +351,18 @@ CASES: dict[str, Case] = {
     "taps-nothing-left": Case(run("--taps", "!*"), "option taps: the patterns leave no tap"),
     # --- measuring and emulating -----------------------------------------------------------------
     "measure-safety-below-one": Case(lambda t: ["measure-tolerances", "--safety", "0.5"], "option --safety must be"),
+    "measure-minimum-zero-over-a-tolerance-file": Case(
+        lambda t: [
+            "measure-tolerances",
+            "--from-json",
+            str(_write(t / "m.json", '{"needed": {"grad.*.kernel": 40.0}, "where": {}, "runs": 1}')),
+            "--minimum",
+            "0",
+            "--out",
+            str(_write(t / "t.toml", default_tolerance_file().read_bytes())),
+        ],
+        "option --minimum must be a finite number > 0, got 0.0",
+    ),
     "measure-unknown-emulation": Case(
         lambda t: ["measure-tolerances", "--emulate", "threads=7"], "option --emulate: unknown setting 'threads=7'"
     ),
