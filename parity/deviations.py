@@ -62,11 +62,18 @@ class Deviation:
         return f"{what} of {who} ({self.source}): {self.reason}"
 
 
-def load_deviations(path: str | os.PathLike[str], known_keys: Iterable[str] = ()) -> list[Deviation]:
+def load_deviations(
+    path: str | os.PathLike[str],
+    known_keys: Iterable[str] = (),
+    known_taps: Iterable[str] = (),
+    known_backends: Iterable[str] = (),
+) -> list[Deviation]:
     """Read a deviation file; every problem raises ParityInputError naming the file, entry and key.
 
-    ``known_keys``, when given, are the config keys a declaration may name (a typo must never
-    silently excuse nothing: it would read as "declared" in the file and do nothing in the run).
+    ``known_keys``, ``known_taps`` and ``known_backends``, when given, are the config keys a
+    declaration may name, the taps its pattern must match one of, and the backends it may name (a
+    typo must never silently excuse nothing: it would read as "declared" in the file and do nothing
+    in the run).
     """
     p = Path(path)
     try:
@@ -86,11 +93,13 @@ def load_deviations(path: str | os.PathLike[str], known_keys: Iterable[str] = ()
     entries = data.get("deviation", [])
     if not isinstance(entries, list):
         raise ParityInputError(f"deviation file {p}: 'deviation' must be an array of tables ([[deviation]])")
-    keys = set(known_keys)
-    return [_entry(p, i, e, keys) for i, e in enumerate(entries, start=1)]
+    known = (set(known_keys), sorted(known_taps), set(known_backends))
+    return [_entry(p, i, e, *known) for i, e in enumerate(entries, start=1)]
 
 
-def _entry(path: Path, index: int, entry: Any, known_keys: set[str]) -> Deviation:
+def _entry(
+    path: Path, index: int, entry: Any, known_keys: set[str], known_taps: list[str], known_backends: set[str]
+) -> Deviation:
     where = f"deviation file {path}, deviation {index}"
     if not isinstance(entry, dict):
         raise ParityInputError(f"{where}: expected a table, got {type(entry).__name__}")
@@ -112,6 +121,14 @@ def _entry(path: Path, index: int, entry: Any, known_keys: set[str]) -> Deviatio
         )
     if tap is not None and "backend" not in entry:
         raise ParityInputError(f"{where}: a tap deviation needs key 'backend' (the side known to differ)")
+    if tap is not None and known_taps and not any(fnmatch.fnmatchcase(t, tap) for t in known_taps):
+        raise ParityInputError(f"{where}: key 'tap' is {tap!r}, which matches no tap of the model")
+    backend = entry.get("backend")
+    if backend is not None and known_backends and backend not in known_backends:
+        raise ParityInputError(
+            f"{where}: key 'backend' is {backend!r}, not a registered backend; "
+            f"registered: {', '.join(sorted(known_backends))}"
+        )
     return Deviation(
         reason=entry["reason"],
         reference=entry["reference"],

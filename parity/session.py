@@ -20,10 +20,10 @@ from parity.deviations import Deviation, allow_config_diff, load_deviations
 from parity.errors import BackendUnavailableError, ParityInputError
 from parity.interrupt import check as check_interrupt
 from parity.interrupt import watching
-from parity.registry import load_backend
+from parity.registry import load_backend, registered_names
 from parity.runner import ArbiterOutOfRangeError, ParityResult, run_parity
 from parity.stages import stages
-from parity.taps import TapSelection, TapSpec, gradient_tap_specs, tap_specs
+from parity.taps import TapSelection, TapSpec, all_tap_names, gradient_tap_specs, tap_specs
 from parity.tolerances import Tolerances, load_tolerances
 from parity.weights import DEFAULT_SEED, generate_weights, load_weights, validate_weights, weights_sha256
 
@@ -266,6 +266,7 @@ def gather_deviations(spec: RunSpec) -> list[Deviation]:
     """The declarations of a run: those the backends ship (unless turned off), the user's files and
     the one-off --allow-config-diff keys, all read and checked before any work."""
     keys = list(ModelConfig().to_dict())
+    known = (keys, all_tap_names(), {*registered_names(), *spec.backends})
     out: list[Deviation] = []
     if spec.shipped_deviations:
         for name in spec.backends:
@@ -274,9 +275,9 @@ def gather_deviations(spec: RunSpec) -> list[Deviation]:
             except BackendUnavailableError:
                 continue
             if shipped is not None:
-                out += load_deviations(shipped, keys)
+                out += load_deviations(shipped, *known)
     for path in spec.deviations:
-        out += load_deviations(path, keys)
+        out += load_deviations(path, *known)
     return out + allow_config_diff(spec.allow_config_diff, keys)
 
 

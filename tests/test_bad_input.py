@@ -341,6 +341,32 @@ CASES: dict[str, Case] = {
         )(t),
         "deviation file {t}/d.toml, deviation 1: key 'config_key' is 'canvas', not a config key",
     ),
+    "deviations-tap-matching-nothing": Case(
+        lambda t: run(
+            "--deviations",
+            str(
+                _write(
+                    t / "d.toml",
+                    'schema_version = 1\n[[deviation]]\ntap = "encodr.*"\nbackend = "reference"\n'
+                    'reason = "r"\nreference = "x"\n',
+                )
+            ),
+        )(t),
+        "deviation file {t}/d.toml, deviation 1: key 'tap' is 'encodr.*', which matches no tap of the model",
+    ),
+    "deviations-unregistered-backend": Case(
+        lambda t: run(
+            "--deviations",
+            str(
+                _write(
+                    t / "d.toml",
+                    'schema_version = 1\n[[deviation]]\ntap = "encoder.*"\nbackend = "troch"\n'
+                    'reason = "r"\nreference = "x"\n',
+                )
+            ),
+        )(t),
+        "deviation file {t}/d.toml, deviation 1: key 'backend' is 'troch', not a registered backend",
+    ),
     "deviations-allow-unknown-key": Case(
         run("--allow-config-diff", "canvas"), "option --allow-config-diff: 'canvas' is not a config key"
     ),

@@ -270,6 +270,26 @@ def test_a_bad_deviation_file_is_an_error_naming_the_file_entry_and_key(tmp_path
     assert p.read_text() == text  # a file that is read is never touched
 
 
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("tap = 'toy.ot*'\nbackend = 'bad'", "key 'tap' is 'toy.ot*', which matches no tap of the model"),
+        ("tap = 'toy.*'\nbackend = 'baad'", "key 'backend' is 'baad', not a registered backend; registered: bad, good"),
+        ("config_key = 'scale'\nbackend = 'goood'", "key 'backend' is 'goood', not a registered backend"),
+    ],
+)
+def test_a_deviation_naming_no_tap_or_no_backend_is_an_error(tmp_path, entry, message):
+    """A typo in a tap pattern or a backend name would excuse nothing and read as "declared" (its
+    status only "not applicable"), like a typo in a config key."""
+    p = tmp_path / "dev.toml"
+    p.write_text(f"schema_version = 1\n[[deviation]]\n{entry}\nreason = 'r'\nreference = 'x'\n")
+    with pytest.raises(ParityInputError, match=r"dev\.toml, deviation 1") as err:
+        load_deviations(p, KEYS, known_taps=["toy.in", "toy.out"], known_backends=["good", "bad"])
+    assert message in str(err.value)
+    p.write_text(GOOD)
+    assert len(load_deviations(p, KEYS, known_taps=["toy.out"], known_backends=["drift", "bad"])) == 2
+
+
 def test_allow_config_diff_rejects_a_key_that_is_not_a_config_key():
     with pytest.raises(ParityInputError, match="--allow-config-diff: 'scael'"):
         allow_config_diff(["scael"], KEYS)
