@@ -95,6 +95,9 @@ def _backend_names(option: str, value: str) -> list[str]:
             )
     if not names:
         raise ParityInputError(f"option {option}: no backend named")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # a backend compared with itself proves nothing, and its results would overwrite each other
+        raise ParityInputError(f"option {option}: {twice[0]!r} is named twice")
     return names
 
 
@@ -103,6 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from parity.session import RunSpec, prepare
     from parity.verdict import EXIT_CODES
 
+    if not args.report.strip():  # "" would write the report into whatever folder the shell is in
+        raise ParityInputError("option --report: empty; give the report folder")
     config = load_config(args.config, args.set)
     spec = RunSpec(
         config=config,
@@ -277,7 +282,7 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
     from parity.tolerances import load_tolerances
 
     template = load_tolerances(args.template)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    backends = _backend_names("--backends", args.backends) if args.backends else None
     if not (math.isfinite(args.safety) and args.safety >= 1):
         raise ParityInputError(f"option --safety must be a finite number >= 1, got {args.safety}")
     if not (math.isfinite(args.minimum) and args.minimum > 0):

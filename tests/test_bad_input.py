@@ -257,6 +257,15 @@ CASES: dict[str, Case] = {
         lambda t: ["run", *SMALL, "--backends", "reference,tensorflw"],
         "option --backends: 'tensorflw' is not a registered backend; registered: reference, tensorflow, torch",
     ),
+    "backends-twice": Case(
+        lambda t: ["run", *SMALL, "--backends", "reference,torch,reference"],
+        "option --backends: 'reference' is named twice",
+    ),
+    "report-empty": Case(lambda t: ["run", *SMALL, "--report", ""], "option --report: empty; give the report folder"),
+    "measure-unknown-backend": Case(
+        lambda t: ["measure-tolerances", "--backends", "reference,nope"],
+        "option --backends: 'nope' is not a registered",
+    ),
     "backends-empty": Case(lambda t: ["run", *SMALL, "--backends", " , "], "option --backends: no backend named"),
     "reference-not-among-backends": Case(run("--reference", "ref64"), "reference backend 'ref64' is not among"),
     "batch-size-zero": Case(run("--batch-size", "0"), "option batch_size must be an integer >= 1, got 0"),
