@@ -405,25 +405,71 @@ def _check_dataset_attributes(name: str, attrs: Mapping[str, Any], version: int,
         found = attrs[key]
         if isinstance(found, bytes):
             found = found.decode("utf-8", errors="replace")
+        if not isinstance(found, str):
+            # An array or a number: compared with ``!=`` an array has no single truth value.
+            shown = found.tolist() if isinstance(found, np.ndarray | np.generic) else found
+            raise FixtureError(
+                f"{where}: dataset {name!r} has attribute {key!r} = {shown!r} ({type(found).__name__}); "
+                f"expected the string {value!r}"
+            )
         if found != value:
             raise FixtureError(f"{where}: dataset {name!r} has {key}={found!r}; this schema reads only {value!r}")
 
 
-def _read_datasets(fh: Any, where: str, version: int = SCHEMA_VERSION) -> dict[str, np.ndarray]:
+def stored_dataset(fh: Any, name: str, where: str, error: type[ParityInputError], holder: str) -> Any:
+    """Member ``name`` of the open HDF5 file ``fh`` as a dataset whose data lies in that file.
+
+    Soft and external links, external storage and virtual datasets would pull data from other files,
+    which no hash recorded in this one vouches for, and a dangling link fails with a bare KeyError when
+    followed. So a link is refused by its name before it is followed, then a group, then a dataset
+    stored elsewhere. Shared by the fixture and weights loaders; ``error`` is the loader's error
+    class, ``holder`` what the file is ("fixture", "weights file").
+    """
     import h5py
 
+    link = fh.get(name, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise error(f"{where}: {name!r} is a {type(link).__name__}; a {holder} holds no links")
+    node = fh[name]
+    if not isinstance(node, h5py.Dataset):
+        raise error(f"{where}: {name!r} is a {type(node).__name__}, not a dataset")
+    if node.is_virtual or node.external:
+        raise error(f"{where}: dataset {name!r} is stored outside the file (virtual or external)")
+    return node
+
+
+def _size_text(nbytes: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def check_declared_size(
+    node: Any, name: str, file_size: int, where: str, error: type[ParityInputError], holder: str
+) -> None:
+    """Refuse, before reading it, a dataset whose declared shape needs more bytes than the whole file.
+
+    The writers store every dataset uncompressed, so its data cannot be larger than the file that
+    holds it. A shape edited to (10⁷, 64, 64) in a 1.4 MB file would otherwise be allocated in full
+    (153 GiB of fill values) before any check could see it.
+    """
+    shape = node.shape or ()  # None for an empty (null) dataspace, which reads as no data
+    declared = math.prod(shape) * int(node.dtype.itemsize)
+    if declared > file_size:
+        raise error(
+            f"{where}: dataset {name!r} declares shape {tuple(shape)} of {node.dtype}, {_size_text(declared)}, "
+            f"more than the whole file ({_size_text(file_size)}); a {holder} stores its datasets uncompressed, "
+            "so this one is damaged or was edited"
+        )
+
+
+def _read_datasets(
+    fh: Any, where: str, version: int = SCHEMA_VERSION, file_size: int | None = None
+) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for name in fh:
-        # Links, external storage and virtual datasets would pull data from other files, which
-        # neither the file hash nor the per-dataset hashes would then vouch for.
-        link = fh.get(name, getlink=True)
-        if not isinstance(link, h5py.HardLink):
-            raise FixtureError(f"{where}: {name!r} is a {type(link).__name__}; a fixture holds no links")
-        node = fh[name]
-        if not isinstance(node, h5py.Dataset):
-            raise FixtureError(f"{where}: {name!r} is a {type(node).__name__}, not a dataset")
-        if node.is_virtual or node.external:
-            raise FixtureError(f"{where}: dataset {name!r} is stored outside the file (virtual or external)")
+        node = stored_dataset(fh, name, where, FixtureError, "fixture")
         if name not in DATASET_DTYPES:
             continue  # reported by the structure check, after missing datasets
         since = DATASET_SINCE.get(name, 1)
@@ -437,6 +483,8 @@ def _read_datasets(fh: Any, where: str, version: int = SCHEMA_VERSION) -> dict[s
         except (OSError, RuntimeError, KeyError) as exc:
             raise FixtureError(f"{where}: attributes of dataset {name!r} cannot be read (corrupt? {exc})") from exc
         _check_dataset_attributes(name, attrs, version, where)
+        if file_size is not None:
+            check_declared_size(node, name, file_size, where, FixtureError, "fixture")
         try:
             arrays[name] = np.asarray(node[()])
         except (OSError, RuntimeError, ValueError, TypeError) as exc:
@@ -485,7 +533,7 @@ def load_fixture(path: str | os.PathLike[str], config: ModelConfig | None = None
             meta = _read_attributes(attrs, where)
             if config is not None:
                 _check_config(meta["N"], meta["gridsize"], config, where)
-            arrays = _read_datasets(fh, where, meta["version"])
+            arrays = _read_datasets(fh, where, meta["version"], len(raw))
     except (OSError, RuntimeError, KeyError) as exc:
         raise FixtureError(f"{where}: HDF5 structure cannot be read (corrupt? {exc})") from exc
     data_kwargs = {k: meta[k] for k in ("N", "gridsize", "kind", "seed", "params", "source")}

@@ -212,6 +212,19 @@ def _del(name, attr=False):
     return fn
 
 
+def _declare_huge(name, shape, dtype):
+    """Replace dataset ``name`` by a chunked one of ``shape`` whose storage is never allocated: a small
+    file that declares more data than any machine holds."""
+
+    def fn(fh):
+        attrs = dict(fh[name].attrs)
+        del fh[name]
+        ds = fh.create_dataset(name, shape=shape, dtype=dtype, chunks=(1, *shape[1:]), track_times=False)
+        ds.attrs.update(attrs)
+
+    return fn
+
+
 VIOLATIONS = {
     "schema_version": (_set_attr("schema_version", np.int64(4)), r"attribute 'schema_version' is 4"),
     "no_schema_version": (_del("schema_version", attr=True), r"attribute 'schema_version' is missing"),
@@ -228,6 +241,19 @@ VIOLATIONS = {
     "positions_axes_swapped": (
         lambda fh: fh["ycoords"].attrs.__setitem__("axis", "x (column)"),
         r"dataset 'ycoords' has axis='x \(column\)'; this schema reads only 'y \(row\)'",
+    ),
+    "attribute_is_an_array": (
+        lambda fh: fh["xcoords"].attrs.__setitem__("units", np.array([b"pixel", b"pixel"])),
+        r"dataset 'xcoords' has attribute 'units' = \[b'pixel', b'pixel'\] \(ndarray\); expected the string 'pixel'",
+    ),
+    "attribute_is_a_number": (
+        lambda fh: fh["ycoords"].attrs.__setitem__("axis", 1),
+        r"dataset 'ycoords' has attribute 'axis' = 1 \(int64\); expected the string 'y \(row\)'",
+    ),
+    "huge_declared_dataset": (
+        _declare_huge("diffraction", (10**9, 64, 64), "<f4"),
+        r"dataset 'diffraction' declares shape \(1000000000, 64, 64\) of float32, 15258.8 GiB, more than the "
+        r"whole file \(1.4 MiB\)",
     ),
     "positions_without_units": (
         lambda fh: fh["xcoords"].attrs.__delitem__("units"),
