@@ -21,6 +21,7 @@ import numpy as np
 from parity.atomic import atomic_path
 from parity.config import ModelConfig
 from parity.errors import WeightsError
+from parity.fixture import check_declared_size, stored_dataset
 from parity.taps import HEADS
 
 SCHEMA_VERSION = 1
@@ -167,12 +168,14 @@ def load_weights(path: str | os.PathLike[str], config: ModelConfig) -> dict[str,
             stored_config = _attribute(fh, "config", where)
             stored = _attribute(fh, "sha256", where)
             weights: dict[str, np.ndarray] = {}
+            file_size = p.stat().st_size
             for name in fh:
-                node = fh[name]
-                if not isinstance(node, h5py.Dataset):
-                    raise WeightsError(f"{p}: {name!r} is a {type(node).__name__}, not a dataset of parameters")
+                # As the fixture loader does: links refused by name (a dangling one would be a bare
+                # KeyError), and a shape larger than the file refused before it is allocated.
+                node = stored_dataset(fh, name, where, WeightsError, "weights file")
+                check_declared_size(node, name, file_size, where, WeightsError, "weights file")
                 weights[name] = np.asarray(node[()])
-    except OSError as exc:
+    except (OSError, RuntimeError, KeyError) as exc:
         raise WeightsError(f"{p}: not a readable HDF5 weights file ({exc})") from exc
     try:
         made_for = json.loads(stored_config)

@@ -72,6 +72,27 @@ def _tamper(path, fn):
         (lambda fh: fh.attrs.__setitem__("config", "{not json"), "attribute 'config' is not valid JSON"),
         (lambda fh: fh.attrs.__setitem__("schema_version", np.array([1, 2])), "attribute 'schema_version' is"),
         (lambda fh: fh.create_group("encoder.extra"), "'encoder.extra' is a Group, not a dataset"),
+        # Links are refused by name, as in fixtures; a dangling one is not followed.
+        (
+            lambda fh: fh.__setitem__("extra", h5py.SoftLink("/nowhere")),
+            "'extra' is a SoftLink; a weights file holds no",
+        ),
+        (
+            lambda fh: fh.__setitem__("extra", h5py.ExternalLink("/nonexistent.h5", "/x")),
+            "'extra' is a ExternalLink; a weights file holds no links",
+        ),
+        (
+            lambda fh: fh.__setitem__("log_scale.alias", h5py.SoftLink("/log_scale")),
+            "'log_scale.alias' is a SoftLink",
+        ),
+        # A shape larger than the file is refused before it is allocated.
+        (
+            lambda fh: (
+                fh.__delitem__("log_scale"),
+                fh.create_dataset("log_scale", shape=(10**12,), dtype="<f4", chunks=(1024,)),
+            ),
+            r"dataset 'log_scale' declares shape \(1000000000000,\) of float32, 3725.3 GiB, more than the whole file",
+        ),
     ],
 )
 def test_bad_weights_files_name_the_parameter(tmp_path, tamper, message):
@@ -79,9 +100,11 @@ def test_bad_weights_files_name_the_parameter(tmp_path, tamper, message):
     path = tmp_path / "w.h5"
     save_weights(path, generate_weights(cfg), cfg)
     _tamper(path, tamper)
+    before = path.read_bytes()
     with pytest.raises(WeightsError, match=message) as info:
         load_weights(path, cfg)
-    assert str(path) in str(info.value)
+    assert str(info.value).startswith(f"{path}: ")
+    assert path.read_bytes() == before
 
 
 def test_weights_for_another_config_rejected(tmp_path):
