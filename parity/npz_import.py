@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import lzma
 import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +59,27 @@ def _finite(arr: np.ndarray, key: str, where: str) -> None:
         )
 
 
+def _member(npz: Any, key: str) -> str:
+    """The zip member that holds ``key`` (numpy strips the ``.npy`` of a member's name)."""
+    names = npz.zip.namelist() if getattr(npz, "zip", None) is not None else []
+    return f"{key}.npy" if f"{key}.npy" in names else key
+
+
 def _read(npz: Any, key: str, where: str) -> np.ndarray:
     try:
         return np.asarray(npz[key])
     except ValueError as exc:  # object arrays need pickle, which is never enabled for data files
         raise FixtureError(f"{where}: key {key!r} cannot be read without pickle ({exc})") from exc
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise FixtureError(f"{where}: key {key!r} cannot be read (corrupt? {exc})") from exc
+    except RuntimeError as exc:
+        # zipfile raises NotImplementedError for a compression method it lacks and RuntimeError for
+        # an encrypted member: the archive is fine, but not one this reader (numpy's) can open.
+        raise FixtureError(
+            f"{where}: key {key!r} cannot be read: zip member {_member(npz, key)!r} uses a compression method "
+            f"or encryption that Python's zipfile does not support ({exc}); write the NPZ with numpy.savez or "
+            "numpy.savez_compressed"
+        ) from exc
 
 
 def _diffraction(npz: Any, keys: list[str], where: str) -> tuple[str, np.ndarray]:

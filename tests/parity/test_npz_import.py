@@ -1,3 +1,6 @@
+import io
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -284,3 +287,54 @@ def test_object_arrays_missing_files_and_non_npz_input(tmp_path, sim):
     with pytest.raises(FixtureError, match="gridsize 0"):
         import_npz(tmp_path / "ok.npz", tmp_path / "out.h5", gridsize=0)
     assert not (tmp_path / "out.h5").exists()
+
+
+def _patch_members(raw, edit):
+    """``raw`` NPZ bytes with ``edit(data, header_offset, info)`` applied to each member's local header."""
+    data = bytearray(raw)
+    with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+        for info in zf.infolist():
+            edit(data, info.header_offset, info)
+    return bytes(data)
+
+
+def _method_99(data, offset, info):
+    """Compression method 99 (AES in WinZip's scheme), in the local header and the central directory."""
+    data[offset + 8 : offset + 10] = (99).to_bytes(2, "little")
+    name = info.filename.encode()
+    central = data.find(b"PK\x01\x02")
+    while central >= 0:
+        if data[central + 46 : central + 46 + len(name)] == name:
+            data[central + 10 : central + 12] = (99).to_bytes(2, "little")
+        central = data.find(b"PK\x01\x02", central + 4)
+
+
+def _garbled_deflate(data, offset, info):
+    """The first byte of the member's deflate stream made 0xFF: a block of the reserved type 3."""
+    name_len = int.from_bytes(data[offset + 26 : offset + 28], "little")
+    extra_len = int.from_bytes(data[offset + 28 : offset + 30], "little")
+    data[offset + 30 + name_len + extra_len] = 0xFF
+
+
+@pytest.mark.parametrize(
+    ("compressed", "edit", "pattern"),
+    [
+        (
+            False,
+            _method_99,
+            r"key 'diff3d' cannot be read: zip member 'diff3d.npy' uses a compression method or encryption that "
+            r"Python's zipfile does not support",
+        ),
+        (True, _garbled_deflate, r"key 'diff3d' cannot be read \(corrupt\? Error -3"),
+    ],
+)
+def test_unreadable_zip_members_are_bad_input_naming_file_key_and_member(tmp_path, sim, compressed, edit, pattern):
+    buffer = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buffer, **_layout(sim))
+    npz = tmp_path / "odd.npz"
+    npz.write_bytes(_patch_members(buffer.getvalue(), edit))
+    out = tmp_path / "out.h5"
+    with pytest.raises(FixtureError, match=pattern) as info:
+        import_npz(npz, out, gridsize=2)
+    assert str(info.value).startswith(f"{npz}: ")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["odd.npz"]
