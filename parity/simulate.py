@@ -54,6 +54,25 @@ _PROBE_BAND_LIMIT = 0.25  # cycles per pixel: half of Nyquist
 _PROBE_SMOOTHING = 1.0  # pixels: Gaussian blur that tames the ringing of the hard band limit
 _FIELD_BITS = 16  # amplitude and phase fields are multiples of 2**-16
 _COUNT_BITS = 16  # significant bits kept in the expected counts before the Poisson draw
+#: Caps on what one simulation allocates, checked before anything is: scan positions (rows × columns)
+#: and object pixels per side. At both caps a simulation holds about 2.3 GB and takes seconds; the
+#: bundled fixtures use at most 81 positions and 170 pixels. Without them ``--step 1e6`` or ``--scan
+#: 100000x100000`` asked for terabytes and ended in a MemoryError, an OverflowError or the OOM killer.
+MAX_POSITIONS = 2048
+MAX_OBJECT_SIDE = 1024
+#: The ``make-fixture`` option of each parameter, so that a refusal names what the user typed.
+OPTIONS = {
+    "kind": "--kind",
+    "N": "--N",
+    "gridsize": "--gridsize",
+    "seed": "--seed",
+    "scan_shape": "--scan",
+    "step": "--step",
+    "jitter": "--jitter",
+    "nphotons": "--nphotons",
+    "probe_phase": "--probe-phase",
+    "beamstop": "--beamstop",
+}
 
 
 @dataclass(frozen=True)
@@ -78,7 +97,8 @@ class SimulationParams:
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> ParityInputError:
             value = getattr(self, key)
-            return ParityInputError(f"simulation parameter {key!r} is {value!r}; expected {expected}")
+            option = f" (make-fixture option {OPTIONS[key]})" if key in OPTIONS else ""
+            return ParityInputError(f"simulation parameter {key!r} is {value!r}; expected {expected}{option}")
 
         if self.kind not in OBJECT_KINDS:
             raise bad("kind", f"one of {', '.join(OBJECT_KINDS)}")
@@ -104,6 +124,35 @@ class SimulationParams:
             raise bad("offsets_origin", f"one of {', '.join(OFFSETS_ORIGINS)}")
         if not 0 <= self.beamstop <= self.N or self.beamstop % 2:
             raise bad("beamstop", f"an even number of pixels from 0 to N={self.N}")
+        self._check_size()
+
+    def _check_size(self) -> None:
+        """Refuse a scan or an object beyond the caps before anything is allocated (see MAX_POSITIONS).
+
+        The object's extent is computed in floats and compared, never rounded to an int first, so a
+        step of 1e300 is refused like one of 1e6 instead of overflowing.
+        """
+        rows, cols = self.scan_shape
+        if rows * cols > MAX_POSITIONS:
+            raise ParityInputError(
+                f"simulation parameter 'scan_shape' is {rows}x{cols} = {rows * cols} scan positions; at most "
+                f"{MAX_POSITIONS} are simulated (parity.simulate.MAX_POSITIONS) (make-fixture option --scan)"
+            )
+        if self.margin > MAX_OBJECT_SIDE:
+            raise ParityInputError(
+                f"simulation parameter 'margin' is {self.margin}; expected at most {MAX_OBJECT_SIDE} pixels, "
+                f"the largest object side simulated (parity.simulate.MAX_OBJECT_SIDE)"
+            )
+        extent = 2 * self.margin + 2 * self.jitter + (max(rows, cols) - 1) * self.step
+        # As object_shape computes it; rounded only when finite and small, so 1e300 cannot overflow.
+        side = math.ceil(extent) + self.N + 1 if extent <= MAX_OBJECT_SIDE else extent + self.N + 1
+        if not side <= MAX_OBJECT_SIDE:
+            raise ParityInputError(
+                f"simulation parameters 'scan_shape' ({rows}x{cols}) and 'step' ({self.step:g}) ask for an object "
+                f"{side:.4g} pixels wide (ceil((max(rows, cols) − 1)·step + 2·(margin + jitter)) + N + 1); at most "
+                f"{MAX_OBJECT_SIDE} are simulated (parity.simulate.MAX_OBJECT_SIDE): use a smaller make-fixture "
+                "option --step or --scan"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

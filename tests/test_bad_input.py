@@ -331,6 +331,17 @@ CASES: dict[str, Case] = {
     "make-fixture-jitter-too-large": Case(
         lambda t: ["make-fixture", str(t / "f.h5"), "--jitter", "2"], "simulation parameter 'jitter' is 2.0"
     ),
+    # Sizes no machine holds: refused by the option before anything is allocated.
+    "make-fixture-huge-step": Case(
+        lambda t: ["make-fixture", str(t / "f.h5"), "--step", "1e6"], "at most 1024 are simulated"
+    ),
+    "make-fixture-overflowing-step": Case(
+        lambda t: ["make-fixture", str(t / "f.h5"), "--step", "1e300"], "use a smaller make-fixture option --step"
+    ),
+    "make-fixture-huge-scan": Case(
+        lambda t: ["make-fixture", str(t / "f.h5"), "--scan", "100000x100000"],
+        "'scan_shape' is 100000x100000 = 10000000000 scan positions; at most 2048",
+    ),
     "make-weights-bad-config": Case(
         lambda t: ["make-weights", "--set", "gridsize=5", str(t / "w.h5")], "key 'gridsize' has value 5"
     ),

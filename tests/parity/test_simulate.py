@@ -7,6 +7,7 @@ from parity.batch import disk_mask
 from parity.errors import ParityInputError
 from parity.simulate import (
     BUNDLED_FIXTURES,
+    MAX_OBJECT_SIDE,
     SimulationParams,
     expected_intensity,
     extract_patches,
@@ -160,11 +161,40 @@ def test_groups_with_duplicate_positions_and_chunking_match_brute_force():
         ({"seed": True}, "seed"),
         ({"beamstop": 3}, "beamstop"),
         ({"beamstop": 66}, "beamstop"),
+        # Sizes beyond the caps, refused before anything is allocated (a MemoryError or an
+        # OverflowError before the caps; 100000x100000 grew until the OOM killer ended it).
+        ({"step": 1e6}, "step"),
+        ({"step": 1e300}, "step"),
+        ({"step": 1.7e308}, "step"),
+        ({"scan_shape": (100000, 100000)}, "scan_shape"),
+        ({"scan_shape": (1, 300)}, "scan_shape"),
+        ({"margin": 10**400}, "margin"),
+        ({"N": 2048}, "scan_shape"),
     ],
 )
 def test_invalid_parameters_are_rejected_by_name(changes, key):
     with pytest.raises(ParityInputError, match=repr(key)):
         dataclasses.replace(SMALL, **changes)
+
+
+def test_size_caps_name_the_make_fixture_option_and_hold_exactly_at_the_cap():
+    with pytest.raises(
+        ParityInputError, match=r"'step' \(1e\+06\) ask for an object 4e\+06 pixels wide.*option --step"
+    ):
+        dataclasses.replace(SMALL, step=1e6)
+    with pytest.raises(
+        ParityInputError, match=r"100000x100000 = 10000000000 scan positions; at most 2048 .*option --scan"
+    ):
+        dataclasses.replace(SMALL, scan_shape=(100000, 100000))
+    assert dataclasses.replace(SMALL, scan_shape=(32, 64), step=0.1).scan_shape == (32, 64)  # 2048 positions
+    with pytest.raises(ParityInputError, match="2049 scan positions"):
+        dataclasses.replace(SMALL, scan_shape=(2049, 1), step=0.1)
+    # The largest step whose object is exactly MAX_OBJECT_SIDE wide is accepted, a hair more is not.
+    extent = MAX_OBJECT_SIDE - SMALL.N - 1 - 2 * (SMALL.margin + SMALL.jitter)
+    widest = dataclasses.replace(SMALL, step=extent / (max(SMALL.scan_shape) - 1))
+    assert max(widest.object_shape) == MAX_OBJECT_SIDE
+    with pytest.raises(ParityInputError, match=f"1025 pixels wide.*at most {MAX_OBJECT_SIDE}"):
+        dataclasses.replace(SMALL, step=(extent + 0.01) / (max(SMALL.scan_shape) - 1))
 
 
 def test_beamstop_zeroes_a_centred_square_of_whole_pool_windows_and_changes_nothing_else():
