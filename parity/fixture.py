@@ -581,17 +581,56 @@ def _config_canvas(config: ModelConfig) -> str:
     )
 
 
+def _positions(fixture: FixtureData) -> np.ndarray:
+    """(n, 2) float64 scan positions as [x, y]."""
+    return np.stack([np.asarray(fixture.xcoords, np.float64), np.asarray(fixture.ycoords, np.float64)], axis=-1)
+
+
+def _derived_offsets(positions: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """−(position − group mean) of the groups ``members`` (..., C), float64 [dx, dy]: what batches
+    carry when the fixture stores no offsets (rounded to float32 there)."""
+    pos = positions[members]
+    return np.asarray(-(pos - pos.mean(axis=-2, keepdims=True)))
+
+
+def _check_derived_offsets(fixture: FixtureData, config: ModelConfig, where: str) -> None:
+    """Refuse positions whose derived offsets move a patch entirely off the canvas.
+
+    The stored offsets' rule, |d| <= (M − N)/2, is too strict here: configs with a margin smaller
+    than the scan step are valid and run (the sweep's canvases without margin), their patches partly
+    cut. But at |d| >= (M + N)/2 no pixel of the patch lands on the canvas, every re-extracted value
+    is zero in every backend, and a comparison "passes" on nothing (one group member 1e7 pixels
+    away did exactly that).
+    """
+    groups = np.asarray(fixture.groups, dtype=np.int64)
+    d = _derived_offsets(_positions(fixture), groups)
+    limit = (config.M + config.N) / 2
+    bad = ~(np.abs(d) < limit)  # NaN is bad too
+    if bad.any():
+        g, c, k = _first_index(bad)
+        axis, coords = ("dx", "xcoords") if k == 0 else ("dy", "ycoords")
+        raise FixtureError(
+            f"{where}: dataset {coords!r} puts member {c} of group {g} (position {int(groups[g, c])}) "
+            f"{abs(d[g, c, k]):g} pixels from its group's mean position ({int(bad.sum())} values like it): the "
+            f"offset derived from it, {axis} = {d[g, c, k]:g}, moves the patch entirely off the canvas (|{axis}| "
+            f"must be below (M + N)/2 = {limit:g} pixels; M = {config.M}, N = {config.N}), so all its values would "
+            "be zero and the comparison meaningless: check the positions' units and the dataset 'groups'"
+        )
+
+
 def check_offsets(fixture: FixtureData, config: ModelConfig, where: str | None = None) -> None:
-    """Refuse stored ``offsets`` that do not fit the config's canvas (forward-model.md, section 4).
+    """Refuse offsets that do not fit the config's canvas (forward-model.md, section 4).
 
     Re-extraction translates the canvas by the raw offset d, so |dx|, |dy| <= (M − N)/2 for every
     stored offset, or the patch is cut from beyond the canvas. (The merge's own bound, on d − d̄, depends
-    on the batch and is checked by :func:`iter_batches`.) Offsets derived from positions are not
-    checked; a fixture without ``offsets`` passes.
+    on the batch and is checked by :func:`iter_batches`.) Offsets derived from positions, when none are
+    stored, must keep some of each patch on the canvas: |dx|, |dy| < (M + N)/2
+    (:func:`_check_derived_offsets` says why not the stored bound).
     """
-    if fixture.offsets is None:
-        return
     where = where if where is not None else str(getattr(fixture, "path", "<unsaved fixture>"))
+    if fixture.offsets is None:
+        _check_derived_offsets(fixture, config, where)
+        return
     d = np.asarray(fixture.offsets, dtype=np.float64)
     bad = ~(np.abs(d) <= canvas_margin(config))  # NaN is bad too
     if bad.any():
@@ -675,7 +714,8 @@ def iter_batches(
     Offsets are the fixture's stored ``offsets`` (cast to float32, not centred) when it has them, and
     −(position − group mean) otherwise. Stored offsets must fit the canvas: |d| <= (M − N)/2 for every
     one (:func:`check_offsets`), and, since the merge moves each patch by −(d − d̄) with d̄ the mean of
-    the batch's B·C offsets, |d − d̄| <= (M − N)/2 within every batch.
+    the batch's B·C offsets, |d − d̄| <= (M − N)/2 within every batch. Derived offsets must keep part of
+    each patch on the canvas, |d| < (M + N)/2, for every group (:func:`check_offsets`).
     """
     where = str(getattr(fixture, "path", "<unsaved fixture>"))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -684,23 +724,22 @@ def iter_batches(
         raise ParityInputError(f"max_groups is {max_groups!r}; expected None or an integer >= 1")
     _check_config(int(fixture.N), int(fixture.gridsize), config, where)
     total = fixture.n_groups if max_groups is None else min(max_groups, fixture.n_groups)
+    # Every batch is checked before the first is yielded, so a run fails before any backend runs.
+    check_offsets(fixture, config, where)
     if fixture.offsets is not None:
-        # Every batch is checked before the first is yielded, so a run fails before any backend runs.
-        check_offsets(fixture, config, where)
         for start in range(0, total, batch_size):
             idx = np.arange(start, min(start + batch_size, total), dtype=np.int64)
             _check_merge_shift(_stored_offsets(fixture.offsets, idx), idx, batch_size, config, where)
     factor = check_range(fixture, config, max_groups)
     probe = normalise_probe(fixture.probe, config.probe_scale)
     diff = fixture.diffraction
-    positions = np.stack([np.asarray(fixture.xcoords, np.float64), np.asarray(fixture.ycoords, np.float64)], axis=-1)
+    positions = _positions(fixture)
     for start in range(0, total, batch_size):
         idx = np.arange(start, min(start + batch_size, total), dtype=np.int64)
         members = np.asarray(fixture.groups[idx], dtype=np.int64)  # (B, C)
         x = (np.asarray(diff[members], dtype=np.float64) * factor).astype(np.float32)
         if fixture.offsets is None:
-            pos = positions[members]  # (B, C, 2) as [x, y]
-            offsets = (-(pos - pos.mean(axis=1, keepdims=True))).astype(np.float32)
+            offsets = _derived_offsets(positions, members).astype(np.float32)  # (B, C, 2) as [dx, dy]
         else:
             offsets = _stored_offsets(fixture.offsets, idx)
         batch = CanonicalBatch(x=x, offsets=offsets, probe=probe.copy(), groups=idx)

@@ -585,6 +585,40 @@ def test_without_stored_offsets_batches_are_centred_per_group(small):
         np.testing.assert_allclose(b.offsets.astype(np.float64).sum(axis=1), 0.0, atol=1e-5)
 
 
+def test_positions_whose_derived_offsets_leave_the_canvas_entirely_are_refused(tmp_path, small):
+    """One member 1e7 pixels from its group, hashes consistent: every derived offset of the group moved
+    its patch off the canvas, all outputs were zero and the comparison passed on nothing."""
+    cfg = ModelConfig()  # M = 78, N = 64: a derived offset must stay below (M + N)/2 = 71 pixels
+    far = small.xcoords.copy()
+    far[small.groups[0, 0]] += 1e7
+    data = dataclasses.replace(small, xcoords=far)
+    path = write_fixture(tmp_path / "far.h5", data)  # without a config: nothing to check against
+    before = file_sha256(path)
+    pattern = (
+        r"dataset 'xcoords' puts member 0 of group 0 \(position 0\) 7.5e\+06 pixels from its group's mean "
+        r"position .*dx = -7.5e\+06, moves the patch entirely off the canvas \(\|dx\| must be below \(M \+ N\)/2 = "
+        r"71 pixels; M = 78, N = 64\)"
+    )
+    for attempt in (lambda: load_fixture(path, cfg), lambda: next(iter_batches(load_fixture(path), cfg, 1))):
+        with pytest.raises(FixtureError, match=pattern) as info:
+            attempt()
+        assert str(info.value).startswith(f"{path}: ")
+    assert file_sha256(path) == before
+    target = tmp_path / "refused.h5"
+    with pytest.raises(FixtureError, match=pattern):
+        write_fixture(target, data, cfg)
+    assert not target.exists()
+    # Offsets that cut a patch but keep part of it on the canvas are run, as before: the sweep's
+    # canvases without margin, and a member 80 pixels away (derived offsets up to about 61).
+    no_margin = ModelConfig(offset=0, max_position_jitter=0)
+    assert sum(b.size for b in iter_batches(small, no_margin, 4)) == small.n_groups
+    ys = small.ycoords.copy()
+    ys[small.groups[0, 0]] += 80.0
+    batches = list(iter_batches(dataclasses.replace(small, ycoords=ys), cfg, 4))
+    largest = max(float(np.abs(b.offsets).max()) for b in batches)
+    assert sum(b.size for b in batches) == small.n_groups and 7 < largest < 71
+
+
 def test_offsets_round_trip_bit_exact_and_deterministic(tmp_path, small):
     rng = np.random.default_rng(5)
     offsets = rng.uniform(-6.5, 6.5, size=(small.n_groups, 4, 2))
