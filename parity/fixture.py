@@ -773,11 +773,29 @@ def available_fixtures() -> list[str]:
     return sorted(p.stem for p in bundled_fixtures_dir().glob("*.h5"))
 
 
+def _refuse_missing_path(name: str) -> None:
+    """A name the user clearly meant as a file (a folder part, a suffix other than .h5, or a dangling
+    symbolic link) is reported as a missing file, not as an unknown bundled fixture."""
+    path = Path(name)
+    if path.is_symlink() and not path.exists():
+        raise FixtureError(
+            f"{name}: fixture file does not exist (a symbolic link to {os.readlink(path)!r}, which does not)"
+        )
+    separators = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if any(sep in name for sep in separators) or path.suffix not in ("", ".h5"):
+        if path.exists():
+            return  # there after all: the caller decides what to do with it
+        missing = next((p for p in reversed(path.parents) if not p.exists()), None)
+        where = f"; folder {missing} does not exist" if missing is not None and str(missing) != "." else ""
+        raise FixtureError(f"{name}: fixture file does not exist{where}")
+
+
 def bundled_fixture(name: str) -> Path:
     """Path of the bundled fixture ``name`` (with or without ``.h5``)."""
     stem = name[:-3] if name.endswith(".h5") else name
     names = available_fixtures()
     if stem not in names or "/" in stem or "\\" in stem:
+        _refuse_missing_path(name)
         raise FixtureError(f"bundled fixture {name!r} does not exist; available: {', '.join(names) or 'none'}")
     return bundled_fixtures_dir() / f"{stem}.h5"
 

@@ -92,6 +92,17 @@ def _locked_report(t: Path) -> Path:
     return folder
 
 
+def _symlink(path: Path, target: Path) -> Path:
+    path.symlink_to(target)
+    return path
+
+
+def _huge_diffraction(fh: h5py.File) -> None:
+    """A diffraction declared (10⁷, 64, 64), 153 GiB, its storage never allocated: the file stays small."""
+    del fh["diffraction"]
+    fh.create_dataset("diffraction", shape=(10**7, 64, 64), dtype="<f4", chunks=(1, 64, 64))
+
+
 def run(*args: str) -> Callable[[Path], list[str]]:
     return lambda t: ["run", *SMALL, "--backends", "reference", "--report", str(t / "report"), *args]
 
@@ -168,7 +179,39 @@ CASES: dict[str, Case] = {
         lambda t: run("--fixture", str(_fixture_copy(t, lambda fh: fh["xcoords"].__setitem__(0, 1.5))))(t),
         "{t}/fixture.h5: dataset 'xcoords' does not match its SHA-256",
     ),
+    "fixture-path-in-missing-folder": Case(
+        lambda t: run("--fixture", str(t / "no" / "myfixture"))(t),
+        "{t}/no/myfixture: fixture file does not exist; folder {t}/no does not exist",
+    ),
+    "fixture-dangling-symlink": Case(
+        lambda t: run("--fixture", str(_symlink(t / "myfixture", t / "gone.h5")))(t),
+        "{t}/myfixture: fixture file does not exist (a symbolic link to '{t}/gone.h5', which does not)",
+    ),
+    "fixture-attribute-is-an-array": Case(
+        lambda t: run(
+            "--fixture",
+            str(_fixture_copy(t, lambda fh: fh["xcoords"].attrs.__setitem__("units", np.array([b"pixel", b"pixel"])))),
+        )(t),
+        "{t}/fixture.h5: dataset 'xcoords' has attribute 'units' = [b'pixel', b'pixel'] (ndarray); expected the string",
+    ),
+    "fixture-declares-a-huge-dataset": Case(
+        lambda t: run("--fixture", str(_fixture_copy(t, _huge_diffraction)))(t),
+        "{t}/fixture.h5: dataset 'diffraction' declares shape (10000000, 64, 64) of float32, 152.6 GiB, more than",
+    ),
     # --- weights ---------------------------------------------------------------------------------
+    "weights-dangling-link": Case(
+        lambda t: run(
+            "--weights",
+            str(
+                _weights(
+                    t,
+                    ModelConfig(gridsize=1, probe_big=False),
+                    lambda fh: fh.__setitem__("extra", h5py.SoftLink("/nowhere")),
+                )
+            ),
+        )(t),
+        "{t}/weights.h5: 'extra' is a SoftLink; a weights file holds no links",
+    ),
     "weights-missing": Case(run("--weights", "/nonexistent/w.h5"), "/nonexistent/w.h5: weights file does not exist"),
     "weights-corrupt": Case(
         lambda t: run("--weights", str(_write(t / "w.h5", b"not hdf5 at all")))(t), "{t}/w.h5: not a readable HDF5"

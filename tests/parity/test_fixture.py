@@ -129,6 +129,26 @@ def test_bundled_fixture_lookup_and_unknown_name():
         bundled_fixture("n32_g2_lines")
 
 
+def test_a_name_meant_as_a_path_is_reported_as_a_missing_file(tmp_path):
+    """Not as an unknown bundled fixture: a folder part, a foreign suffix or a dangling link says "file"."""
+    cases = {
+        str(tmp_path / "sub" / "myfixture"): f"{tmp_path / 'sub' / 'myfixture'}: fixture file does not exist; "
+        f"folder {tmp_path / 'sub'} does not exist",
+        str(tmp_path / "myfixture"): f"{tmp_path / 'myfixture'}: fixture file does not exist",
+        "myfixture.hdf5": "myfixture.hdf5: fixture file does not exist",
+    }
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone.h5")
+    cases[str(link)] = (
+        f"{link}: fixture file does not exist (a symbolic link to '{tmp_path / 'gone.h5'}', which does not)"
+    )
+    for name, message in cases.items():
+        with pytest.raises(FixtureError) as info:
+            bundled_fixture(name)
+        assert str(info.value) == message
+        assert "bundled" not in str(info.value)
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_bundled_fixture_loads_with_metadata(name):
     fx = load_fixture(bundled_fixture(name), CONFIGS[name])
