@@ -416,14 +416,16 @@ def _check_dataset_attributes(name: str, attrs: Mapping[str, Any], version: int,
             raise FixtureError(f"{where}: dataset {name!r} has {key}={found!r}; this schema reads only {value!r}")
 
 
-def stored_dataset(fh: Any, name: str, where: str, error: type[ParityInputError], holder: str) -> Any:
+def stored_dataset(
+    fh: Any, name: str, where: str, error: type[ParityInputError], holder: str, expected: str = "a dataset"
+) -> Any:
     """Member ``name`` of the open HDF5 file ``fh`` as a dataset whose data lies in that file.
 
     Soft and external links, external storage and virtual datasets would pull data from other files,
     which no hash recorded in this one vouches for, and a dangling link fails with a bare KeyError when
     followed. So a link is refused by its name before it is followed, then a group, then a dataset
     stored elsewhere. Shared by the fixture and weights loaders; ``error`` is the loader's error
-    class, ``holder`` what the file is ("fixture", "weights file").
+    class, ``holder`` what the file is ("fixture", "weights file"), ``expected`` what each member is.
     """
     import h5py
 
@@ -432,7 +434,7 @@ def stored_dataset(fh: Any, name: str, where: str, error: type[ParityInputError]
         raise error(f"{where}: {name!r} is a {type(link).__name__}; a {holder} holds no links")
     node = fh[name]
     if not isinstance(node, h5py.Dataset):
-        raise error(f"{where}: {name!r} is a {type(node).__name__}, not a dataset")
+        raise error(f"{where}: {name!r} is a {type(node).__name__}, not {expected}")
     if node.is_virtual or node.external:
         raise error(f"{where}: dataset {name!r} is stored outside the file (virtual or external)")
     return node

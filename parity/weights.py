@@ -172,7 +172,7 @@ def load_weights(path: str | os.PathLike[str], config: ModelConfig) -> dict[str,
             for name in fh:
                 # As the fixture loader does: links refused by name (a dangling one would be a bare
                 # KeyError), and a shape larger than the file refused before it is allocated.
-                node = stored_dataset(fh, name, where, WeightsError, "weights file")
+                node = stored_dataset(fh, name, where, WeightsError, "weights file", "a dataset of parameters")
                 check_declared_size(node, name, file_size, where, WeightsError, "weights file")
                 weights[name] = np.asarray(node[()])
     except (OSError, RuntimeError, KeyError) as exc:
