@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 import parity
-from parity.atomic import atomic_path, write_text
+from parity.atomic import atomic_path, staged
 from parity.compare import ComparisonResult, _jsonable
 from parity.errors import ParityInputError
 from parity.runner import ParityResult, TapResult, statistics_summary
@@ -347,38 +347,54 @@ def claim_folder(folder: str | Path) -> Iterator[Path]:
         lock.unlink(missing_ok=True)
 
 
-def write_statistics(result: ParityResult, path: Path) -> None:
-    """One array per backend, tap and statistic, stored uncompressed: each holds a few patches'
-    values, and compressing thousands of them doubled the time to write (0.22 against 0.11 s for the
-    default config's gradient report) for a file 30 % smaller (1.9 against 2.7 MB)."""
+def _save_statistics(result: ParityResult, path: Path) -> None:
     arrays = {
         f"{backend}|{tap}|{stat}": values
         for backend, per_tap in result.statistics.items()
         for tap, per_stat in per_tap.items()
         for stat, values in per_stat.items()
     }
+    with open(path, "wb") as fh:
+        members: dict[str, Any] = dict(arrays)
+        np.savez(fh, **members)
+
+
+def write_statistics(result: ParityResult, path: Path) -> None:
+    """One array per backend, tap and statistic, stored uncompressed: each holds a few patches'
+    values, and compressing thousands of them doubled the time to write (0.22 against 0.11 s for the
+    default config's gradient report) for a file 30 % smaller (1.9 against 2.7 MB)."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            members: dict[str, Any] = dict(arrays)
-            np.savez(fh, **members)
+        _save_statistics(result, tmp)
 
 
 def write_reports(
     result: ParityResult, folder: str | Path, *, html: bool = True, all_taps: bool = False
 ) -> dict[str, Path]:
-    """Write every report format into ``folder`` (atomically, file by file); returns their paths."""
+    """Write every report format into ``folder`` as one set; returns their paths.
+
+    The files are one report (report.json names the others, and readers look at it first), so a
+    folder must never hold files of two runs: each is written to a temporary first, the slow part
+    (the HTML takes seconds), where an interrupt or an error leaves the earlier report as it was.
+    Then the temporaries replace the earlier files in a fixed order, report.json last, with a Ctrl-C
+    held for those few renames and a failing one undone (:func:`parity.atomic.staged`), and the
+    earlier report's file this run does not write (report.html after ``--no-html``) is removed with
+    them. After a run, completed or interrupted, the folder holds the whole old report or the whole
+    new one.
+    """
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / JSON_NAME, "markdown": out / MARKDOWN_NAME, "statistics": out / STATS_NAME}
-    write_statistics(result, paths["statistics"])
-    write_text(paths["markdown"], to_markdown(result))
-    doc = to_json_dict(result)
     if html:
-        from parity.report_html import to_html
-
         paths["html"] = out / HTML_NAME
-        write_text(paths["html"], to_html(result, all_taps=all_taps, data=doc))
-    write_text(paths["json"], json_text(doc))
+    doc = to_json_dict(result)
+    with staged(remove=[] if html else [out / HTML_NAME]) as stage:
+        _save_statistics(result, stage(paths["statistics"]))
+        stage(paths["markdown"]).write_text(to_markdown(result), encoding="utf-8")
+        if html:
+            from parity.report_html import to_html
+
+            stage(paths["html"]).write_text(to_html(result, all_taps=all_taps, data=doc), encoding="utf-8")
+        stage(paths["json"]).write_text(json_text(doc), encoding="utf-8")
     return paths
 
 

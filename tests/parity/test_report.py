@@ -159,3 +159,91 @@ def test_layer_local_results_are_in_every_report_and_the_json_validates(tol, tmp
     assert "| torch local |" in markdown and "End-to-end parity only for `plain`" in markdown
     html_text = (tmp_path / "rep" / "report.html").read_text()
     assert "First stage that computes differently" in html_text and "torch locally" in html_text
+
+
+# A report folder holds one run's report: the whole earlier one or the whole new one, never a mix.
+
+
+def _contents(folder):
+    """{name: bytes} of every file in a report folder, hidden ones (temporaries, backups) included."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def two_reports(tol, tmp_path):
+    """A failing and a passing run, and each one's complete report as written into an empty folder."""
+    first, second = _result(tol), _result(tol, bad=False)
+    write_reports(first, tmp_path / "first")
+    write_reports(second, tmp_path / "second")
+    return first, second, _contents(tmp_path / "first"), _contents(tmp_path / "second")
+
+
+def test_a_report_interrupted_while_it_is_written_leaves_the_earlier_one_whole(two_reports, tmp_path, monkeypatch):
+    """A Ctrl-C while the HTML renders (the slow part) leaves every file of the earlier report as it was."""
+    import parity.report_html
+
+    first, second, old, _ = two_reports
+    folder = tmp_path / "rep"
+    write_reports(first, folder)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(parity.report_html, "to_html", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_reports(second, folder)
+    assert _contents(folder) == old
+
+
+def test_a_ctrl_c_among_the_renames_ends_the_write_with_the_whole_new_report(two_reports, tmp_path, monkeypatch):
+    """A SIGINT that lands between two files' renames is held until every file is in place: the
+    interrupt still ends the write, and the folder holds the new report alone."""
+    import os
+    import signal
+
+    first, second, _, new = two_reports
+    folder = tmp_path / "rep"
+    write_reports(first, folder)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        real(src, dst)
+        calls.append(dst)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered at Python's next check, right after this rename
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_reports(second, folder)
+    assert len(calls) == 4
+    assert _contents(folder) == new
+
+
+@pytest.mark.parametrize("failing", ["statistics.npz", "report.md", "report.html", "report.json"])
+def test_a_rename_that_fails_leaves_the_whole_earlier_report(two_reports, tmp_path, monkeypatch, failing):
+    """A file that cannot be replaced (made immutable, say) undoes the files already replaced."""
+    import os
+
+    first, second, old, _ = two_reports
+    folder = tmp_path / "rep"
+    write_reports(first, folder)
+    real = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == failing:
+            raise PermissionError(1, "Operation not permitted", str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(PermissionError):
+        write_reports(second, folder)
+    assert _contents(folder) == old
+
+
+def test_a_report_without_html_removes_the_earlier_reports_html(two_reports, tmp_path):
+    first, second, _, new = two_reports
+    folder = tmp_path / "rep"
+    write_reports(first, folder)
+    paths = write_reports(second, folder, html=False)
+    assert "html" not in paths
+    assert _contents(folder) == {k: v for k, v in new.items() if k != "report.html"}
