@@ -298,6 +298,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _lock_owner(lock: Path) -> dict[str, Any]:
+    """Who holds ``lock``: the JSON object a run wrote there, or {} when it holds anything else (a
+    lock cut short, or written by hand): then nothing says which run holds it, and the error asks
+    the user to delete it if no run is going on, naming it."""
+    try:
+        owner = json.loads(lock.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
 @contextlib.contextmanager
 def claim_folder(folder: str | Path) -> Iterator[Path]:
     """Make ``folder`` this run's report folder, before any work: created, writable, and not being
@@ -320,14 +331,16 @@ def claim_folder(folder: str | Path) -> Iterator[Path]:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                owner = {}
+            owner = _lock_owner(lock)
             same_host = owner.get("host") == me["host"]
             if same_host and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
                 lock.unlink(missing_ok=True)  # left by a run that died: take it over
                 continue
+            if not owner:
+                raise ParityInputError(
+                    f"report folder {path}: its lock file {lock} does not say which run holds it (it is not a "
+                    f"JSON object naming a pid and host); if no run is writing there, delete {lock}"
+                ) from None
             raise ParityInputError(
                 f"report folder {path} is being written by another run (pid {owner.get('pid', '?')} on "
                 f"{owner.get('host', '?')}, since {owner.get('started', '?')}); wait for it to finish or "

@@ -84,11 +84,12 @@ def _good_npz(t: Path, drop: str | None = None) -> Path:
     return _npz(t, **arrays)
 
 
-def _locked_report(t: Path) -> Path:
+def _locked_report(t: Path, lock: str | None = None) -> Path:
     folder = t / "report"
     folder.mkdir()
-    # Held by a live process on this host (this one): another run is writing there.
-    _write(folder / LOCK_NAME, json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": "now"}))
+    # By default held by a live process on this host (this one): another run is writing there.
+    owner = {"pid": os.getpid(), "host": os.uname().nodename, "started": "now"}
+    _write(folder / LOCK_NAME, json.dumps(owner) if lock is None else lock)
     return folder
 
 
@@ -329,6 +330,10 @@ CASES: dict[str, Case] = {
     "report-in-use": Case(
         lambda t: ["run", *SMALL, "--backends", "reference", "--report", str(_locked_report(t))],
         "option --report: report folder {t}/report is being written by another run (pid",
+    ),
+    "report-lock-not-an-object": Case(
+        lambda t: ["run", *SMALL, "--backends", "reference", "--report", str(_locked_report(t, "[1, 2]"))],
+        "option --report: report folder {t}/report: its lock file {t}/report/.ptycho-parity.lock does not say",
     ),
     # --- NPZ import ------------------------------------------------------------------------------
     "npz-missing": Case(lambda t: ["import-npz", str(t / "no.npz"), str(t / "o.h5")], "{t}/no.npz: NPZ file does not"),

@@ -247,3 +247,20 @@ def test_a_report_without_html_removes_the_earlier_reports_html(two_reports, tmp
     paths = write_reports(second, folder, html=False)
     assert "html" not in paths
     assert _contents(folder) == {k: v for k, v in new.items() if k != "report.html"}
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"a string"', "42", "null", "{not json", ""])
+def test_a_lock_that_names_no_run_is_an_error_naming_the_lock_file(tmp_path, content):
+    from parity.errors import ParityInputError
+    from parity.report import LOCK_NAME, claim_folder
+
+    lock = tmp_path / LOCK_NAME
+    lock.write_text(content)
+    with pytest.raises(ParityInputError) as info:
+        with claim_folder(tmp_path):
+            pass
+    assert str(info.value) == (
+        f"report folder {tmp_path}: its lock file {lock} does not say which run holds it (it is not a JSON "
+        f"object naming a pid and host); if no run is writing there, delete {lock}"
+    )
+    assert lock.read_text() == content
