@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.atomic import atomic_path, write_text
+from parity.atomic import atomic_path, staged, write_text
 from parity.compare import ComparisonResult, ElementwiseComparison
 from parity.errors import BaselineError
 from parity.verdict import decide
@@ -125,6 +125,10 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise BaselineError(
             f"{path}: baseline metadata is not valid JSON ({exc}); regenerate with --force-regen"
         ) from exc
+    except OSError as exc:  # a folder in its place, a loop of links, ...
+        raise BaselineError(
+            f"{path}: baseline metadata cannot be read ({exc.strerror or exc}); regenerate with --force-regen"
+        ) from None
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
         raise BaselineError(f"{path}: key 'schema_version' is {version!r}; expected {SCHEMA_VERSION}")
@@ -132,8 +136,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return data
 
 
+def _metadata_text(meta: Mapping[str, Any]) -> str:
+    return json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def write_metadata(path: Path, meta: Mapping[str, Any]) -> None:
-    write_text(path, json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    write_text(path, _metadata_text(meta))
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -143,7 +151,9 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
             if not isinstance(loaded, np.lib.npyio.NpzFile):
                 raise ValueError("a single .npy array, not an .npz archive")
             with loaded as npz:
-                return {k: np.asarray(npz[k]) for k in npz.files}
+                arrays = {k: np.asarray(npz[k]) for k in npz.files}
+        _check_layout(arrays)
+        return arrays
     except FileNotFoundError:
         raise BaselineError(f"{path}: baseline file does not exist") from None
     except Exception as exc:  # zipfile, zlib, .npy header parsing, ...: whatever the damage, it is corrupt
@@ -151,12 +161,36 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
         raise BaselineError(f"{path}: baseline file is corrupt ({why}); regenerate with --force-regen") from exc
 
 
+def _check_layout(arrays: Mapping[str, np.ndarray]) -> None:
+    """Raise ValueError unless ``arrays`` are in :func:`baseline_arrays`' layout: each tap's a 2-D
+    array of real numbers (statistics x patches), each name list 1-D text as long as its key says.
+
+    A well-formed archive can still hold anything (a 0-d array, strings where numbers belong), and
+    the comparison would then fail with an IndexError or a ValueError of its own, far from the file;
+    checked here, it is reported as the corrupt baseline it is, and --force-regen replaces it."""
+    for key, arr in arrays.items():
+        if key.startswith(STAT_NAMES_KEY):
+            rows = key[len(STAT_NAMES_KEY) :]
+            if not rows.isdigit() or arr.ndim != 1 or arr.dtype.kind not in "US" or arr.shape[0] != int(rows):
+                raise ValueError(f"member {key!r} is {_describe(arr)}, not the names of {rows} statistics")
+        elif arr.ndim != 2 or arr.dtype.kind not in "fiu":
+            raise ValueError(f"member {key!r} is {_describe(arr)}, not a tap's statistics x patches of numbers")
+
+
+def _describe(arr: np.ndarray) -> str:
+    return f"a {arr.ndim}-d array of {arr.dtype}" + (f", shape {arr.shape}" if arr.ndim else "")
+
+
+def _save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    with open(path, "wb") as fh:
+        members: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
+        np.savez_compressed(fh, **members)
+
+
 def write_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """The one writer of baseline arrays (and of the obtained statistics beside a failing check)."""
+    """The writer of baseline arrays on their own: the obtained statistics beside a failing check."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            members: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
-            np.savez_compressed(fh, **members)
+        _save_arrays(tmp, arrays)
 
 
 def file_digest(path: Path) -> str | None:
@@ -198,9 +232,39 @@ def compare_to_baseline(
     return out
 
 
-def _write_baseline(npz: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-    write_arrays(npz, arrays)
-    write_metadata(meta_path(npz), meta)
+def _write_baseline(npz: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> str | None:
+    """Write a baseline's ``.npz`` and ``.meta.json`` as one (:func:`parity.atomic.staged`); returns
+    None, or why they could not be written, both files then being as they were.
+
+    The metadata vouches for the arrays: a new ``.npz`` beside the old ``.meta.json`` (a failing or
+    interrupted second write) would be compared as if made from the old inputs, or the reverse. So
+    both go to temporaries first, and the two renames happen together or not at all. A failure is
+    reported as the baseline's problem, naming the files, rather than raised after the whole run.
+    """
+    meta_file = meta_path(npz)
+    try:
+        for path in (npz, meta_file):
+            _clear_empty_folder(path)
+        with staged() as stage:
+            _save_arrays(stage(npz), arrays)
+            stage(meta_file).write_text(_metadata_text(meta), encoding="utf-8")
+    except BaselineError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{npz} and {meta_file} cannot be written ({exc.strerror or exc}); both are as they were"
+    return None
+
+
+def _clear_empty_folder(path: Path) -> None:
+    """An empty folder where a baseline file belongs is removed, so that --force-regen replaces the
+    damaged baseline; a folder holding files is the user's, named in the error."""
+    if path.is_dir() and not path.is_symlink():
+        try:
+            path.rmdir()
+        except OSError:
+            raise BaselineError(
+                f"{path} is a folder holding files, where a baseline file belongs; remove it, then regenerate"
+            ) from None
 
 
 def baseline_folder(test_file: str | Path) -> Path:
@@ -260,12 +324,16 @@ def check_baselines(
         )
         arrays = baseline_arrays(stats)
         if regen_all:
-            _write_baseline(npz, arrays, meta_now)
-            result.baseline_notes.append(f"{name}: regenerated by --regen-all: {npz}")
+            failure = _write_baseline(npz, arrays, meta_now)
+            if failure:
+                problems.append(f"{name}: not regenerated by --regen-all: {failure}")
+            else:
+                result.baseline_notes.append(f"{name}: regenerated by --regen-all: {npz}")
             continue
         if not npz.exists():
-            _write_baseline(npz, arrays, meta_now)
-            problems.append(f"{name}: no baseline yet; created {npz} (check it in, and run again)")
+            failure = _write_baseline(npz, arrays, meta_now)
+            created = f"not created: {failure}" if failure else f"created {npz} (check it in, and run again)"
+            problems.append(f"{name}: no baseline yet; {created}")
             continue
         try:
             stale = stale_reasons(read_metadata(meta_path(npz)), meta_now)
@@ -276,8 +344,8 @@ def check_baselines(
             stale = [reason.replace("; regenerate with --force-regen", "") for reason in stale]
             what = f"{npz}: baseline made from other inputs or unreadable, not compared: " + "; ".join(stale)
             if force_regen:
-                _write_baseline(npz, arrays, meta_now)
-                what += f" (regenerated by --force-regen: {npz})"
+                failure = _write_baseline(npz, arrays, meta_now)
+                what += f" (not regenerated: {failure})" if failure else f" (regenerated by --force-regen: {npz})"
             else:
                 what += "; regenerate with --force-regen"
             problems.append(what)
@@ -294,11 +362,14 @@ def check_baselines(
         if len(failed) > 5:
             what += f"\n  ... and {len(failed) - 5} more"
         if obtained is not None:
-            write_arrays(obtained / f"{name}.npz", arrays)
-            what += f"\n  obtained statistics: {obtained / f'{name}.npz'}"
+            try:
+                write_arrays(obtained / f"{name}.npz", arrays)
+                what += f"\n  obtained statistics: {obtained / f'{name}.npz'}"
+            except OSError as exc:
+                what += f"\n  obtained statistics not written to {obtained / f'{name}.npz'} ({exc.strerror or exc})"
         if force_regen:
-            _write_baseline(npz, arrays, meta_now)
-            what += f"\n  regenerated by --force-regen: {npz}"
+            failure = _write_baseline(npz, arrays, meta_now)
+            what += f"\n  not regenerated: {failure}" if failure else f"\n  regenerated by --force-regen: {npz}"
         else:
             what += "\n  regenerate with --force-regen if the change is intended"
         problems.append(what)

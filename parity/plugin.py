@@ -305,14 +305,17 @@ class BaselineChecker:
         base = basename or re.sub(r"\W+", "_", self.request.node.name).strip("_")
         state = self.request.node.stash.get(_STATE, None)
         obtained = state.folder / "obtained" if state is not None else None
-        problems = check_baselines(
-            result,
-            baseline_folder(self.request.path),
-            base,
-            force_regen=bool(config.getoption("force_regen")),
-            regen_all=bool(config.getoption("regen_all")),
-            obtained=obtained,
-        )
+        try:
+            problems = check_baselines(
+                result,
+                baseline_folder(self.request.path),
+                base,
+                force_regen=bool(config.getoption("force_regen")),
+                regen_all=bool(config.getoption("regen_all")),
+                obtained=obtained,
+            )
+        except ParityInputError as exc:  # a baseline problem the check could not report as one
+            pytest.fail(f"bad input: {exc}", pytrace=False)
         if problems:
             raise AssertionError("baseline check failed\n" + "\n".join(problems))
 
