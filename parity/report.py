@@ -97,6 +97,7 @@ def to_json_dict(result: ParityResult) -> Any:
             "first_divergence": result.first_divergence,
             "first_local_divergence": result.first_local_divergence,
             "local_unsupported": result.local_unsupported,
+            "local_recomputed": result.local_recomputed,
             "gradients": {"enabled": result.gradients, "unsupported": result.gradients_unsupported},
             "reference": result.reference,
             "config": result.config,
@@ -180,19 +181,38 @@ def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
         lines += ["All compared taps agree within tolerance.", ""]
     local = result.first_local_divergence
     if local:
+        how = (
+            "the reference run on that backend's own inputs"
+            if result.first_local_recomputed
+            else "fed the reference's own inputs"
+        )
         lines += [
-            f"**First stage that computes differently** (fed the reference's own inputs): `{local['stage']}`, "
+            f"**First stage that computes differently** ({how}): `{local['stage']}`, "
             f"at `{local['tap']}` ({', '.join(local['backends'])}). Where this is later than the first diverging "
             "tap, the error there was carried in from upstream; where it is the same, that stage itself differs.",
             "",
         ]
         lines += [f"- {s}" for s in local["comparisons"]] + [""]
     for names, what, why in (
-        (result.local_unsupported, "End-to-end", "it cannot run a stage alone, so its local column is empty"),
-        (result.gradients_unsupported, "Forward", "it computes no gradients, so its `grad.*` taps are not exposed"),
+        (
+            result.local_unsupported,
+            "End-to-end parity only",
+            "it cannot run a stage alone, so its local column is empty",
+        ),
+        (
+            result.local_recomputed,
+            "Layer-local parity",
+            "it cannot run a stage alone, so its local column compares its outputs with the reference's stage "
+            "run on its own inputs to it (where it gives them)",
+        ),
+        (
+            result.gradients_unsupported,
+            "Forward parity only",
+            "it computes no gradients, so its `grad.*` taps are not exposed",
+        ),
     ):
         if names:
-            lines += [f"{what} parity only for {', '.join(f'`{n}`' for n in names)}: {why}.", ""]
+            lines += [f"{what} for {', '.join(f'`{n}`' for n in names)}: {why}.", ""]
     stale = result.stale_deviations()
     if stale or result.deviations:
         lines += ["## Declared deviations", ""]

@@ -121,13 +121,23 @@ def to_html(result: ParityResult, all_taps: bool = False, data: Mapping[str, Any
         )
     local = result.first_local_divergence
     if local:
+        how = (
+            "the reference run on that backend's inputs"
+            if result.first_local_recomputed
+            else "fed the reference's inputs"
+        )
         parts.append(
-            f"<p><b>First stage that computes differently</b> (fed the reference's inputs): "
+            f"<p><b>First stage that computes differently</b> ({how}): "
             f"<code>{esc(str(local['stage']))}</code> at <code>{esc(local['tap'])}</code> "
             f"({esc(', '.join(local['backends']))})</p>"
         )
     if result.local_unsupported:
         parts.append(f"<p>End-to-end parity only for {esc(', '.join(result.local_unsupported))}.</p>")
+    if result.local_recomputed:
+        parts.append(
+            f"<p>Layer-local parity of {esc(', '.join(result.local_recomputed))} (they cannot run a stage alone): "
+            "the reference ran each stage on their own inputs to it.</p>"
+        )
     if result.config_diff:
         rows = [[esc(k)] + [esc(repr(v.get(b))) for b in result.backends] for k, v in result.config_diff.items()]
         parts.append("<h2>Config differences</h2>" + _table(rows, ["key", *result.backends]))

@@ -678,6 +678,48 @@ def test_a_loss_bug_below_the_end_to_end_tolerance_is_caught_locally(bug: str) -
     assert _comparison(result, "loss.poisson_nll", "local_vs_reference", "torch").passed
 
 
+def _sqrt_floor_diffract(self: Any, field: Tensor) -> Tensor:
+    """BUG: amplitude = sqrt(max(|F|²/N², 1e-7)), a floor added "for numerical safety"."""
+    N = field.shape[-1]
+    spectrum = torch.fft.fft2(field, dim=(-2, -1))
+    intensity = torch.fft.fftshift((spectrum.real.square() + spectrum.imag.square()) / float(N * N), dim=(-2, -1))
+    return torch.sqrt(intensity.clamp_min(1e-7))
+
+
+def _scaled_outputs(self: Any, diffraction: Tensor) -> Tensor:
+    """BUG: the predicted amplitude 0.8 % high (an intensity scale 1.6 % off)."""
+    amplitude = diffraction * torch.exp(self.log_scale) * 1.008
+    return amplitude, amplitude.square()
+
+
+END_TO_END_HIDDEN = {
+    "sqrt_floor_in_the_diffraction": (ModelConfig(), _torch_model("SqrtFloor", diffract=_sqrt_floor_diffract)),
+    "amplitude_scale_0.8_percent": (ModelConfig(gridsize=1), _torch_model("Scaled", outputs=_scaled_outputs)),
+}
+
+
+@pytest.mark.parametrize("bug", list(END_TO_END_HIDDEN))
+def test_a_physics_bug_of_a_backend_that_cannot_run_stages_is_caught_at_its_stage(bug: str) -> None:
+    """A backend without run_stage (every wrapped original): end to end, the diffraction and outputs
+    carry the merge ring's possible error, and both bugs pass there. The reference runs each stage
+    on the backend's own inputs instead, and the bug fails at its own stage."""
+    config, model = END_TO_END_HIDDEN[bug]
+    no_stages = type("NoStages", (TorchBackend,), {"model_class": model, "runs_stages": False})
+    overrides = {
+        "reference": _clean("reference", config),
+        "torch": no_stages(config, resolve_weights(_spec(config, None)), "cpu"),
+    }
+    spec = replace(_spec(config, None), backends=("reference", "torch"))
+    result = run(spec, backend_overrides=overrides)
+
+    assert result.first_divergence is None, result.describe_failure()  # it passes end to end
+    first_tap = "physics.diffraction" if "sqrt" in bug else "output.amplitude"
+    assert result.verdict == "fail" and result.local_recomputed == ["torch"]
+    assert result.first_local_divergence["tap"] == first_tap, result.describe_failure()
+    assert result.first_local_divergence["margins"]["torch"] > 10
+    assert "(the reference run on that backend's inputs to it): " in result.describe_failure()
+
+
 CLEAN = sorted({(m.config, m.fixture or "") for m in MUTATIONS.values()}, key=lambda cf: (cf[0].short_id(), cf[1]))
 
 

@@ -150,15 +150,20 @@ def test_layer_local_results_are_in_every_report_and_the_json_validates(tol, tmp
     data = json.loads(paths["json"].read_text())
     jsonschema.validator_for(json.loads(schema_file().read_text())).validate(data)
     assert data["first_local_divergence"]["stage"] == "out" and data["first_local_divergence"]["backends"] == ["torch"]
-    assert data["local_unsupported"] == ["plain"]
+    assert data["local_unsupported"] == [] and data["local_recomputed"] == ["plain"]
     out = next(t for t in data["taps"] if t["name"] == "toy.out")
-    assert out["stage"] == "out" and [c["kind"] for c in out["local"]] == ["local_vs_reference"]
-    assert out["local"][0]["passed"] is False
+    assert out["stage"] == "out" and [(c["kind"], c["a"]) for c in out["local"]] == [
+        ("local_vs_reference", "torch"),
+        ("local_vs_reference", "plain"),
+    ]
+    assert out["local"][0]["passed"] is False and out["local"][1]["passed"] is True
     markdown = paths["markdown"].read_text()
     assert "**First stage that computes differently** (fed the reference's own inputs): `out`" in markdown
-    assert "| torch local |" in markdown and "End-to-end parity only for `plain`" in markdown
+    assert "| torch local |" in markdown and "| plain local |" in markdown
+    assert "Layer-local parity only for `plain`" not in markdown and "Layer-local parity for `plain`" in markdown
     html_text = (tmp_path / "rep" / "report.html").read_text()
     assert "First stage that computes differently" in html_text and "torch locally" in html_text
+    assert "Layer-local parity of plain (they cannot run a stage alone)" in html_text
 
 
 # A report folder holds one run's report: the whole earlier one or the whole new one, never a mix.

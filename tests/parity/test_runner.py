@@ -512,17 +512,59 @@ def test_a_bug_only_visible_locally_fails_the_run(tol):
     assert [c.tap for c in res.failures()] == ["toy.out"]
 
 
-def test_a_backend_that_cannot_run_stages_keeps_end_to_end_parity_and_says_so(tol):
-    from parity.report import to_json_dict, to_markdown
+def test_a_backend_that_cannot_run_stages_is_checked_by_the_reference_running_its_stages(tol):
+    """A wrapped original cannot run a stage alone; the reference runs each stage on that backend's
+    own inputs to it instead, and the backend's outputs are compared with that, in the same local
+    column: clean, it passes there too, and the report says how its stages were checked."""
+    from parity.report import to_json_dict
 
     res = _local_run(tol, plain=Toy32, staged=Staged32)
-    assert res.passed and res.local_unsupported == ["plain"]
-    assert all(c.a == "staged" for t in res.taps for c in t.local)
-    markdown = to_markdown(res)
-    assert "End-to-end parity only for `plain`" in markdown
-    header = next(line for line in markdown.splitlines() if line.startswith("| tap |"))
-    assert "| staged local |" in header and "plain local" not in header
-    assert to_json_dict(res)["local_unsupported"] == ["plain"]
+    assert res.passed and res.local_unsupported == [] and res.local_recomputed == ["plain"]
+    for tap in ("toy.hidden", "toy.out"):
+        assert _local(res, tap, "plain").passed and _local(res, tap, "plain").numel == 6 * 5 * 16
+    assert "reference running each stage on the backend's own inputs" in res.describe_divergence()
+    assert to_json_dict(res)["local_recomputed"] == ["plain"]
+
+
+def test_a_stage_bug_of_a_backend_that_cannot_run_stages_is_named_at_its_stage(tol):
+    """Both bugs of the staged test above, in a backend that cannot run stages: end to end only the
+    upstream one is named; stage by stage, recomputed on its own inputs, both are, and an error
+    only carried in from upstream passes where it arrives."""
+
+    class Both(Toy32):
+        def forward(self, batch):
+            taps = super().forward(batch)
+            h = taps["toy.hidden"] * np.float32(1.001)
+            return {**taps, "toy.hidden": h, "toy.out": np.tanh(h * np.float32(2.01))}
+
+    class Upstream(Toy32):
+        def forward(self, batch):
+            taps = super().forward(batch)
+            h = taps["toy.hidden"] * np.float32(1.001)
+            return {**taps, "toy.hidden": h, "toy.out": np.tanh(h * np.float32(2.0))}
+
+    res = _local_run(tol, bad=Both)
+    assert res.first_divergence["tap"] == "toy.hidden" and res.first_local_divergence["stage"] == "hidden"
+    assert not _local(res, "toy.hidden", "bad").passed and not _local(res, "toy.out", "bad").passed
+    assert "first stage that computes differently (the reference run on that backend's inputs to it): hidden" in (
+        res.describe_failure()
+    )
+    res = _local_run(tol, bad=Upstream)
+    assert not _local(res, "toy.hidden", "bad").passed and _local(res, "toy.out", "bad").passed
+
+
+def test_a_stage_whose_inputs_a_backend_does_not_give_is_not_recomputed(tol):
+    """Without toy.hidden neither stage can be checked (the output stage has no input to run on, the
+    hidden stage no output to compare): end-to-end parity only, as with a reference that cannot run
+    stages either, and the report says so."""
+    res = _local_run(tol, partial=MissingHidden)
+    assert res.local_unsupported == ["partial"] and res.local_recomputed == []
+    assert [c.tap for t in res.taps for c in t.local] == []
+    backends = {"reference": Toy(None, W), "plain": Toy32(None, W)}
+    res = run_parity(backends, _batches(), tol, expected=_expected, reference="reference", stages=STAGES)
+    assert res.passed and res.local_unsupported == ["plain"] and res.local_recomputed == []
+    assert all(not t.local for t in res.taps)
+    assert "end-to-end parity only (cannot run stages alone): plain" in res.describe_divergence()
 
 
 def test_a_stage_that_raises_fails_its_taps_locally_with_the_reason(tol):
