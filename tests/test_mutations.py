@@ -678,6 +678,49 @@ def test_a_loss_bug_below_the_end_to_end_tolerance_is_caught_locally(bug: str) -
     assert _comparison(result, "loss.poisson_nll", "local_vs_reference", "torch").passed
 
 
+def _t_half_decoder_block(self: Any, h: str, i: int, x: Tensor) -> Any:
+    """BUG: the amplitude decoder's first block run in float16 (a mixed-precision leftover)."""
+    y, taps = PtychoPINN.decoder_block(self, h, i, x.half().float() if (h, i) == ("amp", 0) else x)
+    if (h, i) == ("amp", 0):
+        y, taps = y.half().float(), {k: v.half().float() for k, v in taps.items()}
+    return y, taps
+
+
+def _f_half_encoder_block(self: Any, i: int, x: Tensor) -> Any:
+    """BUG: the last encoder block's output held in float16."""
+    y, taps = PtychoModel.encoder_block(self, i, x)
+    if i == 2:
+        y, taps = _f_half(y), {k: _f_half(v) for k, v in taps.items()}
+    return y, taps
+
+
+def _f_half(v: Tensor) -> Tensor:
+    return tf.cast(tf.cast(v, tf.float16), tf.float32)
+
+
+BLOCK_SEAM = {
+    "torch": Mutation(
+        "torch", _torch_model("HalfDecoder", decoder_block=_t_half_decoder_block), "amp.decoder.block0.conv0", ""
+    ),
+    "tensorflow": Mutation(
+        "tensorflow", _tf_model("HalfEncoder", encoder_block=_f_half_encoder_block), "encoder.block2.conv0", ""
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", list(BLOCK_SEAM))
+def test_a_bug_planted_in_one_block_shows_end_to_end_and_when_the_block_runs_alone(backend: str) -> None:
+    """``encode`` and ``decode`` chain the blocks through ``encoder_block`` and ``decoder_block``, and
+    layer-local parity runs a block through the same method: a bug there is named at the block's
+    first tap both ways (a stage that skipped the seam would compute the block without the bug)."""
+    mutation = BLOCK_SEAM[backend]
+    result = run_mutation(mutation)
+
+    assert result.first_divergence["tap"] == mutation.first_tap and result.first_divergence["blamed"] == [backend]
+    assert result.first_local_divergence["tap"] == mutation.first_tap, result.describe_failure()
+    assert result.first_local_divergence["backends"] == [backend]
+
+
 def _sqrt_floor_diffract(self: Any, field: Tensor) -> Tensor:
     """BUG: amplitude = sqrt(max(|F|²/N², 1e-7)), a floor added "for numerical safety"."""
     N = field.shape[-1]

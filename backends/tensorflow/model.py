@@ -196,14 +196,6 @@ class Head:
 
     # Stages (channels-last in and out) ----------------------------------------------------------
 
-    def decode(self, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Bottleneck (B, n, n, c) → features (B, N/2, N/2, F)."""
-        taps: dict[str, Tensor] = {}
-        h = z
-        for block in self.decoder:
-            h = block(h, taps)
-        return h, taps
-
     def head(self, features: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Features (B, N/2, N/2, F) → this head's final map (B, N, N, out_ch)."""
         if self.full is not None:
@@ -342,15 +334,33 @@ class PtychoModel:
         """x (B, C, N, N) / exp(log_scale)."""
         return x / tf.exp(self.log_scale)
 
+    def encoder_block(self, i: int, h: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Encoder block ``i``: the seam both ``encode`` and ``run_stage`` go through, so a block's
+        bug shows end to end and when layer-local parity runs the block alone."""
+        taps: dict[str, Tensor] = {}
+        return self.encoder[i](h, taps), taps
+
+    def decoder_block(self, branch: str, i: int, h: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Decoder block ``i`` of ``branch``, the seam of ``decode`` and ``run_stage`` alike."""
+        taps: dict[str, Tensor] = {}
+        return self.heads[branch].decoder[i](h, taps), taps
+
     def encode(self, h: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Scaled input (B, N, N, C), channels-last → bottleneck."""
         taps: dict[str, Tensor] = {}
-        for block in self.encoder:
-            h = block(h, taps)
+        for i in range(len(self.encoder)):
+            h, t = self.encoder_block(i, h)
+            taps.update(t)
         return h, taps
 
     def decode(self, branch: str, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.heads[branch].decode(z)
+        """Bottleneck (B, n, n, c) → the branch's features (B, N/2, N/2, F)."""
+        taps: dict[str, Tensor] = {}
+        h = z
+        for i in range(len(self.heads[branch].decoder)):
+            h, t = self.decoder_block(branch, i, h)
+            taps.update(t)
+        return h, taps
 
     def head(self, branch: str, features: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return self.heads[branch].head(features)
@@ -394,10 +404,10 @@ class PtychoModel:
         taps: dict[str, Tensor] = {}
         if kind == "encoder":
             assert stage.block is not None
-            self.encoder[stage.block](_nhwc(first), taps)
+            taps = self.encoder_block(stage.block, _nhwc(first))[1]
         elif kind == "decoder":
             assert stage.branch is not None and stage.block is not None
-            self.heads[stage.branch].decoder[stage.block](_nhwc(first), taps)
+            taps = self.decoder_block(stage.branch, stage.block, _nhwc(first))[1]
         elif kind == "head":
             assert stage.branch is not None
             taps = self.head(stage.branch, _nhwc(first))[1]

@@ -260,19 +260,32 @@ class PtychoPINN(nn.Module):
     def scale_input(self, x: Tensor) -> Tensor:
         return x / torch.exp(self.log_scale)
 
+    def encoder_block(self, i: int, x: Tensor) -> tuple[Tensor, TensorTaps]:
+        """Encoder block ``i``: the seam both ``encode`` and ``run_stage`` go through, so a block's
+        bug shows end to end and when layer-local parity runs the block alone."""
+        block: nn.Module = self.encoder.blocks()[i]
+        out: tuple[Tensor, TensorTaps] = block(x, f"encoder.block{i}")
+        return out
+
+    def decoder_block(self, h: str, i: int, x: Tensor) -> tuple[Tensor, TensorTaps]:
+        """Decoder block ``i`` of branch ``h``, the seam of ``decode`` and ``run_stage`` alike."""
+        block: nn.Module = self.branch(h).decoder.blocks()[i]
+        out: tuple[Tensor, TensorTaps] = block(x, f"{h}.decoder.block{i}")
+        return out
+
     def encode(self, scaled: Tensor) -> tuple[Tensor, TensorTaps]:
         taps: TensorTaps = {}
         y = scaled
-        for i, block in enumerate(self.encoder.blocks()):
-            y, t = block(y, f"encoder.block{i}")
+        for i in range(len(self.encoder.blocks())):
+            y, t = self.encoder_block(i, y)
             taps.update(t)
         return y, taps
 
     def decode(self, h: str, features: Tensor) -> tuple[Tensor, TensorTaps]:
         taps: TensorTaps = {}
         y = features
-        for i, block in enumerate(self.branch(h).decoder.blocks()):
-            y, t = block(y, f"{h}.decoder.block{i}")
+        for i in range(len(self.branch(h).decoder.blocks())):
+            y, t = self.decoder_block(h, i, y)
             taps.update(t)
         return y, taps
 
@@ -345,14 +358,10 @@ class PtychoPINN(nn.Module):
             return {"input.scaled": self.scale_input(first)}
         if kind == "encoder":
             assert stage.block is not None
-            block: nn.Module = self.encoder.blocks()[stage.block]
-            taps: TensorTaps = block(first, stage.name)[1]
-            return taps
+            return self.encoder_block(stage.block, first)[1]
         if kind == "decoder":
             assert stage.branch is not None and stage.block is not None
-            block = self.branch(stage.branch).decoder.blocks()[stage.block]
-            taps = block(first, stage.name)[1]
-            return taps
+            return self.decoder_block(stage.branch, stage.block, first)[1]
         if kind == "head":
             assert stage.branch is not None
             return self.head(stage.branch, first)[1]
