@@ -71,9 +71,11 @@ def metadata(
     weights_sha256: str | None,
     environment: Mapping[str, Any],
     groups: int,
+    test: str | None = None,
 ) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
+        "test": test,
         "backend": backend,
         "config": dict(config) if config else None,
         "fixture_sha256": (fixture or {}).get("sha256"),
@@ -108,6 +110,16 @@ def _same_config(stored: Any, current: Any) -> bool:
     if not (isinstance(stored, Mapping) and isinstance(current, Mapping)):
         return bool(stored == current)
     return all(stored.get(k) == current.get(k) for k in set(stored) | set(current))
+
+
+def _owner(npz: Path) -> str | None:
+    """The test a stored baseline records as its own; None for one that records none (written before
+    baselines named their test) or whose metadata cannot be read (reported where it is read)."""
+    try:
+        owner = read_metadata(meta_path(npz)).get("test") if npz.exists() else None
+    except BaselineError:
+        return None
+    return owner if isinstance(owner, str) else None
 
 
 def meta_path(npz: Path) -> Path:
@@ -297,6 +309,7 @@ def check_baselines(
     force_regen: bool = False,
     regen_all: bool = False,
     obtained: Path | None = None,
+    test: str | None = None,
 ) -> list[str]:
     """Check every backend's statistics in ``result`` against its baseline in ``folder``.
 
@@ -306,6 +319,8 @@ def check_baselines(
     baselines that differ or are stale and fails; ``regen_all`` rewrites every baseline and passes. A
     stale or unreadable baseline is reported, never compared. When statistics changed, the obtained
     values are written to ``obtained`` in the baseline's own layout, for inspection or to copy over.
+    ``test`` names the test the baselines belong to (recorded in their metadata): a baseline another
+    test wrote is reported and never compared or rewritten, since two tests then share one name.
 
     Comparisons and problems are added to ``result`` (its verdict is then decided again); returns the
     problems, one line each, empty when every baseline matched.
@@ -321,8 +336,16 @@ def check_baselines(
             result.weights_sha256,
             result.backends[backend].environment,
             result.groups,
+            test,
         )
         arrays = baseline_arrays(stats)
+        owner = _owner(npz)
+        if test is not None and owner is not None and owner != test:
+            problems.append(
+                f"{npz}: the baseline of test {owner!r}, not of {test!r}: the two tests share its name "
+                f"({basename!r}); give one another name or id (not compared, not rewritten)"
+            )
+            continue
         if regen_all:
             failure = _write_baseline(npz, arrays, meta_now)
             if failure:

@@ -15,8 +15,10 @@ A requested backend that cannot be loaded skips the test with the import error a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -144,7 +146,10 @@ def import_framework(module: str) -> Any:
 
     if (_REQUIRE and _REQUIRE[-1]) or require_from_env():
         return importlib.import_module(module)
-    return pytest.importorskip(module, reason=f"{module} cannot be imported (backend unavailable)")
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # any ImportError: importorskip skips only ModuleNotFoundError since pytest 9
+        pytest.skip(f"{module} cannot be imported (backend unavailable): {exc}", allow_module_level=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -198,8 +203,53 @@ def parity_tolerances(pytestconfig: pytest.Config, parity_options: ParityOptions
     return _load_tolerances(parity_options)
 
 
+# Characters a test id may hold whose "_" stand-in in a file name loses nothing that tells two of
+# pytest's usual ids apart (``[gridsize=1,object_big=0]``, ``[N=128-gridsize=1]``); an id with any
+# other character ("." in ``[0.5]`` and ``[-0.5]``, a space) gets a hash of itself added to its name.
+_PLAIN_ID = re.compile(r"[\w=,\-\[\]]*")
+_MAX_NAME = 100  # characters of a name before it is cut and hashed (file names stop at 255 bytes)
+
+
+def _file_name(text: str, plain: re.Pattern[str], sanitise: str) -> str:
+    """A file name for ``text``: its characters outside ``sanitise`` made "_", plus a short hash of
+    ``text`` wherever that could make two texts one name (a character outside ``plain``, or a name
+    cut to length). Names of usual ids stay as they always were, so stored baselines keep theirs."""
+    name = re.sub(sanitise, "_", text).strip("_")
+    if plain.fullmatch(text) and len(name) <= _MAX_NAME:
+        return name
+    return f"{name[:_MAX_NAME]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def qualified_test_name(node: pytest.Item) -> str:
+    """The test's name within its module (``Class::test[id]``): what a baseline records as its owner."""
+    return "::".join(node.nodeid.split("::")[1:]) or node.name
+
+
+def baseline_basename(node: pytest.Item) -> str:
+    """The baselines' file name stem of a test: its class (if any) and name, one per test in its module."""
+    return _file_name("_".join(qualified_test_name(node).split("::")), _PLAIN_ID, r"\W+")
+
+
 def _report_folder(options: ParityOptions, nodeid: str) -> Path:
-    return options.report_dir / re.sub(r"[^\w.=-]+", "_", nodeid).strip("_")
+    return options.report_dir / _file_name(nodeid, re.compile(r"[\w.=,\-\[\]/:]*"), r"[^\w.=-]+")
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Two collected tests whose baselines would share a file are a usage error, before anything runs:
+    one would overwrite the other's baselines, and neither would ever pass."""
+    from parity.baseline import baseline_folder
+
+    seen: dict[tuple[Path, str], str] = {}
+    for item in items:
+        if "parity_baseline" not in getattr(item, "fixturenames", ()):
+            continue
+        key = (baseline_folder(item.path), baseline_basename(item))
+        other = seen.setdefault(key, item.nodeid)
+        if other != item.nodeid:
+            raise pytest.UsageError(
+                f"tests {other} and {item.nodeid} would share the baselines {key[0] / key[1]}-*.npz: "
+                "give one of them another name or id"
+            )
 
 
 def assert_parity(result: ParityResult) -> None:
@@ -217,6 +267,7 @@ class _TestRun:
         self.claimed = contextlib.ExitStack()
         self.started = False
         self.results: list[ParityResult] = []
+        self.began = time.time_ns()
 
     def start(self) -> None:
         from parity.report import claim_folder
@@ -231,6 +282,16 @@ class _TestRun:
         with self.claimed:
             if self.results:
                 write_reports(self.results[-1], self.folder, all_taps=all_taps)
+                self._drop_earlier_obtained()
+
+    def _drop_earlier_obtained(self) -> None:
+        """Obtained statistics an earlier run of the test left (its baselines changed then, not now):
+        beside this run's report they would read as this run's."""
+        obtained = self.folder / "obtained"
+        if obtained.is_dir():
+            for path in obtained.iterdir():
+                if path.is_file() and path.stat().st_mtime_ns < self.began:
+                    path.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -302,7 +363,8 @@ class BaselineChecker:
 
         __tracebackhide__ = True
         config = self.request.config
-        base = basename or re.sub(r"\W+", "_", self.request.node.name).strip("_")
+        node = self.request.node
+        base = basename or baseline_basename(node)
         state = self.request.node.stash.get(_STATE, None)
         obtained = state.folder / "obtained" if state is not None else None
         try:
@@ -313,6 +375,7 @@ class BaselineChecker:
                 force_regen=bool(config.getoption("force_regen")),
                 regen_all=bool(config.getoption("regen_all")),
                 obtained=obtained,
+                test=qualified_test_name(node),
             )
         except ParityInputError as exc:  # a baseline problem the check could not report as one
             pytest.fail(f"bad input: {exc}", pytrace=False)

@@ -127,7 +127,7 @@ def test_baseline_lifecycle_create_compare_change_regenerate(inner, monkeypatch)
     for b in BACKENDS:
         assert f"test_small-{b}: no baseline yet; created {_npz(inner, b)}" in out
         meta = read_metadata(meta_path(_npz(inner, b)))
-        assert meta["backend"] == b
+        assert meta["backend"] == b and meta["test"] == "test_small"
         assert meta["fixture_sha256"] == file_sha256(bundled_fixture("n64_g1_grf"))
         assert meta["fixture_name"] == "n64_g1_grf.h5"
         assert meta["weights_sha256"] == weights_sha256(weights)
@@ -213,6 +213,9 @@ def test_baseline_lifecycle_create_compare_change_regenerate(inner, monkeypatch)
         for k, v in original[b].items():
             np.testing.assert_array_equal(regenerated[k], v, err_msg=f"{b} {k}")
     _run(inner).assert_outcomes(passed=1)
+    # The obtained statistics of the failing runs are gone with their report: beside this passing
+    # one they would read as its own.
+    assert list((inner.path / "rep").glob("*/obtained/*")) == []
 
     # A change within a statistic's tolerance passes and rewrites nothing: the tolerance is the
     # model's, not zero.
@@ -293,6 +296,9 @@ def test_stale_and_corrupt_baselines_are_reported_not_compared(inner):
         for k, v in original[b].items():
             np.testing.assert_array_equal(regenerated[k], v, err_msg=f"{b} {k}")
     _run(inner).assert_outcomes(passed=1)
+    # The obtained statistics of the failing runs are gone with their report: beside this passing
+    # one they would read as its own.
+    assert list((inner.path / "rep").glob("*/obtained/*")) == []
     assert _files(inner) == sorted(f"test_small-{b}{ext}" for b in BACKENDS for ext in (".meta.json", ".npz"))
 
 
@@ -564,4 +570,81 @@ def test_damaged_baselines_fail_the_test_by_file_and_force_regen_replaces_them(i
         for k, v in original[b].items():
             np.testing.assert_array_equal(regenerated[k], v, err_msg=f"{b} {k}")
     _run(inner).assert_outcomes(passed=1)
+    # The obtained statistics of the failing runs are gone with their report: beside this passing
+    # one they would read as its own.
+    assert list((inner.path / "rep").glob("*/obtained/*")) == []
     assert _files(inner) == sorted(f"test_small-{b}{ext}" for b in BACKENDS for ext in (".meta.json", ".npz"))
+
+
+def test_a_baseline_another_test_wrote_is_reported_and_never_compared_or_rewritten(toy_result, tmp_path):
+    """Baselines record the test they belong to: a test whose name maps to the same file (a name
+    that only differs where file names cannot) finds them and says so, under every option, without
+    touching them; the owner still passes."""
+    folder = tmp_path / "test_x"
+    assert len(_check(toy_result, folder, test="test_x[a=1]")) == 2  # created for their owner
+    assert read_metadata(_pair(folder)[1])["test"] == "test_x[a=1]"
+    written = _pair_bytes(folder)
+    for options in ({}, {"force_regen": True}, {"regen_all": True}):
+        problems = _check(toy_result, folder, test="test_x[a_1]", **options)
+        assert len(problems) == 2, options
+        npz = _pair(folder)[0]
+        assert f"{npz}: the baseline of test 'test_x[a=1]', not of 'test_x[a_1]': the two tests share" in problems[1]
+        assert _pair_bytes(folder) == written
+    assert _check(toy_result, folder, test="test_x[a=1]") == []
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("tests/t.py::TestA::test_x", "tests/t.py::TestB::test_x"),
+        ("tests/t.py::test_x[0.5]", "tests/t.py::test_x[-0.5]"),
+        ("tests/t.py::test_x[probe mask]", "tests/t.py::test_x[probe_mask]"),
+        ("tests/t.py::test_x[" + "a" * 300 + "]", "tests/t.py::test_x[" + "a" * 299 + "b]"),
+    ],
+)
+def test_tests_that_differ_get_baselines_and_report_folders_of_their_own(first, second, tmp_path):
+    """The class is part of a baseline's name, and an id holding what a file name cannot (".", a
+    space) or too long for one gets a hash of itself: two tests never meet in one file or folder."""
+    from types import SimpleNamespace
+
+    from parity.plugin import ParityOptions, _report_folder, baseline_basename
+
+    options = ParityOptions(("reference",), "cpu", tmp_path, None, False, False)
+    nodes = [SimpleNamespace(nodeid=n, name=n.rsplit("::", 1)[1]) for n in (first, second)]
+    names = [baseline_basename(n) for n in nodes]
+    folders = [_report_folder(options, n.nodeid) for n in nodes]
+    assert names[0] != names[1] and folders[0] != folders[1]
+    assert all(len(name) <= 120 and len(folder.name) <= 120 for name, folder in zip(names, folders, strict=True))
+
+
+def test_usual_test_ids_keep_the_baseline_names_they_always_had():
+    from types import SimpleNamespace
+
+    from parity.plugin import baseline_basename
+
+    for nodeid, name in [
+        ("tests/test_parity_matrix.py::test_forward_parity[gridsize=1]", "test_forward_parity_gridsize_1"),
+        (
+            "tests/test_parity_matrix.py::test_forward_parity[other_options-N=128-gridsize=1]",
+            "test_forward_parity_other_options_N_128_gridsize_1",
+        ),
+        ("tests/t.py::TestA::test_x[a=1,b=2]", "TestA_test_x_a_1_b_2"),
+    ]:
+        assert baseline_basename(SimpleNamespace(nodeid=nodeid, name=nodeid.rsplit("::", 1)[1])) == name
+
+
+def test_two_collected_tests_sharing_a_baseline_name_are_a_usage_error(pytester):
+    pytester.makepyfile(
+        test_clash="""
+        import pytest
+
+        @pytest.mark.parametrize("v", ["a=1", "a_1"], ids=str)
+        def test_x(parity_baseline, v):
+            pass
+        """
+    )
+    res = pytester.runpytest("-p", "no:cacheprovider", "-n", "0")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    res.stderr.fnmatch_lines(
+        ["*tests test_clash.py::test_x[[]a=1] and test_clash.py::test_x[[]a_1] would share the baselines*"]
+    )

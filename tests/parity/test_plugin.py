@@ -236,6 +236,25 @@ def test_import_framework_skips_unless_backends_are_required(monkeypatch):
     assert plugin.import_framework("json").__name__ == "json"
 
 
+def test_a_framework_that_is_installed_but_broken_is_skipped_too_unless_required(monkeypatch, tmp_path):
+    """A framework whose import fails inside (a missing shared library raises a plain ImportError, not
+    ModuleNotFoundError, which is all pytest 9's importorskip skips) skips its tests like a missing one,
+    instead of an error at collection that stops the whole session; required, it fails."""
+    from parity import plugin
+
+    (tmp_path / "broken_framework_xyz.py").write_text(
+        "raise ImportError('libbroken.so: cannot open shared object file')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugin, "_REQUIRE", [])
+    monkeypatch.delenv("PTYCHO_PARITY_REQUIRE_BACKENDS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"broken_framework_xyz cannot be imported .*libbroken\.so"):
+        plugin.import_framework("broken_framework_xyz")
+    monkeypatch.setenv("PTYCHO_PARITY_REQUIRE_BACKENDS", "1")
+    with pytest.raises(ImportError, match=r"libbroken\.so"):
+        plugin.import_framework("broken_framework_xyz")
+
+
 XDIST_TESTS = """
 import os
 
