@@ -372,8 +372,9 @@ class BaselineChecker:
                 result,
                 baseline_folder(self.request.path),
                 base,
-                force_regen=bool(config.getoption("force_regen")),
-                regen_all=bool(config.getoption("regen_all")),
+                # pytest-regressions' options; absent when that plugin is off (-p no:regressions)
+                force_regen=bool(config.getoption("force_regen", False)),
+                regen_all=bool(config.getoption("regen_all", False)),
                 obtained=obtained,
                 test=qualified_test_name(node),
             )

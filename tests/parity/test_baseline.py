@@ -648,3 +648,11 @@ def test_two_collected_tests_sharing_a_baseline_name_are_a_usage_error(pytester)
     res.stderr.fnmatch_lines(
         ["*tests test_clash.py::test_x[[]a=1] and test_clash.py::test_x[[]a_1] would share the baselines*"]
     )
+
+
+def test_baselines_work_with_pytest_regressions_turned_off(inner):
+    """--force-regen and --regen-all are pytest-regressions' options; with that plugin off
+    (-p no:regressions) they are simply not set, and a baseline is created as usual."""
+    res = _run(inner, "-p", "no:regressions")
+    res.assert_outcomes(failed=1)
+    assert "test_small-reference: no baseline yet; created" in res.stdout.str()
