@@ -101,6 +101,22 @@ def _backend_names(option: str, value: str) -> list[str]:
     return names
 
 
+def _check_report_folder(folder: Path) -> None:
+    """A report folder is new, empty or an earlier report's: one holding other files (a project's
+    own README.md, someone's notes) would have report.md and the rest written over them."""
+    from parity.report import HTML_NAME, JSON_NAME, LOCK_NAME, MARKDOWN_NAME, STATS_NAME
+
+    if not folder.is_dir():
+        return  # missing: created; a file: refused when claimed
+    ours = {JSON_NAME, MARKDOWN_NAME, HTML_NAME, STATS_NAME, LOCK_NAME}
+    others = sorted(p.name for p in folder.iterdir() if p.name not in ours and not p.name.startswith("."))
+    if others:
+        raise ParityInputError(
+            f"option --report: folder {folder} holds files a report does not write ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); give a new or empty folder, or an earlier report's"
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from parity.report import claim_folder, write_reports
     from parity.session import RunSpec, prepare
@@ -131,6 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Every input is read and checked, then the report folder is claimed, before any backend is built:
     # bad input leaves nothing behind, and a folder that is a file, unwritable or in use by another run
     # is an error now, not after the forward passes.
+    _check_report_folder(Path(args.report))
     prepared = prepare(spec)
     with contextlib.ExitStack() as stack:
         try:

@@ -327,6 +327,10 @@ CASES: dict[str, Case] = {
         lambda t: ["run", *SMALL, "--backends", "reference", "--report", str(_write(t / "afile", "x") / "report")],
         "option --report: report folder {t}/afile/report cannot be created",
     ),
+    "report-folder-of-other-files": Case(
+        lambda t: ["run", *SMALL, "--backends", "reference", "--report", str(_write(t / "README.md", "mine").parent)],
+        "option --report: folder {t} holds files a report does not write (README.md)",
+    ),
     "report-in-use": Case(
         lambda t: ["run", *SMALL, "--backends", "reference", "--report", str(_locked_report(t))],
         "option --report: report folder {t}/report is being written by another run (pid",
