@@ -295,9 +295,13 @@ def test_stale_and_corrupt_baselines_are_reported_not_compared(inner):
         regenerated = _load(_npz(inner, b))
         for k, v in original[b].items():
             np.testing.assert_array_equal(regenerated[k], v, err_msg=f"{b} {k}")
+    _assert_passing_with_the_baselines_alone(inner)
+
+
+def _assert_passing_with_the_baselines_alone(inner):
+    """The next run passes; the obtained statistics of the failing runs are gone with their report
+    (beside a passing one they would read as its own), and the folder holds the baselines alone."""
     _run(inner).assert_outcomes(passed=1)
-    # The obtained statistics of the failing runs are gone with their report: beside this passing
-    # one they would read as its own.
     assert list((inner.path / "rep").glob("*/obtained/*")) == []
     assert _files(inner) == sorted(f"test_small-{b}{ext}" for b in BACKENDS for ext in (".meta.json", ".npz"))
 
@@ -569,11 +573,7 @@ def test_damaged_baselines_fail_the_test_by_file_and_force_regen_replaces_them(i
         regenerated = _load(_npz(inner, b))
         for k, v in original[b].items():
             np.testing.assert_array_equal(regenerated[k], v, err_msg=f"{b} {k}")
-    _run(inner).assert_outcomes(passed=1)
-    # The obtained statistics of the failing runs are gone with their report: beside this passing
-    # one they would read as its own.
-    assert list((inner.path / "rep").glob("*/obtained/*")) == []
-    assert _files(inner) == sorted(f"test_small-{b}{ext}" for b in BACKENDS for ext in (".meta.json", ".npz"))
+    _assert_passing_with_the_baselines_alone(inner)
 
 
 def test_a_baseline_another_test_wrote_is_reported_and_never_compared_or_rewritten(toy_result, tmp_path):
