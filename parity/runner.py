@@ -682,9 +682,31 @@ def _recompute_stages(
     if not runnable:
         return False
     widened = {t: np.asarray(v, np.complex128 if np.iscomplexobj(v) else np.float64) for t, v in same.items()}
-    scales = tolerances.floored_scales(reference.local_error_scales(batch, {**ref_taps, **widened}))
+
+    def fail(stages_failed: Sequence[Stage], what: str, exc: Exception) -> None:
+        # Values of the backend's the reference cannot compute with (a real tap where it reads a
+        # complex one...): that backend's stages fail here, with the reason; the run goes on.
+        check_interrupt()
+        why = f"the reference could not {what} on {name}'s own values ({type(exc).__name__}: {exc})"
+        for st in stages_failed:
+            for t in wanted[st.name]:
+                comparison(t, name).fail(why)
+
+    try:
+        scales = tolerances.floored_scales(reference.local_error_scales(batch, {**ref_taps, **widened}))
+    except ParityInputError:
+        raise
+    except Exception as exc:
+        fail(runnable, "take the local error scales", exc)
+        return True
     for stage in runnable:
-        expected = reference.run_stage(stage, {n: same[n] for n in stage.inputs})
+        try:
+            expected = reference.run_stage(stage, {n: same[n] for n in stage.inputs})
+        except ParityInputError:
+            raise
+        except Exception as exc:
+            fail([stage], f"run stage {stage.name}", exc)
+            continue
         for t in wanted[stage.name]:
             got, want = np.asarray(same[t]), np.asarray(expected[t])
             acc = comparison(t, name)

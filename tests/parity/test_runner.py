@@ -553,6 +553,25 @@ def test_a_stage_bug_of_a_backend_that_cannot_run_stages_is_named_at_its_stage(t
     assert not _local(res, "toy.hidden", "bad").passed and _local(res, "toy.out", "bad").passed
 
 
+def test_a_stage_the_reference_cannot_recompute_fails_that_backend_there_with_the_reason(tol):
+    """Values the reference cannot run a stage on (here it refuses float32 inputs outright) fail that
+    stage's taps for that backend, with the reason, and the run goes on to a verdict."""
+
+    class Picky(Staged):
+        def run_stage(self, stage, inputs):
+            if stage.name == "out":
+                raise ValueError("not on these values")
+            return super().run_stage(stage, inputs)
+
+    backends = {"reference": Picky(None, W), "plain": Toy32(None, W)}
+    res = run_parity(backends, _batches(), tol, expected=_expected, reference="reference", stages=STAGES)
+    assert res.verdict == "fail" and res.local_recomputed == ["plain"]
+    assert _local(res, "toy.hidden", "plain").passed
+    out = _local(res, "toy.out", "plain")
+    assert not out.passed
+    assert out.reason == "the reference could not run stage out on plain's own values (ValueError: not on these values)"
+
+
 def test_a_stage_whose_inputs_a_backend_does_not_give_is_not_recomputed(tol):
     """Without toy.hidden neither stage can be checked (the output stage has no input to run on, the
     hidden stage no output to compare): end-to-end parity only, as with a reference that cannot run
