@@ -202,8 +202,8 @@ def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
         (
             result.local_recomputed,
             "Layer-local parity",
-            "it cannot run a stage alone, so its local column compares its outputs with the reference's stage "
-            "run on its own inputs to it (where it gives them)",
+            "a backend that cannot run a stage alone; its local column compares its outputs with the "
+            "reference's stage run on its own inputs to it (where it gives them)",
         ),
         (
             result.gradients_unsupported,
