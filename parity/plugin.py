@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import os
 import re
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -267,7 +266,7 @@ class _TestRun:
         self.claimed = contextlib.ExitStack()
         self.started = False
         self.results: list[ParityResult] = []
-        self.began = time.time_ns()
+        self.obtained: set[str] = set()  # files of obtained/ this test's baseline checks wrote
 
     def start(self) -> None:
         from parity.report import claim_folder
@@ -290,8 +289,20 @@ class _TestRun:
         obtained = self.folder / "obtained"
         if obtained.is_dir():
             for path in obtained.iterdir():
-                if path.is_file() and path.stat().st_mtime_ns < self.began:
+                if path.is_file() and path.name not in self.obtained:
                     path.unlink(missing_ok=True)
+
+    def files_written(self, before: dict[str, tuple[int, int]]) -> None:
+        """Record the files of obtained/ that are new or replaced since ``before`` (``_identities``):
+        a replaced file is a new inode (every write is a rename), whatever the file system's clock."""
+        self.obtained.update(n for n, ident in _identities(self.folder / "obtained").items() if before.get(n) != ident)
+
+
+def _identities(folder: Path) -> dict[str, tuple[int, int]]:
+    """Name -> (inode, mtime) of the files in ``folder`` (empty when it does not exist)."""
+    if not folder.is_dir():
+        return {}
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()}
 
 
 @pytest.fixture
@@ -367,6 +378,7 @@ class BaselineChecker:
         base = basename or baseline_basename(node)
         state = self.request.node.stash.get(_STATE, None)
         obtained = state.folder / "obtained" if state is not None else None
+        before = _identities(obtained) if obtained is not None else {}
         try:
             problems = check_baselines(
                 result,
@@ -380,6 +392,9 @@ class BaselineChecker:
             )
         except ParityInputError as exc:  # a baseline problem the check could not report as one
             pytest.fail(f"bad input: {exc}", pytrace=False)
+        finally:
+            if state is not None:
+                state.files_written(before)
         if problems:
             raise AssertionError("baseline check failed\n" + "\n".join(problems))
 
