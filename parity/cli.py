@@ -109,7 +109,10 @@ def _check_report_folder(folder: Path) -> None:
     if not folder.is_dir():
         return  # missing: created; a file: refused when claimed
     ours = {JSON_NAME, MARKDOWN_NAME, HTML_NAME, STATS_NAME, LOCK_NAME}
-    others = sorted(p.name for p in folder.iterdir() if p.name not in ours and not p.name.startswith("."))
+    # Folders inside are left alone (the pytest plugin's per-test reports share the default folder).
+    others = sorted(
+        p.name for p in folder.iterdir() if p.name not in ours and not p.name.startswith(".") and not p.is_dir()
+    )
     if others:
         raise ParityInputError(
             f"option --report: folder {folder} holds files a report does not write ({', '.join(others[:3])}"

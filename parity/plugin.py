@@ -202,19 +202,23 @@ def parity_tolerances(pytestconfig: pytest.Config, parity_options: ParityOptions
     return _load_tolerances(parity_options)
 
 
-# Characters a test id may hold whose "_" stand-in in a file name loses nothing that tells two of
-# pytest's usual ids apart (``[gridsize=1,object_big=0]``, ``[N=128-gridsize=1]``); an id with any
-# other character ("." in ``[0.5]`` and ``[-0.5]``, a space) gets a hash of itself added to its name.
-_PLAIN_ID = re.compile(r"[\w=,\-\[\]]*")
 _MAX_NAME = 100  # characters of a name before it is cut and hashed (file names stop at 255 bytes)
 
 
-def _file_name(text: str, plain: re.Pattern[str], sanitise: str) -> str:
-    """A file name for ``text``: its characters outside ``sanitise`` made "_", plus a short hash of
-    ``text`` wherever that could make two texts one name (a character outside ``plain``, or a name
-    cut to length). Names of usual ids stay as they always were, so stored baselines keep theirs."""
+def _plain_id(text: str) -> bool:
+    """Whether a baseline name made of ``text`` by turning non-word runs into "_" keeps pytest's
+    usual ids apart: "=", "," and "[]" only, and "-" only between two word characters
+    (``[gridsize=1,object_big=0]``, ``[N=128-gridsize=1]``). A sign (``[1]`` and ``[-1]``), a "."
+    (``[0.5]``), a space or anything else would make two ids one name."""
+    return re.fullmatch(r"[\w=,\-\[\]]*", text) is not None and re.search(r"(?<!\w)-|-(?!\w)", text) is None
+
+
+def _file_name(text: str, plain: Callable[[str], bool], sanitise: str) -> str:
+    """A file name for ``text``: its characters matching ``sanitise`` made "_", plus a short hash of
+    ``text`` wherever that could make two texts one name (``plain`` false, or a name cut to length).
+    Names of usual ids stay as they always were, so stored baselines keep theirs."""
     name = re.sub(sanitise, "_", text).strip("_")
-    if plain.fullmatch(text) and len(name) <= _MAX_NAME:
+    if plain(text) and len(name) <= _MAX_NAME:
         return name
     return f"{name[:_MAX_NAME]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
@@ -226,16 +230,21 @@ def qualified_test_name(node: pytest.Item) -> str:
 
 def baseline_basename(node: pytest.Item) -> str:
     """The baselines' file name stem of a test: its class (if any) and name, one per test in its module."""
-    return _file_name("_".join(qualified_test_name(node).split("::")), _PLAIN_ID, r"\W+")
+    return _file_name("_".join(qualified_test_name(node).split("::")), _plain_id, r"\W+")
 
 
 def _report_folder(options: ParityOptions, nodeid: str) -> Path:
-    return options.report_dir / _file_name(nodeid, re.compile(r"[\w.=,\-\[\]/:]*"), r"[^\w.=-]+")
+    # "-", "." and "=" stay as they are here; "," "/" ":" "[]" become "_", which runs of them never
+    # make ambiguous in pytest's node ids; anything else (a space) gets the hash.
+    plain = re.compile(r"[\w.=,\-\[\]/:]*").fullmatch
+    return options.report_dir / _file_name(nodeid, lambda text: plain(text) is not None, r"[^\w.=-]+")
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected: only the tests that will run
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Two collected tests whose baselines would share a file are a usage error, before anything runs:
-    one would overwrite the other's baselines, and neither would ever pass."""
+    """Two selected tests whose baselines would share a file are a usage error, before anything runs:
+    one would overwrite the other's baselines, and neither would ever pass. (A test not selected that
+    shares the name is caught by the baseline's recorded owner when one of them writes it.)"""
     from parity.baseline import baseline_folder
 
     seen: dict[tuple[Path, str], str] = {}

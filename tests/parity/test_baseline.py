@@ -598,6 +598,7 @@ def test_a_baseline_another_test_wrote_is_reported_and_never_compared_or_rewritt
     [
         ("tests/t.py::TestA::test_x", "tests/t.py::TestB::test_x"),
         ("tests/t.py::test_x[0.5]", "tests/t.py::test_x[-0.5]"),
+        ("tests/t.py::test_x[1]", "tests/t.py::test_x[-1]"),
         ("tests/t.py::test_x[probe mask]", "tests/t.py::test_x[probe_mask]"),
         ("tests/t.py::test_x[" + "a" * 300 + "]", "tests/t.py::test_x[" + "a" * 299 + "b]"),
     ],
@@ -634,12 +635,17 @@ def test_usual_test_ids_keep_the_baseline_names_they_always_had():
 
 
 def test_two_collected_tests_sharing_a_baseline_name_are_a_usage_error(pytester):
+    """Two selected tests mapping to one baseline name stop the session before anything runs; tests
+    not selected (-k) do not stop a session that would not run them."""
     pytester.makepyfile(
         test_clash="""
         import pytest
 
         @pytest.mark.parametrize("v", ["a=1", "a_1"], ids=str)
         def test_x(parity_baseline, v):
+            pass
+
+        def test_other():
             pass
         """
     )
@@ -648,11 +654,4 @@ def test_two_collected_tests_sharing_a_baseline_name_are_a_usage_error(pytester)
     res.stderr.fnmatch_lines(
         ["*tests test_clash.py::test_x[[]a=1] and test_clash.py::test_x[[]a_1] would share the baselines*"]
     )
-
-
-def test_baselines_work_with_pytest_regressions_turned_off(inner):
-    """--force-regen and --regen-all are pytest-regressions' options; with that plugin off
-    (-p no:regressions) they are simply not set, and a baseline is created as usual."""
-    res = _run(inner, "-p", "no:regressions")
-    res.assert_outcomes(failed=1)
-    assert "test_small-reference: no baseline yet; created" in res.stdout.str()
+    pytester.runpytest("-p", "no:cacheprovider", "-n", "0", "-k", "test_other").assert_outcomes(passed=1)

@@ -586,3 +586,19 @@ def test_measure_checks_the_file_it_would_write_before_replacing_the_out_file(tm
     assert main(argv) == 2
     assert f"option --out {out} (the file it would write; nothing was written)" in capsys.readouterr().err
     assert out.read_bytes() == default_tolerance_file().read_bytes()
+
+
+def test_run_writes_into_a_report_folder_that_holds_the_plugins_per_test_reports(tmp_path, capsys):
+    """`parity-report` is the default of both the command and the pytest plugin, which keeps a folder
+    per test there: folders inside never stop a run; a file a report does not write does (bad input)."""
+    folder = tmp_path / "parity-report"
+    (folder / "tests_test_parity_matrix.py_test_forward_parity_gridsize_1").mkdir(parents=True)
+    argv = ["run", *SMALL, "--backends", "reference", "--no-html", "--report", str(folder)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (folder / "report.json").is_file()
+    (folder / "notes.txt").write_text("mine")
+    assert main(argv) == 2
+    assert (
+        f"option --report: folder {folder} holds files a report does not write (notes.txt)" in capsys.readouterr().err
+    )
+    assert (folder / "notes.txt").read_text() == "mine"
