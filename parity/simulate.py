@@ -60,6 +60,11 @@ _COUNT_BITS = 16  # significant bits kept in the expected counts before the Pois
 #: 100000x100000`` asked for terabytes and ended in a MemoryError, an OverflowError or the OOM killer.
 MAX_POSITIONS = 2048
 MAX_OBJECT_SIDE = 1024
+# Lines per object pixel of a 'lines' object, at most 3 times the default: its segments are sampled
+# three times a pixel along lengths up to 0.6 of the object, so the samples grow as density x side³
+# (at the cap and the largest object, about 2e7 samples, a gigabyte or two of temporaries); denser
+# than one line per 50 pixels is a texture, not lines.
+MAX_LINE_DENSITY = 0.02
 #: The ``make-fixture`` option of each parameter, so that a refusal names what the user typed.
 OPTIONS = {
     "kind": "--kind",
@@ -116,6 +121,8 @@ class SimulationParams:
         for key in ("step", "nphotons", "line_density", "grf_exponent"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
                 raise bad(key, "a finite number > 0")
+        if self.line_density > MAX_LINE_DENSITY:
+            raise bad("line_density", f"a number of lines per object pixel at most {MAX_LINE_DENSITY}")
         if not (math.isfinite(self.jitter) and 0 <= self.jitter < 1):
             raise bad("jitter", "a sub-pixel amplitude in [0, 1)")
         if not math.isfinite(self.probe_phase):

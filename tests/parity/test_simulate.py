@@ -197,6 +197,16 @@ def test_size_caps_name_the_make_fixture_option_and_hold_exactly_at_the_cap():
         dataclasses.replace(SMALL, step=(extent + 0.01) / (max(SMALL.scan_shape) - 1))
 
 
+def test_line_density_is_capped_before_anything_is_allocated():
+    """The lines object's samples grow as density x side³: a density of 1 at the largest object
+    would ask for tens of gigabytes. At the cap it is accepted; above it, refused by name."""
+    from parity.simulate import MAX_LINE_DENSITY
+
+    assert dataclasses.replace(SMALL, line_density=MAX_LINE_DENSITY).line_density == MAX_LINE_DENSITY
+    with pytest.raises(ParityInputError, match=r"'line_density' is 1\.0; expected a number of lines per object pixel"):
+        dataclasses.replace(SMALL, line_density=1.0)
+
+
 def test_beamstop_zeroes_a_centred_square_of_whole_pool_windows_and_changes_nothing_else():
     """The shadow is what makes max-pool ties real (docs/mutations.md): a flat square, aligned to the
     2x2 windows, centred on the zero frequency; every other count is the unshadowed draw's."""
