@@ -230,7 +230,12 @@ def qualified_test_name(node: pytest.Item) -> str:
 
 def baseline_basename(node: pytest.Item) -> str:
     """The baselines' file name stem of a test: its class (if any) and name, one per test in its module."""
-    return _file_name("_".join(qualified_test_name(node).split("::")), _plain_id, r"\W+")
+    return baseline_name_of(qualified_test_name(node))
+
+
+def baseline_name_of(qualified: str) -> str:
+    """``baseline_basename`` of the test named ``Class::test[id]`` within its module."""
+    return _file_name("_".join(qualified.split("::")), _plain_id, r"\W+")
 
 
 def _report_folder(options: ParityOptions, nodeid: str) -> Path:

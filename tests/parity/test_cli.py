@@ -291,6 +291,23 @@ def test_regen_baselines_rewrites_then_verifies(tmp_path, monkeypatch, capsys):
     assert main(["regen-baselines", *inner]) == 0
     with np.load(npz) as data:
         assert not np.array_equal(data["output.amplitude"], arrays["output.amplitude"])
+    assert "baselines that no collected test writes" not in capsys.readouterr().out
+
+    # A test renamed: its baselines stay behind, and regen-baselines names them (those that record
+    # their test, and older ones by name), leaving them be; a selection (-k) reports nothing.
+    from parity.cli import orphaned_baselines
+
+    gone = baselines / "test_renamed-torch.npz"
+    gone.write_bytes(npz.read_bytes())
+    meta = json.loads((baselines / "test_small-torch.meta.json").read_text())
+    (baselines / "test_renamed-torch.meta.json").write_text(json.dumps({**meta, "test": "test_renamed"}))
+    legacy = baselines / "test_older-reference.npz"
+    legacy.write_bytes(npz.read_bytes())
+    (baselines / "test_older-reference.meta.json").write_text(json.dumps({**meta, "test": None}))
+    args = ["test_inner.py", "-p", "no:cacheprovider"]
+    assert orphaned_baselines(args) == [legacy, gone]
+    assert orphaned_baselines([*args, "-k", "small"]) == []
+    assert gone.is_file() and legacy.is_file()
 
 
 def test_measure_from_json_rewrites_only_the_families_asked_for(tmp_path, capsys):
