@@ -112,14 +112,15 @@ def _same_config(stored: Any, current: Any) -> bool:
     return all(stored.get(k) == current.get(k) for k in set(stored) | set(current))
 
 
-def _owner(npz: Path) -> str | None:
-    """The test a stored baseline records as its own; None for one that records none (written before
-    baselines named their test) or whose metadata cannot be read (reported where it is read)."""
-    try:
-        owner = read_metadata(meta_path(npz)).get("test") if npz.exists() else None
-    except BaselineError:
+def _stored_metadata(npz: Path) -> dict[str, Any] | BaselineError | None:
+    """A stored baseline's metadata, read once for both its owner and its inputs: None when there is
+    no baseline, the error when the metadata cannot be read (the baseline is then reported)."""
+    if not npz.exists():
         return None
-    return owner if isinstance(owner, str) else None
+    try:
+        return read_metadata(meta_path(npz))
+    except BaselineError as exc:
+        return exc
 
 
 def meta_path(npz: Path) -> Path:
@@ -339,8 +340,10 @@ def check_baselines(
             test,
         )
         arrays = baseline_arrays(stats)
-        owner = _owner(npz)
-        if test is not None and owner is not None and owner != test:
+        stored_meta = _stored_metadata(npz)
+        # A baseline that records no test (written before baselines named theirs) belongs to any.
+        owner = stored_meta.get("test") if isinstance(stored_meta, dict) else None
+        if test is not None and isinstance(owner, str) and owner != test:
             problems.append(
                 f"{npz}: the baseline of test {owner!r}, not of {test!r}: the two tests share its name "
                 f"({basename!r}); give one another name or id (not compared, not rewritten)"
@@ -359,7 +362,10 @@ def check_baselines(
             problems.append(f"{name}: no baseline yet; {created}")
             continue
         try:
-            stale = stale_reasons(read_metadata(meta_path(npz)), meta_now)
+            if isinstance(stored_meta, BaselineError):
+                raise stored_meta
+            assert stored_meta is not None  # the baseline exists
+            stale = stale_reasons(stored_meta, meta_now)
             stored = read_arrays(npz) if not stale else {}
         except BaselineError as exc:
             stale, stored = [str(exc)], {}

@@ -316,7 +316,8 @@ def _identities(folder: Path) -> dict[str, tuple[int, int]]:
     """Name -> (inode, mtime) of the files in ``folder`` (empty when it does not exist)."""
     if not folder.is_dir():
         return {}
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()}
+    stats = {p.name: p.stat() for p in folder.iterdir() if p.is_file()}
+    return {name: (st.st_ino, st.st_mtime_ns) for name, st in stats.items()}
 
 
 @pytest.fixture
