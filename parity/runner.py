@@ -398,8 +398,9 @@ def run_parity(
         specs = [s for s in expected(size) if selected(s.name)] if expected else None
         spec_by_name = {s.name: s for s in specs} if specs else {}
         if stages and ref is not None:
+            staged = any(backends[n].runs_stages for n in others)  # only they read the reference's local scales
             local_scales = tolerances.floored_scales(
-                scaler.local_error_scales(batch, dict(own)) if scaler is backends[ref] else {}
+                scaler.local_error_scales(batch, dict(own)) if staged and scaler is backends[ref] else {}
             )
             for name in others:
                 if not backends[name].runs_stages:
