@@ -475,7 +475,24 @@ def _pool_adjoint(
 
 
 def _slope(g: Array) -> Array:
-    return np.asarray(em._neighbour_slope(np.abs(g)))
+    """|∂x| + |∂y| bound of |g|: per axis the larger of the forward and backward differences (zero
+    outside), so it bounds the interpolant's gradient at any sample between a pixel's neighbours.
+    The forward model now takes the one cell each sample lies in (``error_model._coordinate_slope``);
+    the gradient families' factors were measured with this wider bound, so the gradient keeps it."""
+    img = np.abs(g)
+    pad = [(0, 0)] * (img.ndim - 2) + [(1, 1), (1, 1)]
+    p = np.pad(img, pad)
+    c = p[..., 1:-1, 1:-1]
+    dx = np.maximum(np.abs(p[..., 1:-1, 2:] - c), np.abs(c - p[..., 1:-1, :-2]))
+    dy = np.maximum(np.abs(p[..., 2:, 1:-1] - c), np.abs(c - p[..., :-2, 1:-1]))
+    return np.asarray(dx + dy)
+
+
+def _den_scale(mask: Array, shift: Array, extent: float) -> Array:
+    """The translated masks' coordinate error before the C roundings of their sum, the merge's
+    denominator, with the wider bound of ``_slope``, on a ring one pixel wider than the canvas."""
+    ring = em.ringed(mask)
+    return np.asarray(em.unringed(physics.translate(extent * _slope(ring), shift)).sum(axis=1, keepdims=True))
 
 
 def _translate_adjoint(g: Array, e2: Array, shift: Array, extent: float) -> tuple[Array, Array]:
@@ -778,7 +795,7 @@ def gradient_error_scales(
         mask = pad_spatial(physics.centre_mask(N), pad)
         den = physics.translate(mask, shift).sum(axis=1, keepdims=True) + physics.MERGE_EPSILON
         m_extent = em._extent((M, M), shift)
-        s_den = em.den_scale(mask, shift, m_extent) + off.shape[1] * den
+        s_den = _den_scale(mask, shift, m_extent) + off.shape[1] * den
         dnum = physics.divide_complex(dcanvas, den)
         e2_num = e2_canvas / den**2 + (np.abs(dnum) * s_den / den) ** 2 + (np.abs(dnum)) ** 2
         C = off.shape[1]

@@ -9,7 +9,8 @@ import pytest
 
 from backends.reference import ReferenceBackend, centre_mask, diffract, translate
 from backends.reference import error_model as em
-from backends.reference.ops import conv2d
+from backends.reference.ops import conv2d, pad_spatial
+from backends.reference.physics import MERGE_EPSILON, merge, merge_shift
 from parity.batch import CanonicalBatch, random_batch
 from parity.config import ModelConfig
 from parity.weights import generate_weights
@@ -165,3 +166,98 @@ def test_scales_are_independent_of_the_float32_backends():
     again = backend.error_scales(batch, backend.forward(batch))
     for name in scales:
         np.testing.assert_array_equal(scales[name], again[name])
+
+
+def _grid_coordinates(n: int, d: float) -> np.ndarray:
+    """The sample coordinates of n output pixels moved by d as a normalised sampling grid makes them
+    in float32 (an affine grid, then unnormalised, align_corners false): several roundings, not one."""
+    f = np.float32
+    base = (f(2) * np.arange(n, dtype=f) + f(1)) / f(n) - f(1)
+    moved = base - f(2) * f(d) / f(n)
+    return (((moved + f(1)) * f(n) - f(1)) / f(2)).astype(np.float64)
+
+
+def _translate_on_a_grid(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Bilinear translation of (..., H, W) by (..., 2) shifts at ``_grid_coordinates``."""
+    H, W = images.shape[-2:]
+    out = np.zeros(images.shape, dtype=np.complex128)
+    for lead in np.ndindex(images.shape[:-2]):
+        x, y = _grid_coordinates(W, shifts[lead][0]), _grid_coordinates(H, shifts[lead][1])
+        x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+        for yi, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+            for xi, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
+                inside = ((yi >= 0) & (yi < H))[:, None] & ((xi >= 0) & (xi < W))[None, :]
+                picked = images[lead][np.clip(yi, 0, H - 1)[:, None], np.clip(xi, 0, W - 1)[None, :]]
+                out[lead] += wy[:, None] * wx[None, :] * np.where(inside, picked, 0)
+    return out
+
+
+def _merged(patches: np.ndarray, offsets: np.ndarray, M: int, coordinates: str) -> np.ndarray:
+    """The merge with float32 sample coordinates: rounded once (``translate``'s float32 mode) or on a
+    normalised grid; the values themselves stay float64, so only the coordinates' error is left."""
+    N = patches.shape[-1]
+    pad, shift = (M - N) // 2, merge_shift(offsets)
+    wide = (*patches.shape[:2], M, M)
+    images = np.broadcast_to(pad_spatial(patches, pad), wide)
+    mask = np.broadcast_to(pad_spatial(centre_mask(N), pad), wide)
+    if coordinates == "grid":
+        moved, covered = _translate_on_a_grid(images, shift), _translate_on_a_grid(mask, shift).real
+    else:
+        moved, covered = translate(images, shift, np.float32), translate(mask, shift, np.float32)
+    return moved.sum(axis=1, keepdims=True) / (covered.sum(axis=1, keepdims=True) + MERGE_EPSILON)
+
+
+def _whole_pixel_offsets() -> np.ndarray:
+    """Offsets of mean zero whose merge shifts lie 2⁻²¹ pixel from a whole pixel, on either side."""
+    t = 2.0**-21
+    group = np.array([[3 + t, 2 - t], [-(3 + t), -(2 - t)], [1 + t, -4 - t], [-(1 + t), 4 + t]])
+    return np.stack([group, group[:, ::-1]])
+
+
+@pytest.mark.parametrize("coordinates", ["rounded once", "grid"])
+@pytest.mark.parametrize("offsets", ["random", "beside whole pixels"])
+@pytest.mark.parametrize("patches", ["random", "flat"])
+def test_merge_scale_covers_float32_sampling_coordinates(coordinates, offsets, patches):
+    rng = np.random.default_rng(5)
+    N, M = 32, 48
+    values = rng.normal(size=(2, 4, N, N)) + 1j * rng.normal(size=(2, 4, N, N))
+    values = values if patches == "random" else np.full((2, 4, N, N), 1 + 1j)
+    d = rng.uniform(-6, 6, size=(2, 4, 2)) if offsets == "random" else _whole_pixel_offsets()
+    d = d.astype(np.float32).astype(np.float64)
+    exact = merge(values, d, M)
+    scale = em.merge_scale(values, np.zeros(values.shape), d, exact, M)
+    assert 0.05 < _ratio(_merged(values, d, M, coordinates), exact, scale) < 2.0
+
+
+def test_merge_scale_where_no_window_reaches_is_the_canvas_own_rounding():
+    """Outside every central window the denominator is 0.001, and the canvas there is a thousand times
+    the patch: its error is that of the patch over 0.001, a few roundings of the canvas itself. The
+    masks' step a pixel away does not reach a sample whose cell lies wholly outside it (2026-12-05:
+    the three-cell bound put it there, 58,000 roundings of the canvas in this case)."""
+    rng = np.random.default_rng(5)
+    N, M = 32, 48
+    values = np.full((2, 4, N, N), 1 + 1j)
+    d = rng.uniform(-6, 6, size=(2, 4, 2)).astype(np.float32).astype(np.float64)
+    exact = merge(values, d, M)
+    scale = em.merge_scale(values, np.zeros(values.shape), d, exact, M)
+    pad, shift = (M - N) // 2, merge_shift(d)
+    covered = translate(pad_spatial(centre_mask(N), pad), shift).sum(axis=1, keepdims=True)
+    inner = np.zeros((N, N))
+    inner[2:-2, 2:-2] = 1.0
+    inside_every_patch = translate(pad_spatial(inner, pad), shift).min(axis=1, keepdims=True) > 0.999
+    beside = (covered == 0) & inside_every_patch
+    assert beside.sum() >= 10
+    assert np.max(scale[beside] / np.abs(exact[beside])) < 20
+
+
+def test_a_sample_within_the_margin_of_a_whole_pixel_takes_the_slope_of_both_cells():
+    """A step between columns 3 and 4. A sample half a pixel past column j lies in cell j; one 10⁻⁶
+    past it may fall in cell j - 1 in an implementation whose coordinate takes several roundings."""
+    image = np.zeros((1, 6, 8))
+    image[..., 1:-1, 4:7] = 1.0
+    row = 3
+    generic = em._coordinate_slope(image, np.array([[-0.5, 0.0]]), 1.0)[0, row]
+    assert list(generic[2:6]) == [0.0, 1.0, 0.0, 0.0]  # only the sample between columns 3 and 4
+    past = em._coordinate_slope(image, np.array([[-1e-6, 0.0]]), 1.0)[0, row]
+    assert list(past[2:6]) == [0.0, 1.0, 1.0, 0.0]  # pixel 4 sits on the step's far side
+    assert em._cell_margin(100.0) >= 64 * U * 100.0
