@@ -261,3 +261,12 @@ def test_a_sample_within_the_margin_of_a_whole_pixel_takes_the_slope_of_both_cel
     past = em._coordinate_slope(image, np.array([[-1e-6, 0.0]]), 1.0)[0, row]
     assert list(past[2:6]) == [0.0, 1.0, 1.0, 0.0]  # pixel 4 sits on the step's far side
     assert em._cell_margin(100.0) >= 64 * U * 100.0
+
+
+def test_the_coordinate_slope_of_one_image_under_many_shifts_is_that_of_its_copies():
+    """The merge's mask is one image moved by every patch's shift; it need not be copied first."""
+    image = np.random.default_rng(3).normal(size=(10, 12))
+    shifts = np.array([[[0.3, -1.7], [2.0, 0.5]], [[-0.25, 3.0000001], [1.5, -2.2]]])
+    alone = em._coordinate_slope(image, shifts, 30.0)
+    copied = em._coordinate_slope(np.broadcast_to(image, (2, 2, 10, 12)), shifts, 30.0)
+    assert alone.shape == (2, 2, 10, 12) and np.array_equal(alone, copied)
