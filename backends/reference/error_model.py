@@ -151,7 +151,7 @@ def _cell_margin(extent: float) -> float:
     return max(2.0**-12, 64.0 * U32 * extent)
 
 
-def _coordinate_slope(ring: Array, offsets: Array, extent: float) -> Array:
+def _coordinate_slope(ring: Array, offsets: Array, extent: float, whole_is_exact: bool = True) -> Array:
     """|∂x| + |∂y| of the bilinear interpolant at every sample of ``translate(ring, offsets)``.
 
     Every sample of one image lies the same fraction past the same whole shift, so it lies inside
@@ -164,6 +164,13 @@ def _coordinate_slope(ring: Array, offsets: Array, extent: float) -> Array:
     denominator's 0.001, and the canvas's ring had a thousand times the error a float32
     implementation makes there (2026-12-05: the 90 largest scales of the default config's canvas
     held 90 % of its norm; torch's error there stayed under 0.0015 of them).
+
+    A whole shift moves no sample (the spec: integer offsets give an exact shift), so an axis whose
+    fraction is exactly zero has no coordinate term, when ``whole_is_exact``: the caller says that
+    a float32 backend's shift is that whole number too (the merge's shift is a difference from the
+    batch's mean offset, exact in float32 only when the offsets are whole). Every shift of a
+    gridsize-1 merge is zero, and with both cells counted there its canvas had 78,000 roundings of
+    its values beside the mask's edge, where torch's error was 7e-5 of that.
     """
     d = np.asarray(offsets, dtype=np.float64)
     lead = np.broadcast_shapes(ring.shape[:-2], d.shape[:-1])
@@ -177,12 +184,14 @@ def _coordinate_slope(ring: Array, offsets: Array, extent: float) -> Array:
         along = d.copy()
         along[..., axis] = whole[..., axis]
         slope = physics.translate(step, along)
-        for near, cell in ((frac[..., axis] < margin, 1.0), (frac[..., axis] > 1.0 - margin, -1.0)):
+        exact = (frac[..., axis] == 0.0) & whole_is_exact
+        for crossing, cell in ((frac[..., axis] < margin, 1.0), (frac[..., axis] > 1.0 - margin, -1.0)):
+            near = crossing & ~exact
             if np.any(near):
                 beside = along.copy()
                 beside[..., axis] += cell
                 slope = np.where(near[..., None, None], np.maximum(slope, physics.translate(step, beside)), slope)
-        total += slope
+        total += np.where(exact[..., None, None], 0.0, slope)
     return np.asarray(extent * total)
 
 
@@ -212,11 +221,12 @@ def merge_scale(patches: Array, s_patches: Array, offsets: Array, canvas: Array,
     # numerator and denominator translated on a ring one pixel wider than the canvas (translate_scale)
     ring = pad_spatial(patches, pad + 1)
     source = pad_spatial(s_patches, pad + 1) + (4.0 + C) * np.abs(ring)
-    moved = physics.translate(source, shift) + _coordinate_slope(ring, shift, extent)
+    whole = bool(np.all(d == np.floor(d)))
+    moved = physics.translate(source, shift) + _coordinate_slope(ring, shift, extent, whole)
     s_num = unringed(moved).sum(axis=1, keepdims=True)
     mask = np.broadcast_to(pad_spatial(physics.centre_mask(N), pad), patches.shape[:-2] + (N + 2 * pad,) * 2)
     den = physics.translate(mask, shift).sum(axis=1, keepdims=True) + physics.MERGE_EPSILON
-    s_den = unringed(_coordinate_slope(ringed(mask), shift, extent)).sum(axis=1, keepdims=True) + C * den
+    s_den = unringed(_coordinate_slope(ringed(mask), shift, extent, whole)).sum(axis=1, keepdims=True) + C * den
     return np.asarray(s_num / den + np.abs(canvas) * s_den / den + 2.0 * np.abs(canvas)) + TINY
 
 

@@ -270,3 +270,33 @@ def test_the_coordinate_slope_of_one_image_under_many_shifts_is_that_of_its_copi
     alone = em._coordinate_slope(image, shifts, 30.0)
     copied = em._coordinate_slope(np.broadcast_to(image, (2, 2, 10, 12)), shifts, 30.0)
     assert alone.shape == (2, 2, 10, 12) and np.array_equal(alone, copied)
+
+
+@pytest.mark.parametrize("C", [1, 4])
+def test_whole_offsets_leave_the_merge_no_coordinate_term(C):
+    """Whole offsets give an exact shift (the spec), in float32 too: every gridsize-1 merge has them
+    (all zero). Its canvas then holds only the values' own roundings beside the mask's edge, where
+    counting both cells around every sample gave tens of thousands of roundings of the canvas."""
+    rng = np.random.default_rng(9)
+    N, M = 32, 48
+    values = np.full((2, C, N, N), 1 + 1j)
+    half = rng.integers(-5, 6, size=(2, C // 2, 2)).astype(np.float64)
+    d = np.zeros((2, 1, 2)) if C == 1 else np.concatenate([half, -half], axis=1)  # a whole mean: 0
+    exact = merge(values, d, M)
+    coarse = _merged(values, d, M, "rounded once")  # float32 coordinates: the exact shift
+    assert np.max(np.abs(coarse - exact)) < 1e-12 * np.max(np.abs(exact))
+    scale = em.merge_scale(values, np.zeros(values.shape), d, exact, M)
+    held = np.abs(exact) > 0
+    assert np.max(scale[held] / np.abs(exact[held])) < 20
+
+
+def test_whole_shifts_from_offsets_that_are_not_whole_keep_both_cells():
+    """Offsets of 0.5 and 2.5 make merge shifts of -1 and +1 around their mean of 1.5, but a float32
+    backend forms that mean and difference with roundings of its own: only whole offsets are exact."""
+    N, M = 32, 48
+    values = np.full((1, 2, N, N), 1 + 1j)
+    d = np.array([[[0.5, 0.0], [2.5, 0.0]]])
+    exact = merge(values, d, M)
+    scale = em.merge_scale(values, np.zeros(values.shape), d, exact, M)
+    held = np.abs(exact) > 0
+    assert np.max(scale[held] / np.abs(exact[held])) > 1000
