@@ -745,9 +745,10 @@ NO_STAGES = {
 @pytest.mark.parametrize("bug", list(NO_STAGES))
 def test_a_physics_bug_of_a_backend_that_cannot_run_stages_is_caught_at_its_stage(bug: str) -> None:
     """A backend without run_stage (every wrapped original): the reference runs each stage on the
-    backend's own inputs instead, and the bug fails at its own stage. End to end it fails there too;
-    both bugs once passed end to end, while the merge's coordinate term gave every tap after it a
-    thousand times its error (docs/tolerances.md, "One cell, not three")."""
+    backend's own inputs instead, and the bug fails at its own stage. End to end, the floor fails at
+    the diffraction too; both bugs once passed there, while the merge's coordinate term gave every
+    tap after it a thousand times its error (docs/tolerances.md, "Layer-local parity"). The 0.8 %
+    amplitude is still within what the network's carried error allows end to end at gridsize 1."""
     config, model = NO_STAGES[bug]
     no_stages = type("NoStages", (TorchBackend,), {"model_class": model, "runs_stages": False})
     overrides = {
@@ -762,7 +763,10 @@ def test_a_physics_bug_of_a_backend_that_cannot_run_stages_is_caught_at_its_stag
     assert result.first_local_divergence["tap"] == first_tap, result.describe_failure()
     assert result.first_local_divergence["margins"]["torch"] > 10
     assert "(the reference run on that backend's inputs to it): " in result.describe_failure()
-    assert result.first_divergence["tap"] == first_tap and result.first_divergence["blamed"] == ["torch"]
+    if "sqrt" in bug:
+        assert result.first_divergence["tap"] == first_tap and result.first_divergence["blamed"] == ["torch"]
+    else:
+        assert result.first_divergence is None, result.describe_failure()
 
 
 CLEAN = sorted({(m.config, m.fixture or "") for m in MUTATIONS.values()}, key=lambda cf: (cf[0].short_id(), cf[1]))

@@ -151,7 +151,7 @@ def _cell_margin(extent: float) -> float:
     return max(2.0**-12, 64.0 * U32 * extent)
 
 
-def _coordinate_slope(ring: Array, offsets: Array, extent: float, whole_is_exact: bool = True) -> Array:
+def _coordinate_slope(ring: Array, offsets: Array, extent: float) -> Array:
     """|∂x| + |∂y| of the bilinear interpolant at every sample of ``translate(ring, offsets)``.
 
     Every sample of one image lies the same fraction past the same whole shift, so it lies inside
@@ -165,12 +165,11 @@ def _coordinate_slope(ring: Array, offsets: Array, extent: float, whole_is_exact
     implementation makes there (2026-12-05: the 90 largest scales of the default config's canvas
     held 90 % of its norm; torch's error there stayed under 0.0015 of them).
 
-    A whole shift moves no sample (the spec: integer offsets give an exact shift), so an axis whose
-    fraction is exactly zero has no coordinate term, when ``whole_is_exact``: the caller says that
-    a float32 backend's shift is that whole number too (the merge's shift is a difference from the
-    batch's mean offset, exact in float32 only when the offsets are whole). Every shift of a
-    gridsize-1 merge is zero, and with both cells counted there its canvas had 78,000 roundings of
-    its values beside the mask's edge, where torch's error was 7e-5 of that.
+    Near a whole pixel on both axes (whole offsets: every gridsize-1 merge) a sample may fall in
+    the diagonal cell too. Its error there is second order, but at a corner of the mask, where the
+    sample's own row and column are flat, it is all the error there is, and a normalised grid
+    (torch's affine_grid and grid_sample) makes it: a thousand roundings of nothing, against a
+    tolerance of nothing, without the rows beside (``read``).
     """
     d = np.asarray(offsets, dtype=np.float64)
     lead = np.broadcast_shapes(ring.shape[:-2], d.shape[:-1])
@@ -178,20 +177,35 @@ def _coordinate_slope(ring: Array, offsets: Array, extent: float, whole_is_exact
     whole = -np.floor(-d)  # translating by it reads, for output pixel j, cell j + floor(-dx)
     frac = -d - np.floor(-d)
     margin = _cell_margin(extent)
+    near_whole = (frac < margin) | (frac > 1.0 - margin)
+
+    def read(step: Array, shift: Array, other: int) -> Array:
+        # Within the margin of a whole pixel along the other axis, a sample may also read up to
+        # ``margin`` of the row beside it: second order in the coordinates' errors, but where its
+        # own row is flat (a corner of the mask) it is the whole error.
+        slope = physics.translate(step, shift)
+        near = near_whole[..., other]
+        if np.any(near):
+            rows = []
+            for side in (1.0, -1.0):
+                beside = shift.copy()
+                beside[..., other] = np.round(d[..., other]) + side
+                rows.append(physics.translate(step, beside))
+            slope = np.where(near[..., None, None], slope + margin * np.maximum(*rows), slope)
+        return slope
+
     total = np.zeros(ring.shape, dtype=np.float64)
     for axis in (0, 1):  # offsets are [dx, dy]; x is the last array axis
         step = np.abs(np.diff(ring, axis=-1 - axis, append=np.zeros_like(ring[..., :1, :] if axis else ring[..., :1])))
         along = d.copy()
         along[..., axis] = whole[..., axis]
-        slope = physics.translate(step, along)
-        exact = (frac[..., axis] == 0.0) & whole_is_exact
-        for crossing, cell in ((frac[..., axis] < margin, 1.0), (frac[..., axis] > 1.0 - margin, -1.0)):
-            near = crossing & ~exact
+        slope = read(step, along, 1 - axis)
+        for near, cell in ((frac[..., axis] < margin, 1.0), (frac[..., axis] > 1.0 - margin, -1.0)):
             if np.any(near):
                 beside = along.copy()
                 beside[..., axis] += cell
-                slope = np.where(near[..., None, None], np.maximum(slope, physics.translate(step, beside)), slope)
-        total += np.where(exact[..., None, None], 0.0, slope)
+                slope = np.where(near[..., None, None], np.maximum(slope, read(step, beside, 1 - axis)), slope)
+        total += slope
     return np.asarray(extent * total)
 
 
@@ -221,12 +235,11 @@ def merge_scale(patches: Array, s_patches: Array, offsets: Array, canvas: Array,
     # numerator and denominator translated on a ring one pixel wider than the canvas (translate_scale)
     ring = pad_spatial(patches, pad + 1)
     source = pad_spatial(s_patches, pad + 1) + (4.0 + C) * np.abs(ring)
-    whole = bool(np.all(d == np.floor(d)))
-    moved = physics.translate(source, shift) + _coordinate_slope(ring, shift, extent, whole)
+    moved = physics.translate(source, shift) + _coordinate_slope(ring, shift, extent)
     s_num = unringed(moved).sum(axis=1, keepdims=True)
     mask = np.broadcast_to(pad_spatial(physics.centre_mask(N), pad), patches.shape[:-2] + (N + 2 * pad,) * 2)
     den = physics.translate(mask, shift).sum(axis=1, keepdims=True) + physics.MERGE_EPSILON
-    s_den = unringed(_coordinate_slope(ringed(mask), shift, extent, whole)).sum(axis=1, keepdims=True) + C * den
+    s_den = unringed(_coordinate_slope(ringed(mask), shift, extent)).sum(axis=1, keepdims=True) + C * den
     return np.asarray(s_num / den + np.abs(canvas) * s_den / den + 2.0 * np.abs(canvas)) + TINY
 
 
