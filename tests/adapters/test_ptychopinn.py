@@ -19,7 +19,9 @@ translation on the first pass):
 - the PyTorch original, with the canvas difference its adapter declares, passes through the heads
   and is named at the merge (``object.canvas``), where it co-masks the numerator; without the
   declaration the run stops at the precheck naming ``canvas_size``; a canvas it can match makes the
-  declaration stale, which fails the run;
+  declaration stale, which fails the run; at gridsize 1 without the border branch, where it computes
+  the canonical model, it passes every tap it exposes (its normalised sampling grid rounds even a
+  zero shift);
 - an original that cannot be imported is reported as unavailable, with the reason.
 """
 
@@ -163,6 +165,22 @@ def test_the_torch_original_passes_the_heads_and_is_named_at_the_merge(
     assert local["object.canvas"] == [] and local["object.reextracted"] == []
     for name in ("physics.illuminated", "physics.diffraction", "output.amplitude"):
         assert [c.passed for c in local[name]] == [True], name
+
+
+def test_the_torch_original_passes_every_tap_it_exposes_at_gridsize_1_without_the_border() -> None:
+    """Without probe_big the port's co-masked numerator is the canonical one, and at gridsize 1 every
+    shift is zero, so the port computes the canonical model. Its normalised grid (affine_grid and
+    grid_sample) rounds even a zero shift: tolerances that took whole shifts as exact failed it at
+    the canvas by 1e24 times its tolerance, and the one-cell bound that missed the mask's corners at
+    the re-extraction by 1e21 (2026-12-05, docs/tolerances.md, "One cell, not three")."""
+    config = ModelConfig(gridsize=1, probe_big=False)
+    result = _run(config, ("reference", TF, TORCH))
+    assert result.passed, result.describe_failure()
+    status = _status(result)
+    after_merge = ("object.canvas", "object.reextracted", "physics.illuminated", "physics.diffraction")
+    assert all(status[n] == "pass" for n in after_merge), {n: status[n] for n in after_merge}
+    merge = next(t for t in result.taps if t.name == "object.reextracted")
+    assert {c.a for c in merge.comparisons if c.b == "reference"} >= {TF, TORCH}
 
 
 def test_without_the_declaration_the_run_stops_at_the_precheck_naming_the_canvas() -> None:
