@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backends.reference import ReferenceBackend, centre_mask, diffract, translate
 from backends.reference import error_model as em
@@ -259,6 +261,63 @@ def test_whole_offsets_keep_the_coordinate_term_a_normalised_grid_needs(C):
     scale = em.merge_scale(values, np.zeros(values.shape), d, exact, M)
     assert 0.05 < _ratio(_merged(values, d, M, "grid"), exact, scale) < 2.0
     assert _ratio(_merged(values, d, M, "rounded once"), exact, scale) < 1e-6  # exact there
+
+
+@st.composite
+def _sample_shifts(draw: st.DrawFn, n: int) -> np.ndarray:
+    """n float32 shifts [dx, dy], each coordinate whole, a few float32 roundings beside whole, or
+    anywhere between: where the coordinate term's cells, and the rows beside them, are decided."""
+    values = []
+    for _ in range(2 * n):
+        k = draw(st.integers(-4, 4))
+        kind = draw(st.sampled_from(["whole", "beside", "between"]))
+        if kind == "whole":
+            values.append(float(k))
+        elif kind == "beside":
+            values.append(k + draw(st.sampled_from([-1.0, 1.0])) * 2.0 ** -draw(st.integers(12, 22)))
+        else:
+            values.append(k + draw(st.floats(0.0, 1.0, exclude_max=True)))
+    return np.array(values, dtype=np.float32).astype(np.float64).reshape(n, 2)
+
+
+def _masked_images(rng: np.random.Generator, lead: tuple[int, ...], n: int, full: bool) -> np.ndarray:
+    """Complex images, either random everywhere or zero outside a random block (a mask's edges and
+    corners, as the heads' padded patches have without the border branch)."""
+    images = rng.normal(size=(*lead, n, n)) + 1j * rng.normal(size=(*lead, n, n))
+    if full:
+        return images
+    (r0, c0), (r1, c1) = rng.integers(1, n // 3, size=2), rng.integers(2 * n // 3, n - 1, size=2)
+    block = np.zeros((n, n))
+    block[r0:r1, c0:c1] = 1.0
+    return images * block
+
+
+@settings(max_examples=300)  # milliseconds each; 25 missed a block's corner at a whole shift
+@given(st.data())
+def test_translate_scale_covers_both_kinds_of_float32_coordinates_at_any_shift(data):
+    """The re-extraction's tolerance, for a coordinate j - dx rounded once and for a normalised grid,
+    at whole shifts, shifts a few roundings beside them, and any other (the corner of a block at a
+    whole shift on both axes slipped past the cases above once, 2026-12-05)."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    img = _masked_images(rng, (3, 1), 20, data.draw(st.booleans()))  # not a power of 2: a grid rounds
+    d = data.draw(_sample_shifts(3)).reshape(3, 1, 2)
+    exact = translate(img, d)
+    scale = em.translate_scale(img, np.zeros(img.shape), d)
+    assert _ratio(translate(img, d, np.float32), exact, scale) < 2.0
+    assert _ratio(_translate_on_a_grid(img, d), exact, scale) < 2.0
+
+
+@settings(max_examples=300)  # milliseconds each; 25 missed a block's corner at a whole shift
+@given(st.data())
+def test_merge_scale_covers_both_kinds_of_float32_coordinates_at_any_shift(data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    N, M = 18, 26  # not powers of 2: a normalised grid rounds there
+    patches = _masked_images(rng, (2, 4), N, data.draw(st.booleans()))
+    d = data.draw(_sample_shifts(8)).reshape(2, 4, 2)
+    exact = merge(patches, d, M)
+    scale = em.merge_scale(patches, np.zeros(patches.shape), d, exact, M)
+    for coordinates in ("rounded once", "grid"):
+        assert _ratio(_merged(patches, d, M, coordinates), exact, scale) < 2.0, coordinates
 
 
 def test_merge_scale_where_no_window_reaches_is_the_canvas_own_rounding():
