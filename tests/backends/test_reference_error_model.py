@@ -170,21 +170,25 @@ def test_scales_are_independent_of_the_float32_backends():
         np.testing.assert_array_equal(scales[name], again[name])
 
 
-def _grid_coordinates(n: int, d: float) -> np.ndarray:
+def _grid_coordinates(n: int, d: float, aligned: bool = False) -> np.ndarray:
     """The sample coordinates of n output pixels moved by d as a normalised sampling grid makes them
-    in float32 (an affine grid, then unnormalised, align_corners false): several roundings, not one."""
+    in float32 (an affine grid, then unnormalised; align_corners false, or true as the PyTorch
+    original's): several roundings, not one."""
     f = np.float32
+    if aligned:
+        base = f(-1) + f(2) * np.arange(n, dtype=f) / f(n - 1)
+        return (((base - f(2) * f(d) / f(n - 1)) + f(1)) / f(2) * f(n - 1)).astype(np.float64)
     base = (f(2) * np.arange(n, dtype=f) + f(1)) / f(n) - f(1)
     moved = base - f(2) * f(d) / f(n)
     return (((moved + f(1)) * f(n) - f(1)) / f(2)).astype(np.float64)
 
 
-def _translate_on_a_grid(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+def _translate_on_a_grid(images: np.ndarray, shifts: np.ndarray, aligned: bool = False) -> np.ndarray:
     """Bilinear translation of (..., H, W) by (..., 2) shifts at ``_grid_coordinates``."""
     H, W = images.shape[-2:]
     out = np.zeros(images.shape, dtype=np.complex128)
     for lead in np.ndindex(images.shape[:-2]):
-        x, y = _grid_coordinates(W, shifts[lead][0]), _grid_coordinates(H, shifts[lead][1])
+        x, y = _grid_coordinates(W, shifts[lead][0], aligned), _grid_coordinates(H, shifts[lead][1], aligned)
         x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
         for yi, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
             for xi, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
@@ -216,8 +220,10 @@ def _merged(patches: np.ndarray, offsets: np.ndarray, M: int, coordinates: str) 
     wide = (*patches.shape[:2], M, M)
     images = np.broadcast_to(pad_spatial(patches, pad), wide)
     mask = np.broadcast_to(pad_spatial(centre_mask(N), pad), wide)
-    if coordinates == "grid":
-        moved, covered = _translate_on_a_grid(images, shift), _translate_on_a_grid(mask, shift).real
+    if coordinates in ("grid", "aligned grid"):
+        aligned = coordinates == "aligned grid"
+        moved = _translate_on_a_grid(images, shift, aligned)
+        covered = _translate_on_a_grid(mask, shift, aligned).real
     else:
         moved, covered = translate(images, shift, np.float32), translate(mask, shift, np.float32)
     return moved.sum(axis=1, keepdims=True) / (covered.sum(axis=1, keepdims=True) + MERGE_EPSILON)
@@ -304,7 +310,8 @@ def test_translate_scale_covers_both_kinds_of_float32_coordinates_at_any_shift(d
     exact = translate(img, d)
     scale = em.translate_scale(img, np.zeros(img.shape), d)
     assert _ratio(translate(img, d, np.float32), exact, scale) < 2.0
-    assert _ratio(_translate_on_a_grid(img, d), exact, scale) < 2.0
+    for aligned in (False, True):
+        assert _ratio(_translate_on_a_grid(img, d, aligned), exact, scale) < 2.0, aligned
 
 
 @settings(max_examples=300)  # milliseconds each; 25 missed a block's corner at a whole shift
@@ -316,7 +323,7 @@ def test_merge_scale_covers_both_kinds_of_float32_coordinates_at_any_shift(data)
     d = data.draw(_sample_shifts(8)).reshape(2, 4, 2)
     exact = merge(patches, d, M)
     scale = em.merge_scale(patches, np.zeros(patches.shape), d, exact, M)
-    for coordinates in ("rounded once", "grid"):
+    for coordinates in ("rounded once", "grid", "aligned grid"):
         assert _ratio(_merged(patches, d, M, coordinates), exact, scale) < 2.0, coordinates
 
 
