@@ -738,3 +738,33 @@ def test_a_float32_sum_of_terms_of_one_sign_is_within_the_kernel_tolerance():
         beyond.append(_over(tol, name, summed.astype(np.float64), exact, own))
     assert max(within) <= 0.1, within
     assert max(beyond) > 1.0, beyond
+
+
+def test_a_coordinate_at_a_whole_pixel_moves_the_spectrum_by_either_one_sided_move():
+    """At a whole pixel the translation has a kink: a coordinate rounded one way moves each sample
+    into one cell, the other way into the other, and the two moves need not cancel. A normalised
+    grid rounds a zero shift either way (tests/test_equivalent_implementations.py). The central
+    difference kept only the odd part of the two; the move the model carries covers either side."""
+    from backends.reference import error_model as em
+    from backends.reference import physics
+
+    config = ModelConfig(gridsize=1)
+    backend = ReferenceBackend(config, generate_weights(config, 0))
+    batch = random_batch(config, 2, 0)
+    offsets = batch.offsets.astype(np.float64)
+    assert np.all(offsets == 0)  # gridsize 1: every coordinate at a whole pixel
+    probe = batch.probe.astype(np.complex128).reshape(1, 1, config.N, config.N)
+    taps = backend.forward(batch)
+    moves = gem._coordinate_moves(backend.model, taps, offsets, probe)
+
+    def spectrum(d: np.ndarray) -> np.ndarray:
+        canvas = taps["object.canvas"]
+        field = physics.illuminate(physics.reextract(canvas, d, config.N), probe, backend.model.illumination_mask)
+        return np.abs(np.fft.fftshift(np.fft.fft2(field, axes=(-2, -1)), axes=(-2, -1)) / config.N)
+
+    step = np.zeros_like(offsets)
+    step[..., 0] = U * em._extent((backend.model.M,) * 2, offsets)  # the re-extraction's x: moves[0]
+    base = spectrum(offsets)
+    for side in (1.0, -1.0):
+        one_sided = np.abs(spectrum(offsets + side * step) - base) / U
+        assert np.all(np.abs(moves[0].amplitude) >= one_sided * (1 - 1e-9)), side
