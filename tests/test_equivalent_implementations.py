@@ -9,8 +9,7 @@ such a grid, by 1e21 times and more, beside the merge mask's edges and corners a
 (docs/tolerances.md, "One cell, not three"). Here the project's own torch model translates on such a
 grid through its documented seam (``PtychoPINN.translate``) and must pass, end to end and stage by
 stage, on the configs where shifts are whole (gridsize 1) and where they are not; its gradients pass
-where shifts are fractional, and at whole shifts are a known false alarm (xfail, strict: it turns red
-when fixed, so the marker goes).
+where shifts are fractional; at whole shifts log_scale's are a known false alarm, held to its size.
 """
 
 from __future__ import annotations
@@ -91,12 +90,21 @@ def test_its_gradients_pass_where_shifts_are_fractional() -> None:
     assert result.passed, result.describe_failure()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known false alarm: the gradient error model moves each float32 sampling coordinate by one "
-    "rounding (u·extent), a grid rounds a whole shift several times (docs/tolerances.md, Known limits: "
-    "log_scale's gradients at 1.4 and 2.2 times their tolerance at gridsize 1)",
-)
-def test_its_gradients_pass_at_whole_shifts() -> None:
-    result = _run(ModelConfig(gridsize=1, probe_big=False), gradients=True)
-    assert result.passed, result.describe_failure()
+WHOLE_SHIFTS = [ModelConfig(gridsize=1, probe_big=False), ModelConfig(gridsize=1)]
+
+
+@pytest.mark.parametrize("config", WHOLE_SHIFTS, ids=lambda c: c.short_id())
+def test_at_whole_shifts_only_log_scales_gradients_are_off_and_within_three_tolerances(config: ModelConfig) -> None:
+    """A known false alarm (docs/tolerances.md, "Known limits"): the gradient model moves each
+    float32 coordinate by one rounding, a grid rounds a whole shift several times, and log_scale's
+    gradients, sums over every pixel, show it (margins 1.4 and 2.2 here on 2026-12-05; 5.3 and 5.9,
+    with x's gradient at 99, before the model took one-sided moves at whole pixels). Held to that:
+    every other gradient passes, and log_scale's stay within three times their tolerance."""
+    result = _run(config, gradients=True)
+    off = {
+        t.name: max(c.margin for c in t.comparisons if not c.passed)
+        for t in result.taps
+        if any(not c.passed for c in t.comparisons)
+    }
+    assert set(off) <= {"grad.poisson_nll.log_scale", "grad.mae.log_scale"}, result.describe_failure()
+    assert all(margin < 3.0 for margin in off.values()), off
