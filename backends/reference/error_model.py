@@ -151,6 +151,14 @@ def _cell_margin(extent: float) -> float:
     return max(2.0**-12, 64.0 * U32 * extent)
 
 
+def _near_whole(d: Array, extent: float) -> Array:
+    """Where a coordinate moved by ``d`` lies within ``_cell_margin`` of a whole pixel: there a
+    float32 implementation's sample may fall on either side of it (a kink of the translation)."""
+    frac = -d - np.floor(-d)
+    margin = _cell_margin(extent)
+    return np.asarray((frac < margin) | (frac > 1.0 - margin))
+
+
 def _coordinate_slope(ring: Array, offsets: Array, extent: float) -> Array:
     """|∂x| + |∂y| of the bilinear interpolant at every sample of ``translate(ring, offsets)``.
 
@@ -177,7 +185,7 @@ def _coordinate_slope(ring: Array, offsets: Array, extent: float) -> Array:
     whole = -np.floor(-d)  # translating by it reads, for output pixel j, cell j + floor(-dx)
     frac = -d - np.floor(-d)
     margin = _cell_margin(extent)
-    near_whole = (frac < margin) | (frac > 1.0 - margin)
+    near_whole = _near_whole(d, extent)
 
     def read(step: Array, shift: Array, other: int) -> Array:
         # Within the margin of a whole pixel along the other axis, a sample may also read up to

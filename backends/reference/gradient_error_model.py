@@ -156,6 +156,7 @@ about the same: the rescaling and conversions were as dear as the float32 produc
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -573,7 +574,10 @@ def _coordinate_moves(model: ReferenceModel, taps: Mapping[str, Array], offsets:
         return np.asarray(np.fft.fftshift(np.fft.fft2(field, axes=(-2, -1)), axes=(-2, -1)) / N)
 
     canvas = taps["object.canvas"]
-    base = spectrum(canvas, off)
+
+    @functools.cache
+    def base() -> Array:  # the unmoved spectrum, wanted only where a coordinate sits at a kink
+        return spectrum(canvas, off)
 
     def move(plus: Array, minus: Array, per_patch: bool, kink: Array) -> _Move:
         per_u = 1.0 / (2.0 * U32)
@@ -585,25 +589,21 @@ def _coordinate_moves(model: ReferenceModel, taps: Mapping[str, Array], offsets:
             # float32 backend rounds there (a normalised grid rounds a zero shift too) may move
             # either way, so the larger one-sided secant counts (a grid's log_scale gradients were
             # 1.9 % off at gridsize 1, 5.9 times their tolerance, with the central one).
-            sides = [(np.abs(plus) - np.abs(base)) / U32, (np.abs(base) - np.abs(minus)) / U32]
-            turns = [np.angle(plus * np.conj(base)) / U32, np.angle(base * np.conj(minus)) / U32]
+            centre = base()
+            sides = [(np.abs(plus) - np.abs(centre)) / U32, (np.abs(centre) - np.abs(minus)) / U32]
+            turns = [np.angle(plus * np.conj(centre)) / U32, np.angle(centre * np.conj(minus)) / U32]
             one_sided = np.where(np.abs(sides[0]) >= np.abs(sides[1]), sides[0], sides[1])
             one_turn = np.where(np.abs(turns[0]) >= np.abs(turns[1]), turns[0], turns[1])
             amplitude = np.where(kink, one_sided, amplitude)
             phase = np.where(kink, one_turn, phase)
         return _Move(amplitude, phase, per_patch)
 
-    def near_whole(d: Array, extent: float) -> Array:
-        frac = -d - np.floor(-d)
-        margin = em._cell_margin(extent)
-        return np.asarray((frac < margin) | (frac > 1.0 - margin))
-
     moves = []
     for k in (0, 1):
         step = np.zeros_like(off)
         extent = em._extent((M, M), off)
         step[..., k] = U32 * extent
-        kink = near_whole(off[..., k], extent)[..., None, None]  # (B, C, 1, 1): each patch its own
+        kink = em._near_whole(off[..., k], extent)[..., None, None]  # (B, C, 1, 1): each patch its own
         moves.append(move(spectrum(canvas, off + step), spectrum(canvas, off - step), True, kink))
     if model.object_big:
         patches, shift = taps["object.patches"], physics.merge_shift(off)
@@ -614,7 +614,7 @@ def _coordinate_moves(model: ReferenceModel, taps: Mapping[str, Array], offsets:
                 step[:, c, k] = U32 * extent
                 plus = spectrum(physics.merge_shifted(patches, shift + step, M), off)
                 minus = spectrum(physics.merge_shifted(patches, shift - step, M), off)
-                kink = near_whole(shift[:, c, k], extent)[:, None, None, None]  # one coordinate per group
+                kink = em._near_whole(shift[:, c, k], extent)[:, None, None, None]  # one coordinate per group
                 moves.append(move(plus, minus, False, kink))
     return moves
 
