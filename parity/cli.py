@@ -199,7 +199,8 @@ def _pytest(arguments: Sequence[str]) -> int:
 
 
 def cmd_regen_baselines(args: argparse.Namespace) -> int:
-    """Regenerate the baselines (``pytest -m parity --force-regen``), then verify in a fresh session."""
+    """Regenerate the baselines (``pytest -m parity --force-regen``), then verify in a fresh session,
+    whose summary (the plugin's) names the baselines no collected test writes any more."""
     flag = "--regen-all" if args.all else "--force-regen"
     base = ["-m", "parity", "-p", "no:cacheprovider", *args.pytest_args]
     code = _pytest([*base, flag, "-q"])
@@ -215,48 +216,7 @@ def cmd_regen_baselines(args: argparse.Namespace) -> int:
     code = _pytest([*base, "-q"])
     if code == 2:
         raise KeyboardInterrupt
-    orphans = orphaned_baselines(args.pytest_args)
-    if orphans:
-        print("regen-baselines: baselines that no collected test writes (a test renamed or removed?):")
-        print("\n".join(f"  {p}" for p in orphans))
     return _PYTEST_EXIT.get(code, EXIT_CRASH)
-
-
-def orphaned_baselines(pytest_args: Sequence[str]) -> list[Path]:
-    """Baselines in the folders of the collected test modules that none of their tests writes: what a
-    renamed test or parametrization leaves behind, which no run would otherwise mention.
-
-    The tests are collected in a child pytest, as given (paths and options); with a selection (``-k``,
-    ``-m``, a node id) some tests would be missing, so nothing is reported. A baseline that records
-    its test is an orphan when that test is not collected; one that does not (written before
-    baselines named their test) when no collected test has its name.
-    """
-    import subprocess
-
-    from parity.baseline import baseline_folder, meta_path, read_metadata
-    from parity.errors import BaselineError
-    from parity.plugin import baseline_name_of
-
-    if any(a in ("-k", "-m") or a.startswith(("-k", "-m")) or "::" in a for a in pytest_args):
-        return []
-    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *pytest_args]
-    listed = subprocess.run(command, capture_output=True, text=True, check=False).stdout.splitlines()
-    tests: dict[Path, set[str]] = {}
-    for nodeid in (line.strip() for line in listed if "::" in line):
-        module, _, name = nodeid.partition("::")
-        if Path(module).is_file():  # node ids are relative to pytest's rootdir: here, where we run
-            tests.setdefault(baseline_folder(Path(module).resolve()), set()).add(name)
-    orphans = []
-    for folder, names in tests.items():
-        stems = {baseline_name_of(name) for name in names}
-        for npz in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
-            try:
-                owner = read_metadata(meta_path(npz)).get("test")
-            except BaselineError:
-                owner = None
-            if (owner not in names) if isinstance(owner, str) else npz.stem.rsplit("-", 1)[0] not in stems:
-                orphans.append(npz)
-    return orphans
 
 
 def cmd_make_fixtures(args: argparse.Namespace) -> int:

@@ -8,6 +8,9 @@ Any project that installs ptycho-parity gets these, in the manner of pytest-regr
   ``--regen-all``, the options of pytest-regressions) and records the outcome in the report;
 - ``parity_options`` and ``parity_tolerances`` expose what the command line selected.
 
+A run that collected whole modules ends by naming the baselines none of their tests writes any more
+(a test renamed or removed), in a section of the terminal summary.
+
 A requested backend that cannot be loaded skips the test with the import error as the reason, unless
 ``--parity-require-backends`` (or PTYCHO_PARITY_REQUIRE_BACKENDS=1, which CI sets) makes it a failure.
 """
@@ -18,7 +21,7 @@ import contextlib
 import hashlib
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -263,6 +266,89 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                 f"tests {other} and {item.nodeid} would share the baselines {key[0] / key[1]}-*.npz: "
                 "give one of them another name or id"
             )
+
+
+_COLLECTED = pytest.StashKey[dict[Path, set[str]]]()  # test module -> its collected tests' names
+_ORPHANS = pytest.StashKey[set[str]]()
+_ORPHANS_KEY = "ptycho_parity_orphaned_baselines"  # in a pytest-xdist worker's output to its controller
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    # Every collected test, before -k, -m or --deselect leave some out: a baseline's test is only
+    # "gone" if it is not even collected.
+    item.config.stash.setdefault(_COLLECTED, {}).setdefault(item.path, set()).add(qualified_test_name(item))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    config = session.config
+    # Node ids or --lf collect only part of a module; its other tests' baselines are not orphans.
+    if any("::" in str(arg) for arg in config.args) or config.getoption("lf", False):
+        return
+    collected = config.stash[_COLLECTED] if _COLLECTED in config.stash else {}
+    orphans = {str(path) for path in orphaned_baselines(collected)}
+    if hasattr(config, "workeroutput"):  # a pytest-xdist worker: its controller prints the summary
+        config.workeroutput[_ORPHANS_KEY] = sorted(orphans)
+    else:
+        config.stash[_ORPHANS] = orphans
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook, in its controller
+def pytest_testnodedown(node: Any, error: object) -> None:
+    found = getattr(node, "workeroutput", {}).get(_ORPHANS_KEY)
+    if found is not None:
+        node.config.stash.setdefault(_ORPHANS, set()).update(found)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    orphans = config.stash.get(_ORPHANS, set())
+    if orphans:
+        terminalreporter.write_sep("=", "ptycho-parity: orphaned baselines", yellow=True)
+        terminalreporter.write_line(
+            f"{len(orphans)} baseline(s) that no collected test writes (a test renamed or removed?): "
+            "delete them, or rename them with their test"
+        )
+        here = config.invocation_params.dir
+        for path in sorted(orphans):
+            shown = Path(path).relative_to(here) if Path(path).is_relative_to(here) else path
+            terminalreporter.write_line(f"  {shown}")
+
+
+def orphaned_baselines(tests: Mapping[Path, Collection[str]]) -> list[Path]:
+    """The parity baselines that none of the collected tests writes, given each collected test module
+    and its tests' qualified names: in the modules' baseline folders, and in the folders of modules
+    that are gone (a folder beside the collected modules, named like a module that is not there).
+
+    A baseline that records its test is an orphan when that test is not collected; one that does not
+    (written before baselines named their test) when no collected test has its name. Only parity
+    baselines are judged (an ``.npz`` beside a ``.meta.json`` naming its backend): pytest-regressions
+    keeps its own ``.npz`` files in the same folders.
+    """
+    import json
+
+    from parity.baseline import baseline_folder, meta_path
+
+    folders: dict[Path, set[str]] = {}
+    for module, names in tests.items():
+        folders.setdefault(baseline_folder(module), set()).update(names)
+    for parent in sorted({module.parent for module in tests}):
+        with contextlib.suppress(OSError):
+            for sub in parent.iterdir():
+                if sub.is_dir() and sub not in folders and not sub.with_name(sub.name + ".py").exists():
+                    folders[sub] = set()
+    orphans = []
+    for folder, names in sorted(folders.items()):
+        stems = {baseline_name_of(name) for name in names}
+        for npz in sorted(folder.glob("*.npz")):
+            try:  # any schema version: an orphan of an older one is still an orphan
+                meta = json.loads(meta_path(npz).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # not a parity baseline, or a broken one, which its test reports
+            if not isinstance(meta, dict) or "backend" not in meta:
+                continue
+            owner = meta.get("test")
+            if (owner not in names) if isinstance(owner, str) else npz.stem.rsplit("-", 1)[0] not in stems:
+                orphans.append(npz)
+    return orphans
 
 
 def assert_parity(result: ParityResult) -> None:

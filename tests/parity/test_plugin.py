@@ -451,3 +451,72 @@ def test_deviation_options_apply_to_every_run_and_are_held_strictly(inner, tmp_p
     bad = _run(inner, "-m", "parity", "--parity-backends", "reference", "--parity-deviations", str(tmp_path / "no"))
     bad.assert_outcomes(failed=1)
     bad.stdout.fnmatch_lines(["*bad input: deviation file*no: no such file*"])
+
+
+ORPHAN_SUITE = """
+import pytest
+
+
+def test_kept():
+    pass
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_param(n):
+    pass
+"""
+
+
+def _plant(folder, stem, test):
+    """A parity baseline's two files (the arrays are never read: only names and metadata are judged)."""
+    folder.mkdir(exist_ok=True)
+    (folder / f"{stem}-torch.npz").write_bytes(b"")
+    (folder / f"{stem}-torch.meta.json").write_text(json.dumps({"backend": "torch", "test": test}))
+
+
+def test_a_run_of_whole_modules_names_the_baselines_no_collected_test_writes(pytester, monkeypatch):
+    """A renamed test, a dropped parametrization or a removed module leaves baselines behind that no
+    run would otherwise mention: the summary names them (once, under pytest-xdist too), leaves them
+    be, and says nothing when only part of a module was collected."""
+    monkeypatch.delenv(REQUIRE_ENV, raising=False)
+    for key in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+    pytester.makepyfile(test_mod=ORPHAN_SUITE)
+    folder = pytester.path / "test_mod"
+    _plant(folder, "test_kept", "test_kept")
+    _plant(folder, "test_param_1", "test_param[1]")
+    _plant(folder, "test_param_3", "test_param[3]")  # a parametrization dropped
+    _plant(folder, "test_renamed", "test_renamed")
+    _plant(folder, "test_param_2", None)  # written before baselines named their test: judged by name
+    _plant(folder, "test_older", None)
+    (folder / "test_kept.npz").write_bytes(b"")  # pytest-regressions' own file: no metadata, not judged
+    _plant(pytester.path / "test_removed", "test_x", "test_x")  # its module is gone
+    _plant(pytester.path / "test_other", "test_y", "test_y")  # its module is there, not collected
+    (pytester.path / "test_other.py").write_text("def test_y():\n    pass\n")
+    orphans = ["test_mod/test_older-torch.npz", "test_mod/test_param_3-torch.npz"]
+    orphans += ["test_mod/test_renamed-torch.npz", "test_removed/test_x-torch.npz"]
+    lines = ["*= ptycho-parity: orphaned baselines =*", "4 baseline(s) that no collected test writes*"]
+    lines += [f"  {path}" for path in orphans]
+
+    for args in ([], ["-k", "kept"], ["-m", "parity"]):  # -k and -m leave tests out after collecting them
+        result = pytester.runpytest("-p", "no:cacheprovider", "test_mod.py", *args)
+        result.stdout.fnmatch_lines(lines, consecutive=True)
+        assert "test_kept-torch" not in result.stdout.str() and "test_y" not in result.stdout.str()
+    parallel = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "test_mod.py")
+    parallel.assert_outcomes(passed=3)
+    parallel.stdout.fnmatch_lines(lines, consecutive=True)
+    assert parallel.stdout.str().count("orphaned baselines") == 1
+    for path in orphans:
+        assert (pytester.path / path).is_file()
+
+    partial = pytester.runpytest("-p", "no:cacheprovider", "test_mod.py::test_kept")
+    partial.assert_outcomes(passed=1)
+    assert "orphaned baselines" not in partial.stdout.str()
+    last_failed = pytester.runpytest("--lf", "test_mod.py")  # --lf may collect part of a module
+    last_failed.assert_outcomes(passed=3)
+    assert "orphaned baselines" not in last_failed.stdout.str()
+    other = pytester.runpytest("-p", "no:cacheprovider", "test_other.py")  # a removed module's, still
+    other.stdout.fnmatch_lines(["1 baseline(s) that no collected test writes*", "  test_removed/test_x-torch.npz"])
+    shutil.rmtree(pytester.path / "test_removed")
+    clean = pytester.runpytest("-p", "no:cacheprovider", "test_other.py")
+    assert "orphaned baselines" not in clean.stdout.str()
