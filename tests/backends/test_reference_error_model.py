@@ -4,6 +4,10 @@ tolerances rely on (every tap covered, never zero, scaling with the values, loca
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -12,10 +16,17 @@ from hypothesis import strategies as st
 from backends.reference import ReferenceBackend, centre_mask, diffract, translate
 from backends.reference import error_model as em
 from backends.reference.ops import conv2d, pad_spatial
-from backends.reference.physics import MERGE_EPSILON, merge, merge_shift
+from backends.reference.physics import merge, merge_shift
 from parity.batch import CanonicalBatch, random_batch
 from parity.config import ModelConfig
 from parity.weights import generate_weights
+
+_spec = importlib.util.spec_from_file_location(
+    "float32_coordinates", Path(__file__).with_name("float32_coordinates.py")
+)
+assert _spec is not None and _spec.loader is not None
+coords: Any = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(coords)
 
 U = 2.0**-24
 CONFIGS = [
@@ -170,34 +181,6 @@ def test_scales_are_independent_of_the_float32_backends():
         np.testing.assert_array_equal(scales[name], again[name])
 
 
-def _grid_coordinates(n: int, d: float, aligned: bool = False) -> np.ndarray:
-    """The sample coordinates of n output pixels moved by d as a normalised sampling grid makes them
-    in float32 (an affine grid, then unnormalised; align_corners false, or true as the PyTorch
-    original's): several roundings, not one."""
-    f = np.float32
-    if aligned:
-        base = f(-1) + f(2) * np.arange(n, dtype=f) / f(n - 1)
-        return (((base - f(2) * f(d) / f(n - 1)) + f(1)) / f(2) * f(n - 1)).astype(np.float64)
-    base = (f(2) * np.arange(n, dtype=f) + f(1)) / f(n) - f(1)
-    moved = base - f(2) * f(d) / f(n)
-    return (((moved + f(1)) * f(n) - f(1)) / f(2)).astype(np.float64)
-
-
-def _translate_on_a_grid(images: np.ndarray, shifts: np.ndarray, aligned: bool = False) -> np.ndarray:
-    """Bilinear translation of (..., H, W) by (..., 2) shifts at ``_grid_coordinates``."""
-    H, W = images.shape[-2:]
-    out = np.zeros(images.shape, dtype=np.complex128)
-    for lead in np.ndindex(images.shape[:-2]):
-        x, y = _grid_coordinates(W, shifts[lead][0], aligned), _grid_coordinates(H, shifts[lead][1], aligned)
-        x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
-        for yi, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
-            for xi, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
-                inside = ((yi >= 0) & (yi < H))[:, None] & ((xi >= 0) & (xi < W))[None, :]
-                picked = images[lead][np.clip(yi, 0, H - 1)[:, None], np.clip(xi, 0, W - 1)[None, :]]
-                out[lead] += wy[:, None] * wx[None, :] * np.where(inside, picked, 0)
-    return out
-
-
 @pytest.mark.parametrize("shift", [(0.0, 0.0), (3.0, -2.0)])
 def test_translate_scale_covers_a_whole_shift_on_a_normalised_grid(shift):
     """The re-extraction of a gridsize-1 canvas: a zero shift, which a normalised grid rounds. At a
@@ -209,24 +192,7 @@ def test_translate_scale_covers_a_whole_shift_on_a_normalised_grid(shift):
     d = np.broadcast_to(np.array(shift), (2, 1, 2))
     exact = translate(img, d)
     scale = em.translate_scale(img, np.zeros(img.shape), d)
-    assert 0.01 < _ratio(_translate_on_a_grid(img, d), exact, scale) < 2.0
-
-
-def _merged(patches: np.ndarray, offsets: np.ndarray, M: int, coordinates: str) -> np.ndarray:
-    """The merge with float32 sample coordinates: rounded once (``translate``'s float32 mode) or on a
-    normalised grid; the values themselves stay float64, so only the coordinates' error is left."""
-    N = patches.shape[-1]
-    pad, shift = (M - N) // 2, merge_shift(offsets)
-    wide = (*patches.shape[:2], M, M)
-    images = np.broadcast_to(pad_spatial(patches, pad), wide)
-    mask = np.broadcast_to(pad_spatial(centre_mask(N), pad), wide)
-    if coordinates in ("grid", "aligned grid"):
-        aligned = coordinates == "aligned grid"
-        moved = _translate_on_a_grid(images, shift, aligned)
-        covered = _translate_on_a_grid(mask, shift, aligned).real
-    else:
-        moved, covered = translate(images, shift, np.float32), translate(mask, shift, np.float32)
-    return moved.sum(axis=1, keepdims=True) / (covered.sum(axis=1, keepdims=True) + MERGE_EPSILON)
+    assert 0.01 < _ratio(coords.translate_on_a_grid(img, d), exact, scale) < 2.0
 
 
 def _whole_pixel_offsets() -> np.ndarray:
@@ -248,7 +214,7 @@ def test_merge_scale_covers_float32_sampling_coordinates(coordinates, offsets, p
     d = d.astype(np.float32).astype(np.float64)
     exact = merge(values, d, M)
     scale = em.merge_scale(values, np.zeros(values.shape), d, exact, M)
-    assert 0.05 < _ratio(_merged(values, d, M, coordinates), exact, scale) < 2.0
+    assert 0.05 < _ratio(coords.merged(values, d, M, coordinates), exact, scale) < 2.0
 
 
 @pytest.mark.parametrize("C", [1, 4])
@@ -265,8 +231,8 @@ def test_whole_offsets_keep_the_coordinate_term_a_normalised_grid_needs(C):
     d = np.zeros((2, 1, 2)) if C == 1 else np.concatenate([half, -half], axis=1)  # whole merge shifts
     exact = merge(values, d, M)
     scale = em.merge_scale(values, np.zeros(values.shape), d, exact, M)
-    assert 0.05 < _ratio(_merged(values, d, M, "grid"), exact, scale) < 2.0
-    assert _ratio(_merged(values, d, M, "rounded once"), exact, scale) < 1e-6  # exact there
+    assert 0.05 < _ratio(coords.merged(values, d, M, "grid"), exact, scale) < 2.0
+    assert _ratio(coords.merged(values, d, M, "rounded once"), exact, scale) < 1e-6  # exact there
 
 
 @st.composite
@@ -311,7 +277,7 @@ def test_translate_scale_covers_both_kinds_of_float32_coordinates_at_any_shift(d
     scale = em.translate_scale(img, np.zeros(img.shape), d)
     assert _ratio(translate(img, d, np.float32), exact, scale) < 2.0
     for aligned in (False, True):
-        assert _ratio(_translate_on_a_grid(img, d, aligned), exact, scale) < 2.0, aligned
+        assert _ratio(coords.translate_on_a_grid(img, d, aligned), exact, scale) < 2.0, aligned
 
 
 @settings(max_examples=300)  # milliseconds each; 25 missed a block's corner at a whole shift
@@ -324,7 +290,7 @@ def test_merge_scale_covers_both_kinds_of_float32_coordinates_at_any_shift(data)
     exact = merge(patches, d, M)
     scale = em.merge_scale(patches, np.zeros(patches.shape), d, exact, M)
     for coordinates in ("rounded once", "grid", "aligned grid"):
-        assert _ratio(_merged(patches, d, M, coordinates), exact, scale) < 2.0, coordinates
+        assert _ratio(coords.merged(patches, d, M, coordinates), exact, scale) < 2.0, coordinates
 
 
 def test_merge_scale_where_no_window_reaches_is_the_canvas_own_rounding():

@@ -9,8 +9,10 @@ gradients (torch) the bundled tolerances hold while an error of a few percent of
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,6 +27,13 @@ from parity.config import ModelConfig
 from parity.taps import GRAD, gradient_tap_specs
 from parity.tolerances import load_tolerances
 from parity.weights import generate_weights
+
+_spec = importlib.util.spec_from_file_location(
+    "float32_coordinates", Path(__file__).with_name("float32_coordinates.py")
+)
+assert _spec is not None and _spec.loader is not None
+coords: Any = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(coords)
 
 U = 2.0**-24
 SMALL = ModelConfig(gridsize=1, n_filters_scale=1, probe_big=False)
@@ -768,3 +777,38 @@ def test_a_coordinate_at_a_whole_pixel_moves_the_spectrum_by_either_one_sided_mo
     for side in (1.0, -1.0):
         one_sided = np.abs(spectrum(offsets + side * step) - base) / U
         assert np.all(np.abs(moves[0].amplitude) >= one_sided * (1 - 1e-9)), side
+
+
+@pytest.mark.parametrize("probe_big", [True, False])
+def test_a_normalised_grids_own_coordinates_move_log_scale_within_the_coordinate_term(probe_big, monkeypatch):
+    """At gridsize 1 every shift is zero: a coordinate rounded once keeps it exact, a normalised grid
+    rounds each column's and row's coordinate on its own. The merge and the re-extraction sampled at
+    such a grid's float32 coordinates (values in float64, so only the coordinates' error is left)
+    move log_scale's output terms, Σ ∂loss/∂A·A per group, by less than the coordinate term of its
+    error scale (``_coordinate_rounding``, u units). Moves of whole patches alone allowed a fourth to
+    a twentieth of what the aligned grid did: the known false alarm before ``_line_moves``."""
+    from backends.reference import physics
+
+    config = ModelConfig(gridsize=1, probe_big=probe_big)
+    backend = ReferenceBackend(config, generate_weights(config, 0))
+    model, batch = backend.model, random_batch(config, 2, 0)
+    offsets = batch.offsets.astype(np.float64)
+    probe = batch.probe.astype(np.complex128).reshape(1, 1, config.N, config.N)
+    taps = backend.forward(batch)
+    x = np.asarray(taps["input.x"], dtype=np.float64)
+    allowed = np.sqrt(gem._coordinate_rounding(model, taps, gem._coordinate_moves(model, taps, offsets, probe), x))
+    monkeypatch.setattr(gem, "_line_moves", lambda *args: iter(()))
+    whole = np.sqrt(gem._coordinate_rounding(model, taps, gem._coordinate_moves(model, taps, offsets, probe), x))
+
+    A = taps["output.amplitude"]
+    per_amplitude = np.stack([4.0 * A, np.sign(A - x)]) * (math.exp(float(model.log_scale)) / x[0].size)
+    for kind in ("aligned grid", "grid"):
+        canvas = coords.merged(taps["object.patches"], offsets, model.M, kind)
+        patch = physics.crop_centre(coords.translate_on_a_grid(canvas, offsets, kind == "aligned grid"), config.N)
+        field = physics.illuminate(patch, probe, model.illumination_mask)
+        amplitude = np.abs(np.fft.fftshift(np.fft.fft2(field, axes=(-2, -1)), axes=(-2, -1)) / config.N)
+        moved = np.sum(per_amplitude * (amplitude - taps["physics.diffraction"]), axis=(-3, -2, -1)) / U
+        actual = np.sqrt(np.sum(moved**2, axis=1))  # per loss, the groups' in quadrature as the model's
+        assert np.all(actual < allowed), (kind, actual, allowed)
+        if kind == "aligned grid":
+            assert np.any(actual > 3.0 * whole), (actual, whole)
