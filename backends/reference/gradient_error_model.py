@@ -609,9 +609,12 @@ def _coordinate_moves(model: ReferenceModel, taps: Mapping[str, Array], offsets:
     mask = model.illumination_mask
     off = np.asarray(offsets, dtype=np.float64)
 
-    def spectrum(canvas: Array, d: Array) -> Array:
-        field = physics.illuminate(physics.reextract(canvas, d, N), probe, mask)
+    def patch_spectrum(patches: Array) -> Array:
+        field = physics.illuminate(patches, probe, mask)
         return np.asarray(np.fft.fftshift(np.fft.fft2(field, axes=(-2, -1)), axes=(-2, -1)) / N)
+
+    def spectrum(canvas: Array, d: Array) -> Array:
+        return patch_spectrum(physics.reextract(canvas, d, N))
 
     canvas = taps["object.canvas"]
 
@@ -637,10 +640,6 @@ def _coordinate_moves(model: ReferenceModel, taps: Mapping[str, Array], offsets:
             amplitude = np.where(kink, one_sided, amplitude)
             phase = np.where(kink, one_turn, phase)
         return _Move(amplitude, phase, per_patch)
-
-    def patch_spectrum(patches: Array) -> Array:
-        field = physics.illuminate(patches, probe, mask)
-        return np.asarray(np.fft.fftshift(np.fft.fft2(field, axes=(-2, -1)), axes=(-2, -1)) / N)
 
     moves = []
     extent = em._extent((M, M), off)
