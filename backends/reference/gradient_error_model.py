@@ -552,18 +552,20 @@ class _Move:
     """One float32 sampling coordinate's rounding (u·extent along one axis), carried to the spectrum:
     the move of the diffraction amplitude a and of the spectrum's phase at every pixel (B, C, N, N),
     per unit u. ``per_patch``: each patch's coordinate rounds on its own (the re-extraction's);
-    otherwise one coordinate moves every patch of its group (a merged patch's)."""
+    otherwise one coordinate moves every patch of its group (a merged patch's). ``line``: one line of
+    a sample grid (``_line_moves``), one of hundreds."""
 
     amplitude: Array
     phase: Array
     per_patch: bool
+    line: bool = False
 
 
-def _compact(m: _Move) -> _Move:
-    """A line's move kept in float32: a patch has hundreds of lines, and an error estimate needs no
+def _line(m: _Move) -> _Move:
+    """A line's move, kept in float32: a patch has hundreds of lines, and an error estimate needs no
     more digits (N=128, gridsize 1, a batch of 2: the peak memory of the gradient scales rose by
     265 MiB with the lines' moves in float64, 139 MiB in float32)."""
-    return replace(m, amplitude=m.amplitude.astype(np.float32), phase=m.phase.astype(np.float32))
+    return replace(m, amplitude=m.amplitude.astype(np.float32), phase=m.phase.astype(np.float32), line=True)
 
 
 _LINES_AT_ONCE = 16  # lines whose spectra are computed in one stack (memory: 16 copies of the source)
@@ -660,7 +662,7 @@ def _coordinate_moves(model: ReferenceModel, taps: Mapping[str, Array], offsets:
         # A coordinate one pixel up reads the next pixel: translate samples j − d.
         sides = [np.where(kink, physics.reextract(canvas, off - s * unit, N) - patch, 0.0) for s in (1.0, -1.0)]
         for plus, minus in _line_moves(patch, sides, U32 * extent, k, patch_spectrum):
-            moves.append(_compact(move(plus, minus, True, True)))
+            moves.append(_line(move(plus, minus, True, True)))
     if model.object_big:
         patches, shift = taps["object.patches"], physics.merge_shift(off)
         m_extent = em._extent((M, M), shift)
@@ -697,7 +699,7 @@ def _coordinate_moves(model: ReferenceModel, taps: Mapping[str, Array], offsets:
                     read = np.stack([physics.translate(padded[:, c], moved), physics.translate(window, moved)], axis=1)
                     sides.append(np.where(kink, read - np.stack([num[:, c], cov[:, c]], axis=1), 0.0))
                 for plus, minus in _line_moves(totals, sides, U32 * m_extent, k, group_spectrum):
-                    moves.append(_compact(move(plus, minus, False, True)))
+                    moves.append(_line(move(plus, minus, False, True)))
     return moves
 
 
@@ -818,9 +820,17 @@ def _loss_stage(
     # x directly: NLL −2x·log(max(I, floor))/K, error 2|x|·log1p(2q)/K; MAE −sign/K switches.
     log_err = 2.0 * np.abs(x) * np.log1p(2.0 * np.where(np.isfinite(q), q, 1e30)) / K / U32
     e2_x_nll = log_err**2 + (3.0 * dx_direct[0]) ** 2
+    lines2 = np.zeros_like(A)
     for m in moves:  # each coordinate's move of log I, coherent over its patch: not in q's noise
         moved = np.divide(U32 * g * np.abs(m.amplitude), A, out=np.where(m.amplitude != 0, 1e30, 0.0), where=A > 0)
-        e2_x_nll += (2.0 * np.abs(x) * np.log1p(2.0 * moved) / K / U32) ** 2
+        if m.line:
+            lines2 += moved * moved
+        else:
+            e2_x_nll += (2.0 * np.abs(x) * np.log1p(2.0 * moved) / K / U32) ** 2
+    # The lines' moves of A add in quadrature before the logarithm: a dark pixel's intensity moves by
+    # all of them at once, and the logarithm saturates once. Each line's log1p, squared and summed,
+    # counted it once a line (a hundred and more at gridsize 1).
+    e2_x_nll += (2.0 * np.abs(x) * np.log1p(2.0 * np.sqrt(lines2)) / K / U32) ** 2
     e2_x_mae = p_sign * (2.0 / K / U32) ** 2
     return (
         d_a,
