@@ -645,35 +645,31 @@ def _coordinate_moves(model: ReferenceModel, taps: Mapping[str, Array], offsets:
 
     moves = []
     extent = em._extent((M, M), off)
+    kinks = [em._near_whole(off[..., k], extent)[..., None, None] for k in (0, 1)]  # (B, C, 1, 1): per patch
     for k in (0, 1):
-        step = np.zeros_like(off)
-        step[..., k] = U32 * extent
-        kink = em._near_whole(off[..., k], extent)[..., None, None]  # (B, C, 1, 1): each patch its own
-        moves.append(move(spectrum(canvas, off + step), spectrum(canvas, off - step), True, kink))
+        step = U32 * extent * np.eye(2)[k]
+        moves.append(move(spectrum(canvas, off + step), spectrum(canvas, off - step), True, kinks[k]))
     # Each line of a re-extracted patch at a whole pixel, alone (``_line_moves``).
-    patch = None
-    for k in (0, 1):
-        kink = em._near_whole(off[..., k], extent)[..., None, None]
-        if not np.any(kink):
+    patch = physics.reextract(canvas, off, N) if np.any(kinks) else None
+    for k, kink in enumerate(kinks):
+        if patch is None or not np.any(kink):
             continue
-        patch = physics.reextract(canvas, off, N) if patch is None else patch
-        unit = np.zeros(2)
-        unit[k] = 1.0
         # A coordinate one pixel up reads the next pixel: translate samples j − d.
-        sides = [np.where(kink, physics.reextract(canvas, off - s * unit, N) - patch, 0.0) for s in (1.0, -1.0)]
+        sides = [np.where(kink, physics.reextract(canvas, off - s * np.eye(2)[k], N) - patch, 0.0) for s in (1.0, -1.0)]
         for plus, minus in _line_moves(patch, sides, U32 * extent, k, patch_spectrum):
             moves.append(_line(move(plus, minus, True, True)))
     if model.object_big:
         patches, shift = taps["object.patches"], physics.merge_shift(off)
         m_extent = em._extent((M, M), shift)
+        # (B, 1, 1, 1) per patch c and axis k: one coordinate per group
+        merge_kinks = em._near_whole(shift, m_extent)[:, :, :, None, None, None]
         for c in range(off.shape[1]):
             for k in (0, 1):
                 step = np.zeros_like(shift)
                 step[:, c, k] = U32 * m_extent
                 plus = spectrum(physics.merge_shifted(patches, shift + step, M), off)
                 minus = spectrum(physics.merge_shifted(patches, shift - step, M), off)
-                kink = em._near_whole(shift[:, c, k], m_extent)[:, None, None, None]  # one coordinate per group
-                moves.append(move(plus, minus, False, kink))
+                moves.append(move(plus, minus, False, merge_kinks[:, c, k]))
         # Each line of a merged patch's sample grid at a whole pixel, alone: the patch's numerator
         # and its coverage read the next pixel on that line, and the group's canvas is divided again.
         padded = pad_spatial(patches, (M - N) // 2)
@@ -688,14 +684,12 @@ def _coordinate_moves(model: ReferenceModel, taps: Mapping[str, Array], offsets:
 
         for c in range(off.shape[1]):
             for k in (0, 1):
-                kink = em._near_whole(shift[:, c, k], m_extent)[:, None, None, None]  # (B, 1, 1, 1)
+                kink = merge_kinks[:, c, k]
                 if not np.any(kink):
                     continue
-                unit = np.zeros(2)
-                unit[k] = 1.0
                 sides = []
                 for s in (1.0, -1.0):
-                    moved = shift[:, c] - s * unit
+                    moved = shift[:, c] - s * np.eye(2)[k]
                     read = np.stack([physics.translate(padded[:, c], moved), physics.translate(window, moved)], axis=1)
                     sides.append(np.where(kink, read - np.stack([num[:, c], cov[:, c]], axis=1), 0.0))
                 for plus, minus in _line_moves(totals, sides, U32 * m_extent, k, group_spectrum):
