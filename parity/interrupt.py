@@ -7,7 +7,11 @@ normalized active exception types: ORIGINAL InvalidArgumentError REPLACED BY Key
 Caught as a crash, one Ctrl-C ended a run with "backend tensorflow crashed" and exit 3 instead of
 130 (seen once in CI, tests/parity/test_interrupts.py). Within :func:`watching`, a SIGINT is recorded
 before Python's own handler raises, and :func:`check` turns whatever a backend raised afterwards back
-into the interrupt it was.
+into the interrupt it was. A SIGINT can also be swallowed whole: one that landed while numba's
+compiler (llvmlite) ran a ctypes callback, writing its cache, was printed as "Exception ignored on
+calling ctypes callback function" and the run went on to "verdict: pass", exit 0 (a clean clone's CI
+run, where nothing was compiled yet). So the runner also calls :func:`check` after each backend's
+forward, and the watch raises on leaving if a SIGINT came that nothing raised.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ def watching() -> Iterator[None]:
     signal.signal(signal.SIGINT, record)
     try:
         yield
+        check()  # a Ctrl-C something swallowed on the way still ends what it was meant to end
     finally:
         signal.signal(signal.SIGINT, previous)
         _seen = False

@@ -366,6 +366,7 @@ def run_parity(
                 if gradients and be.computes_gradients:
                     produced = {**produced, **be.gradients(batch)}
                 raw[name] = produced  # only once all of it is there: a crash in gradients drops the forward too
+                check_interrupt()  # a Ctrl-C the backend's extensions swallowed (parity.interrupt)
             except ParityInputError:
                 raise
             except Exception:

@@ -177,6 +177,59 @@ class _Interrupted:
         raise AssertionError("no SIGINT arrived")
 
 
+class _Swallowed:
+    """What llvmlite's ctypes callback did with a Ctrl-C that landed while numba wrote its cache (a
+    clean clone's CI run ended "verdict: pass", exit 0): the KeyboardInterrupt is printed and dropped."""
+
+    def forward(self, batch):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            return super().forward(batch)  # type: ignore[misc]
+        raise AssertionError("no SIGINT arrived")
+
+
+def test_a_ctrl_c_an_extension_swallows_still_ends_the_run(tmp_path):
+    import threading
+
+    from parity.interrupt import watching
+    from parity.runner import run_parity
+    from parity.tolerances import load_tolerances
+
+    from .test_runner import TAPS, TOL_TEXT, Toy, Toy32, W, _batches, _expected
+
+    class Swallows(_Swallowed, Toy32):
+        pass
+
+    assert threading.current_thread() is threading.main_thread(), "a signal reaches the main thread only"
+    path = tmp_path / "t.toml"
+    path.write_text(TOL_TEXT)
+    tol = load_tolerances(path, known_taps=TAPS)
+    calls = []
+
+    class Counted(Toy32):
+        def forward(self, batch):
+            calls.append(batch)
+            return super().forward(batch)
+
+    backends = {"reference": Toy(None, W), "x": Swallows(None, W), "y": Counted(None, W)}
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), watching():
+            run_parity(backends, _batches(), tol, expected=_expected, reference="reference")
+        assert calls == []  # ended right after the backend that swallowed it, not at the end of the run
+        with pytest.raises(KeyboardInterrupt), watching():  # swallowed outside any runner: on leaving
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                pass
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
 def test_a_ctrl_c_an_extension_rethrows_as_another_exception_ends_the_run(tmp_path):
     import threading
 
