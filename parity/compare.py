@@ -3,11 +3,12 @@
 The rule, everywhere: an element passes when |a - b| <= atol_i + rtol * |b_i|, b being the reference
 side; atol may differ element by element (the tolerance model gives each element its own, see
 ``parity.tolerances``). |a - b| is the complex modulus for complex taps. NaN and Inf must sit at the
-same positions on both sides (same sign for Inf); a non-finite value on one side only fails and is
-never zeroed away. The numbers kept are the ones ``torch.testing.assert_close`` users look for:
-mismatch count and share, the greatest absolute and relative difference and where it is, plus the
-margin (the worst element's |a - b| over its tolerance: 1 is on the edge), the smallest uniform atol
-and the smallest model factor that would have passed.
+same positions on both sides (same sign for Inf; for complex values, in the same part, the other
+part equal); a non-finite value on one side only fails and is never zeroed away. The numbers kept
+are the ones ``torch.testing.assert_close`` users look for: mismatch count and share, the greatest
+absolute and relative difference and where it is, plus the margin (the worst element's |a - b| over
+its tolerance: 1 is on the edge), the smallest uniform atol and the smallest model factor that
+would have passed.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ class ComparisonResult:
     mean_abs: float = 0.0
     max_rel: float = 0.0
     worst_index: list[int] | None = None
+    # The batch (from 0) each of those elements is in. For a tap with a batch axis the index already
+    # counts the rows of earlier batches; one without (a weight's gradient, the probe) is indexed
+    # within its own batch's tensor.
+    worst_batch: int | None = None
+    margin_batch: int | None = None
     worst_a: Any = None
     worst_b: Any = None
     mismatched: int = 0
@@ -82,13 +88,17 @@ class ComparisonResult:
         return (
             f"{what} [{self.kind}: {side}]: {'ok' if self.passed else 'MISMATCH'} "
             f"{self.mismatched} / {self.numel} elements ({100 * self.mismatch_fraction:.3g}%) out of "
-            f"tolerance; margin {self.margin:.3g} at index {tuple(self.margin_index or ())} "
+            f"tolerance; margin {self.margin:.3g} at index {tuple(self.margin_index or ())}{_of(self.margin_batch)} "
             f"(atol={self.atol:.3g} there, rtol={self.rtol:.3g}{factor}); greatest abs difference "
-            f"{self.max_abs:.3g} at index {tuple(self.worst_index or ())} "
+            f"{self.max_abs:.3g} at index {tuple(self.worst_index or ())}{_of(self.worst_batch)} "
             f"({self.a}={_fmt(self.worst_a)}, {self.b}={_fmt(self.worst_b)}); greatest rel difference "
             f"{self.max_rel:.3g}; smallest passing atol {self.min_atol_to_pass:.3g}"
             + (f"; {self.nonfinite_mismatch} NaN/Inf position mismatches" if self.nonfinite_mismatch else "")
         )
+
+
+def _of(batch: int | None) -> str:
+    return f" of batch {batch}" if batch else ""
 
 
 def _fmt(v: Any) -> str:
@@ -121,6 +131,7 @@ class ElementwiseComparison:
         self._sum_abs = 0.0
         self._finite_numel = 0
         self._rows = 0
+        self._batches = 0
         self._hist = np.zeros(len(HIST_EDGES), dtype=np.int64)
 
     def fail(self, reason: str) -> None:
@@ -130,10 +141,19 @@ class ElementwiseComparison:
         if r.reason is None:
             r.reason = reason
 
-    def add(self, a: np.ndarray, b: np.ndarray, atol: np.ndarray | float | None = None, *, times: float = 1.0) -> None:
+    def add(
+        self,
+        a: np.ndarray,
+        b: np.ndarray,
+        atol: np.ndarray | float | None = None,
+        *,
+        times: float = 1.0,
+        batched: bool = True,
+    ) -> None:
         """Compare one batch under the elementwise atol ``times·atol`` (``atol`` broadcastable to
         the batch). The runner passes the error scale S as ``atol`` and factor·u as ``times``: the
-        product is formed element by element inside the loop, never as an array the size of the tap."""
+        product is formed element by element inside the loop, never as an array the size of the tap.
+        ``batched``: axis 0 is the batch's, so indices count the rows of earlier batches on it."""
         from parity import kernels
 
         r = self.result
@@ -162,9 +182,10 @@ class ElementwiseComparison:
         # Merged in order: the result is the same for any number of threads.
         outs = kernels.on_cores(one, chunks)
         for (start, stop), (out, hist) in zip(chunks, outs, strict=True):
-            self._merge(a, b, atol_flat, times, start, stop - start, out)
+            self._merge(a, b, atol_flat, times, start, stop - start, out, batched)
             self._hist += hist
         self._rows += a.shape[0] if a.ndim else 1
+        self._batches += 1
 
     def _merge(
         self,
@@ -175,6 +196,7 @@ class ElementwiseComparison:
         offset: int,
         size: int,
         out: tuple[Any, ...],
+        batched: bool = True,
     ) -> None:
         """Fold one chunk's numbers (flat elements ``offset`` on) into the result; an earlier
         element keeps its place on a tie, as ``np.argmax`` would."""
@@ -190,7 +212,7 @@ class ElementwiseComparison:
 
         def where(flat: int) -> list[int]:
             idx = list(np.unravel_index(offset + flat, a.shape))
-            if idx:  # a 0-d tap (a scalar such as log_scale's gradient) has the empty index
+            if idx and batched:  # a 0-d tap (a scalar such as log_scale's gradient) has the empty index
                 idx[0] += self._rows
             return [int(i) for i in idx]
 
@@ -198,11 +220,13 @@ class ElementwiseComparison:
             worst_i, worst = first_bad, math.inf
         if r.worst_index is None or worst > r.max_abs:
             r.worst_index = where(worst_i)
+            r.worst_batch = self._batches
             r.worst_a = a.flat[offset + worst_i].item()
             r.worst_b = b.flat[offset + worst_i].item()
             r.max_abs = worst
         if r.margin_index is None or margin > r.margin:
             r.margin_index = where(margin_i)
+            r.margin_batch = self._batches
             r.margin = margin
             r.atol = float(atol[0] if atol.size == 1 else atol[offset + margin_i]) * times
         r.min_atol_to_pass = math.inf if n_bad else max(r.min_atol_to_pass, max_excess, 0.0)

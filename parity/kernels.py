@@ -76,6 +76,13 @@ def _modulus(d: Any) -> Any:
     return math.sqrt(s)
 
 
+@njit(cache=True, inline="always")
+def _same_part(p: float, q: float) -> bool:
+    """One real part of two non-finite values agrees: both NaN, or equal (the same infinity, or the
+    same finite number beside a non-finite other part)."""
+    return (math.isnan(p) and math.isnan(q)) or p == q
+
+
 @njit(cache=True, nogil=True)
 def scan(a: Any, b: Any, atol: Any, times: float, rtol: float, factor: float, hist: Any) -> tuple[Any, ...]:
     """One pass over flat ``a``, ``b`` (b: the reference side) under the elementwise atol
@@ -105,8 +112,11 @@ def scan(a: Any, b: Any, atol: Any, times: float, rtol: float, factor: float, hi
     margin = -1.0
     need = 0.0
     for i in range(n):
-        x = a[i] * 1.0  # float64 (complex128) arithmetic whatever the sides' precision
-        y = b[i] * 1.0
+        # float64 (complex128) arithmetic whatever the sides' precision. Widened by adding 0, not by
+        # multiplying by 1: times 1 a complex value's parts mix (nan+0j became nan+nanj, inf+2j
+        # inf+nanj), and non-finite values are judged part by part below.
+        x = a[i] + 0.0
+        y = b[i] + 0.0
         t = (atol[0] if one_atol else atol[i]) * times
         bad = False
         if np.isfinite(x) and np.isfinite(y):
@@ -115,11 +125,14 @@ def scan(a: Any, b: Any, atol: Any, times: float, rtol: float, factor: float, hi
             n_finite += 1
             sum_abs += err
         else:
-            # Non-finite values agree only when both sides hold the same NaN/Inf at the same place;
-            # such an element then counts as no difference at all.
+            # Non-finite values agree only when both sides hold the same NaN/Inf at the same place,
+            # part by part for complex values (nan+1j is not 5+nanj); such an element then counts as
+            # no difference at all.
             err = 0.0
             mag = 0.0
-            same = not np.isfinite(x) and not np.isfinite(y) and ((np.isnan(x) and np.isnan(y)) or x == y)
+            same = (
+                not np.isfinite(x) and not np.isfinite(y) and _same_part(x.real, y.real) and _same_part(x.imag, y.imag)
+            )
             if not same:
                 bad = True
                 n_bad += 1

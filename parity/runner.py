@@ -14,6 +14,7 @@ import functools
 import itertools
 import math
 import traceback
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from parity.backend import Backend
+from parity.batch import CanonicalBatch
 from parity.compare import RULE, ComparisonResult, ElementwiseComparison
 from parity.config import config_diff
 from parity.deviations import NOT_REPRODUCED, Deviation, DeviationLedger
@@ -33,6 +35,7 @@ from parity.tolerances import ConfigLike, Tolerances, config_values, magnitude_s
 from parity.verdict import decide
 
 _MISSING = "tap missing from "
+INPUT_PREFIX = "input."
 SAMPLES_KEPT = 2  # groups of the first batch kept per tap for the HTML report's patch grids
 
 
@@ -335,6 +338,17 @@ def run_parity(
         structure.setdefault((tap, name), ElementwiseComparison("structure", tap, name, "spec", 0, 0)).fail(why)
 
     iterator = progress(batches) if progress else batches
+    # Taps whose leading axis is not the batch's (the probe, the weights' gradients): the tap list
+    # says it, where there is one, by the same shape for batches of one group and of two.
+    unbatched: frozenset[str] | None = None
+    if expected is not None:
+        of_two = {s.name: s.shape[:1] for s in expected(2)}
+        unbatched = frozenset(s.name for s in expected(1) if of_two.get(s.name) == s.shape[:1])
+
+    def _batched(tap: str, values: np.ndarray, size: int) -> bool:
+        if unbatched is not None and (tap in unbatched or tap in of_two):
+            return tap not in unbatched
+        return values.ndim > 0 and values.shape[0] == size
 
     selection = TapSelection.parse(list(taps)) if taps else None
 
@@ -362,9 +376,9 @@ def run_parity(
         raw: dict[str, Mapping[str, np.ndarray]] = {}
         for name, be in list(backends.items()):
             try:
-                produced = be.forward(batch)
+                produced = _numpy_taps(name, "forward", be.forward(batch))
                 if gradients and be.computes_gradients:
-                    produced = {**produced, **be.gradients(batch)}
+                    produced = {**produced, **_numpy_taps(name, "gradients", be.gradients(batch))}
                 raw[name] = produced  # only once all of it is there: a crash in gradients drops the forward too
                 check_interrupt()  # a Ctrl-C the backend's extensions swallowed (parity.interrupt)
             except ParityInputError:
@@ -392,17 +406,19 @@ def run_parity(
             if gradients and scaler.computes_gradients and not (ref is not None and scaler is backends[ref]):
                 own = {**own, **scaler.gradients(batch)}
             own_scales = scaler.error_scales(batch, dict(own))
-            scales = tolerances.floored_scales({t: np.asarray(v) for t, v in own_scales.items() if selected(t)})
+            scales = {t: np.asarray(v) for t, v in own_scales.items() if selected(t)}
+            check_error_scales(scales, _scaler_name(scaler, backends))
+            scales = tolerances.floored_scales(scales)
         else:
             scales = {}
-        size = next((int(a.shape[0]) for out in raw.values() for a in out.values() if np.ndim(a)), 0)
+        size = _batch_size(batch, raw)
         specs = [s for s in expected(size) if selected(s.name)] if expected else None
         spec_by_name = {s.name: s for s in specs} if specs else {}
         if stages and ref is not None:
             staged = any(backends[n].runs_stages for n in others)  # only they read the reference's local scales
-            local_scales = tolerances.floored_scales(
-                scaler.local_error_scales(batch, dict(own)) if staged and scaler is backends[ref] else {}
-            )
+            local_scales = scaler.local_error_scales(batch, dict(own)) if staged and scaler is backends[ref] else {}
+            check_error_scales(local_scales, f"backend {ref!r}", "a local error scale")
+            local_scales = tolerances.floored_scales(local_scales)
             for name in others:
                 if not backends[name].runs_stages:
                     if scaler is not backends[ref] or not backends[ref].runs_stages:
@@ -450,10 +466,14 @@ def run_parity(
                     if hidden(name, tap):
                         if name not in not_exposed.setdefault(tap, []):
                             not_exposed[tap].append(name)
-                    else:
+                    elif specs is None or tap in spec_by_name:  # an unlisted tap is its producer's failure
                         structure_failure(tap, name, f"{_MISSING}{name}")
                     continue
                 shapes[tap][name] = list(arr.shape)
+                if arr.size == 0:
+                    structure_failure(
+                        tap, name, f"{name} gives an empty tap, shape {tuple(arr.shape)}: nothing to compare"
+                    )
                 spec = spec_by_name.get(tap)
                 if spec is not None:
                     want = spec.shape
@@ -476,7 +496,7 @@ def run_parity(
                 assert b is not None
                 if a not in present or b not in present:
                     missing = a if a not in present else b
-                    if not hidden(missing, tap):
+                    if not hidden(missing, tap) and (specs is None or tap in spec_by_name):
                         comparison(kind, tap, a, b).fail(f"{_MISSING}{missing}")
                     continue
                 acc = comparison(kind, tap, a, b)
@@ -492,8 +512,11 @@ def run_parity(
                 per_scale = tolerances.atol_per_scale(
                     tap, pair=kind == "backend_vs_backend", precision=backends[a].precision
                 )
-                acc.add(xa, xb, s, times=per_scale)
+                acc.add(xa, xb, s, times=per_scale, batched=_batched(tap, xa, size))
             for n, arr in present.items():
+                if arr.size == 0:  # failed above; a patch statistic of nothing is not a number
+                    del outputs[n][tap]
+                    continue
                 s = _fitting_scale(scale, arr)
                 patch_stats[n][tap], bounds[n][tap] = tolerances.statistics_with_tolerances(
                     tap, arr, s, backends[n].precision
@@ -506,6 +529,9 @@ def run_parity(
         rows += size
         result.batches += 1
     result.groups = rows
+    _fail_backends_that_computed_nothing(
+        backends, order, shapes, structure_failure, selection, [s.name for s in specs or ()], exposed
+    )
 
     for tap in order:
         spec = spec_by_name.get(tap)
@@ -593,6 +619,118 @@ def check_arbiter(taps: Mapping[str, np.ndarray], float32_sides: Sequence[str] =
                     f"the float64 reference reaches {peak:.3g} at {name}, beyond float32's range "
                     f"({FLOAT32_MAX:.3g}): {', '.join(float32_sides)} cannot represent it, so nothing can be compared",
                 )
+
+
+class InvalidErrorScaleError(ParityInputError):
+    """An error scale that is NaN, infinite or negative somewhere. Each tolerance is factor·u·S_i, and
+    no element fails under a NaN or infinite one: passing such scales on would make every difference
+    at those elements pass, so the run stops instead."""
+
+
+def check_error_scales(scales: Mapping[str, np.ndarray], source: str, what: str = "an error scale") -> None:
+    """Refuse scales a tolerance cannot be made of (see :class:`InvalidErrorScaleError`): two
+    reductions per tap, and a closer look only at a tap that fails them."""
+    for tap, values in scales.items():
+        arr = np.asarray(values)
+        if arr.dtype.kind not in "fiu":
+            raise InvalidErrorScaleError(
+                f"{source} gave {what} of dtype {arr.dtype} for tap {tap!r}; it must be real (float)"
+            )
+        if arr.size == 0:
+            continue
+        lo, hi = float(np.min(arr)), float(np.max(arr))  # NaN propagates through both
+        if lo >= 0.0 and hi < math.inf:
+            continue
+        nan, inf, negative = int(np.isnan(arr).sum()), int(np.isinf(arr).sum()), int((arr < 0).sum())
+        where = tuple(int(i) for i in np.argwhere(~(np.isfinite(arr) & (arr >= 0)))[0])
+        raise InvalidErrorScaleError(
+            f"{source} gave {what} for tap {tap!r} with {nan} NaN, {inf} infinite and {negative} negative "
+            f"of its {arr.size} elements (the first at {tap}{list(where)}); an error scale must be finite "
+            "and >= 0: under a NaN or infinite one any difference passes"
+        )
+
+
+def _scaler_name(scaler: Backend, backends: Mapping[str, Backend]) -> str:
+    """How an error message names the backend whose scales set the tolerances."""
+    name = next((n for n, be in backends.items() if be is scaler), None)
+    return f"backend {name!r}" if name is not None else f"the scale source ({type(scaler).__name__})"
+
+
+def _fail_backends_that_computed_nothing(
+    backends: Mapping[str, Backend],
+    order: list[str],
+    shapes: dict[str, dict[str, list[int] | None]],
+    fail: Callable[[str, str, str], None],
+    selection: TapSelection | None,
+    expected: Sequence[str],
+    exposed: Mapping[str, frozenset[str] | None],
+) -> None:
+    """A backend none of whose computed taps was compared fails, at the first computed tap.
+
+    A tap a backend declares it does not expose (``exposed_taps``) is left out of its comparisons,
+    not failed: so a wrapper whose tap list came out empty, or held the copied-through inputs alone,
+    passed having checked nothing (until 2026-12-05). Inputs (``input.*``) are what the backend was
+    given, not what it computes. A selection of input taps alone (``--taps 'input.*'``) asks for
+    no computed tap, and gets this check of none."""
+    if not backends:
+        return  # every backend crashed: the verdict is already an error
+    computed = [t for t in order if not t.startswith(INPUT_PREFIX)]
+    asked = [t for t in expected if not t.startswith(INPUT_PREFIX) and (selection is None or selection(t))]
+    if not computed and selection is not None and not asked:
+        return
+    if not computed:
+        if not asked:
+            raise ParityInputError("no backend gave a tap besides the inputs (input.*): nothing computed was compared")
+        order.append(asked[0])
+        shapes.setdefault(asked[0], {n: None for n in backends})
+        computed = asked[:1]
+    for name in backends:
+        if any(shapes.get(t, {}).get(name) is not None for t in computed):
+            continue
+        listed = exposed.get(name)
+        said = "its exposed_taps() lists none of them" if listed is not None else "its forward gave none of them"
+        fail(
+            computed[0],
+            name,
+            f"{name} gave no computed tap at all ({said}; inputs are not computed): nothing it computes was compared",
+        )
+
+
+def _numpy_taps(name: str, method: str, taps: Any) -> dict[str, np.ndarray]:
+    """A backend's taps as the comparisons read them, or a TypeError that names the backend, the tap
+    and what it is (raised inside the backend's run, so the backend is reported as crashed, with
+    this as the reason). A tensor or a list would otherwise fail deep in a comparison, naming
+    neither. NumPy scalars become 0-d arrays; numbers of any dtype kind pass on (a wrong dtype kind
+    is a shape-and-kind failure at its tap)."""
+    if not isinstance(taps, Mapping):
+        raise TypeError(
+            f"backend {name!r}: {method}() returned a {type(taps).__qualname__}, not a mapping of tap name to array"
+        )
+    out: dict[str, np.ndarray] = {}
+    for tap, given in taps.items():
+        value = np.asarray(given) if isinstance(given, np.generic) else given
+        if not isinstance(value, np.ndarray):
+            kind = f"{type(value).__module__}.{type(value).__qualname__}"
+            raise TypeError(
+                f"backend {name!r}: {method}() gave tap {tap!r} as a {kind}, not a NumPy array "
+                "(convert on the way out: a torch tensor with .detach().cpu().numpy(), a TensorFlow one with .numpy())"
+            )
+        if value.dtype.kind not in "biufc":
+            raise TypeError(
+                f"backend {name!r}: {method}() gave tap {tap!r} of dtype {value.dtype}; a tap holds numbers"
+            )
+        out[tap] = value
+    return out
+
+
+def _batch_size(batch: Any, raw: Mapping[str, Mapping[str, Any]]) -> int:
+    """The batch's number of groups: a canonical batch says it. For another kind (a custom
+    backend's), the leading dimension most of the produced taps share: the first tap a backend
+    happens to give may be one without a batch axis (the probe, a weight's gradient)."""
+    if isinstance(batch, CanonicalBatch):
+        return batch.size
+    leading = Counter(int(np.shape(a)[0]) for out in raw.values() for a in out.values() if np.ndim(a))
+    return leading.most_common(1)[0][0] if leading else 0
 
 
 def _windowed_tap(
@@ -695,7 +833,9 @@ def _recompute_stages(
                 comparison(t, name).fail(why)
 
     try:
-        scales = tolerances.floored_scales(reference.local_error_scales(batch, {**ref_taps, **widened}))
+        scales = reference.local_error_scales(batch, {**ref_taps, **widened})
+        check_error_scales(scales, "the reference", "a local error scale")
+        scales = tolerances.floored_scales(scales)
     except ParityInputError:
         raise
     except Exception as exc:

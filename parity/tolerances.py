@@ -91,9 +91,15 @@ def magnitude_scale(values: np.ndarray) -> np.ndarray:
     """The fallback error scale: each element gets the largest |value| of its sample (all channels).
 
     Not the element's own |value|: a sum that cancels to near zero still carries the rounding error of
-    its terms, and those are as large as the sample's values, not as the small result.
+    its terms, and those are as large as the sample's values, not as the small result. NaN and
+    infinity are left out of the maximum: a NaN both sides agree on would make every tolerance of its
+    sample NaN, and an infinity every one infinite, and either passes any difference there.
     """
     mag = np.abs(np.asarray(values))
+    if mag.size == 0:
+        return np.zeros(mag.shape)
+    if not np.isfinite(mag.max()):  # one pass; the copy only where NaN or Inf is
+        mag = np.where(np.isfinite(mag), mag, 0.0)
     if mag.ndim < 2:
         return np.asarray(mag.max(initial=0.0) + np.zeros_like(mag, dtype=np.float64))
     axes = tuple(range(1, mag.ndim))

@@ -115,6 +115,35 @@ def test_margin_across_batches_keeps_the_worst_and_its_index():
     assert r.passed and r.margin == pytest.approx(0.9) and r.margin_index == [1, 1]
 
 
+@pytest.mark.parametrize(
+    ("a", "b", "agree"),
+    [
+        (complex(np.nan, 0.0), complex(np.nan, 0.0), True),
+        (complex(np.nan, 1.0), complex(np.nan, 1.0), True),
+        (complex(np.nan, np.nan), complex(np.nan, np.nan), True),
+        (complex(np.inf, 2.0), complex(np.inf, 2.0), True),
+        (complex(np.nan, 0.0), complex(5.0, np.nan), False),  # NaN in the other part
+        (complex(np.nan, 0.0), complex(np.nan, 1e6), False),  # the finite parts differ
+        (complex(np.nan, 0.0), complex(np.nan, np.nan), False),
+        (complex(np.inf, 0.0), complex(-np.inf, 0.0), False),
+        (complex(np.inf, 2.0), complex(np.inf, 3.0), False),  # widened times 1, both were inf+nanj
+        (complex(np.inf, 0.0), complex(np.nan, 0.0), False),
+    ],
+)
+def test_complex_non_finite_values_agree_only_part_by_part(a, b, agree):
+    """NaN and Inf must sit at the same places on both sides: for complex values, in the same part.
+    Until 2026-12-05 a NaN in any part made two complex values "the same NaN" (nan+1j against
+    12345+nanj passed), and the loop's widening (times 1) turned inf+2j and inf+3j both into
+    inf+nanj; each pair sits among finite neighbours, under a huge tolerance."""
+    xa = np.array([[1.0, a, 2.0]], np.complex64)
+    xb = np.array([[1.0, b, 2.0]], np.complex128)
+    r = compare_arrays(xa, xb, 1e30, 0.0)
+    assert r.passed is agree
+    assert r.nonfinite_mismatch == (0 if agree else 1)
+    if not agree:
+        assert r.margin == np.inf and r.margin_index == [0, 1]
+
+
 def test_nan_mismatch_has_infinite_margin():
     r = compare_arrays(np.array([[np.nan]]), np.array([[1.0]]), 1.0, 0.0)
     assert r.margin == float("inf") and not r.passed
@@ -168,7 +197,11 @@ def _rule_in_numpy(a, b, atol, rtol, factor):
     a64, b64 = np.asarray(a, wide), np.asarray(b, wide)
     atol = np.broadcast_to(np.asarray(atol, np.float64), a.shape)
     both = np.isfinite(a64) & np.isfinite(b64)
-    same = ~np.isfinite(a64) & ~np.isfinite(b64) & ((np.isnan(a64) & np.isnan(b64)) | (a64 == b64))
+
+    def same_part(p, q):
+        return (np.isnan(p) & np.isnan(q)) | (p == q)
+
+    same = ~np.isfinite(a64) & ~np.isfinite(b64) & same_part(a64.real, b64.real) & same_part(a64.imag, b64.imag)
     bad = ~both & ~same
     with np.errstate(invalid="ignore", over="ignore"):
         err = np.where(both, np.abs(a64 - b64), 0.0)

@@ -1,5 +1,7 @@
 """The run loop on small NumPy backends: no framework needed to show each check catching a divergence."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -142,6 +144,24 @@ def test_wrong_shape_against_expected_list(tol):
     assert any("expected shape (2, 5, 4, 4)" in (c.reason or "") for c in res.taps[1].comparisons)
 
 
+def test_a_tap_the_expected_list_lacks_is_blamed_on_the_backend_that_gives_it(tol):
+    """Only the producer is wrong: the reference and the other backend were blamed too, for not
+    giving it (until 2026-12-05). Without a tap list nobody can tell which side is right."""
+
+    class Extra(Toy32):
+        def forward(self, batch):
+            taps = super().forward(batch)
+            return {**taps, "toy.extra": taps["toy.out"]}
+
+    res = _run(tol, good=Toy32, extra=Extra)
+    fd = res.first_divergence
+    assert fd["tap"] == "toy.extra" and fd["blamed"] == ["extra"], fd
+    extra = next(t for t in res.taps if t.name == "toy.extra")
+    assert [(c.kind, c.a) for c in extra.comparisons] == [("structure", "extra")]
+    unlisted = run_parity({"a": Toy32(None, W), "extra": Extra(None, W)}, _batches(), tol)
+    assert unlisted.first_divergence["tap"] == "toy.extra" and unlisted.first_divergence["blamed"] == ["a"]
+
+
 def test_nan_in_one_backend_fails_even_when_stats_would_hide_it(tol):
     class OneNan(Toy32):
         def forward(self, batch):
@@ -276,6 +296,174 @@ def test_tolerances_follow_the_arbiters_error_scales(tol):
     assert not strict.passed
 
 
+@pytest.mark.parametrize("special", [np.nan, np.inf])
+def test_a_non_finite_value_both_sides_agree_on_leaves_its_samples_tolerance_finite(tol, special):
+    """Without an arbiter's scales each element's scale is its sample's largest |value|: a NaN or an
+    infinity both sides share must not make that largest value NaN or infinite, which let a 2x error
+    across the rest of the sample pass (until 2026-12-05)."""
+
+    class Special(Toy32):
+        def forward(self, batch):
+            taps = super().forward(batch)
+            taps["toy.out"] = taps["toy.out"].copy()
+            taps["toy.out"][0, 0, 0, 0] = special
+            return taps
+
+    class SpecialDoubled(Special):
+        def forward(self, batch):
+            taps = super().forward(batch)
+            taps["toy.out"][0, :, 1:] *= 2.0  # sample 0 only, the special value left as it is
+            return taps
+
+    res = run_parity({"a": Special(None, W), "b": SpecialDoubled(None, W)}, _batches(), tol, reference=None)
+    assert res.first_divergence is not None and res.first_divergence["tap"] == "toy.out"
+    out = next(t for t in res.taps if t.name == "toy.out").comparisons[0]
+    assert out.nonfinite_mismatch == 0 and out.mismatched > 0 and np.isfinite(out.atol)
+    same = run_parity({"a": Special(None, W), "b": Special(None, W)}, _batches(), tol, reference=None)
+    assert same.passed, same.describe_failure()
+
+
+@pytest.mark.parametrize(
+    ("bad", "counts"),
+    [
+        (np.nan, "1 NaN, 0 infinite and 0 negative"),
+        (np.inf, "0 NaN, 1 infinite and 0 negative"),
+        (-1.0, "0 NaN, 0 infinite and 1 negative"),
+    ],
+)
+def test_an_arbiters_error_scale_that_is_not_finite_and_non_negative_is_refused(tol, bad, counts):
+    """No element fails under a NaN or infinite tolerance: an arbiter whose error_scales hold one
+    would pass any difference there (a 1e6 error did, until 2026-12-05). The run is refused as bad
+    input, naming the backend, the tap and the first element; a negative scale too."""
+    from parity.runner import InvalidErrorScaleError
+
+    class BadScale(Toy):
+        def error_scales(self, batch, taps):
+            s = np.abs(taps["toy.out"]) + 1.0
+            s[1, 2, 3, 0] = bad
+            return {"toy.out": s}
+
+    class Far(Toy32):
+        def forward(self, batch):
+            taps = super().forward(batch)
+            taps["toy.out"] = taps["toy.out"].copy()
+            taps["toy.out"][1, 2, 3, 0] += 1e6
+            return taps
+
+    message = (
+        rf"backend 'reference' gave an error scale for tap 'toy.out' with {counts} of its 160 elements "
+        r"\(the first at toy.out\[1, 2, 3, 0\]\)"
+    )
+    with pytest.raises(InvalidErrorScaleError, match=message):
+        run_parity({"reference": BadScale(None, W), "a": Far(None, W)}, _batches(), tol, reference="reference")
+
+
+def test_the_batch_size_does_not_come_from_a_tap_without_a_batch_axis(tol):
+    """The tap list expected of a batch is built for its number of groups. That number was read from
+    the first tap of the first backend, so a backend that gave a weight (or the probe) first made
+    every batched tap of every backend a shape failure (until 2026-12-05)."""
+    from parity.batch import random_batch
+    from parity.config import ModelConfig
+    from parity.runner import _batch_size
+
+    class WeightFirst(Toy):
+        def forward(self, batch):
+            return {"toy.w": self.w.copy(), **super().forward(batch)}
+
+    class WeightFirst32(WeightFirst, Toy32):
+        pass
+
+    def expected(b):
+        return [TapSpec("toy.w", (3, 5)), *_expected(b)]
+
+    backends = {"a": WeightFirst32(None, W), "reference": WeightFirst(None, W)}
+    res = run_parity(backends, _batches(b=2), tol, expected=expected, reference="reference")
+    assert res.passed, res.describe_failure()
+    assert res.groups == 6
+    batch = random_batch(ModelConfig(), 3, seed=0)
+    assert _batch_size(batch, {"t": {"input.probe": batch.probe, "input.x": batch.x}}) == 3
+
+
+@pytest.mark.parametrize("listed", [[], ["input.x"]])
+def test_a_backend_that_exposes_no_computed_tap_fails_instead_of_passing_unchecked(tmp_path, listed):
+    """Taps a backend declares it does not expose are left out, not failed; a tap list that came out
+    empty, or holds the copied-through inputs alone, compared nothing the backend computes and passed
+    (until 2026-12-05). It fails at the first computed tap, blamed on that backend."""
+    path = tmp_path / "t.toml"
+    path.write_text(TOL_TEXT + '[[family]]\npattern = "input.*"\nfactor = 1.0\n')
+    tol = load_tolerances(path, known_taps=["input.x", *TAPS])
+
+    class WithInput(Toy):
+        def forward(self, batch):
+            taps = super().forward(batch)
+            return {"input.x": taps.pop("toy.in"), **taps}
+
+    class WithInput32(WithInput, Toy32):
+        pass
+
+    class Hides(WithInput32):
+        def exposed_taps(self):
+            return listed
+
+        def forward(self, batch):
+            return {t: v for t, v in super().forward(batch).items() if t in listed}
+
+    def expected(b):
+        return [TapSpec("input.x", (b, 3, 4, 4)), *_expected(b)[1:]]
+
+    def run(taps=None, **backends):
+        return run_parity(backends, _batches(), tol, expected=expected, reference="reference", taps=taps)
+
+    res = run(reference=WithInput(None, W), a=WithInput32(None, W), hollow=Hides(None, W))
+    fd = res.first_divergence
+    assert not res.passed and fd["tap"] == "toy.hidden" and fd["blamed"] == ["hollow"]
+    assert "hollow gave no computed tap at all (its exposed_taps() lists none of them" in res.describe_failure()
+    assert run(reference=WithInput(None, W), a=WithInput32(None, W)).passed
+    alone = run_parity({"hollow": Hides(None, W)}, _batches(), tol, expected=expected)
+    assert not alone.passed and alone.first_divergence["blamed"] == ["hollow"]
+    inputs = run(["input.*"], reference=WithInput(None, W), hollow=Hides(None, W))  # asks for nothing computed
+    assert inputs.passed, inputs.describe_failure()
+
+
+def test_an_element_of_a_tap_without_a_batch_axis_is_indexed_within_its_batch(tol):
+    """Indices count the rows of earlier batches on axis 0; for a weight's gradient or the probe that
+    axis is no batch's, and an element of batch 1 was reported at [3, 0] of a (3, 5) tap (until
+    2026-12-05). It is indexed within its own batch's tensor, and the report says which batch."""
+
+    class Weighted(Toy):
+        def forward(self, batch):
+            return {**super().forward(batch), "toy.w": self.w * float(batch.sum() != 0)}
+
+    class Weighted32(Weighted, Toy32):
+        calls = 0
+
+        def forward(self, batch):
+            taps = super().forward(batch)
+            self.calls += 1
+            if self.calls == 2:  # batch 1 only
+                taps["toy.w"] = taps["toy.w"].copy()
+                taps["toy.w"][2, 4] += 1.0
+                taps["toy.out"] = taps["toy.out"].copy()
+                taps["toy.out"][1, 0, 0, 0] += 1.0
+            return taps
+
+    def expected(b):
+        return [*_expected(b), TapSpec("toy.w", (3, 5))]
+
+    res = run_parity(
+        {"reference": Weighted(None, W), "a": Weighted32(None, W)},
+        _batches(b=2),
+        tol,
+        expected=expected,
+        reference="reference",
+    )
+    w = next(c for t in res.taps if t.name == "toy.w" for c in t.comparisons)
+    assert (w.worst_index, w.worst_batch, w.margin_index, w.margin_batch) == ([2, 4], 1, [2, 4], 1)
+    assert "greatest abs difference 1 at index (2, 4) of batch 1" in w.summary()
+    out = next(c for t in res.taps if t.name == "toy.out" for c in t.comparisons)
+    assert (out.worst_index, out.worst_batch) == ([3, 0, 0, 0], 1)  # rows of batch 0 counted first
+
+
 def test_a_missing_tap_in_one_backend_does_not_drop_others_rows(tol):
     """Every batch compares every element, whichever backend ran last (the loop must not rebind the
     tap selection to the last backend's taps)."""
@@ -329,6 +517,55 @@ def test_a_crashing_backend_is_reported_with_its_traceback_and_the_others_still_
     good = next(c for c in res.taps[2].comparisons if c.a == "good" and c.kind == "vs_reference")
     assert good.numel == 3 * 2 * 5 * 4 * 4  # every batch of the survivors was compared
     assert "backend bad crashed: ZeroDivisionError: the backend's own bug" in res.describe_failure()
+
+
+class TensorLike:
+    """What a framework's tensor is to the harness: has a shape, is not a NumPy array."""
+
+    __module__ = "torch"
+    shape = (2, 5, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (TensorLike(), r"gave tap 'toy.out' as a torch.TensorLike, not a NumPy array \(convert on the way out"),
+        ([[1.0, 2.0]], r"gave tap 'toy.out' as a builtins.list, not a NumPy array"),
+        (np.array([[1.0, None]], dtype=object), r"gave tap 'toy.out' of dtype object; a tap holds numbers"),
+    ],
+)
+def test_a_tap_that_is_not_a_numpy_array_of_numbers_is_that_backends_crash_named(tol, value, message):
+    """A tensor, a list or an object array reached the comparison and raised an AttributeError there,
+    out of the run, naming neither backend nor tap (until 2026-12-05)."""
+
+    class Returns(Toy32):
+        def forward(self, batch):
+            return {**super().forward(batch), "toy.out": value}
+
+    res = _run(tol, good=Toy32, odd=Returns)
+    assert res.verdict == "error" and res.backends["good"].crashed is None
+    assert re.search(r"TypeError: backend 'odd': forward\(\) " + message, res.backends["odd"].crashed)
+    scalar = type("Scalar", (Toy32,), {"forward": lambda self, b: {**Toy32.forward(self, b), "toy.s": np.float32(2)}})
+    assert _run(tol, a=scalar).backends["a"].crashed is None  # a NumPy scalar is a 0-d array
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 0, 0), (0,)])
+def test_an_empty_tap_fails_its_structure_and_the_run_goes_on(tol, shape):
+    """The statistics of an empty tap raised out of the run (until 2026-12-05): now it is a shape
+    failure at that tap, with or without a tap list to check it against."""
+
+    class Empty(Toy32):
+        def forward(self, batch):
+            return {**super().forward(batch), "toy.out": np.zeros(shape, np.float32)}
+
+    for expected in (_expected, None):
+        res = run_parity(
+            {"reference": Toy(None, W), "e": Empty(None, W)}, _batches(), tol, expected=expected, reference="reference"
+        )
+        assert not res.passed and res.first_divergence["tap"] == "toy.out", res.describe_failure()
+        assert res.first_divergence["blamed"] == ["e"]
+        assert f"e gives an empty tap, shape {shape}: nothing to compare" in res.describe_failure()
+        assert "toy.out" not in res.statistics["e"] and "toy.hidden" in res.statistics["e"]
 
 
 def test_bad_input_raised_by_a_backend_is_not_a_crash(tol):

@@ -92,6 +92,17 @@ def test_magnitude_scale_is_the_sample_maximum():
     assert np.all(s[0] == 5.0) and np.all(s[1] == 0.5)
 
 
+def test_magnitude_scale_leaves_nan_and_infinity_out_of_the_maximum():
+    x = np.zeros((3, 2, 2))
+    x[0] = [[1.0, np.nan], [-3.0, 0.5]]
+    x[1] = [[np.inf, 2.0], [-np.inf, 0.0]]
+    x[2, 0, 0] = np.nan  # nothing finite but zeros: a zero scale, not NaN
+    s = magnitude_scale(x)
+    assert np.all(s[0] == 3.0) and np.all(s[1] == 2.0) and np.all(s[2] == 0.0)
+    assert magnitude_scale(np.array([np.nan, 4.0, -np.inf])).tolist() == [4.0, 4.0, 4.0]
+    assert magnitude_scale(np.zeros((2, 0, 3))).shape == (2, 0, 3)
+
+
 def test_statistic_tolerances_follow_the_elementwise_model(tmp_path):
     tol = load_tolerances(_write(tmp_path, BASE + FAMILIES))
     rng = np.random.default_rng(3)
