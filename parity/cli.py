@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import tomllib
 from collections.abc import Iterable, Sequence
@@ -122,11 +123,15 @@ def _check_report_folder(folder: Path) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from parity.report import claim_folder, write_reports
-    from parity.session import RunSpec, prepare
+    from parity.session import RunSpec, prepare, require_from_env
     from parity.verdict import EXIT_CODES
 
     if not args.report.strip():  # "" would write the report into whatever folder the shell is in
         raise ParityInputError("option --report: empty; give the report folder")
+    if args.weights and getattr(args, "seed_given", False):  # the file's weights would run, the seed ignored
+        raise ParityInputError(
+            "options --weights and --seed: give one (--seed generates the weights a file would hold)"
+        )
     config = load_config(args.config, args.set)
     spec = RunSpec(
         config=config,
@@ -139,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         weights=args.weights,
         weights_seed=args.seed,
         tolerances=args.tolerances,
-        require=args.require_backends,
+        require=args.require_backends or require_from_env(),
         taps=[t.strip() for t in args.taps.split(",") if t.strip()] if args.taps else None,
         deviations=args.deviations,
         allow_config_diff=args.allow_config_diff,
@@ -304,6 +309,15 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
 
     template = load_tolerances(args.template)
     backends = _backend_names("--backends", args.backends) if args.backends else None
+    for option, value in (("--out", args.out), ("--json", args.json)):  # before hours of runs, not after
+        if value and Path(value).is_dir():
+            raise ParityInputError(f"option {option}: {value} is a folder; give the file to write")
+        if value and not Path(value).parent.is_dir():
+            raise ParityInputError(f"option {option}: folder {Path(value).parent} does not exist")
+    if args.cases < 0:
+        raise ParityInputError(f"option --cases must be an integer >= 0, got {args.cases}")
+    if not args.from_json and not args.matrix and args.cases == 0:
+        raise ParityInputError("option --cases 0 without --matrix or --from-json: nothing to measure")
     if not (math.isfinite(args.safety) and args.safety >= 1):
         raise ParityInputError(f"option --safety must be a finite number >= 1, got {args.safety}")
     if not (math.isfinite(args.minimum) and args.minimum > 0):
@@ -460,6 +474,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         raise ParityInputError(f"option --settings: unknown setting {unknown[0]!r}; known: {', '.join(SETTINGS)}")
+    if shutil.which(command[0]) is None:  # else a traceback per machine, exiting as if parity failed
+        raise ParityInputError(f"emulate: command not found: {command[0]}")
     codes = run_under(settings, command)
     if not codes:
         raise ParityInputError("emulate: this CPU can run none of the settings asked for")
@@ -549,7 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report", default="parity-report", help="report folder (default: %(default)s)")
     r.add_argument("--all-taps", action="store_true", help="pictures for every tap in the HTML report")
     r.add_argument("--no-html", action="store_true")
-    r.add_argument("--require-backends", action="store_true", help="an unavailable backend is an error")
+    r.add_argument(
+        "--require-backends",
+        action="store_true",
+        help="an unavailable backend is an error (also set by PTYCHO_PARITY_REQUIRE_BACKENDS=1)",
+    )
     r.add_argument(
         "--taps",
         help="compare only taps matching these comma-separated shell patterns; '!PATTERN' leaves taps out "
@@ -727,6 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.seed_given = getattr(args, "seed", None) is not None
     if getattr(args, "seed", 0) is None:
         args.seed = DEFAULT_SEED
     try:

@@ -233,6 +233,8 @@ def _check_values(arrays: Mapping[str, np.ndarray], where: str) -> None:
             f"{where}: dataset 'diffraction' has {int(neg.sum())} negative amplitudes; first {diff[idx]} at "
             f"index {idx} (amplitudes are square roots of counts)"
         )
+    if not diff.any():  # the inputs are scaled by their mean energy (forward-model.md, section 2)
+        raise FixtureError(f"{where}: dataset 'diffraction' is all zero; it cannot be normalised")
     groups, n = arrays["groups"], diff.shape[0]
     out = (groups < 0) | (groups >= n)
     if out.any():

@@ -168,6 +168,8 @@ def to_markdown(result: ParityResult, max_rows: int | None = None) -> str:
         for key, vals in result.config_diff.items():
             lines.append(f"| `{key}` | " + " | ".join(f"`{vals.get(b, '')!r}`" for b in result.backends) + " |")
         lines.append("")
+    elif result.compared_nothing:
+        lines += [f"**Nothing was compared:** {result.why_nothing_compared()}.", ""]
     elif fd:
         blamed = ", ".join(fd["blamed"]) or "undetermined"
         lines += [
@@ -338,6 +340,9 @@ def claim_folder(folder: str | Path) -> Iterator[Path]:
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise ParityInputError(f"report folder {path} exists and is not a folder")
+    # The folders this claim creates, innermost first: removed again if the run ends without a report
+    # in them (bad input found once the backends are built leaves nothing behind either).
+    created = [p for p in [path, *path.parents] if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -378,6 +383,11 @@ def claim_folder(folder: str | Path) -> Iterator[Path]:
         yield path
     finally:
         lock.unlink(missing_ok=True)
+        for made in created:
+            try:
+                made.rmdir()  # only when empty: a report written there keeps it
+            except OSError:
+                break
 
 
 def _save_statistics(result: ParityResult, path: Path) -> None:

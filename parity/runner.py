@@ -133,6 +133,23 @@ class ParityResult:
         local = self.first_local_divergence
         return local is not None and set(local["backends"]) <= set(self.local_recomputed)
 
+    @property
+    def compared_nothing(self) -> bool:
+        """No element of any tap was compared with another side, and no statistic with a baseline:
+        one backend ran (the others unavailable or not named) and no baseline was checked. Such a run
+        has checked nothing, so it must not pass."""
+        compared = any(c.numel or c.reason for t in self.taps for c in [*t.comparisons, *t.local])
+        return not compared and not self.baseline and not self.baseline_problems
+
+    def why_nothing_compared(self) -> str:
+        """Which backends ran and which could not, and what a run needs to compare something."""
+        ran = [n for n, r in self.backends.items() if r.available and not r.crashed]
+        return (
+            f"{', '.join(ran) or 'no backend'} ran"
+            + "".join(f", {n} unavailable ({r.reason})" for n, r in self.backends.items() if not r.available)
+            + "; compare two backends (a float64 reference and one to check), or check statistics against baselines"
+        )
+
     def failures(self) -> list[ComparisonResult]:
         out = [c for t in self.taps for c in [*t.comparisons, *t.local] if not c.passed and c.known is None]
         return out + [c for c in self.baseline if not c.passed]
@@ -161,7 +178,8 @@ class ParityResult:
             ]
             return "\n".join(lines)
         fd = self.first_divergence
-        lines = [
+        lines = [f"nothing was compared: {self.why_nothing_compared()}"] if self.compared_nothing else []
+        lines += [
             "declared deviation not reproduced (remove it, or find what hides it): "
             + (f"config key {d['config_key']!r}" if d["config_key"] else f"tap {d['tap']!r}")
             + f" of {d['backend']} ({d['source']})"
@@ -279,6 +297,12 @@ def run_parity(
         reference if reference in backends else None,
     )
     ref = reference if reference in backends else None
+    if ref is not None and backends[ref].precision != "float64":
+        raise ParityInputError(
+            f"reference backend {ref!r} computes in {backends[ref].precision}; the arbiter must be float64 "
+            "(its tolerances are float32's against float64 values): name a float64 backend, or none "
+            "(--reference '') to compare the backends pairwise"
+        )
     scaler = scale_source if scale_source is not None else (backends[ref] if ref is not None else None)
     result = ParityResult(
         verdict="pass",

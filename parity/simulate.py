@@ -129,8 +129,8 @@ class SimulationParams:
             raise bad("probe_phase", "a finite number")
         if self.offsets_origin not in OFFSETS_ORIGINS:
             raise bad("offsets_origin", f"one of {', '.join(OFFSETS_ORIGINS)}")
-        if not 0 <= self.beamstop <= self.N or self.beamstop % 2:
-            raise bad("beamstop", f"an even number of pixels from 0 to N={self.N}")
+        if not 0 <= self.beamstop < self.N or self.beamstop % 2:  # N: every pixel in its shadow
+            raise bad("beamstop", f"an even number of pixels from 0 to N - 2 = {self.N - 2}")
         self._check_size()
 
     def _check_size(self) -> None:

@@ -3,7 +3,8 @@ check found. The runner, the baseline check, the reports, the pytest plugin and 
 
 - ``error``: a backend crashed (raised while building or running); the others were still compared.
 - ``config_mismatch``: the backends' effective configs differ; nothing was run.
-- ``fail``: some comparison failed (backend vs reference, backend vs backend, structure, a stage
+- ``fail``: nothing at all was compared (one backend ran, no baseline was checked), or some
+  comparison failed (backend vs reference, backend vs backend, structure, a stage
   fed the reference's inputs against the reference, or a statistic vs its baseline) and no
   declared deviation accepts it, a baseline could not be compared (missing, stale, unreadable), or
   a declared deviation did not reproduce (strict, like xfail).
@@ -31,6 +32,8 @@ def decide(result: ParityResult) -> str:
         return ERROR
     if result.config_diff:
         return CONFIG_MISMATCH
+    if result.compared_nothing:
+        return FAIL
     if result.first_divergence is not None or result.first_local_divergence is not None:
         return FAIL
     if any(not c.passed for c in result.baseline):

@@ -484,7 +484,24 @@ CASES: dict[str, Case] = {
         ],
         "option --from-json: {t}/m.json: family 'grad.*.kernel' needed 'big', not a number >= 0",
     ),
+    "measure-out-is-a-folder": Case(
+        lambda t: ["measure-tolerances", "--cases", "1", "--out", str(t)], "option --out: {t} is a folder"
+    ),
+    "measure-json-in-a-missing-folder": Case(
+        lambda t: ["measure-tolerances", "--cases", "1", "--json", str(t / "no" / "m.json")],
+        "option --json: folder {t}/no does not exist",
+    ),
+    "measure-negative-cases": Case(
+        lambda t: ["measure-tolerances", "--cases", "-1"], "option --cases must be an integer >= 0, got -1"
+    ),
+    "measure-nothing": Case(
+        lambda t: ["measure-tolerances", "--cases", "0"], "option --cases 0 without --matrix or --from-json"
+    ),
     "emulate-without-command": Case(lambda t: ["emulate"], "emulate: give the command to run after --"),
+    "emulate-command-not-found": Case(
+        lambda t: ["emulate", "--settings", "threads=1", "--", "no-such-command-here"],
+        "emulate: command not found: no-such-command-here",
+    ),
     "emulate-unknown-setting": Case(
         lambda t: ["emulate", "--settings", "nosuch", "--", "true"], "option --settings: unknown setting 'nosuch'"
     ),

@@ -95,6 +95,48 @@ def test_bad_input_leaves_an_existing_report_alone(good_report, tmp_path, capsys
     assert _contents(report) == before
 
 
+def test_run_honours_the_require_backends_variable_and_leaves_no_folder_on_bad_input(tmp_path, capsys, monkeypatch):
+    """CI sets PTYCHO_PARITY_REQUIRE_BACKENDS=1; the command ignored it and passed with a framework
+    missing (until 2026-12-05). Bad input found once the backends are built (here, an unavailable
+    one; below, a float32 arbiter) leaves no report folder behind."""
+    import parity.session
+    from parity.errors import BackendUnavailableError
+    from parity.registry import load_backend
+    from parity.session import REQUIRE_ENV
+
+    def without_tensorflow(name):
+        if name == "tensorflow":
+            raise BackendUnavailableError(name, "ImportError: simulated")
+        return load_backend(name)
+
+    monkeypatch.setattr(parity.session, "load_backend", without_tensorflow)
+    report = tmp_path / "new" / "report"
+    argv = ["run", *SMALL, "--no-html", "--report", str(report)]
+    monkeypatch.setenv(REQUIRE_ENV, "1")
+    assert main(argv) == 2
+    assert "backend 'tensorflow' is unavailable: ImportError: simulated" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    monkeypatch.delenv(REQUIRE_ENV)
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "backend tensorflow unavailable: ImportError: simulated" in captured.err and "verdict: pass" in captured.out
+    assert main([*argv, "--backends", "reference,tensorflow"]) == 1  # one backend ran: nothing compared
+    assert "nothing was compared: reference ran, tensorflow unavailable" in capsys.readouterr().out
+    assert "**Nothing was compared:** reference ran, tensorflow unavailable" in (report / "report.md").read_text()
+    elsewhere = tmp_path / "other"
+    assert (
+        main(["run", *SMALL, "--backends", "reference,torch", "--reference", "torch", "--report", str(elsewhere)]) == 2
+    )
+    assert "reference backend 'torch' computes in float32" in capsys.readouterr().err
+    assert not elsewhere.exists()
+
+
+def test_weights_and_seed_together_are_refused(tmp_path, capsys):
+    argv = ["run", *SMALL, "--weights", str(tmp_path / "w.h5"), "--seed", "5", "--report", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "options --weights and --seed: give one" in capsys.readouterr().err
+
+
 def test_unwritable_report_folder_is_bad_input_before_any_work(tmp_path, capsys):
     path = tmp_path / "report.json"
     path.write_text("{}")
@@ -176,7 +218,9 @@ def test_make_weights_writes_a_file_that_loads_and_runs(tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith(f"={weights_sha256(generate_weights(config, 7))}")
 
     report = tmp_path / "report"
-    code = main(["run", *SMALL, "--backends", "reference", "--weights", str(out), "--report", str(report), "--no-html"])
+    code = main(
+        ["run", *SMALL, "--backends", "reference,torch", "--weights", str(out), "--report", str(report), "--no-html"]
+    )
     assert code == 0, capsys.readouterr()
     assert json.loads((report / "report.json").read_text())["weights_sha256"] == weights_sha256(expected)
 
@@ -493,6 +537,10 @@ def test_measure_writes_nothing_from_zero_runs(tmp_path, capsys):
     record with an empty one."""
     out = tmp_path / "t.toml"
     assert main(["measure-tolerances", "--cases", "0", "--out", str(out)]) == 2
+    assert "option --cases 0 without --matrix or --from-json: nothing to measure" in capsys.readouterr().err
+    empty = tmp_path / "m.json"
+    empty.write_text(json.dumps({"needed": {}, "where": {}, "runs": 0}))
+    assert main(["measure-tolerances", "--from-json", str(empty), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"option --out {out}: nothing was measured (0 runs); the file was not written" in err
     assert not out.exists()
@@ -610,7 +658,7 @@ def test_run_writes_into_a_report_folder_that_holds_the_plugins_per_test_reports
     per test there: folders inside never stop a run; a file a report does not write does (bad input)."""
     folder = tmp_path / "parity-report"
     (folder / "tests_test_parity_matrix.py_test_forward_parity_gridsize_1").mkdir(parents=True)
-    argv = ["run", *SMALL, "--backends", "reference", "--no-html", "--report", str(folder)]
+    argv = ["run", *SMALL, "--backends", "reference,torch", "--no-html", "--report", str(folder)]
     assert main(argv) == 0, capsys.readouterr().err
     assert (folder / "report.json").is_file()
     (folder / "notes.txt").write_text("mine")

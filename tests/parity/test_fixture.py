@@ -319,6 +319,10 @@ def _reshape_violation(name, value, rehash=True):
 
 
 SHAPE_AND_DTYPE = {
+    "all_zero_diffraction": (  # a beamstop as wide as the pattern; make-fixture wrote one until 2026-12-05
+        _reshape_violation("diffraction", np.zeros((81, 64, 64), np.float32)),
+        r"dataset 'diffraction' is all zero; it cannot be normalised",
+    ),
     "wrong_shape_coords": (
         _reshape_violation("xcoords", np.zeros(80)),
         r"dataset 'xcoords' has shape \(80,\); expected \(81,\)",

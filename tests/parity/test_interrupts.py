@@ -154,8 +154,7 @@ def test_one_ctrl_c_ends_a_run_with_130_and_releases_the_report_folder(tmp_path)
     out = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 130, out
     assert "interrupted" in out and "Traceback" not in out
-    assert not (tmp_path / "rep" / ".ptycho-parity.lock").exists()
-    assert not [p for p in (tmp_path / "rep").iterdir() if p.name.startswith(".")]
+    assert not (tmp_path / "rep").exists()  # the folder the run made, lock and all, is gone again
 
 
 # In process: a Ctrl-C that an extension rethrows as another exception (parity.interrupt).

@@ -24,8 +24,11 @@ REPORT_FILES = {"report.json", "report.md", "report.html", "statistics.npz"}
 
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory, numba_compiler):
+    """One run first, in this process: its compilations are cached, and torch is imported here, not
+    inside an in-process inner session, whose end takes its modules out of sys.modules again (a second
+    import of torch in one process crashed a worker in the garbage collector)."""
     config = ModelConfig(gridsize=1, probe_big=False)
-    result = run(RunSpec(config=config, backends=["reference"], batch_size=1, max_groups=1))
+    result = run(RunSpec(config=config, backends=["reference", "torch"], batch_size=1, max_groups=1))
     write_reports(result, tmp_path_factory.mktemp("warm"))
 
 
@@ -50,7 +53,7 @@ def test_marker_selects_parity_tests_and_each_writes_its_report(inner):
         @pytest.mark.parity
         @pytest.mark.parametrize("probe_big", [True, False])
         def test_forward(parity_run, parity_options, probe_big):
-            assert parity_options.backends == ("reference",)
+            assert parity_options.backends == ("reference", "torch")
             result = parity_run(ModelConfig(gridsize=1, probe_big=probe_big), batch_size=1, max_groups=1)
             assert result.passed
 
@@ -66,7 +69,7 @@ def test_marker_selects_parity_tests_and_each_writes_its_report(inner):
         "parity",
         "--strict-markers",
         "--parity-backends",
-        "reference",
+        "reference,torch",
         "--parity-report-dir",
         "out/reports",
         "--parity-tolerances",
@@ -80,7 +83,7 @@ def test_marker_selects_parity_tests_and_each_writes_its_report(inner):
         data = json.loads((folder / "report.json").read_text())
         assert data["verdict"] == "pass"
         assert data["config"] == ModelConfig(gridsize=1, probe_big=name.endswith("True")).to_dict()
-        assert list(data["backends"]) == ["reference"]
+        assert list(data["backends"]) == ["reference", "torch"]
         assert data["tolerances"] == {"source": str(tolerances), "profile": "cpu", "blame_ratio": 2.0}
         assert data["groups"] == 1
         assert "# ptycho-parity report: **PASS**" in (folder / "report.md").read_text()
@@ -424,9 +427,41 @@ def test_report_is_written_once_per_test_and_folder_is_locked_while_it_runs(inne
             parity_run({SMALL}, batch_size=1, max_groups=1)
         """
     )
-    _run(inner, "--parity-backends", "reference", "--parity-report-dir", "rep").assert_outcomes(passed=1)
+    _run(inner, "--parity-backends", "reference,torch", "--parity-report-dir", "rep").assert_outcomes(passed=1)
     assert len(writes) == 1
     assert not list((inner.path / "rep").glob("*/.ptycho-parity.lock"))  # released at teardown
+
+
+def test_one_backend_passes_on_its_baselines_and_fails_having_compared_nothing(inner):
+    """One backend compares nothing with another side: with its baselines checked, the statistics are
+    the check; without, the run compared nothing, which is no pass."""
+    inner.makepyfile(
+        test_one=f"""
+        import pytest
+
+        from parity.config import ModelConfig
+
+
+        @pytest.mark.parity
+        def test_checked(parity_run, parity_baseline):
+            parity_baseline.check(parity_run({SMALL}, batch_size=1, max_groups=1))
+
+
+        @pytest.mark.parity
+        def test_unchecked(parity_run):
+            parity_run({SMALL}, batch_size=1, max_groups=1)
+
+
+        @pytest.mark.parity
+        def test_forgot_the_check(parity_run, parity_baseline):
+            parity_run({SMALL}, batch_size=1, max_groups=1)
+        """
+    )
+    _run(inner, "-m", "parity", "--parity-backends", "reference", "--force-regen")  # writes the baseline
+    res = _run(inner, "-m", "parity", "--parity-backends", "reference", "-rA")
+    res.assert_outcomes(passed=2, failed=1, errors=1)  # test_forgot_the_check: its call passes, its teardown errs
+    res.stdout.fnmatch_lines(["*test_unchecked*", "*nothing was compared: reference ran*"])
+    res.stdout.fnmatch_lines(["*ERROR at teardown of test_forgot_the_check*", "*check() was never called*"])
 
 
 def test_deviation_options_apply_to_every_run_and_are_held_strictly(inner, tmp_path):
@@ -442,10 +477,10 @@ def test_deviation_options_apply_to_every_run_and_are_held_strictly(inner, tmp_p
             parity_run({SMALL}, batch_size=1, max_groups=1)
         """
     )
-    clean = _run(inner, "-m", "parity", "--parity-backends", "reference")
+    clean = _run(inner, "-m", "parity", "--parity-backends", "reference,torch")
     clean.assert_outcomes(passed=1)
     # Nothing differs, so the one-off declaration does not reproduce: the test fails and says why.
-    stale = _run(inner, "-m", "parity", "--parity-backends", "reference", "--parity-allow-config-diff", "N")
+    stale = _run(inner, "-m", "parity", "--parity-backends", "reference,torch", "--parity-allow-config-diff", "N")
     stale.assert_outcomes(failed=1)
     stale.stdout.fnmatch_lines(["*declared deviation not reproduced*config key 'N'*"])
     bad = _run(inner, "-m", "parity", "--parity-backends", "reference", "--parity-deviations", str(tmp_path / "no"))

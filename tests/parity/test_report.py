@@ -269,3 +269,22 @@ def test_a_lock_that_names_no_run_is_an_error_naming_the_lock_file(tmp_path, con
         f"object naming a pid and host); if no run is writing there, delete {lock}"
     )
     assert lock.read_text() == content
+
+
+def test_a_claim_that_ends_without_a_report_removes_the_folders_it_made_and_only_those(tmp_path):
+    """Bad input found once the backends are built (an unavailable one, a float32 arbiter) left an
+    empty report folder behind, where the README promises nothing on disk is touched."""
+    from parity.report import claim_folder
+
+    nested = tmp_path / "a" / "b" / "report"
+    with pytest.raises(RuntimeError), claim_folder(nested):
+        raise RuntimeError("bad input found late")
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "existing"
+    kept.mkdir()
+    with pytest.raises(RuntimeError), claim_folder(kept / "new"):
+        raise RuntimeError("late")
+    assert kept.is_dir() and list(kept.iterdir()) == []  # there before the claim: kept
+    with claim_folder(nested) as folder:
+        (folder / "report.json").write_text("{}")
+    assert (nested / "report.json").is_file()  # a report written: nothing removed

@@ -422,7 +422,8 @@ def test_a_backend_that_exposes_no_computed_tap_fails_instead_of_passing_uncheck
     alone = run_parity({"hollow": Hides(None, W)}, _batches(), tol, expected=expected)
     assert not alone.passed and alone.first_divergence["blamed"] == ["hollow"]
     inputs = run(["input.*"], reference=WithInput(None, W), hollow=Hides(None, W))  # asks for nothing computed
-    assert inputs.passed, inputs.describe_failure()
+    assert inputs.passed == (listed == ["input.x"]), inputs.describe_failure()
+    assert inputs.compared_nothing == (listed == [])  # then a failure too: nothing at all was compared
 
 
 def test_an_element_of_a_tap_without_a_batch_axis_is_indexed_within_its_batch(tol):
@@ -462,6 +463,27 @@ def test_an_element_of_a_tap_without_a_batch_axis_is_indexed_within_its_batch(to
     assert "greatest abs difference 1 at index (2, 4) of batch 1" in w.summary()
     out = next(c for t in res.taps if t.name == "toy.out" for c in t.comparisons)
     assert (out.worst_index, out.worst_batch) == ([3, 0, 0, 0], 1)  # rows of batch 0 counted first
+
+
+def test_a_run_that_compares_nothing_fails_saying_so(tol):
+    """One backend and no baseline: every tap "agreed" with nothing, and the run passed."""
+    res = run_parity({"reference": Toy(None, W)}, _batches(), tol, expected=_expected, reference="reference")
+    assert res.compared_nothing and res.verdict == "fail"
+    assert res.describe_failure().startswith("nothing was compared: reference ran; compare two backends")
+    gone = run_parity(
+        {"reference": Toy(None, W)}, _batches(), tol, reference="reference", unavailable={"torch": "ImportError: x"}
+    )
+    assert "nothing was compared: reference ran, torch unavailable (ImportError: x)" in gone.describe_failure()
+    assert _run(tol, a=Toy32).passed
+
+
+def test_a_float32_arbiter_is_refused(tol):
+    """The arbiter's tolerances are float64's: a float32 backend named reference failed everything
+    with atol of 1e-14 (until 2026-12-05)."""
+    from parity.errors import ParityInputError
+
+    with pytest.raises(ParityInputError, match=r"reference backend 'a' computes in float32; the arbiter must be"):
+        run_parity({"a": Toy32(None, W), "b": Toy32(None, W)}, _batches(), tol, reference="a")
 
 
 def test_a_missing_tap_in_one_backend_does_not_drop_others_rows(tol):

@@ -161,6 +161,7 @@ def test_groups_with_duplicate_positions_and_chunking_match_brute_force():
         ({"seed": True}, "seed"),
         ({"beamstop": 3}, "beamstop"),
         ({"beamstop": 66}, "beamstop"),
+        ({"beamstop": 64}, "beamstop"),  # every pixel in its shadow: nothing to normalise
         # Sizes beyond the caps, refused before anything is allocated (a MemoryError or an
         # OverflowError before the caps; 100000x100000 grew until the OOM killer ended it).
         ({"step": 1e6}, "step"),
