@@ -387,7 +387,10 @@ def check_baselines(
         result.baseline_notes.append(
             f"{backend}: first tap changed since its baseline: {failed[0].tap} ({failed[0].statistic})"
         )
-        what = f"{name}: statistics changed beyond their tolerance:\n  " + "\n  ".join(c.summary() for c in failed[:5])
+        how = "changed beyond their tolerance"
+        if any(c.reason for c in failed):  # a tap or statistic on one side only
+            how = "missing on one side" if all(c.reason for c in failed) else f"{how}, or missing on one side"
+        what = f"{name}: statistics {how}:\n  " + "\n  ".join(c.summary() for c in failed[:5])
         if len(failed) > 5:
             what += f"\n  ... and {len(failed) - 5} more"
         if obtained is not None:

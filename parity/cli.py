@@ -340,8 +340,9 @@ def cmd_measure_tolerances(args: argparse.Namespace) -> int:
     if args.from_json:
         measurement = measure.Measurement()
         for source in args.from_json:
+            loaded = measure.load_measurement(source)  # its errors name the option and the file
             try:
-                measurement.merge(measure.load_measurement(source))
+                measurement.merge(loaded)
             except ParityInputError as exc:
                 raise ParityInputError(f"option --from-json: {source}: {exc}") from None
         settings = sorted(measurement.machines)  # every machine a merged run was measured under
@@ -623,7 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     n.add_argument("npz")
     n.add_argument("out")
-    n.add_argument("--gridsize", type=int, default=2, choices=(1, 2))
+    n.add_argument(
+        "--gridsize", type=int, default=2, choices=(1, 2), help="patches per group: gridsize² (default: %(default)s)"
+    )
     n.add_argument("--force", action="store_true", help="replace an existing file")
     n.set_defaults(func=cmd_import_npz)
 

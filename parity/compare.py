@@ -81,9 +81,9 @@ class ComparisonResult:
     def summary(self) -> str:
         """One line in the manner of torch.testing.assert_close."""
         side = f"{self.a} vs {self.b}"
-        if self.reason:
-            return f"{self.tap} [{self.kind}: {side}]: {self.reason}"
         what = f"{self.tap}" + (f" / {self.statistic}" if self.statistic else "")
+        if self.reason:
+            return f"{what} [{self.kind}: {side}]: {self.reason}"
         factor = f", factor {self.factor:g}" if self.factor is not None else ""
         return (
             f"{what} [{self.kind}: {side}]: {'ok' if self.passed else 'MISMATCH'} "

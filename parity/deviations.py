@@ -84,6 +84,10 @@ def load_deviations(
         raise ParityInputError(f"deviation file {p}: cannot be read ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ParityInputError(f"deviation file {p}: not valid TOML ({exc})") from None
+    if "schema_version" not in data:
+        raise ParityInputError(
+            f"deviation file {p}: key 'schema_version' is missing; add schema_version = {SCHEMA_VERSION}"
+        )
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ParityInputError(f"deviation file {p}: key 'schema_version' is {version!r}; expected {SCHEMA_VERSION}")

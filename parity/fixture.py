@@ -527,6 +527,11 @@ def load_fixture(path: str | os.PathLike[str], config: ModelConfig | None = None
     try:
         fh = h5py.File(io.BytesIO(raw), "r")
     except (OSError, ValueError) as exc:
+        if raw[:2] == b"PK":  # a zip: NumPy's .npz, the format PtychoPINN's data sets come in
+            raise FixtureError(
+                f"{where}: is a NumPy .npz archive, not an HDF5 fixture; convert it with "
+                "`ptycho-parity import-npz` (docs/fixtures.md)"
+            ) from None
         raise FixtureError(f"{where}: not a readable HDF5 file, truncated or corrupt ({exc})") from exc
     try:
         with fh:

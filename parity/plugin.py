@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import os
 import re
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,9 @@ def _options(config: pytest.Config) -> ParityOptions:
         except ParityInputError as exc:
             raise pytest.UsageError(f"--parity-device: {exc}") from None
     tol = config.getoption("parity_tolerances")
+    deviations = tuple(str(p) for p in config.getoption("parity_deviations") or ())
+    allowed = tuple(str(k) for k in config.getoption("parity_allow_config_diff") or ())
+    _check_deviations(deviations, allowed, (*known, *names))
     return ParityOptions(
         backends=names,
         device=device,
@@ -123,9 +126,28 @@ def _options(config: pytest.Config) -> ParityOptions:
         tolerances=Path(tol) if tol else None,
         require=bool(config.getoption("parity_require_backends")) or require_from_env(),
         all_taps=bool(config.getoption("parity_all_taps")),
-        deviations=tuple(str(p) for p in config.getoption("parity_deviations") or ()),
-        allow_config_diff=tuple(str(k) for k in config.getoption("parity_allow_config_diff") or ()),
+        deviations=deviations,
+        allow_config_diff=allowed,
     )
+
+
+def _check_deviations(paths: Sequence[str], allowed: Sequence[str], backends: Sequence[str]) -> None:
+    """Read every declared-deviation file once, before any test, as the tolerance file is: a bad one
+    is one usage error, not the same failure in every parity test."""
+    from parity.config import ModelConfig
+    from parity.deviations import allow_config_diff, load_deviations
+    from parity.taps import all_tap_names
+
+    keys = list(ModelConfig().to_dict())
+    for path in paths:
+        try:
+            load_deviations(path, keys, all_tap_names(), backends)
+        except ParityInputError as exc:
+            raise pytest.UsageError(f"--parity-deviations: {exc}") from None
+    try:
+        allow_config_diff(allowed, keys)
+    except ParityInputError as exc:
+        raise pytest.UsageError(f"--parity-allow-config-diff: {exc}") from None
 
 
 def _load_tolerances(options: ParityOptions) -> Tolerances:

@@ -227,7 +227,7 @@ def _table(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
 def _families(entries: Any, where: str, known_taps: Collection[str]) -> tuple[Family, ...]:
     if not isinstance(entries, list) or not entries:
         raise ToleranceError(f"{where}: needs at least one [[family]] table (pattern, factor)")
-    out = []
+    out: list[Family] = []
     for i, entry in enumerate(entries):
         w = f"{where}: [[family]] #{i + 1}"
         if not isinstance(entry, Mapping):
@@ -239,6 +239,19 @@ def _families(entries: Any, where: str, known_taps: Collection[str]) -> tuple[Fa
         pattern = entry["pattern"]
         if not isinstance(pattern, str) or not any(fnmatch.fnmatchcase(t, pattern) for t in known_taps):
             raise ToleranceError(f"{w}: pattern {pattern!r} matches no tap; a typo here would silently disable a check")
+        # The first match wins, so a family whose every tap an earlier one takes never applies (a
+        # catch-all "*" above it): its factor would be read by nobody, as with a typo.
+        owners = [
+            next((j for j, f in enumerate(out) if fnmatch.fnmatchcase(t, f.pattern)), None)
+            for t in known_taps
+            if fnmatch.fnmatchcase(t, pattern)
+        ]
+        if None not in owners:
+            j = min(o for o in owners if o is not None)
+            raise ToleranceError(
+                f"{w}: pattern {pattern!r} never applies: every tap it matches is matched first by family "
+                f"#{j + 1} ({out[j].pattern!r}); families are tried in order, so move it above that one"
+            )
         factor = _number(entry["factor"], w, "factor", minimum=1e-300)
         measured = None
         if "measured" in entry:

@@ -160,6 +160,8 @@ def load_weights(path: str | os.PathLike[str], config: ModelConfig) -> dict[str,
         raise WeightsError(f"{p}: weights file does not exist" if not p.exists() else f"{p}: is not a file")
     try:
         with h5py.File(p, "r") as fh:
+            if "diffraction" in fh and "log_scale" not in fh:  # the other HDF5 file a run reads
+                raise WeightsError(f"{p}: is a fixture (it holds 'diffraction'), not a weights file")
             version = fh.attrs.get("schema_version")
             if isinstance(version, np.ndarray) and version.shape == ():
                 version = version[()]

@@ -214,6 +214,14 @@ CASES: dict[str, Case] = {
         "{t}/weights.h5: 'extra' is a SoftLink; a weights file holds no links",
     ),
     "weights-missing": Case(run("--weights", "/nonexistent/w.h5"), "/nonexistent/w.h5: weights file does not exist"),
+    "weights-is-a-fixture": Case(
+        lambda t: run("--weights", str(_fixture_copy(t)))(t),
+        "{t}/fixture.h5: is a fixture (it holds 'diffraction'), not a weights file",
+    ),
+    "fixture-is-an-npz": Case(
+        lambda t: run("--fixture", str(_good_npz(t)))(t),
+        "{t}/data.npz: is a NumPy .npz archive, not an HDF5 fixture; convert it with `ptycho-parity import-npz`",
+    ),
     "weights-corrupt": Case(
         lambda t: run("--weights", str(_write(t / "w.h5", b"not hdf5 at all")))(t), "{t}/w.h5: not a readable HDF5"
     ),

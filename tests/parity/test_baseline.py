@@ -685,3 +685,19 @@ def test_a_one_percent_change_after_the_merge_fails_a_float32_backends_baseline(
             _set_row(moved, tap, statistic, _rows(stored, tap)[statistic] * np.float32(1.01))
             failed = [(c.tap, c.statistic) for c in compare_to_baseline(stats, moved, bounds, backend) if not c.passed]
             assert failed == [(tap, statistic)], (backend, tap, statistic, failed)
+
+
+def test_a_statistic_on_one_side_only_is_named_with_its_statistic():
+    """A tap missing from the stored baseline printed "not in the stored baseline" once per statistic,
+    each line the same and none naming its statistic (until 2026-12-05)."""
+    values = np.arange(6.0).reshape(2, 3)
+    current = {"t": {"mean": values.mean(1), "max": values.max(1)}, "u": {"mean": values.mean(1)}}
+    bounds = {t: {s: np.full(2, 1e-3) for s in per} for t, per in current.items()}
+    stored = baseline_arrays({"t": {"mean": values.mean(1)}})
+    failed = [c.summary() for c in compare_to_baseline(current, stored, bounds, "b") if not c.passed]
+    assert failed == [
+        "t / max [vs_baseline: b vs baseline]: not in the stored baseline (new tap or statistic); regenerate with "
+        "--force-regen",
+        "u / mean [vs_baseline: b vs baseline]: not in the stored baseline (new tap or statistic); regenerate with "
+        "--force-regen",
+    ]

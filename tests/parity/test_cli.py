@@ -4,6 +4,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -64,10 +65,12 @@ def test_no_local_runs_end_to_end_only(tmp_path, capsys):
 
 def test_diverging_run_exits_1_and_names_the_first_diverging_tap(tmp_path, capsys):
     # A factor far below float32 noise for the encoder: the float32 backends cannot meet it.
-    strict = '[[family]]\npattern = "encoder.*"\nfactor = 1e-3\n\n'
+    strict = '[[family]]\npattern = "encoder.*"\nfactor = 1e-3\n'
     text = default_tolerance_file().read_text()
     tolerances = tmp_path / "strict.toml"
-    tolerances.write_text(text.replace("\n[[family]]\n", "\n" + strict + "[[family]]\n", 1))
+    text, replaced = re.subn(r'\[\[family\]\]\npattern = "encoder\.\*"\n(?:\w+ = [^\n]+\n)+', strict, text)
+    assert replaced == 1
+    tolerances.write_text(text)
     report = tmp_path / "report"
     code = main(["run", *SMALL, "--tolerances", str(tolerances), "--report", str(report), "--no-html"])
     out = capsys.readouterr().out

@@ -246,6 +246,7 @@ def test_a_deviation_file_is_read_with_its_sources(tmp_path):
     ("text", "message"),
     [
         ("schema_version = 2\n", "'schema_version' is 2"),
+        ("[[deviation]]\ntap = 'toy.out'\n", "key 'schema_version' is missing; add schema_version = 1"),
         ("schema_version = 1\n[[deviation]]\nconfig_key = 'scael'\nreason = 'r'\nreference = 'x'\n", "'scael'"),
         ("schema_version = 1\n[[deviation]]\ntap = 'toy.out'\nreason = 'r'\nreference = 'x'\n", "needs key 'backend'"),
         ("schema_version = 1\n[[deviation]]\ntap = 'a'\nbackend = 'b'\nreference = 'x'\n", "'reason' is required"),

@@ -484,8 +484,11 @@ def test_deviation_options_apply_to_every_run_and_are_held_strictly(inner, tmp_p
     stale.assert_outcomes(failed=1)
     stale.stdout.fnmatch_lines(["*declared deviation not reproduced*config key 'N'*"])
     bad = _run(inner, "-m", "parity", "--parity-backends", "reference", "--parity-deviations", str(tmp_path / "no"))
-    bad.assert_outcomes(failed=1)
-    bad.stdout.fnmatch_lines(["*bad input: deviation file*no: no such file*"])
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR  # once, before any test: not a failure per test
+    bad.stderr.fnmatch_lines(["ERROR: --parity-deviations: deviation file*no: no such file*"])
+    typo = _run(inner, "-m", "parity", "--parity-backends", "reference,torch", "--parity-allow-config-diff", "NN")
+    assert typo.ret == pytest.ExitCode.USAGE_ERROR
+    typo.stderr.fnmatch_lines(["ERROR: --parity-allow-config-diff: *'NN' is not a config key*"])
 
 
 ORPHAN_SUITE = """

@@ -123,6 +123,11 @@ def test_statistic_tolerances_follow_the_elementwise_model(tmp_path):
     ("text", "message"),
     [
         ('[[family]]\npattern = "encodr.*"\nfactor = 1.0\n', r"pattern 'encodr\.\*' matches no tap"),
+        (  # first match wins: a family below a catch-all is read by nobody (until 2026-12-05, silently)
+            '[[family]]\npattern = "*"\nfactor = 9.0\n[[family]]\npattern = "encoder.*"\nfactor = 2.0\n',
+            r"\[\[family\]\] #2: pattern 'encoder\.\*' never applies: every tap it matches is matched first by "
+            r"family #1 \('\*'\); families are tried in order",
+        ),
         ('[[family]]\npattern = "encoder.*"\nfactor = 0.0\n', r"key 'factor' must be a finite number > 0"),
         ('[[family]]\npattern = "encoder.*"\nfactor = -3\n', r"key 'factor' must be a finite number > 0"),
         ('[[family]]\npattern = "encoder.*"\nfactor = "x"\n', r"key 'factor' must be a number"),
