@@ -33,6 +33,7 @@ from parity.errors import BackendUnavailableError, ParityInputError
 from parity.runner import ParityResult
 from parity.session import DEFAULT_BACKENDS, RunSpec, require_from_env
 from parity.tolerances import Tolerances, load_tolerances
+from parity.verdict import PASS, decide
 
 
 @dataclass(frozen=True)
@@ -277,17 +278,31 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     shares the name is caught by the baseline's recorded owner when one of them writes it.)"""
     from parity.baseline import baseline_folder
 
-    seen: dict[tuple[Path, str], str] = {}
+    seen: dict[tuple[Path, str], pytest.Item] = {}
     for item in items:
         if "parity_baseline" not in getattr(item, "fixturenames", ()):
             continue
         key = (baseline_folder(item.path), baseline_basename(item))
-        other = seen.setdefault(key, item.nodeid)
-        if other != item.nodeid:
-            raise pytest.UsageError(
-                f"tests {other} and {item.nodeid} would share the baselines {key[0] / key[1]}-*.npz: "
+        other = seen.setdefault(key, item)
+        if other is not item:
+            message = (
+                f"tests {other.nodeid} and {item.nodeid} would share the baselines {key[0] / key[1]}-*.npz: "
                 "give one of them another name or id"
             )
+            if not hasattr(config, "workerinput"):
+                raise pytest.UsageError(message)
+            # A pytest-xdist worker: a usage error there ends it, and the controller reports only an
+            # internal error without the reason. Both tests fail at setup with it instead.
+            other.stash[_SHARED_BASELINES] = item.stash[_SHARED_BASELINES] = message
+
+
+_SHARED_BASELINES = pytest.StashKey[str]()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    message = item.stash.get(_SHARED_BASELINES, None)
+    if message is not None:
+        pytest.fail(message, pytrace=False)
 
 
 _COLLECTED = pytest.StashKey[dict[Path, set[str]]]()  # test module -> its collected tests' names
@@ -471,9 +486,15 @@ def parity_run(
                 pytest.fail(f"required backend unavailable: {why}", pytrace=False)
             pytest.skip(f"backend unavailable: {why}")
         state.results.append(result)
-        if check and result.compared_nothing and "parity_baseline" in request.fixturenames:
-            # One backend: its statistics against the baselines are the whole check, and the baseline
-            # check decides the verdict again; a test that never makes it fails at teardown.
+        if (
+            check
+            and result.compared_nothing
+            and "parity_baseline" in request.fixturenames
+            and decide(result, comparing_nothing_fails=False) == PASS
+        ):
+            # One backend, nothing else wrong: its statistics against the baselines are the whole
+            # check, and the baseline check decides the verdict again; a test that never makes it
+            # fails at teardown. A crash or an unreproduced deviation fails here, as always.
             state.awaiting_baselines = True
         elif check:
             assert_parity(result)
@@ -529,10 +550,13 @@ class BaselineChecker:
         finally:
             if state is not None:
                 state.files_written(before)
+        awaiting = state is not None and state.awaiting_baselines
         if state is not None:
             state.awaiting_baselines = False
         if problems:
             raise AssertionError("baseline check failed\n" + "\n".join(problems))
+        if awaiting:
+            assert_parity(result)
 
 
 @pytest.fixture

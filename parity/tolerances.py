@@ -181,14 +181,17 @@ class Tolerances:
         baseline of the same backend (one read of the tap for both).
 
         The baseline and this run may come from two machines, each within the elementwise tolerance
-        of the exact values, hence ``baseline_factor``. Baselines are stored in float32, which rounds
-        each statistic once more.
+        of the exact values, hence ``baseline_factor``. Baselines are stored in float32, and the run's
+        statistic is rounded the same way before the two are compared: two values either side of a
+        rounding boundary land one float32 step apart, up to 2u of the value, however close they
+        were (one u allowed a clean float64 reference to fail by a step on another CPU, until
+        2026-12-05).
         """
         return patch_statistics_and_bounds(
             values,
             scale,
             times=self.baseline_factor * self.atol_per_scale(tap, precision=precision),
-            rounding=UNIT_ROUNDOFF["float32"],
+            rounding=2.0 * UNIT_ROUNDOFF["float32"],
             proportional=self.baseline_factor * self.rtol(precision),
         )
 

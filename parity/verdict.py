@@ -27,17 +27,19 @@ EXIT_CODES = {PASS: 0, FAIL: 1, CONFIG_MISMATCH: 1, ERROR: 3}
 EXIT_INPUT, EXIT_INTERRUPTED = 2, 130
 
 
-def decide(result: ParityResult) -> str:
+def decide(result: ParityResult, *, comparing_nothing_fails: bool = True) -> str:
+    """``comparing_nothing_fails=False``: the verdict the run would have once something is compared
+    (the pytest plugin asks it of a one-backend run whose baselines are still to be checked)."""
     if any(r.crashed for r in result.backends.values()):
         return ERROR
     if result.config_diff:
         return CONFIG_MISMATCH
-    if result.compared_nothing:
-        return FAIL
     if result.first_divergence is not None or result.first_local_divergence is not None:
         return FAIL
     if any(not c.passed for c in result.baseline):
         return FAIL
     if result.baseline_problems or result.stale_deviations():
+        return FAIL
+    if comparing_nothing_fails and result.compared_nothing:
         return FAIL
     return PASS

@@ -657,6 +657,11 @@ def test_two_collected_tests_sharing_a_baseline_name_are_a_usage_error(pytester)
         ["*tests test_clash.py::test_x[[]a=1] and test_clash.py::test_x[[]a_1] would share the baselines*"]
     )
     pytester.runpytest("-p", "no:cacheprovider", "-n", "0", "-k", "test_other").assert_outcomes(passed=1)
+    # Under pytest-xdist a usage error in a worker ended it unexplained (an INTERNALERROR); there both
+    # tests fail at setup with the reason instead.
+    xdist = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    xdist.assert_outcomes(passed=1, errors=2)
+    xdist.stdout.fnmatch_lines(["*would share the baselines*"])
 
 
 AFTER_THE_MERGE = {
@@ -701,3 +706,22 @@ def test_a_statistic_on_one_side_only_is_named_with_its_statistic():
         "u / mean [vs_baseline: b vs baseline]: not in the stored baseline (new tap or statistic); regenerate with "
         "--force-regen",
     ]
+
+
+def test_a_float64_statistic_either_side_of_a_float32_rounding_boundary_passes():
+    """Both sides are rounded to float32 before they are compared, so two machines' float64 values a
+    few ulps apart land a whole float32 step apart when a rounding boundary falls between them. One
+    u of the value allowed only half a step: the reference's tolerance is its float64 error alone, and
+    its statistics failed by the step (until 2026-12-05)."""
+    from parity.tolerances import load_tolerances
+
+    tol = load_tolerances()
+    low = np.float32(1.5)
+    boundary = (np.float64(low) + np.float64(np.nextafter(low, np.float32(2)))) / 2
+    here, there = (np.full((1, 1, 4, 4), boundary * (1 + d)) for d in (-4e-16, 4e-16))
+    stats_here, _ = tol.statistics_with_tolerances("encoder.block0.conv0", here, np.abs(here), "float64")
+    stats_there, bounds = tol.statistics_with_tolerances("encoder.block0.conv0", there, np.abs(here), "float64")
+    stored = baseline_arrays({"encoder.block0.conv0": stats_here})
+    assert np.float32(stats_here["max"][0]) != np.float32(stats_there["max"][0])  # a step apart
+    compared = compare_to_baseline({"encoder.block0.conv0": stats_there}, stored, {"encoder.block0.conv0": bounds}, "r")
+    assert [c.summary() for c in compared if not c.passed] == []

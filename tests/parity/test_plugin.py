@@ -440,6 +440,8 @@ def test_one_backend_passes_on_its_baselines_and_fails_having_compared_nothing(i
         import pytest
 
         from parity.config import ModelConfig
+        from parity.registry import load_backend
+        from parity.weights import generate_weights
 
 
         @pytest.mark.parity
@@ -455,13 +457,41 @@ def test_one_backend_passes_on_its_baselines_and_fails_having_compared_nothing(i
         @pytest.mark.parity
         def test_forgot_the_check(parity_run, parity_baseline):
             parity_run({SMALL}, batch_size=1, max_groups=1)
+
+
+        class Crashing(load_backend("reference")):
+            def forward(self, batch):
+                raise RuntimeError("planted crash")
+
+
+        @pytest.mark.parity
+        def test_broken_crash(parity_run, parity_baseline):
+            crashing = Crashing({SMALL}, generate_weights({SMALL}), "cpu")
+            result = parity_run({SMALL}, batch_size=1, max_groups=1, backend_overrides={{"reference": crashing}})
+            parity_baseline.check(result)
+
+
+        @pytest.mark.parity
+        def test_broken_deviation(parity_run, parity_baseline):
+            result = parity_run({SMALL}, batch_size=1, max_groups=1, deviations=("dev.toml",))
+            parity_baseline.check(result)
         """
     )
+    (inner.path / "dev.toml").write_text(
+        'schema_version = 1\n[[deviation]]\ntap = "object.canvas"\nbackend = "reference"\n'
+        'reason = "none"\nreference = "none"\n'
+    )
     _run(inner, "-m", "parity", "--parity-backends", "reference", "--force-regen")  # writes the baseline
-    res = _run(inner, "-m", "parity", "--parity-backends", "reference", "-rA")
+    res = _run(inner, "-m", "parity", "--parity-backends", "reference", "-rA", "-k", "not broken")
     res.assert_outcomes(passed=2, failed=1, errors=1)  # test_forgot_the_check: its call passes, its teardown errs
     res.stdout.fnmatch_lines(["*test_unchecked*", "*nothing was compared: reference ran*"])
     res.stdout.fnmatch_lines(["*ERROR at teardown of test_forgot_the_check*", "*check() was never called*"])
+    # A crash of the one backend, or a declaration that did not reproduce, fails at once: waiting for
+    # the baselines is only for a run whose one shortcoming is that it compared nothing.
+    broken = _run(inner, "-m", "parity", "--parity-backends", "reference", "-k", "broken")
+    broken.assert_outcomes(failed=2)
+    broken.stdout.fnmatch_lines(["*backend reference crashed: RuntimeError: planted crash*"])
+    broken.stdout.fnmatch_lines(["*declared deviation not reproduced*tap 'object.canvas' of reference*"])
 
 
 def test_deviation_options_apply_to_every_run_and_are_held_strictly(inner, tmp_path):

@@ -507,7 +507,7 @@ def test_statistic_tolerances_are_recorded_per_backend(tol):
     bounds = res.statistic_tolerances["a"]["toy.out"]
     assert set(bounds) == set(res.statistics["a"]["toy.out"])
     assert np.all(bounds["mean"] > 0) and np.all(bounds["nan_count"] == 0.5)
-    # The float64 reference's own bounds use float64's unit roundoff, plus one float32 rounding of the
+    # The float64 reference's own bounds use float64's unit roundoff, plus one float32 step of the
     # stored statistic: far tighter than a float32 backend's.
     assert np.all(res.statistic_tolerances["reference"]["toy.out"]["mean"] < 0.1 * bounds["mean"])
 

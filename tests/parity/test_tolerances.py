@@ -113,9 +113,10 @@ def test_statistic_tolerances_follow_the_elementwise_model(tmp_path):
     np.testing.assert_allclose(stats["mean"], values.reshape(4, 16).mean(axis=1), rtol=1e-12)
     t = 2.0 * (30.0 * U * scale + 4.0 * U * np.abs(values))  # baseline_factor x (atol + rtol|v|)
     flat = values.reshape(4, 16)
-    # Each bound is the statistic's response to t, plus one float32 rounding of the stored statistic.
-    np.testing.assert_allclose(bounds["max"], t.reshape(4, 16).max(axis=1) + U * np.abs(flat.max(1)), rtol=1e-6)
-    np.testing.assert_allclose(bounds["mean"], t.reshape(4, 16).mean(axis=1) + U * np.abs(flat.mean(1)), rtol=1e-6)
+    # Each bound is the statistic's response to t, plus one float32 step (2u) of the stored statistic.
+    step = 2.0 * U
+    np.testing.assert_allclose(bounds["max"], t.reshape(4, 16).max(axis=1) + step * np.abs(flat.max(1)), rtol=1e-6)
+    np.testing.assert_allclose(bounds["mean"], t.reshape(4, 16).mean(axis=1) + step * np.abs(flat.mean(1)), rtol=1e-6)
     assert np.all(bounds["nan_count"] == 0.5)
 
 
