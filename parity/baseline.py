@@ -36,7 +36,7 @@ def baseline_arrays(stats: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, 
 
     One key per tap rather than per statistic: an npz member costs ~200 bytes of zip headers, which
     for 18 statistics x 60 taps would outweigh the data. Every backend's statistics are stored as
-    float32, the reference's too: that rounding (u = 6e-8 of each statistic) is part of every
+    float32, the reference's too: that rounding (a float32 step, up to 2u = 1.2e-7 of each statistic) is part of every
     statistic's tolerance (``Tolerances.statistics_with_tolerances``), far below what any float32 backend is
     allowed, and it keeps the suite's committed baselines under 10 MB.
     """

@@ -4,9 +4,10 @@ A patch is one (H, W) slice of a tap: one (sample, channel) pair. These are the 
 PtychoPINN team used to dump by hand and compare by eye; here they are computed the same way for every
 backend and stored as regression baselines. Complex taps are described by their amplitude and phase.
 
-The phase of an exact zero is meaningless (and ``np.angle`` turns the sign of a zero into ±π), so
-phase statistics run over the pixels whose amplitude is not zero, after signed zeros are made
-positive. :func:`patch_statistics_and_bounds` says how much each statistic can change when every element
+The phase of an exact zero is meaningless (and ``np.angle`` turns the sign of a zero into ±π), and
+the phase of a near-zero is float32 noise: phase statistics run over the pixels whose amplitude is
+above ``PHASE_FLOOR`` times the largest of their patch, after signed zeros are made positive.
+:func:`patch_statistics_and_bounds` says how much each statistic can change when every element
 moves by at most its tolerance: that is what a statistic baseline is allowed to drift between
 machines, derived from the same elementwise model as every other comparison.
 """
@@ -23,6 +24,13 @@ COUNTS = ("nan_count", "inf_count")
 # Bound of a count: counts are whole numbers and must match exactly.
 COUNT_TOLERANCE = 0.5
 _TINY32 = float(np.finfo(np.float32).tiny)
+# A pixel joins its patch's phase statistics above this fraction of the patch's largest amplitude.
+# Not "above zero": a pixel the reference computes as an exact zero (a canvas outside every patch)
+# carries a tolerance of 1e-36 or so, and a value that small elsewhere would bring in a phase of any
+# size, so every phase statistic of such a patch could move by 2π and was checked against nothing.
+# Above the floor, a pixel's inclusion is in doubt only where its amplitude is within its
+# tolerance of the floor (2026-12-05).
+PHASE_FLOOR = 2.0**-20
 
 
 def _flat(tap: np.ndarray) -> np.ndarray:
@@ -110,11 +118,22 @@ def _complex_rows(arr: np.ndarray) -> np.ndarray:
     return _flat(np.asarray(arr, dtype=np.complex128, order="C"))
 
 
+def _largest_finite(rows: np.ndarray) -> np.ndarray:
+    return np.asarray(np.where(np.isfinite(rows), rows, 0.0).max(axis=1, initial=0.0))
+
+
+def _phase_pixels(amplitude: np.ndarray) -> np.ndarray:
+    """The pixels of each row the phase statistics run over: amplitude above PHASE_FLOOR times the
+    row's largest finite amplitude, and every NaN or infinite one (counted, as elsewhere)."""
+    floor = PHASE_FLOOR * _largest_finite(amplitude)
+    return np.asarray((amplitude > floor[:, None]) | ~np.isfinite(amplitude))
+
+
 def _complex_patch_stats(phases: np.ndarray, amplitude: np.ndarray, columns: np.ndarray) -> dict[str, np.ndarray]:
-    """Amplitude statistics from the amplitude's ``_row_columns``, phase statistics over the pixels
-    whose amplitude is not zero (a NaN amplitude stays included)."""
+    """Amplitude statistics from the amplitude's ``_row_columns``, phase statistics over
+    ``_phase_pixels``."""
     out = {f"amplitude.{k}": v for k, v in _real_patch_stats(columns).items()}
-    stats = _masked_patch_stats(phases, amplitude != 0)
+    stats = _masked_patch_stats(phases, _phase_pixels(amplitude))
     out.update({f"phase.{k}": v for k, v in stats.items()})
     return out
 
@@ -136,17 +155,23 @@ def _real_bounds(moments: np.ndarray) -> dict[str, np.ndarray]:
 
 def _phase_bounds(amplitude: np.ndarray, phases: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
     """Bounds of the phase statistics of z = amplitude·e^{i·phases}: each phase moves by asin(t/|z|),
-    by 2π where the modulus tolerance reaches the value or the move can cross the ±π cut; a pixel
-    whose zero amplitude might not be zero elsewhere may join the set with any phase. Takes the
-    amplitude and phase the statistics were computed from: each is a pass of a transcendental
-    function over the tap, not to be made twice."""
-    include = amplitude != 0
+    by 2π where the modulus tolerance reaches the value or the move can cross the ±π cut. The floor
+    of ``_phase_pixels`` moves by at most PHASE_FLOOR times the largest t: an included pixel that
+    may fall below it counts as moving by 2π, and one left out that may rise above it may join with
+    any phase. Takes the amplitude and phase the statistics were computed from: each is a pass of
+    a transcendental function over the tap, not to be made twice."""
+    include = _phase_pixels(amplitude)
+    floor = (PHASE_FLOOR * _largest_finite(amplitude))[:, None]
+    slack = (PHASE_FLOOR * _largest_finite(t))[:, None]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ratio = np.where(include, t / np.where(include, amplitude, 1.0), np.inf)
-    dphi = np.where(ratio >= 1.0, 2 * math.pi, np.arcsin(np.minimum(ratio, 1.0)))
+        leaves = amplitude - t <= floor + slack
+    dphi = np.where((ratio >= 1.0) | leaves, 2 * math.pi, np.arcsin(np.minimum(ratio, 1.0)))
     dphi = np.where(np.abs(phases) + dphi > math.pi, 2 * math.pi, dphi)
     dphi = np.where(include, dphi, 0.0)
-    unsure = (~include & (t > _TINY32)).sum(axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        joins = amplitude + t > floor - slack
+    unsure = (~include & (t > _TINY32) & joins).sum(axis=1)
     included = include.sum(axis=1)
     n = np.maximum(included, 1)
     joined = 2 * math.pi * unsure

@@ -124,6 +124,43 @@ def test_phase_bounds_are_tight_where_the_amplitude_is_large():
     assert b["phase.mean"][0] < 2e-6 and b["phase.max"][0] < 2e-6  # asin(1e-6) per pixel, not π
 
 
+def test_a_zero_with_a_tiny_tolerance_leaves_the_phase_statistics_checked():
+    """A canvas outside every patch is an exact zero with a tolerance of 1e-36 or so. While any
+    nonzero amplitude joined the phase statistics, such a zero might join them elsewhere with any
+    phase, so every phase bound of the patch was up to 2π and a 2 rad phase error passed a baseline
+    (until 2026-12-05). Pixels under PHASE_FLOOR of the patch's largest amplitude stay out."""
+    from parity.stats import PHASE_FLOOR
+
+    rng = np.random.default_rng(3)
+    z = np.exp(1j * rng.uniform(-1.0, 1.0, size=(1, 2, 8, 8)))
+    z[:, :, :, :3] = 0.0  # the padding
+    z[0, 1, 0, 3] = 0.5 * PHASE_FLOOR  # below the floor: out, whatever its phase
+    tol = np.where(np.abs(z) < 1e-3, 1e-36, 1e-6)
+    b = _bounds(z, tol)
+    assert np.all(b["phase.mean"] < 1e-5) and np.all(b["phase.max"] < 1e-5)
+    shifted = patch_statistics(z * np.exp(0.5j))["phase.mean"] - patch_statistics(z)["phase.mean"]
+    assert np.all(np.abs(shifted) > 0.4)  # a global phase error is far outside those bounds
+    assert patch_statistics(z)["phase.max"][1] == patch_statistics(np.where(z == z[0, 1, 0, 3], 0, z))["phase.max"][1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_phase_bounds_hold_for_pixels_that_cross_the_floor(seed):
+    """A pixel within its tolerance of PHASE_FLOOR may join or leave the phase statistics elsewhere,
+    and the largest amplitude that sets the floor moves too: perturbed within tolerance, no phase
+    statistic moves further than its bound."""
+    from parity.stats import PHASE_FLOOR
+
+    rng = np.random.default_rng(seed)
+    z = rng.uniform(0.5, 1.0, size=(2, 2, 6, 6)) * np.exp(1j * rng.uniform(-2.0, 2.0, size=(2, 2, 6, 6)))
+    near = rng.random(z.shape) < 0.2
+    z = np.where(near, PHASE_FLOOR * rng.uniform(0.5, 1.5, size=z.shape) * np.exp(1j * rng.uniform(-3, 3, z.shape)), z)
+    tol = np.where(near, PHASE_FLOOR, 1e-3)
+    bounds = _bounds(z, tol)
+    worst = _perturbed_stat_changes(z, tol, rng, trials=40)
+    for k, b in bounds.items():
+        assert np.all(worst[k] <= b * (1 + 1e-9) + 1e-12), (k, worst[k], b)
+
+
 def test_statistics_read_with_their_bounds_are_those_read_alone():
     """The runner takes a tap's statistics and their bounds from one read of it: the statistics are
     those ``patch_statistics`` gives bit for bit, NaN and inf rows included, and the bounds follow
