@@ -462,7 +462,7 @@ def _write_device_factor(
 
 def cmd_emulate(args: argparse.Namespace) -> int:
     """Run a command once per emulated machine; fail if it fails under any."""
-    from parity.emulation import SETTINGS, run_under
+    from parity.emulation import SETTINGS, run_under, unavailable
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -480,9 +480,11 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     codes = run_under(settings, command)
     if not codes:
         raise ParityInputError("emulate: this CPU can run none of the settings asked for")
-    width = max(len(s) for s in codes)
-    for name, code in codes.items():
-        print(f"{name:{width}s}  {'pass' if code == 0 else f'FAIL (exit {code})'}")
+    skipped = unavailable()
+    width = max(len(s) for s in settings)
+    for name in settings:  # a skipped setting stays in the table: it was asked for and not run
+        outcome = f"skipped ({skipped[name]})" if name not in codes else "pass" if codes[name] == 0 else None
+        print(f"{name:{width}s}  {outcome or f'FAIL (exit {codes[name]})'}")
     return EXIT_PASS if all(c == 0 for c in codes.values()) else EXIT_FAIL
 
 

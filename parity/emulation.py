@@ -4,9 +4,10 @@ CI and users run on CPUs other than the one a tolerance was measured on. The dif
 to float32 results are the order of summation and the kernels chosen, and both frameworks expose
 switches for them: thread counts (how a reduction is split), oneDNN on or off in TensorFlow, the
 instruction set oneDNN may use (vector width, FMA), and PyTorch's CPU capability (its vectorised
-kernels). Each setting is a set of environment variables read when a framework is imported, so a
-setting applies to a fresh process: ``ptycho-parity emulate -- <command>`` runs a command once per
-setting, and ``measure-tolerances --emulate`` measures under each.
+kernels, and the instruction set of the MKL it calls). Each setting is a set of environment
+variables read when a framework is imported, so a setting applies to a fresh process:
+``ptycho-parity emulate -- <command>`` runs a command once per setting, and
+``measure-tolerances --emulate`` measures under each.
 
 A oneDNN cap above what this CPU has changes nothing; a PyTorch capability the CPU lacks would
 crash (illegal instruction), so such a setting is skipped, saying why. The same matrix then means as
@@ -39,14 +40,19 @@ SETTINGS: dict[str, dict[str, str]] = {
     "tf-onednn=on": {"TF_ENABLE_ONEDNN_OPTS": "1"},
     "onednn-isa=sse41": {"ONEDNN_MAX_CPU_ISA": "SSE41"},
     "onednn-isa=avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
-    "aten=default": {"ATEN_CPU_CAPABILITY": "default"},
-    "aten=avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
+    # PyTorch's own vectorised kernels, and the MKL its CPU build carries for matrix products and
+    # FFTs (torch.fft.fft2 in the diffraction): ATEN_CPU_CAPABILITY alone left MKL at this CPU's
+    # widest set, so "avx2" emulated only half of an AVX2 machine (measured 2026-12-05: MKL's FFT and
+    # matmul gave other bits only with MKL_ENABLE_INSTRUCTIONS).
+    "aten=default": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "aten=avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "aten=avx512": {"ATEN_CPU_CAPABILITY": "avx512"},
 }
 # Variables that any setting may touch: cleared first, so a setting is exactly what it names.
 _ALL_VARIABLES = sorted({k for env in SETTINGS.values() for k in env})
-# A setting that forces kernels of an instruction set runs only where the CPU has it (else SIGILL).
-_REQUIRES = {"aten=avx512": "avx512f", "aten=avx2": "avx2"}
+# A setting that forces kernels of an instruction set runs only where the CPU has it (else SIGILL):
+# the cpuinfo flags it needs (PyTorch's AVX-512 kernels use the F, BW, VL and DQ subsets).
+_REQUIRES = {"aten=avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"), "aten=avx2": ("avx2", "fma")}
 
 
 def _cpuinfo(key: str) -> str | None:
@@ -92,7 +98,12 @@ def unavailable() -> dict[str, str]:
     flags = _cpu_flags()
     if flags is None:
         return {}
-    return {name: f"this CPU has no {flag}" for name, flag in _REQUIRES.items() if flag not in flags}
+    out = {}
+    for name, needed in _REQUIRES.items():
+        lacking = [flag for flag in needed if flag not in flags]
+        if lacking:
+            out[name] = f"this CPU has no {', '.join(lacking)}"
+    return out
 
 
 def runnable(settings: Sequence[str]) -> list[str]:

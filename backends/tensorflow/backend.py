@@ -64,12 +64,19 @@ def op_determinism_enabled() -> bool | None:
 
 
 def _onednn_enabled() -> bool | None:
-    """Whether oneDNN kernels are really in use (the env var alone does not say what 'default' means)."""
+    """Whether TensorFlow's oneDNN custom ops are in use (the env var alone does not say what
+    'default' means). Not whether oneDNN runs at all: its GEMM serves TensorFlow's matrix products
+    and convolutions either way, and follows ONEDNN_MAX_CPU_ISA either way (measured 2026-12-05)."""
     try:
         from tensorflow.python.util import _pywrap_util_port
     except ImportError:
         return None
     return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def _env_threads(variable: str) -> int:
+    value = os.environ.get(variable, "")
+    return int(value) if value.isdigit() else 0
 
 
 class TensorFlowBackend(Backend):
@@ -270,8 +277,11 @@ class TensorFlowBackend(Backend):
             "seed": SEED,
             "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
             "onednn_enabled": _onednn_enabled(),
-            "inter_op_threads": threads_inter,  # 0 means TensorFlow chooses
-            "intra_op_threads": threads_intra,
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "unset"),
+            # 0 from the getters means TensorFlow chooses, unless TF_NUM_*_THREADS chose: the getters
+            # do not read those variables, which the pools follow.
+            "inter_op_threads": threads_inter or _env_threads("TF_NUM_INTEROP_THREADS"),
+            "intra_op_threads": threads_intra or _env_threads("TF_NUM_INTRAOP_THREADS"),
             "cpu_count": os.cpu_count(),
         }
 

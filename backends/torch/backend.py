@@ -243,6 +243,9 @@ class TorchBackend(Backend):
             "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
             "seed": int(torch.initial_seed()),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATen's kernels (ATEN_CPU_CAPABILITY)
+            "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "unset"),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "unset"),
             "threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(),
             "mkldnn_enabled": bool(torch.backends.mkldnn.enabled),
