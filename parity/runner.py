@@ -362,6 +362,7 @@ def run_parity(
         structure.setdefault((tap, name), ElementwiseComparison("structure", tap, name, "spec", 0, 0)).fail(why)
 
     iterator = progress(batches) if progress else batches
+    specs: list[TapSpec] | None = None  # the expected taps of the batch at hand
     # Taps whose leading axis is not the batch's (the probe, the weights' gradients): the tap list
     # says it, where there is one, by the same shape for batches of one group and of two.
     unbatched: frozenset[str] | None = None
@@ -553,9 +554,10 @@ def run_parity(
         rows += size
         result.batches += 1
     result.groups = rows
-    _fail_backends_that_computed_nothing(
-        backends, order, shapes, structure_failure, selection, [s.name for s in specs or ()], exposed
-    )
+    if result.batches:  # no batch at all compared nothing, which the verdict says
+        _fail_backends_that_computed_nothing(
+            backends, order, shapes, structure_failure, selection, [s.name for s in specs or ()], exposed
+        )
 
     for tap in order:
         spec = spec_by_name.get(tap)

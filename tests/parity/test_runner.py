@@ -475,6 +475,8 @@ def test_a_run_that_compares_nothing_fails_saying_so(tol):
     )
     assert "nothing was compared: reference ran, torch unavailable (ImportError: x)" in gone.describe_failure()
     assert _run(tol, a=Toy32).passed
+    empty = run_parity({"reference": Toy(None, W), "a": Toy32(None, W)}, [], tol, expected=_expected)
+    assert empty.batches == 0 and empty.compared_nothing and empty.verdict == "fail"
 
 
 def test_a_float32_arbiter_is_refused(tol):
