@@ -81,7 +81,12 @@ of the forward values the adjoints' coefficients are made of. Choices, and why:
   its tolerance). Where the output rounds to ±1 that derivative is exactly 0, and the cotangent is
   lost whole at every such pixel, with its sign: that loss is carried exactly through the adjoints
   for each saturation threshold up to 8u, not as noise (``_saturated_outputs``; in quadrature a
-  sweep example at weights ×2.5 needed 20 to 46 times its tolerances).
+  sweep example at weights ×2.5 needed 20 to 46 times its tolerances). The f''·dy·S_z term is
+  independent per pixel, but the adjoints after the head spread each pixel's error with the kernels'
+  signs and a bias sums it back: squared adjoints weigh each path alone, (Σ w)² becomes Σ w². Where
+  the term is not negligible (a saturated head whose few live pixels are cancellations of large
+  terms) it is also carried as realisations (``_preactivation_realisations``; squared, two phase-
+  branch biases got a tenth of their variance and TensorFlow was 1.02 tolerances off).
 - **Where first order fails, the secant.** f''·S_z assumes u·S_z is small against f'/f''. Where a
   head's pre-activations are ~10⁵ (N=128, weights ×2.9), u·S_z reaches 0.27, and at a
   pixel with |z| ~ 5 both tanh' and the cotangent (through the phase's sine) move as e^{2|Δz|}: a
@@ -149,7 +154,9 @@ largest of ~10⁶ compared elements) is left to the per-family factors measured 
 Cost: one sweep with the squared fields in float64 (a float64 conv recomputing the pre-activations,
 two transposed convs and two kernel sums per conv), and the reference's adjoints carried for nine realisations (four per
 loss sampled, in float32 (``_sampled``); one for the NLL's one-signed bias and a few more where the
-clamp is lifted, in float64); where a head is not first order, two more float64 gradient passes.
+clamp is lifted, in float64); where a head's pre-activation error is not negligible, eight more
+through the network alone (float32); where a head is not first order, two more float64 gradient
+passes.
 The carried realisations are still the larger part: in the parity suite's four gradient tests,
 profiled, they took 10.7 s of the 18.5 s of gradient scales. The squared fields were once summed in
 float32, rescaled to each sample's or column's peak as ``error_model.conv_scale`` does: behind a
@@ -222,6 +229,13 @@ AMP_KAPPA = 10.0
 MC_SAMPLES = 4
 _MC_SEED = 20261201
 
+# A head's pre-activation error is also carried as realisations (``_preactivation_realisations``)
+# where, in some loss, its E² is at least this share of the E² of its conv's bias (the sum of its
+# cotangent's). Were the paths' sharing to multiply it 100 times downstream (a channel's 9·C kernel
+# taps all of one sign), a smaller share would still move no scale by more than 1 %. At the parity
+# suite's configs (weights as initialised) the share is below 1e-9: nothing is carried there.
+_PREACTIVATION_SHARE = 1e-4
+
 
 # ---- sums of squared error fields ---------------------------------------------------------------
 
@@ -275,6 +289,9 @@ class _Sweep:
         self.summed: dict[str, int] = {}
         # head conv name -> (its smooth activation, its pre-activation z, z's forward scale S_z)
         self.smooth: dict[str, tuple[Activation, Array, Array]] = {}
+        # head conv name -> its pre-activation error f''·dy·S_z (u-units, (S, B, C, H, W)), where it
+        # is carried by realisations instead of in E² (``_preactivation_realisations``)
+        self.preactivation_errors: dict[str, Array] = {}
 
     def passed_on(self, name: str) -> Array:
         """The forward error a tap's consumer receives: only from units active in the reference."""
@@ -340,6 +357,13 @@ class _Sweep:
         lost = np.where(d1 < TINY * U32, d1, 0.0) / U32
         from_output = _derivative_from_output(activation, z)
         e2 = d1 * d1 * e_dy2 + (d2 * dy * s_z) ** 2 + (2.0 * dz) ** 2 + ((lost + from_output) * dy) ** 2
+        # z's error reaches every later gradient through sums that keep its sign (module docstring):
+        # where it is not negligible it is also carried as realisations.
+        n = dz.shape[1] * dz.shape[3] * dz.shape[4]
+        term = d2 * dy * s_z
+        total = np.sum(e2 + (1.0 + math.log2(max(n, 2))) * dz * dz, axis=(1, 2, 3, 4))
+        if np.any(np.sum(term * term, axis=(1, 2, 3, 4)) >= _PREACTIVATION_SHARE * total):
+            self.preactivation_errors[conv.name] = term
         return dz, e2
 
     def block(self, block: ConvBlock, x: Array, s_x: Array, dy: Array, e_dy2: Array) -> tuple[Array, Array]:
@@ -976,7 +1000,8 @@ def gradient_error_scales(
         out[f"{prefix}.input.x"] = np.sqrt(e2_x[s]) + TINY
     saturated = _saturated_outputs(model, taps, {"amp": d_amp_h, "phase": d_phase_h})
     nonlinear = _nonlinear_heads(model, taps, sw.smooth, offsets, probe, gradients)
-    for extra in (sampled, saturated or [{} for _ in LOSSES], nonlinear or [{} for _ in LOSSES]):
+    preactivation = _preactivation_realisations(model, taps, sw.preactivation_errors)
+    for extra in (sampled, *(e or [{} for _ in LOSSES] for e in (saturated, nonlinear, preactivation))):
         for s, loss in enumerate(LOSSES):
             for name, e2 in extra[s].items():
                 out[f"{GRAD}.{loss}.{name}"] = np.sqrt(out[f"{GRAD}.{loss}.{name}"] ** 2 + e2)
@@ -1048,18 +1073,70 @@ def _carried_network(
 ) -> tuple[bw.ConvGradients, Array, Array]:
     """Cotangents (K, B, C, N, N) at the heads' outputs, carried through the reference's own linear
     adjoints of the network to every parameter, x and log_scale's input path, in ``dtype``."""
-    K = branches[0][1].shape[0]
+
+    def head_adjoint(h: str, dy: Array) -> Callable[[bw.ConvGradients], Array]:
+        head = model.heads[h]
+        features = taps[f"{h}.decoder.block{len(head.decoder) - 1}.up"]
+        return lambda grads: bw._head_vjp(model, head, features, dict(taps), dy.astype(dtype, copy=False), grads)
+
+    return _carried_below_heads(model, taps, [(h, head_adjoint(h, dy)) for h, dy in branches], dtype)
+
+
+def _carried_from_preactivations(
+    model: ReferenceModel, taps: Mapping[str, Array], dz: Mapping[str, Array], dtype: DTypeLike
+) -> tuple[bw.ConvGradients, Array, Array]:
+    """Cotangents (K, B, C, H, W) at head convs' pre-activations (by conv name), carried like
+    ``_carried_network``'s; a head conv not named passes nothing, and its parameters get none."""
+    K = next(iter(dz.values())).shape[0]
+
+    def head_adjoint(head: Head) -> Callable[[bw.ConvGradients], Array]:
+        def adjoint(grads: bw.ConvGradients) -> Array:
+            h = head.name
+            features = taps[f"{h}.decoder.block{len(head.decoder) - 1}.up"]
+            if head.full is not None and head.full_out is not None:
+                up = taps[f"{h}.head.full.up"]
+                d = bw._conv_vjp(head.full_out, up, dz[head.full_out.name].astype(dtype, copy=False), grads)
+                return bw._block_vjp(head.full, features, dict(taps), d, grads)
+            out = np.zeros((K, *features.shape), dtype=dtype)
+            if head.centre is not None and head.centre.name in dz:
+                d = dz[head.centre.name].astype(dtype, copy=False)
+                out[:, :, :-4] = bw._conv_vjp(head.centre, features[:, :-4], d, grads)
+            if head.border is not None and head.border_out is not None and head.border_out.name in dz:
+                up = taps[f"{h}.head.border.up"]
+                d = bw._conv_vjp(head.border_out, up, dz[head.border_out.name].astype(dtype, copy=False), grads)
+                out[:, :, -4:] = bw._block_vjp(head.border, features[:, -4:], dict(taps), d, grads)
+            return out
+
+        return adjoint
+
+    heads = [
+        (h, head_adjoint(head))
+        for h, head in model.heads.items()
+        if any(c is not None and c.name in dz for c in (head.full_out, head.centre, head.border_out))
+    ]
+    return _carried_below_heads(model, taps, heads, dtype)
+
+
+def _carried_below_heads(
+    model: ReferenceModel,
+    taps: Mapping[str, Array],
+    heads: Sequence[tuple[str, Callable[[bw.ConvGradients], Array]]],
+    dtype: DTypeLike,
+) -> tuple[bw.ConvGradients, Array, Array]:
+    """Each head's adjoint (which stores its own parameters' gradients and returns the cotangent of
+    its decoder's output, K leading), then the decoders', the encoder's and the input scaling's."""
     depth = len(model.encoder)
     features = taps[f"encoder.block{depth - 1}.pool"]
     grads: bw.ConvGradients = {}
-    dfeatures = np.zeros((K, *features.shape), dtype=dtype)
-    for h, dy in ((h, dy.astype(dtype, copy=False)) for h, dy in branches):
+    dfeatures: Array | None = None
+    for h, adjoint in heads:
         head = model.heads[h]
-        d = bw._head_vjp(model, head, taps[f"{h}.decoder.block{len(head.decoder) - 1}.up"], dict(taps), dy, grads)
+        d = adjoint(grads)
         for i in range(len(head.decoder) - 1, -1, -1):
             block_in = taps[f"{h}.decoder.block{i - 1}.up"] if i else features
             d = bw._block_vjp(head.decoder[i], block_in, dict(taps), d, grads)
-        dfeatures += d
+        dfeatures = d if dfeatures is None else dfeatures + d
+    assert dfeatures is not None, "no head to carry"
     d = dfeatures
     for i in range(depth - 1, -1, -1):
         block_in = taps[f"encoder.block{i - 1}.pool"] if i else taps["input.scaled"]
@@ -1308,20 +1385,68 @@ def _sampled(
         unit = math.ldexp(1.0, math.frexp(largest)[1]) if largest > 0 else 1.0
         realisations.append(sample / unit)
         units.append(unit)
-    grads, dx, dls = _carried(model, taps, offsets, probe, np.concatenate(realisations), dtype=np.float32)
-    outs: list[dict[str, Array]] = []
-    for i, unit in enumerate(units):
-        mine = slice(i * K, (i + 1) * K)
-        out: dict[str, Array] = {}
-        for name, (dk, db) in grads.items():
-            out[f"{name}.kernel"] = np.broadcast_to(_mean_square(dk[mine], (0, 1, 2), unit), dk.shape[1:]) / U32**2
-            out[f"{name}.bias"] = _mean_square(db[mine], 0, unit) / U32**2
-        out["log_scale"] = _mean_square(dls[mine], None, unit) / U32**2
-        box = _mean_square(dx[mine], 0, unit)
+    carried = _carried(model, taps, offsets, probe, np.concatenate(realisations), dtype=np.float32)
+    return [_realised_e2(carried, slice(i * K, (i + 1) * K), unit) for i, unit in enumerate(units)]
+
+
+def _realised_e2(
+    carried: tuple[bw.ConvGradients, Array, Array], mine: slice, unit: float, steady: bool = True
+) -> dict[str, Array]:
+    """E² (u-units) per gradient tap from the realisations ``mine`` of ``carried`` (carried divided
+    by ``unit``): their mean square; with ``steady``, averaged over each kernel's 3x3 taps and x's 3x3
+    pixel neighbourhoods to steady an estimate from a few realisations (which also gives an element
+    its neighbours' size where its own is far smaller)."""
+    grads, dx, dls = carried
+    out: dict[str, Array] = {}
+    kernel_axes = (0, 1, 2) if steady else 0
+    for name, (dk, db) in grads.items():
+        out[f"{name}.kernel"] = np.broadcast_to(_mean_square(dk[mine], kernel_axes, unit), dk.shape[1:]) / U32**2
+        out[f"{name}.bias"] = _mean_square(db[mine], 0, unit) / U32**2
+    out["log_scale"] = _mean_square(dls[mine], None, unit) / U32**2
+    box = _mean_square(dx[mine], 0, unit)
+    if steady:
         p = np.pad(box, [(0, 0), (0, 0), (1, 1), (1, 1)], mode="edge")
-        out["input.x"] = sliding_window_view(p, (3, 3), axis=(-2, -1)).mean(axis=(-2, -1)) / U32**2
-        outs.append(out)
-    return outs
+        box = sliding_window_view(p, (3, 3), axis=(-2, -1)).mean(axis=(-2, -1))
+    out["input.x"] = box / U32**2
+    return out
+
+
+def _preactivation_realisations(
+    model: ReferenceModel, taps: Mapping[str, Array], errors: Mapping[str, Array]
+) -> list[dict[str, Array]] | None:
+    """E² (u-units) per loss and gradient tap of the heads' pre-activation errors, by sampling.
+
+    ``errors``: per head conv, the error f''·dy·S_z of its cotangent that z's own error makes (u-units,
+    (S, B, C, H, W)), which ``_Sweep.activation`` also puts in E². It is independent per pixel, so E²
+    is right at the head conv's own parameters; but every later adjoint spreads a pixel's error over
+    a neighbourhood with the kernel's signs, and a bias sums that neighbourhood again: what reaches a
+    bias is (Σ_taps w)²·σ², which the squared adjoints count as Σ_taps w²·σ². Where a saturated head
+    leaves a few live pixels whose z is a cancellation of terms 10³ times larger, this error
+    dominates, and a channel whose kernel taps share a sign got a tenth of its variance (the long
+    sweep with gradients, seed 20261210: TensorFlow's phase-branch biases 1.02 tolerances off).
+    Carried as MC_SAMPLES realisations per loss through the reference's adjoints (random signs per
+    pixel, in float32 at unit size as ``_sampled``'s), their mean square keeps what the paths share.
+    It is added to E², not put in place of the squared count: four realisations' mean square is a
+    noisy estimate (under a quarter of its expectation one time in eleven), and the squared count
+    keeps the scale where the tolerance factors were measured. Since that count is the floor, the
+    estimate is not averaged over kernel taps or x's neighbourhoods as ``_sampled``'s is: averaged,
+    elements whose own share is far below their neighbours' took the neighbours' (a kernel element
+    of that sweep example 730 times its squared count). None where no error was recorded."""
+    if not errors:
+        return None
+    S = next(iter(errors.values())).shape[0]
+    K = MC_SAMPLES
+    rng = np.random.default_rng(_MC_SEED + 2)
+    units = []
+    for s in range(S):
+        largest = max(float(np.max(np.abs(e[s]))) for e in errors.values()) * U32
+        units.append(math.ldexp(1.0, math.frexp(largest)[1]) if largest > 0 else 1.0)
+    dz = {}
+    for name, e in errors.items():
+        sample = rng.standard_normal((S, K, *e.shape[1:])) * (e[:, None] * U32)  # in the gradients' units
+        dz[name] = (sample / np.asarray(units).reshape(S, 1, 1, 1, 1, 1)).reshape(S * K, *e.shape[1:])
+    carried = _carried_from_preactivations(model, taps, dz, np.float32)
+    return [_realised_e2(carried, slice(s * K, (s + 1) * K), units[s], steady=False) for s in range(S)]
 
 
 def _mean_square(values: Array, axis: int | tuple[int, ...] | None, unit: float) -> Array:

@@ -812,3 +812,89 @@ def test_a_normalised_grids_own_coordinates_move_log_scale_within_the_coordinate
         assert np.all(actual < allowed), (kind, actual, allowed)
         if kind == "aligned grid":
             assert np.any(actual > 3.0 * whole), (actual, whole)
+
+
+def _scaled_weights(config: ModelConfig, factor: float, seed: int = 0) -> dict:
+    w = generate_weights(config, seed)
+    return {k: (v * np.float32(factor)).astype(np.float32) if k.endswith(".kernel") else v for k, v in w.items()}
+
+
+def _preactivation_errors(backend: ReferenceBackend, batch: CanonicalBatch, taps: dict, monkeypatch) -> dict:
+    """The pre-activation errors the sweep recorded for carrying (``_Sweep.preactivation_errors``)."""
+    seen: list[dict] = []
+    original = gem._preactivation_realisations
+
+    def spy(model, taps, errors):
+        seen.append(dict(errors))
+        return original(model, taps, errors)
+
+    monkeypatch.setattr(gem, "_preactivation_realisations", spy)
+    backend.error_scales(batch, taps)
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_no_pre_activation_error_is_carried_at_initialised_weights(monkeypatch):
+    """The realisations cost a pass through the network's adjoints; at the weights as initialised a
+    head's pre-activation error is far below its cotangent's rounding and nothing is carried. Kernels
+    ten times larger make the heads' pre-activations cancellations of large terms, and it is."""
+    backend, batch, taps, _ = _scales(SMALL)
+    assert _preactivation_errors(backend, batch, taps, monkeypatch) == {}
+    big = ReferenceBackend(SMALL, _scaled_weights(SMALL, 10.0))
+    big_taps = {**big.forward(batch), **big.gradients(batch)}
+    errors = _preactivation_errors(big, batch, big_taps, monkeypatch)
+    assert errors and set(errors) <= {
+        "amp.head.centre",
+        "phase.head.centre",
+        "amp.head.border.out",
+        "phase.head.border.out",
+    }
+
+
+def test_a_pre_activation_error_reaches_every_later_gradient_through_the_adjoints_it_shares():
+    """One pixel's z error reaches a bias through every path at once, with the kernels' signs: each
+    realisation is a multiple of that pixel's error carried exactly, so every bias and log_scale get
+    the same multiple of its square (the squared adjoints would weigh each path alone)."""
+    backend, _, taps, _ = _scales(SMALL)
+    model = backend.model
+    conv = model.heads["phase"].centre
+    assert conv is not None
+    features = taps[f"phase.decoder.block{len(model.heads['phase'].decoder) - 1}.up"]
+    error = np.zeros((2, *conv(features[:, :-4]).shape))
+    error[:, 1, 0, 5, 7] = [3.0, 5.0]  # u-units, one pixel, both losses
+    got = gem._preactivation_realisations(model, taps, {conv.name: error})
+    assert got is not None
+    grads, _, dls = gem._carried_from_preactivations(model, taps, {conv.name: error * U}, np.float64)
+    for s in range(2):
+        exact = {f"{name}.bias": db[s] / U for name, (_, db) in grads.items()} | {"log_scale": dls[s] / U}
+        ratios = np.concatenate(
+            [(got[s][name] / exact[name] ** 2).ravel() for name in exact if np.all(exact[name] != 0)]
+        )
+        assert len(ratios) > 10
+        np.testing.assert_allclose(ratios, ratios[0], rtol=1e-4)
+        assert 0.01 < ratios[0] < 100  # a mean of squared standard normals
+
+
+def test_a_cotangent_at_a_head_s_pre_activation_is_carried_as_the_reference_s_adjoints_carry_it():
+    """A cotangent dz at the centre conv's pre-activation is the reference's own adjoint of dy = dz/f'(z)
+    at the head's output there: every parameter's gradient and x's agree with backward's head adjoint."""
+    backend, _, taps, _ = _scales(SMALL)
+    model = backend.model
+    head = model.heads["phase"]
+    assert head.centre is not None
+    features = taps[f"phase.decoder.block{len(head.decoder) - 1}.up"]
+    z = head.centre(features[:, :-4])
+    dz = np.zeros((2, *z.shape))
+    dz[:, 1, 0, 5, 7] = [3.0, -5.0]
+    quarter = SMALL.N // 4
+    dy = np.zeros((2, *taps[gem._final_tap(head)].shape))
+    dy[:, 1, 0, 5 + quarter, 7 + quarter] = dz[:, 1, 0, 5, 7] / gem._derivatives(head.activation, z)[0][1, 0, 5, 7]
+    assert model.border_mask[..., 5 + quarter, 7 + quarter].max() == 0  # only the centre branch sees it
+    got = gem._carried_from_preactivations(model, taps, {head.centre.name: dz}, np.float64)
+    want = gem._carried_network(model, taps, [("phase", dy)], np.float64)
+    assert set(got[0]) == set(want[0])
+    for name in got[0]:
+        for g, w in zip(got[0][name], want[0][name], strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12 * np.abs(w).max(), err_msg=name)
+    for g, w in zip(got[1:], want[1:], strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12 * np.abs(w).max())

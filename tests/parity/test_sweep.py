@@ -292,6 +292,46 @@ _DARK_MAE_CASE = Case(
 )
 
 
+# Found by the long profile with gradients (seed 20261210, Hypothesis's shrunk example): kernels
+# 2.5 times their initial size saturate the phase head but for ~40 pixels, whose pre-activations are
+# cancellations of terms 10³ times larger; TensorFlow's z there is up to 15 u·S_z off, and its phase
+# branch's gradients 2.4 % off the reference's, two biases 1.02 tolerances off. The squared adjoints
+# counted each pixel's z error through each kernel tap alone; a bias sums them with the taps' signs
+# (3.2 times the squared count there). Now also carried as realisations
+# (gradient_error_model._preactivation_realisations).
+_SHARED_PATHS_CASE = Case(
+    config=ModelConfig(
+        N=64,
+        gridsize=2,
+        n_filters_scale=4,
+        amp_activation="softplus",
+        object_big=False,
+        probe_big=True,
+        probe_mask=False,
+        pad_object=False,
+        probe_scale=0.5,
+        nphotons=494536109091.53046,
+        offset=0,
+        max_position_jitter=0,
+    ),
+    data=SimulationParams(
+        kind="grf",
+        N=64,
+        gridsize=2,
+        seed=4792,
+        scan_shape=(2, 2),
+        step=1.0,
+        jitter=0.0,
+        nphotons=1000.0,
+        probe_phase=0.0,
+    ),
+    weights_seed=24042,
+    weight_scale=2.5188165670151266,
+    batch_size=1,
+    groups=1,
+)
+
+
 # Every case a sweep found, each the example of a mechanism the error model now carries; a
 # test of its own each, so that pytest-xdist spreads them over its workers.
 FOUND = {
@@ -310,6 +350,7 @@ FOUND = {
     "nonlinear_head": _NONLINEAR_HEAD_CASE,
     "coherent_sum": _COHERENT_SUM_CASE,
     "dark_mae": _DARK_MAE_CASE,
+    "shared_paths": _SHARED_PATHS_CASE,
 }
 
 # CI's sample of the space: independent draws of ``parity.sweep.random_case`` from a fixed seed, the
