@@ -244,24 +244,59 @@ def cmd_make_fixtures(args: argparse.Namespace) -> int:
     return EXIT_PASS
 
 
-def _output_file(command: str, value: str, force: bool) -> Path:
+def _output_file(command: str, value: str, force: bool, kind: str) -> Path:
     """The file a command writes, checked before any work: an existing file (often a fixture or the
-    weights a suite reads) is replaced only with ``--force``, a folder never, and a missing folder is
-    not created (a typo in it would otherwise leave the file where nobody looks)."""
+    weights a suite reads) is replaced only with ``--force``, and only if it is a file of the same
+    ``kind`` ("fixture" or "weights file"): --force says "replace my old one", not "replace whatever
+    is at this path" (make-weights onto a fixture's path had destroyed the fixture). A folder is never
+    replaced, and a missing folder is not created (a typo in it would leave the file where nobody
+    looks)."""
     out = Path(value)
     if out.is_dir():
         raise ParityInputError(f"{command}: {out} is a folder; give the file to write (e.g. {out / 'data.h5'})")
-    if out.exists() and not force:
-        raise ParityInputError(f"{command}: {out} exists; pass --force to replace it")
+    if out.exists():
+        if not force:
+            raise ParityInputError(f"{command}: {out} exists; pass --force to replace it")
+        found = _file_kind(out)
+        if found != f"a {kind}":
+            raise ParityInputError(
+                f"{command}: {out} is {found}, not a {kind}; --force replaces only a {kind} "
+                "(remove the file yourself if you mean to lose it, or write elsewhere)"
+            )
     if not out.parent.is_dir():
         raise ParityInputError(f"{command}: folder {out.parent} does not exist")
     return out
 
 
+def _file_kind(path: Path) -> str:
+    """What an existing file is, as far as replacing it goes: "a fixture", "a weights file" (the two
+    HDF5 files the harness writes, told apart by the dataset each must have), or a description."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        return f"an unreadable file ({exc.strerror})"
+    if head[:2] == b"PK":
+        return "a NumPy .npz archive"
+    if head != b"\x89HDF\r\n\x1a\n":
+        return "a file that is not HDF5"
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            if "log_scale" in h5:
+                return "a weights file"
+            if "diffraction" in h5:
+                return "a fixture"
+    except (OSError, RuntimeError) as exc:
+        return f"an unreadable HDF5 file ({exc})"
+    return "an HDF5 file that is neither a fixture nor a weights file"
+
+
 def cmd_import_npz(args: argparse.Namespace) -> int:
     from parity.npz_import import import_npz
 
-    out = _output_file("import-npz", args.out, args.force)
+    out = _output_file("import-npz", args.out, args.force, "fixture")
     print(import_npz(args.npz, out, args.gridsize))
     return EXIT_PASS
 
@@ -269,7 +304,7 @@ def cmd_import_npz(args: argparse.Namespace) -> int:
 def cmd_make_weights(args: argparse.Namespace) -> int:
     from parity.weights import generate_weights, save_weights
 
-    out = _output_file("make-weights", args.out, args.force)
+    out = _output_file("make-weights", args.out, args.force, "weights file")
     config = load_config(args.config, args.set)
     digest = save_weights(out, generate_weights(config, args.seed), config)
     print(f"{args.out} sha256(content)={digest}")
@@ -493,7 +528,7 @@ def cmd_make_fixture(args: argparse.Namespace) -> int:
     from parity.fixture import write_fixture
     from parity.simulate import SimulationParams, simulate
 
-    out = _output_file("make-fixture", args.out, args.force)
+    out = _output_file("make-fixture", args.out, args.force, "fixture")
     rows, _, cols = args.scan.partition("x")
     if not (rows.isdigit() and cols.isdigit()):
         raise ParityInputError(f"option --scan: expected ROWSxCOLS such as 9x9, got {args.scan!r}")

@@ -42,8 +42,11 @@ class _Field:
         return f"a {self.kind.__name__}"
 
 
+# The patch sides the canonical model is defined for (its U-Net depth depends on N).
+SUPPORTED_N = (64, 128)
+
 _SCHEMA: dict[str, _Field] = {
-    "N": _Field(int, allowed=(64, 128)),
+    "N": _Field(int, allowed=SUPPORTED_N),
     "gridsize": _Field(int, allowed=(1, 2)),
     "n_filters_scale": _Field(int, allowed=(1, 2, 4)),
     "amp_activation": _Field(str, allowed=AMP_ACTIVATIONS),

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from parity.batch import disk_mask
+from parity.config import SUPPORTED_N
 from parity.errors import FixtureError
 from parity.fixture import FixtureData, write_fixture
 from parity.simulate import nearest_neighbour_groups
@@ -97,6 +98,12 @@ def _diffraction(npz: Any, keys: list[str], where: str) -> tuple[str, np.ndarray
         raise FixtureError(f"{where}: key {key!r} has shape {diff.shape}; expected (n, N, N) amplitudes")
     if diff.shape[1] % 2:
         raise FixtureError(f"{where}: key {key!r} has shape {diff.shape}; N must be even")
+    if diff.shape[1] not in SUPPORTED_N:
+        # A fixture of another N is valid as a file but no config runs it: say so now, not at the run.
+        raise FixtureError(
+            f"{where}: key {key!r} has shape {diff.shape}: patterns of N={diff.shape[1]}, and the model runs "
+            f"N = {' or '.join(map(str, SUPPORTED_N))} only (config key 'N'); crop or bin them to one of those first"
+        )
     _finite(diff, key, where)
     neg = diff < 0
     if neg.any():

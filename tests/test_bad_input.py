@@ -47,6 +47,15 @@ def _write(path: Path, data: bytes | str) -> Path:
     return path
 
 
+def _weights_file(t: Path) -> Path:
+    from parity.config import ModelConfig
+    from parity.weights import generate_weights, save_weights
+
+    path = t / "weights.h5"
+    save_weights(path, generate_weights(ModelConfig(), 0), ModelConfig())
+    return path
+
+
 def _fixture_copy(t: Path, edit: Callable[[h5py.File], None] | None = None, name: str = "n64_g1_grf") -> Path:
     path = t / "fixture.h5"
     shutil.copyfile(bundled_fixture(name), path)
@@ -375,6 +384,23 @@ CASES: dict[str, Case] = {
         lambda t: ["make-weights", str(_fixture_copy(t))], "make-weights: {t}/fixture.h5 exists; pass --force"
     ),
     "make-weights-onto-a-folder": Case(lambda t: ["make-weights", str(t)], "make-weights: {t} is a folder"),
+    # --force replaces an old file of the same kind only: a fixture at a weights path is kept.
+    "make-weights-force-over-a-fixture": Case(
+        lambda t: ["make-weights", "--force", str(_fixture_copy(t))],
+        "make-weights: {t}/fixture.h5 is a fixture, not a weights file; --force replaces only a weights file",
+    ),
+    "make-fixture-force-over-weights": Case(
+        lambda t: ["make-fixture", "--force", str(_weights_file(t))],
+        "make-fixture: {t}/weights.h5 is a weights file, not a fixture; --force replaces only a fixture",
+    ),
+    "make-fixture-force-over-another-file": Case(
+        lambda t: ["make-fixture", "--force", str(_write(t / "notes.txt", "keep me"))],
+        "make-fixture: {t}/notes.txt is a file that is not HDF5, not a fixture",
+    ),
+    "npz-force-over-the-npz": Case(
+        lambda t: ["import-npz", "--force", str(_good_npz(t)), str(t / "data.npz")],
+        "import-npz: {t}/data.npz is a NumPy .npz archive, not a fixture",
+    ),
     "make-weights-folder-missing": Case(
         lambda t: ["make-weights", str(t / "new" / "w.h5")], "make-weights: folder {t}/new does not exist"
     ),

@@ -228,6 +228,23 @@ def test_make_weights_writes_a_file_that_loads_and_runs(tmp_path, capsys):
     assert json.loads((report / "report.json").read_text())["weights_sha256"] == weights_sha256(expected)
 
 
+def test_force_replaces_an_old_file_of_the_same_kind(tmp_path, capsys):
+    """--force replaces the weights or fixture the user made before (the refusal to replace a file
+    of another kind is in tests/test_bad_input.py)."""
+    config = ModelConfig(gridsize=1, probe_big=False)
+    out = tmp_path / "w.h5"
+    small = ["--set", "gridsize=1", "--set", "probe_big=false"]
+    assert main(["make-weights", *small, str(out)]) == 0
+    assert main(["make-weights", *small, "--seed", "7", "--force", str(out)]) == 0
+    assert weights_sha256(load_weights(out, config)) == weights_sha256(generate_weights(config, 7))
+    fixture = tmp_path / "f.h5"
+    assert main(["make-fixture", "--scan", "2x2", str(fixture)]) == 0
+    first = fixture.read_bytes()
+    assert main(["make-fixture", "--scan", "3x3", "--force", str(fixture)]) == 0
+    assert fixture.read_bytes() != first
+    capsys.readouterr()
+
+
 def test_check_device_cpu_passes_and_cuda_without_gpu_exits_2(monkeypatch, capsys):
     import tensorflow as tf
     import torch

@@ -115,6 +115,10 @@ CASES = {
         lambda a: _with(a, "diff3d", np.full((9, 64, 64), 1e300)),
         r"key 'diff3d' has 36864 values beyond float32's range",
     ),
+    "n_no_config_runs": (
+        lambda a: {**a, "diff3d": np.ones((9, 32, 32), np.float32), "probeGuess": np.ones((32, 32), np.complex64)},
+        r"key 'diff3d' has shape \(9, 32, 32\): patterns of N=32, and the model runs N = 64 or 128 only",
+    ),
     "keys_disagree": (
         lambda a: _with(a, "diffraction", a["diff3d"] + 1),
         r"keys 'diff3d' and 'diffraction' are both present and differ",
