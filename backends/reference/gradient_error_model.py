@@ -361,8 +361,9 @@ class _Sweep:
         # where it is not negligible it is also carried as realisations.
         n = dz.shape[1] * dz.shape[3] * dz.shape[4]
         term = d2 * dy * s_z
+        own = np.sum(term * term, axis=(1, 2, 3, 4))
         total = np.sum(e2 + (1.0 + math.log2(max(n, 2))) * dz * dz, axis=(1, 2, 3, 4))
-        if np.any(np.sum(term * term, axis=(1, 2, 3, 4)) >= _PREACTIVATION_SHARE * total):
+        if np.any((own > 0) & (own >= _PREACTIVATION_SHARE * total)):
             self.preactivation_errors[conv.name] = term
         return dz, e2
 

@@ -837,10 +837,11 @@ def _preactivation_errors(backend: ReferenceBackend, batch: CanonicalBatch, taps
 def test_no_pre_activation_error_is_carried_at_initialised_weights(monkeypatch):
     """The realisations cost a pass through the network's adjoints; at the weights as initialised a
     head's pre-activation error is far below its cotangent's rounding and nothing is carried. Kernels
-    ten times larger make the heads' pre-activations cancellations of large terms, and it is."""
+    three times larger make a head's pre-activations cancellations of large terms, and it is (ten
+    times larger saturate every pixel, and nothing arrives to carry)."""
     backend, batch, taps, _ = _scales(SMALL)
     assert _preactivation_errors(backend, batch, taps, monkeypatch) == {}
-    big = ReferenceBackend(SMALL, _scaled_weights(SMALL, 10.0))
+    big = ReferenceBackend(SMALL, _scaled_weights(SMALL, 3.0))
     big_taps = {**big.forward(batch), **big.gradients(batch)}
     errors = _preactivation_errors(big, batch, big_taps, monkeypatch)
     assert errors and set(errors) <= {
@@ -898,3 +899,16 @@ def test_a_cotangent_at_a_head_s_pre_activation_is_carried_as_the_reference_s_ad
             np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12 * np.abs(w).max(), err_msg=name)
     for g, w in zip(got[1:], want[1:], strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12 * np.abs(w).max())
+
+
+def test_a_head_s_pre_activation_error_is_recorded_for_carrying_by_its_share_of_the_bias_e2():
+    """Recorded where z's error is at least _PREACTIVATION_SHARE of its conv's bias E² in some loss:
+    not where the cotangent's carried error dwarfs it, nor where no cotangent arrives."""
+    rng = np.random.default_rng(1)
+    x = rng.gamma(1.0, 1.0, size=(1, 3, 8, 8))
+    conv = Conv("c", rng.uniform(-0.3, 0.3, size=(3, 3, 3, 1)), np.zeros(1))
+    dy = rng.standard_normal((2, 1, 1, 8, 8))
+    for s_x, carried, cotangent, recorded in ((1e6, 10.0, dy, True), (0.0, 1e6, dy, False), (1e6, 10.0, 0 * dy, False)):
+        sw = _sweep(conv, x, np.ones((1, 1, 8, 8)))
+        sw.activation(gem.pi_tanh, conv, x, np.full_like(x, s_x), cotangent, (carried * cotangent) ** 2)
+        assert ("c" in sw.preactivation_errors) is recorded, (s_x, carried, recorded)
