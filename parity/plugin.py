@@ -135,20 +135,13 @@ def _options(config: pytest.Config) -> ParityOptions:
 def _check_deviations(paths: Sequence[str], allowed: Sequence[str], backends: Sequence[str]) -> None:
     """Read every declared-deviation file once, before any test, as the tolerance file is: a bad one
     is one usage error, not the same failure in every parity test."""
-    from parity.config import ModelConfig
-    from parity.deviations import allow_config_diff, load_deviations
-    from parity.taps import all_tap_names
+    from parity.session import user_deviations
 
-    keys = list(ModelConfig().to_dict())
-    for path in paths:
+    for option, (files, keys) in (("--parity-deviations", (paths, ())), ("--parity-allow-config-diff", ((), allowed))):
         try:
-            load_deviations(path, keys, all_tap_names(), backends)
+            user_deviations(files, keys, backends)
         except ParityInputError as exc:
-            raise pytest.UsageError(f"--parity-deviations: {exc}") from None
-    try:
-        allow_config_diff(allowed, keys)
-    except ParityInputError as exc:
-        raise pytest.UsageError(f"--parity-allow-config-diff: {exc}") from None
+            raise pytest.UsageError(f"{option}: {exc}") from None
 
 
 def _load_tolerances(options: ParityOptions) -> Tolerances:

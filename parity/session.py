@@ -265,8 +265,6 @@ def prepare(
 def gather_deviations(spec: RunSpec) -> list[Deviation]:
     """The declarations of a run: those the backends ship (unless turned off), the user's files and
     the one-off --allow-config-diff keys, all read and checked before any work."""
-    keys = list(ModelConfig().to_dict())
-    known = (keys, all_tap_names(), {*registered_names(), *spec.backends})
     out: list[Deviation] = []
     if spec.shipped_deviations:
         for name in spec.backends:
@@ -275,10 +273,25 @@ def gather_deviations(spec: RunSpec) -> list[Deviation]:
             except BackendUnavailableError:
                 continue
             if shipped is not None:
-                out += load_deviations(shipped, *known)
-    for path in spec.deviations:
+                out += load_deviations(shipped, *_known_names(spec.backends))
+    return out + user_deviations(spec.deviations, spec.allow_config_diff, spec.backends)
+
+
+def user_deviations(
+    paths: Sequence[str | os.PathLike[str]], allowed: Sequence[str], backends: Sequence[str]
+) -> list[Deviation]:
+    """The user's declarations (deviation files, --allow-config-diff keys), read and checked without
+    importing a framework: the pytest plugin reads them once before any test, runs read them again."""
+    known = _known_names(backends)
+    out: list[Deviation] = []
+    for path in paths:
         out += load_deviations(path, *known)
-    return out + allow_config_diff(spec.allow_config_diff, keys)
+    return out + allow_config_diff(allowed, known[0])
+
+
+def _known_names(backends: Sequence[str]) -> tuple[list[str], frozenset[str], set[str]]:
+    """What a declaration may name: config keys, taps, and registered or requested backends."""
+    return list(ModelConfig().to_dict()), all_tap_names(), {*registered_names(), *backends}
 
 
 def run(
