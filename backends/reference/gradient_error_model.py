@@ -290,7 +290,7 @@ class _Sweep:
         # head conv name -> (its smooth activation, its pre-activation z, z's forward scale S_z)
         self.smooth: dict[str, tuple[Activation, Array, Array]] = {}
         # head conv name -> its pre-activation error f''·dy·S_z (u-units, (S, B, C, H, W)), where it
-        # is carried by realisations instead of in E² (``_preactivation_realisations``)
+        # is also carried by realisations, beside its share of E² (``_preactivation_realisations``)
         self.preactivation_errors: dict[str, Array] = {}
 
     def passed_on(self, name: str) -> Array:
