@@ -8,11 +8,10 @@ building a model.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-# TensorFlow logs INFO lines on import; keep them out of test and CLI output unless asked for.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# First: TensorFlow imported without its start-up lines (and TF_CPP_MIN_LOG_LEVEL defaulted to 2).
+from backends.tensorflow import _startup  # noqa: F401  # isort: skip
 
 import numpy as np
 import tensorflow as tf

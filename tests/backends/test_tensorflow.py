@@ -24,6 +24,7 @@ from numpy.lib.stride_tricks import sliding_window_view  # noqa: E402
 
 from backends.tensorflow import TensorFlowBackend, diffract, intensity, merge, reextract, translate  # noqa: E402
 from backends.tensorflow import physics as tfp  # noqa: E402
+from backends.tensorflow._startup import STARTUP_LINES, lines_dropped  # noqa: E402
 from backends.tensorflow.model import PtychoModel  # noqa: E402
 from parity.batch import CanonicalBatch, random_batch  # noqa: E402
 from parity.batch import disk_mask as spec_disk_mask  # noqa: E402
@@ -721,3 +722,35 @@ def test_a_translate_override_moves_both_merge_and_reextract(fixture_batch: Cano
 def test_effective_config_survives_an_activation_it_cannot_name() -> None:
     effective = _mutant(HalfSigmoid, amp_activation="relu").effective_config()
     assert effective["amp_activation"] == "relu"
+
+
+# ---- start-up lines -------------------------------------------------------------------------------
+
+_NOISE = b"".join(f"{line} (at import)\n".encode() for line in ("I0000 x", *STARTUP_LINES))
+
+
+def test_startup_lines_are_dropped_and_every_other_line_kept(monkeypatch, capfd):
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    with lines_dropped():
+        os.write(2, b"before\n" + _NOISE + b"after, no newline")
+    assert capfd.readouterr().err == "before\nI0000 x (at import)\nafter, no newline"
+    with pytest.raises(RuntimeError), lines_dropped():
+        os.write(2, _NOISE + b"why it failed\n")
+        raise RuntimeError
+    assert capfd.readouterr().err == "I0000 x (at import)\nwhy it failed\n"
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")  # the user asked for INFO lines
+    with lines_dropped():
+        os.write(2, _NOISE)
+    assert capfd.readouterr().err == _NOISE.decode()
+
+
+def test_importing_the_backend_prints_none_of_tensorflow_s_startup_lines():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import backends.tensorflow"], check=False, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert not any(line in done.stderr for line in STARTUP_LINES), done.stderr
