@@ -912,3 +912,33 @@ def test_a_head_s_pre_activation_error_is_recorded_for_carrying_by_its_share_of_
         sw = _sweep(conv, x, np.ones((1, 1, 8, 8)))
         sw.activation(gem.pi_tanh, conv, x, np.full_like(x, s_x), cotangent, (carried * cotangent) ** 2)
         assert ("c" in sw.preactivation_errors) is recorded, (s_x, carried, recorded)
+
+
+@pytest.mark.parametrize("config", [ModelConfig(n_filters_scale=1), ModelConfig(n_filters_scale=1, pad_object=False)])
+def test_a_cotangent_at_a_border_or_full_head_s_pre_activation_is_carried_as_the_reference_s(config):
+    """The same for the border's output conv (a pixel of the border ring, which the centre branch does
+    not reach) and for a full head's output conv: each is backward's head adjoint of dz/f'(z)."""
+    backend, _, taps, _ = _scales(config)
+    model = backend.model
+    head = model.heads["phase"]
+    if head.full_out is not None:
+        conv, activation, z = head.full_out, head.activation, head.full_out(taps["phase.head.full.up"])
+        row = col = 9
+    else:
+        assert head.border_out is not None
+        conv, activation, z = head.border_out, gem.swish, head.border_out(taps["phase.head.border.up"])
+        row = col = 1
+        assert model.border_mask[..., row, col].min() == 1
+    dz = np.zeros((2, *z.shape))
+    dz[:, 0, 0, row, col] = [3.0, -5.0]
+    dy = np.zeros((2, *taps[gem._final_tap(head)].shape))
+    dy[:, 0, 0, row, col] = dz[:, 0, 0, row, col] / gem._derivatives(activation, z)[0][0, 0, row, col]
+    got = gem._carried_from_preactivations(model, taps, {conv.name: dz}, np.float64)
+    want = gem._carried_network(model, taps, [("phase", dy)], np.float64)
+    assert set(got[0]) <= set(want[0]) and conv.name in got[0]
+    for name in want[0]:
+        for i, w in enumerate(want[0][name]):
+            g = got[0][name][i] if name in got[0] else np.zeros_like(w)  # a branch the move does not reach
+            np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12 * max(np.abs(w).max(), 1e-300), err_msg=name)
+    for g, w in zip(got[1:], want[1:], strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12 * np.abs(w).max())
