@@ -29,7 +29,7 @@ How S is built, operation by operation (u-units; "x" a value, "S_x" its error sc
   lies about √(2·ln N²) above that average: S_F = √(2·ln N²)·‖S_ψ‖₂ per element. The FFT's own
   rounding is about log₂(N²)·u·‖ψ‖₂ per element, uniform over frequencies, so the far tails of a
   diffraction pattern get an absolute, not a relative, tolerance. Values that may be lost
-  to underflow (ψ below float32's normal range, or |F|² below it) are carried linearly.
+  to underflow (ψ below float32's normal range, or I = |F|²/N² below it) are carried linearly.
 - squares, logs and means: first-order propagation; the log is taken over a band of ±BAND·u·S so a
   value near the 1e-12 clamp is not linearised past its domain; a mean of n terms adds log₂(n)
   roundings of the mean magnitude (pairwise or blocked summation, as both frameworks use).
@@ -261,10 +261,13 @@ def illumination_scale(patches: Array, s_patches: Array, probe: Array, mask: Arr
 
 
 def squared_underflows(diffraction: Array) -> Array:
-    """Where float32's |F|² (over N², before the square root) may underflow to 0, for the diffraction
-    amplitude sqrt(|F|²/N²) of N x N patches: below √(smallest normal) per part, |F|² is 0 in float32."""
-    N = diffraction.shape[-1]
-    return np.asarray(diffraction * N < 2.0 * math.sqrt(TINY * U32))
+    """Where float32's I = |F|²/N², formed before the square root of the diffraction amplitude
+    sqrt(I), may be below the smallest normal number, which TensorFlow flushes to 0 (torch keeps it
+    subnormal): there the amplitude is 0 and the whole value is lost. The division makes I the
+    smallest value on the way; a test of |F|² alone (N² larger) missed it: a patch whose amplitude
+    peaked at 4.5e-20 was 0 in TensorFlow and 669 tolerances off (the long sweep, seed 20261211).
+    The factor 2 covers I's own rounding and the parts re², im² squared apart."""
+    return np.asarray(diffraction < 2.0 * math.sqrt(TINY * U32))
 
 
 def diffraction_scale(field: Array, s_field: Array, diffraction: Array) -> Array:
@@ -289,8 +292,8 @@ def diffraction_scale(field: Array, s_field: Array, diffraction: Array) -> Array
     subnormal = np.where(magnitude < TINY * U32, magnitude, 0.0)
     flushed = np.sum(subnormal, axis=(-2, -1), keepdims=True) / U32 + N * N * TINY
     s_spectrum = carried + flushed + math.log2(N * N) * l2
-    # |F|² is formed in float32: below √(smallest normal) per part it underflows, and the square
-    # root of that zero loses the whole value (1e-33 becomes 0, not 1e-33 ± 1e-38).
+    # I = |F|²/N² is formed in float32: below the smallest normal number it may be flushed to 0,
+    # and the square root of that zero loses the whole value (4.5e-20 becomes 0, not 4.5e-20 ± 1e-26).
     squared_away = np.where(squared_underflows(diffraction), diffraction, 0.0) / U32
     return np.asarray(s_spectrum / N + 3.0 * diffraction + squared_away) + TINY
 

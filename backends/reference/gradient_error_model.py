@@ -814,7 +814,7 @@ def _loss_stage(
     # per patch moved every NLL gradient by percents). The bound at √floor, one sign, is carried whole.
     clamped = (~above) & (A + U32 * s_A > math.sqrt(physics.NLL_FLOOR))
     lifted = np.where(clamped, g * 2.0 * x2 / math.sqrt(physics.NLL_FLOOR) / K, 0.0)
-    # Where |F|² underflows float32 (a faint field), a float32 backend holds the amplitude 0: it passes
+    # Where I = |F|²/N² underflows float32 (a faint field), a float32 backend holds the amplitude 0: it passes
     # nothing through the square root (its subgradient there) while the reference passes d_a, and the
     # MAE's sign(A − x) is taken at 0 (the forward model's ``squared_away``, carried backwards).
     lost = em.squared_underflows(taps["physics.diffraction"])
@@ -1300,7 +1300,7 @@ def _moved_head(head: Head, moves: Mapping[str, Array], sign: float) -> Head:
 def _underflow_lost(
     model: ReferenceModel, taps: Mapping[str, Array], offsets: Array, probe: Array, d_a: Array, lost: Array
 ) -> dict[str, Array]:
-    """E² (u-units) per loss and gradient tap of what float32 loses where |F|² underflows: there it
+    """E² (u-units) per loss and gradient tap of what float32 loses where I = |F|²/N² underflows: there it
     holds the amplitude 0 and passes no cotangent through the square root, the reference passes d_a.
     That loss is one deterministic perturbation, the same in every float32 backend, so it is carried
     exactly through the adjoints (linear in the cotangent), not as a variance: in quadrature, the

@@ -129,6 +129,23 @@ def test_diffraction_scale_covers_a_spectrum_whose_square_underflows():
     assert _ratio(single, exact, scale) <= 1.0
 
 
+def test_diffraction_scale_covers_an_intensity_that_a_backend_flushes_to_zero():
+    """|F|² normal but I = |F|²/N² below float32's smallest normal number: TensorFlow flushes I to 0
+    (torch keeps it subnormal), and the amplitude sqrt(I) is lost whole; the scale must allow it
+    (the long sweep, seed 20261211: a patch of amplitudes up to 4.5e-20 was 0 in TensorFlow)."""
+    rng = np.random.default_rng(4)
+    field = (rng.normal(size=(1, 1, 64, 64)) + 1j * rng.normal(size=(1, 1, 64, 64))) * 5e-20
+    exact = diffract(field)
+    spectrum = np.fft.fft2(field.astype(np.complex64), axes=(-2, -1))
+    squared = spectrum.real**2 + spectrum.imag**2
+    assert np.mean(squared >= np.finfo(np.float32).tiny) > 0.9  # |F|² itself is normal nearly everywhere
+    intensity = np.fft.fftshift(squared / np.float32(64 * 64), axes=(-2, -1))
+    flushed = np.sqrt(np.where(intensity < np.finfo(np.float32).tiny, np.float32(0), intensity))
+    assert np.mean(flushed == 0) > 0.5 and np.all(exact > 0)
+    scale = em.diffraction_scale(field, np.zeros(field.shape), exact)
+    assert _ratio(flushed, exact, scale) <= 1.0
+
+
 def test_physics_scales_follow_the_probe_magnitude():
     """A probe k times brighter: the illuminated field and the diffraction scale by k, the intensity
     by k², with no re-measurement of anything."""
