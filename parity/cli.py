@@ -664,14 +664,20 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument(
         "--gridsize", type=int, default=2, choices=(1, 2), help="patches per group: gridsize² (default: %(default)s)"
     )
-    n.add_argument("--force", action="store_true", help="replace an existing file")
+    n.add_argument(
+        "--force", action="store_true", help="replace an existing fixture (only a fixture: any other file is kept)"
+    )
     n.set_defaults(func=cmd_import_npz)
 
     w = sub.add_parser("make-weights", help="write a canonical weights file generated from a seed")
     config_opts(w)
     w.add_argument("out")
     w.add_argument("--seed", type=int, default=None)
-    w.add_argument("--force", action="store_true", help="replace an existing file")
+    w.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing weights file (only a weights file: any other file is kept)",
+    )
     w.set_defaults(func=cmd_make_weights)
 
     b = sub.add_parser("backends", help="list registered backends and why any is unavailable")
@@ -768,7 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="side, even, of the central detector square that reads 0, pixels (default: %(default)s)",
     )
-    mf.add_argument("--force", action="store_true", help="replace an existing file")
+    mf.add_argument(
+        "--force", action="store_true", help="replace an existing fixture (only a fixture: any other file is kept)"
+    )
     mf.set_defaults(func=cmd_make_fixture)
 
     c = sub.add_parser("check-device", help="exit 2 unless every backend can use the device")
