@@ -29,6 +29,8 @@ from parity.compare import HIST_MIN_EXP
 _BIN_OFFSET = 1022 + HIST_MIN_EXP
 # Elements per unit of work: a tap larger than this is split, and the parts run a core each.
 CHUNK = 1 << 17
+# Elements ``scan`` screens at once (see ``_quiet``): small enough to stay in L1 beside its inputs.
+_BLOCK = 256
 _POOL: ThreadPoolExecutor | None = None
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
@@ -83,6 +85,84 @@ def _same_part(p: float, q: float) -> bool:
     return (math.isnan(p) and math.isnan(q)) or p == q
 
 
+@njit(cache=True, inline="always")
+def _count(err: float, box: Any, bits: Any, hist: Any) -> None:
+    """Add a nonzero |a - b| to its histogram bin, read straight from the exponent field (inf lands
+    last)."""
+    if err > 0.0:
+        box[0] = err
+        last = hist.size - 1
+        hist[min(max((bits[0] >> 52) - _BIN_OFFSET, 0), last)] += 1
+
+
+@njit(cache=True, inline="always")
+def _quiet(
+    a: Any,
+    b: Any,
+    t: Any,
+    one_atol: bool,
+    times: float,
+    rtol: float,
+    worst: float,
+    margin: float,
+    max_rel: float,
+    max_excess: float,
+    need: float,
+    inv_factor: float,
+    errs: Any,
+) -> bool:
+    """Whether no element of the block ``a``, ``b`` (``t``: its atol, or ``one_atol``: one value)
+    would change anything in ``scan`` but the sum of |a - b|, the finite count and the histogram:
+    every element finite, within tolerance, and past no maximum kept so far (the first block never
+    is: ``worst`` starts below any |a - b|). ``errs`` gets each |a - b|. The tests are ``scan``'s own
+    conditions with the same operations, so a quiet block's result is ``scan``'s bit for bit, and
+    almost every block of a passing comparison is quiet. Written without branches so that the
+    compiler runs it on vector registers, which ``scan``'s loop, keeping each maximum's index as it
+    goes, cannot be (docs/decisions.md, "Speed")."""
+    big = 1.7976931348623157e308
+    hot = 0
+    if one_atol:
+        tol0 = t[0] * times
+        for j in range(a.size):
+            x = a[j] + 0.0
+            y = b[j] + 0.0
+            err = _modulus(x - y)
+            mag = _modulus(y)
+            tol = mag * rtol
+            excess = err - tol
+            tol += tol0
+            errs[j] = err
+            hot += (
+                (not (err <= big))  # also where b alone is not finite: then neither is a - b
+                | (err > worst)
+                | (err > tol)
+                | (err > margin * tol)
+                | ((err > max_rel * mag) & (mag > 0.0))
+                | (excess > max_excess)
+            )
+    else:
+        for j in range(a.size):
+            x = a[j] + 0.0
+            y = b[j] + 0.0
+            tj = t[j] * times
+            err = _modulus(x - y)
+            mag = _modulus(y)
+            tol = mag * rtol
+            excess = err - tol
+            tol += tj
+            errs[j] = err
+            hot += (
+                (not (err <= big))
+                | (err > worst)
+                | (err > tol)
+                | (err > margin * tol)
+                | ((err > max_rel * mag) & (mag > 0.0))
+                | (excess > max_excess)
+                | ((inv_factor > 0.0) & (excess > need * (tj * inv_factor)))
+            )
+    return hot == 0
+
+
 @njit(cache=True, nogil=True)
 def scan(a: Any, b: Any, atol: Any, times: float, rtol: float, factor: float, hist: Any) -> tuple[Any, ...]:
     """One pass over flat ``a``, ``b`` (b: the reference side) under the elementwise atol
@@ -96,7 +176,6 @@ def scan(a: Any, b: Any, atol: Any, times: float, rtol: float, factor: float, hi
     n = a.size
     one_atol = atol.size == 1
     inv_factor = 1.0 / factor if factor > 0.0 else 0.0
-    last = hist.size - 1
     box = np.empty(1, np.float64)
     bits = box.view(np.int64)
     sum_abs = 0.0
@@ -111,66 +190,104 @@ def scan(a: Any, b: Any, atol: Any, times: float, rtol: float, factor: float, hi
     margin_i = -1
     margin = -1.0
     need = 0.0
-    for i in range(n):
-        # float64 (complex128) arithmetic whatever the sides' precision. Widened by adding 0, not by
-        # multiplying by 1: times 1 a complex value's parts mix (nan+0j became nan+nanj, inf+2j
-        # inf+nanj), and non-finite values are judged part by part below.
-        x = a[i] + 0.0
-        y = b[i] + 0.0
-        t = (atol[0] if one_atol else atol[i]) * times
-        bad = False
-        if np.isfinite(x) and np.isfinite(y):
-            err = _modulus(x - y)
-            mag = _modulus(y)
-            n_finite += 1
-            sum_abs += err
-        else:
-            # Non-finite values agree only when both sides hold the same NaN/Inf at the same place,
-            # part by part for complex values (nan+1j is not 5+nanj); such an element then counts as
-            # no difference at all.
-            err = 0.0
-            mag = 0.0
-            same = (
-                not np.isfinite(x) and not np.isfinite(y) and _same_part(x.real, y.real) and _same_part(x.imag, y.imag)
-            )
-            if not same:
-                bad = True
-                n_bad += 1
-                if first_bad < 0:
-                    first_bad = i
-        if err > worst:
-            worst = err
-            worst_i = i
-        if mag > 0.0 and err > max_rel * mag:  # divisions only where the maximum may change
-            max_rel = err / mag
-        tol = mag * rtol
-        excess = err - tol  # what atol alone would have to cover
-        max_excess = max(max_excess, excess)
-        tol += t
-        if err > tol or bad:
-            mismatched += 1
-        if bad or margin < 0.0 or err > margin * tol:
-            if bad:
-                ratio = math.inf
-            elif tol > 0.0:
-                ratio = err / tol
+    errs = np.empty(_BLOCK, np.float64)
+    exponents = errs.view(np.int64)
+    slots = np.empty(_BLOCK, np.int64)
+    last = hist.size - 1
+    width = hist.size + 1  # a slot past the last bin takes the zeros
+    counts = np.zeros(4 * width, np.int64)
+    for lo in range(0, n, _BLOCK):
+        hi = min(lo + _BLOCK, n)
+        quiet = _quiet(
+            a[lo:hi],
+            b[lo:hi],
+            atol[:1] if one_atol else atol[lo:hi],
+            one_atol,
+            times,
+            rtol,
+            worst,
+            margin,
+            max_rel,
+            max_excess,
+            need,
+            inv_factor,
+            errs,
+        )
+        if quiet:
+            for j in range(hi - lo):
+                sum_abs += errs[j]  # in order: the sum element by element gives, bit for bit
+            # The histogram through four interleaved copies, bins found first: errors of one size fill
+            # one bin, and increments of one counter in a row wait for each other.
+            for j in range(hi - lo):
+                slot = min(max((exponents[j] >> 52) - _BIN_OFFSET, 0), last) if errs[j] > 0.0 else last + 1
+                slots[j] = (j & 3) * width + slot
+            for j in range(hi - lo):
+                counts[slots[j]] += 1
+            n_finite += hi - lo
+            continue
+        for i in range(lo, hi):
+            # float64 (complex128) arithmetic whatever the sides' precision. Widened by adding 0, not by
+            # multiplying by 1: times 1 a complex value's parts mix (nan+0j became nan+nanj, inf+2j
+            # inf+nanj), and non-finite values are judged part by part below.
+            x = a[i] + 0.0
+            y = b[i] + 0.0
+            t = (atol[0] if one_atol else atol[i]) * times
+            bad = False
+            if np.isfinite(x) and np.isfinite(y):
+                err = _modulus(x - y)
+                mag = _modulus(y)
+                n_finite += 1
+                sum_abs += err
             else:
-                ratio = math.inf if err > 0.0 else 0.0  # 0/0: an exact zero under a zero tolerance
-            if ratio > margin:
-                margin = ratio
-                margin_i = i
-        if inv_factor > 0.0 and not one_atol:
-            unit = t * inv_factor  # atol_i / factor is u·S_i: excess / unit is the factor needed
-            if excess > need * unit:
-                if unit > 0.0:
-                    s = excess / unit
+                # Non-finite values agree only when both sides hold the same NaN/Inf at the same place,
+                # part by part for complex values (nan+1j is not 5+nanj); such an element then counts as
+                # no difference at all.
+                err = 0.0
+                mag = 0.0
+                same = (
+                    not np.isfinite(x)
+                    and not np.isfinite(y)
+                    and _same_part(x.real, y.real)
+                    and _same_part(x.imag, y.imag)
+                )
+                if not same:
+                    bad = True
+                    n_bad += 1
+                    if first_bad < 0:
+                        first_bad = i
+            if err > worst:
+                worst = err
+                worst_i = i
+            if mag > 0.0 and err > max_rel * mag:  # divisions only where the maximum may change
+                max_rel = err / mag
+            tol = mag * rtol
+            excess = err - tol  # what atol alone would have to cover
+            max_excess = max(max_excess, excess)
+            tol += t
+            if err > tol or bad:
+                mismatched += 1
+            if bad or margin < 0.0 or err > margin * tol:
+                if bad:
+                    ratio = math.inf
+                elif tol > 0.0:
+                    ratio = err / tol
                 else:
-                    s = math.inf if excess > 0.0 else 0.0
-                need = max(need, s)
-        if err > 0.0:
-            box[0] = err
-            k = (bits[0] >> 52) - _BIN_OFFSET  # straight from the exponent field; inf lands last
-            hist[min(max(k, 0), last)] += 1
+                    ratio = math.inf if err > 0.0 else 0.0  # 0/0: an exact zero under a zero tolerance
+                if ratio > margin:
+                    margin = ratio
+                    margin_i = i
+            if inv_factor > 0.0 and not one_atol:
+                unit = t * inv_factor  # atol_i / factor is u·S_i: excess / unit is the factor needed
+                if excess > need * unit:
+                    if unit > 0.0:
+                        s = excess / unit
+                    else:
+                        s = math.inf if excess > 0.0 else 0.0
+                    need = max(need, s)
+            _count(err, box, bits, hist)
+    for q in range(4):
+        for k in range(hist.size):
+            hist[k] += counts[q * width + k]
     return (
         sum_abs,
         n_finite,

@@ -273,3 +273,54 @@ def test_compiled_loop_equals_the_rule_written_in_numpy(dtype_a, dtype_b, atol_k
             assert getattr(got, key) == pytest.approx(value, rel=1e-12), key
         else:
             assert getattr(got, key) == value, key
+
+
+@pytest.mark.parametrize(("dtype_a", "dtype_b"), [(np.float32, np.float64), (np.complex64, np.complex128)])
+@pytest.mark.parametrize("atol_kind", ["one", "per_element"])
+@pytest.mark.parametrize("late", [256 * 8, 256 * 10 + 100, 256 * 12 - 1])
+def test_a_passing_comparison_finds_each_maximum_wherever_it_lies(dtype_a, dtype_b, atol_kind, late):
+    """The loop screens blocks of 256 elements on vector registers and walks element by element
+    only through a block that could change a maximum, a count or an index (parity.kernels._quiet).
+    In a passing comparison of ReLU-like data, after two elements that set every maximum, each new
+    maximum is met alone, at a block's first, middle or last element, and is the new maximum of
+    one number only: the margin, the difference, the relative difference, the excess over
+    rtol·|b| (one atol), the factor (atol per element); then an agreeing NaN. The numbers are the
+    rule's in NumPy."""
+    rng = np.random.default_rng(late)
+    n = 256 * 20 + 37
+    b = np.maximum(rng.normal(size=n), 0.0)  # about half exact zeros, scattered
+    if np.issubdtype(dtype_b, np.complexfloating):
+        b = b + 1j * np.maximum(rng.normal(size=n), 0.0)
+    a = b * (1 + rng.normal(scale=1e-8, size=n))
+    atol = np.full(n, 1e-5) if atol_kind == "one" else 1e-5 * (1 + rng.random(n))
+    planted = [
+        (late - 1800, 1e-3, 1e-3 + 5e-6),  # margin 0.5, relative 5e-3, excess 5e-6, factor 2 at most
+        (late - 1500, 1e4, 1e4 + 5e-3),  # margin 0.5, difference 5e-3
+        (late - 1200, 1e3, 1e3 + 0.951e-3),  # margin about 0.93 (rtol·|b| is 1e-3)
+        (late - 600, 1e5, 1e5 + 3 * 2.0**-7),  # difference 0.0234 (three float32 steps), margin 0.23
+        (late, 1e-8, 1e-8 * (1 + 1e-2)),  # relative 1e-2
+        (late + 600, 0.0, 8e-6),  # excess 8e-6, margin 0.8 at most
+        (late + 1200, 0.0, 0.85e-7),  # factor 3.4 under the atol of 1e-7 below, margin 0.85
+        (late + 1800, np.nan, np.nan),
+    ]
+    for i, bi, ai in planted:
+        b[i], a[i] = bi, ai
+    if atol_kind != "one":
+        atol[late + 1200] = 1e-7
+    a, b = a.astype(dtype_a), b.astype(dtype_b)
+    got = ElementwiseComparison("k", "t", "a", "b", 0.0, 1e-6, factor=4.0)
+    got.add(a.reshape(1, n), b.reshape(1, n), atol.reshape(1, n) if atol_kind != "one" else 1e-5)
+    r = got.finish()
+    want = _rule_in_numpy(a.reshape(1, n), b.reshape(1, n), atol.reshape(1, n), 1e-6, 4.0)
+    assert want["mismatched"] == 0 and want["worst_index"] == [0, late - 600]
+    assert want["margin_index"] == [0, late - 1200] and want["max_rel"] == pytest.approx(1e-2, rel=1e-3)
+    assert want["min_atol_to_pass"] == pytest.approx(8e-6, rel=1e-3)
+    if atol_kind == "one":
+        del want["min_factor_to_pass"]  # one atol for all: the factor comes from the excess over it
+    else:
+        assert want["min_factor_to_pass"] == pytest.approx(3.4, rel=1e-3)
+    for key, value in want.items():
+        if isinstance(value, float):
+            assert getattr(r, key) == pytest.approx(value, rel=1e-12), key
+        else:
+            assert getattr(r, key) == value, key
