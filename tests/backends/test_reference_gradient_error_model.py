@@ -942,3 +942,34 @@ def test_a_cotangent_at_a_border_or_full_head_s_pre_activation_is_carried_as_the
             np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12 * max(np.abs(w).max(), 1e-300), err_msg=name)
     for g, w in zip(got[1:], want[1:], strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12 * np.abs(w).max())
+
+
+def test_a_sum_a_few_terms_carry_is_within_its_tolerance_however_a_vectorised_sum_forms_it():
+    """log_scale's gradient sums every pixel of the batch; where a few pixels carry most of it (the
+    diffraction's central peak at high photon counts) a float32 sum in interleaved lanes, each in
+    order (TensorFlow's, 64 lanes on the machine that found it), rounds every small term added after
+    a peak pixel at the peak's size, or loses it: errors of one sign, not noise. Formed here in 16,
+    32 and 64 lanes by a plain loop, the sum is within log_scale's tolerance with the lane rounding
+    (``_lane_rounding``) and not with the pairwise rounding alone."""
+    tol = load_tolerances()
+    name = f"{GRAD}.poisson_nll.log_scale"
+    rng = np.random.default_rng(3)
+    terms = rng.lognormal(-9.0, 2.0, (2, 1, 128, 128))  # a median of 1e-4, a long tail
+    terms[:, 0, 64, 63:66] = 9.6e3  # the peak: a few terms carry half of the sum
+    terms[:, 0, 65, 64] = 5.0e3
+    exact = np.array([terms.sum()])
+    flat = terms.astype(np.float32).ravel()
+    errors = []
+    for lanes in (16, 32, 64):
+        acc = np.zeros(lanes, np.float32)
+        for row in flat.reshape(-1, lanes):
+            acc = acc + row  # float32, each lane in order
+        errors.append(abs(float(np.sum(acc.astype(np.float64))) - exact[0]))
+    n = terms.size
+    pairwise = math.sqrt((1.0 + math.log2(n)) * np.sum(terms**2) + (2.0 * exact[0]) ** 2)
+    lane = gem._lane_rounding(terms)
+    assert lane * gem.U32 >= max(errors) * (1 - 1e-6)  # the lanes' combination adds a rounding or two
+    for err in errors:
+        got = exact + err
+        assert _over(tol, name, got, exact, np.array([math.hypot(pairwise, lane)])) <= 1.0
+    assert max(_over(tol, name, exact + err, exact, np.array([pairwise])) for err in errors) > 1.0
