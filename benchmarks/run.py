@@ -15,8 +15,9 @@ Rows (all measured in this one run, on this machine):
   in forward passes;
 - harness / bare forwards: a full end-to-end parity run (comparisons, statistics, error scales) of the
   same backends on the same batches over their bare forward passes timed just before it, the median
-  of these ratios over the repeats (and the part of it spent in the reference's error scales, which
-  are the tolerances: a pass of the error model through the network), and the same with layer-local
+  of these ratios over the repeats (and the parts of it spent in the reference's error scales, which
+  are the tolerances: a pass of the error model through the network, in the elementwise comparisons
+  and in the statistics with their tolerances, each timed inside those runs), and the same with layer-local
   parity on (each stage run again on the reference's inputs), and the end-to-end run with gradient
   parity on (``--gradients``) over the one without;
 - peak RSS of a fresh process running the harness on 10x the batches over 1x (each in its own
@@ -75,6 +76,37 @@ class _Rows:
         print(f"| {row[0]} | {row[1]} |", flush=True)
 
 
+class Stopwatch:
+    """Seconds spent in one method of ``owner`` (an object or a class) during each run, the method
+    wrapped in place until ``stop``: the part of a parity run it takes, measured inside that run."""
+
+    def __init__(self, owner: Any, name: str) -> None:
+        self.owner, self.name, self.per_run = owner, name, [0.0]
+        self.saved = vars(owner).get(name)  # a class's own function; None: an instance's method
+        method = getattr(owner, name) if self.saved is None else self.saved
+        per_run = self.per_run
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return method(*a, **k)
+            finally:
+                per_run[-1] += time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+
+    def start_run(self) -> None:
+        self.per_run.append(0.0)
+
+    def stop(self) -> list[float]:
+        """Unwrap; the seconds of each run started (the first entry: before any)."""
+        if self.saved is None:
+            delattr(self.owner, self.name)
+        else:
+            setattr(self.owner, self.name, self.saved)
+        return self.per_run[1:]
+
+
 def timed(fn: Any, repeats: int) -> float:
     fn()  # warm-up: tracing, caches
     times = []
@@ -125,13 +157,14 @@ def main() -> int:
 
     from parity._blas_threads import IDLE_WAIT_VARIABLE
     from parity.batch import random_batch
+    from parity.compare import ElementwiseComparison
     from parity.config import ModelConfig
     from parity.emulation import cpu_model
     from parity.registry import load_backend
     from parity.runner import run_parity
     from parity.stages import stages
     from parity.taps import gradient_tap_specs, tap_specs
-    from parity.tolerances import load_tolerances
+    from parity.tolerances import Tolerances, load_tolerances
     from parity.weights import generate_weights
 
     config = ModelConfig()
@@ -217,39 +250,38 @@ def main() -> int:
         )
 
     # The reference's error scales are the tolerances themselves (a float32 pass of the error model
-    # through the network): timed apart, so the rest of the harness's cost is visible on its own.
-    reference = backends["reference"]
-    scales_of = reference.error_scales
-    in_scales: list[float] = []  # seconds in error_scales during the current run
-    per_run: list[float] = []  # their sum, one per end-to-end run
-
-    def timed_scales(*a: Any, **k: Any) -> Any:
-        t0 = time.perf_counter()
-        out = scales_of(*a, **k)
-        in_scales.append(time.perf_counter() - t0)
-        return out
+    # through the network): timed apart, so the rest of the harness's cost is visible on its own; and
+    # so are its two other parts that read every element, the comparisons and the statistics.
+    parts = {
+        "the error scales (the tolerances)": Stopwatch(backends["reference"], "error_scales"),
+        "the elementwise comparisons": Stopwatch(ElementwiseComparison, "add"),
+        "the statistics and their tolerances": Stopwatch(Tolerances, "statistics_with_tolerances"),
+    }
 
     def harness_e2e() -> None:
-        in_scales.clear()
+        for watch in parts.values():
+            watch.start_run()
         harness(False)
-        per_run.append(sum(in_scales))
 
     bare_times: list[float] = []  # every bare run of over_bare, for the row of their own
 
     def over_bare(fn: Any) -> list[float]:
         return paired(bare, fn, bare_times)
 
-    reference.error_scales = timed_scales  # type: ignore[method-assign]
     e2e = over_bare(harness_e2e)
-    del reference.error_scales  # the class's own method again for the later rows
-    scales = [t / b for t, b in zip(per_run[1:], bare_times, strict=True)]  # per_run[0]: the warm-up
+    shares = {}
+    for what, watch in parts.items():  # the owners' own methods again for the later rows
+        runs = watch.stop()[1:]  # the first run: over_bare's warm-up
+        shares[what] = [t / b for t, b in zip(runs, bare_times, strict=True)]
+    scales = shares["the error scales (the tolerances)"]
     local = over_bare(lambda: harness(True))
     t_bare = statistics.median(bare_times)
     shape = f"{args.harness_batches} batches of 4"
     median = statistics.median
     rows.append((f"bare forwards, {', '.join(names)}, {shape}", f"{t_bare:.2f} s"))
     rows.append(("harness / bare forwards, end to end", f"{median(e2e):.2f}"))
-    rows.append(("of which the error scales (the tolerances) / bare forwards", f"{median(scales):.2f}"))
+    for what, share in shares.items():
+        rows.append((f"of which {what} / bare forwards", f"{median(share):.2f}"))
     left_out = [r - s for r, s in zip(e2e, scales, strict=True)]
     rows.append(("harness / bare forwards, end to end, error scales left out", f"{median(left_out):.2f}"))
     rows.append(("harness / bare forwards, with layer-local parity", f"{median(local):.2f}"))

@@ -1489,9 +1489,9 @@ def _lane_rounding(terms: Array) -> float:
     roundings of the total (``_reduction_rounding``) or of each term in quadrature describe a
     pairwise sum; where a few pixels carry most of a sum (the diffraction's central peak at 2.5e11
     photons: 8 terms half of it, the median term 2e-9 of it), TensorFlow's sum of log_scale's 32768
-    terms was 13 u of the total off (TensorFlow's value reproduced bit for bit by 64 lanes here, one
-    block), the model's scale 2.7 u of it; with 16 lanes the same sum is 86 u off. Terms rounded to
-    float32 first; the error is against their float64 sum."""
+    terms was 13 u of the total off (TensorFlow's value reproduced bit for bit by 64 lanes in one
+    block, or 32 in four), the model's scale 2.7 u of it; with 16 lanes the same sum is 86 u off.
+    Terms rounded to float32 first; the error is against their float64 sum."""
     t = np.asarray(terms, dtype=np.float64)
     orders = [t] if t.ndim != 4 or t.shape[1] == 1 else [t, np.moveaxis(t, 1, -1)]
     worst = 0.0
