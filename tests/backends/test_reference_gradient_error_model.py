@@ -87,11 +87,13 @@ def test_conv_adjoint_scales_follow_the_cotangent_and_the_input():
     s_x = np.zeros_like(x)
     dx, e_dx2 = sw.conv(conv, x, s_x, dz, e2)
     k2, b2 = sw.kernel_sq["c"]
-    dx10, e_dx2_10 = sw.conv(conv, x, s_x, 10 * dz, 100 * e2)
-    k2_10, b2_10 = sw.kernel_sq["c"]
-    np.testing.assert_allclose(dx10, 10 * dx, rtol=1e-5)
-    for big, small in ((e_dx2_10, e_dx2), (k2_10, k2), (b2_10, b2)):
-        np.testing.assert_allclose(big, 100 * small, rtol=1e-5)
+    # times 8, not 10: the bias's float32 sum pixel after pixel (_sequential_rounding) then rounds
+    # exactly as before, scaled
+    dx8, e_dx2_8 = sw.conv(conv, x, s_x, 8 * dz, 64 * e2)
+    k2_8, b2_8 = sw.kernel_sq["c"]
+    np.testing.assert_allclose(dx8, 8 * dx, rtol=1e-5)
+    for big, small in ((e_dx2_8, e_dx2), (k2_8, k2), (b2_8, b2)):
+        np.testing.assert_allclose(big, 64 * small, rtol=1e-5)
     # the kernel's scale follows the input it multiplies; the input cotangent's does not
     sw.conv(conv, 4 * x, s_x, dz, e2)
     np.testing.assert_allclose(sw.kernel_sq["c"][0], 16 * k2, rtol=1e-5)
@@ -973,3 +975,34 @@ def test_a_sum_a_few_terms_carry_is_within_its_tolerance_however_a_vectorised_su
         got = exact + err
         assert _over(tol, name, got, exact, np.array([math.hypot(pairwise, lane)])) <= 1.0
     assert max(_over(tol, name, exact + err, exact, np.array([pairwise])) for err in errors) > 1.0
+
+
+def test_a_bias_sum_a_few_pixels_carry_is_within_its_tolerance_summed_pixel_after_pixel():
+    """TensorFlow's bias gradient adds each channel's pixels one after another (BiasAddGrad; for
+    4096 rows its error equals a sequential float32 sum's). Where the cotangent is of one sign and a
+    few pixels carry it, every later pixel rounds at their size or is lost. Summed so by a plain
+    loop, in one block and in two, such a bias is within the bias tolerance with
+    ``_sequential_rounding``, and in one block not with the pairwise roundings alone."""
+    tol = load_tolerances()
+    name = f"{GRAD}.poisson_nll.amp.decoder.block1.conv1.bias"
+    rng = np.random.default_rng(5)
+    dz = rng.lognormal(-9.0, 2.0, (1, 8, 3, 64, 64))  # (S, B, C, H, W): one sign, a long tail
+    dz[0, 0, :, 0, :4] = 1e3  # a few pixels first in every channel carry most of each sum
+    exact = dz.sum(axis=(1, 3, 4))[0]
+    rows = np.moveaxis(dz[0], 1, 0).reshape(3, -1).astype(np.float32)
+    n = rows.shape[1]
+    pairwise = np.sqrt((1.0 + math.log2(n)) * (np.sum(rows.astype(np.float64) ** 2, axis=1) + exact**2))
+    sequential = gem._sequential_rounding(dz)[0]
+    without = []
+    for blocks in (1, 2):
+        got = np.zeros(3, np.float32)
+        for part in np.array_split(rows, blocks, axis=1):
+            acc = np.zeros(3, np.float32)
+            for column in part.T:
+                acc = acc + column  # float32, one pixel after another
+            got = got + acc
+        got = got.astype(np.float64)
+        assert np.all(sequential * gem.U32 >= np.abs(got - exact) * (1 - 1e-6))
+        assert _over(tol, name, got, exact, np.hypot(pairwise, sequential)) <= 1.0
+        without.append(_over(tol, name, got, exact, pairwise))
+    assert max(without) > 1.0, without  # in one block (one thread)
