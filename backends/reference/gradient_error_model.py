@@ -1481,15 +1481,17 @@ def _sequential_rounding(dz: Array) -> Array:
     of the total off, the sequential sum exactly. The order of a channel's pixels is the same in
     both memory layouts."""
     S, B, C, H, W = dz.shape
-    rows = np.moveaxis(dz, 2, 1).reshape(S, C, B * H * W).astype(np.float32)
-    exact = rows.sum(axis=-1, dtype=np.float64)
     worst = np.zeros((S, C))
-    for blocks in _BLOCKS:
-        total = np.zeros((S, C), np.float32)
-        for part in np.array_split(rows, blocks, axis=-1):
-            if part.shape[-1]:
-                total = total + np.cumsum(part, axis=-1, dtype=np.float32)[..., -1]
-        worst = np.maximum(worst, np.abs(total - exact))
+    with np.errstate(over="ignore", invalid="ignore"):  # past float32's range: inf, a mismatch at any scale
+        rows = np.moveaxis(dz, 2, 1).reshape(S, C, B * H * W).astype(np.float32)
+        exact = rows.sum(axis=-1, dtype=np.float64)
+        for blocks in _BLOCKS:
+            total = np.zeros((S, C), np.float32)
+            for part in np.array_split(rows, blocks, axis=-1):
+                if part.shape[-1]:
+                    total = total + np.cumsum(part, axis=-1, dtype=np.float32)[..., -1]
+            err = np.abs(total - exact)
+            worst = np.maximum(worst, np.where(np.isfinite(err), err, 0.0))
     return worst / U32
 
 
@@ -1519,16 +1521,19 @@ def _lane_rounding(terms: Array) -> float:
     t = np.asarray(terms, dtype=np.float64)
     orders = [t] if t.ndim != 4 or t.shape[1] == 1 else [t, np.moveaxis(t, 1, -1)]
     worst = 0.0
-    for order in orders:
-        flat = np.ascontiguousarray(order, dtype=np.float32).ravel()
-        exact = float(np.sum(flat, dtype=np.float64))
-        for blocks in _BLOCKS:
-            for lanes in _LANES:
-                parts = [_lane_sum(part, lanes) for part in np.array_split(flat, blocks) if part.size]
-                total = np.float32(0.0)
-                for p in parts:
-                    total = np.float32(total + np.float32(p))
-                worst = max(worst, abs(float(total) - exact))
+    with np.errstate(over="ignore", invalid="ignore"):  # past float32's range: inf, a mismatch at any scale
+        for order in orders:
+            flat = np.ascontiguousarray(order, dtype=np.float32).ravel()
+            exact = float(np.sum(flat, dtype=np.float64))
+            for blocks in _BLOCKS:
+                for lanes in _LANES:
+                    parts = [_lane_sum(part, lanes) for part in np.array_split(flat, blocks) if part.size]
+                    total = np.float32(0.0)
+                    for p in parts:
+                        total = np.float32(total + np.float32(p))
+                    err = abs(float(total) - exact)
+                    if math.isfinite(err):
+                        worst = max(worst, err)
     return worst / U32
 
 
